@@ -1,0 +1,38 @@
+# aico-gateway — run `make run` or `make test` on a fresh machine.
+PYTHON ?= python3.11
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STATE  ?= ./var
+STAMP  := $(VENV)/.installed
+
+.PHONY: run test lint proto proto-check bench clean
+
+$(STAMP): setup.cfg pyproject.toml
+	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "need $(PYTHON)"; exit 1; }
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[dev]' --config-settings editable_mode=compat
+	@touch $(STAMP)
+
+run: $(STAMP)
+	$(VENV)/bin/twistd -n --pidfile= aico-gateway --state-dir $(STATE)
+
+lint: $(STAMP) proto-check
+	$(VENV)/bin/ruff check aico tests twisted
+	$(VENV)/bin/mypy aico
+
+test: lint
+	$(VENV)/bin/python -m aico.dev.runtests -j2 tests
+
+proto: $(STAMP)
+	rm -rf aico/proto/aico
+	$(PY) -m aico.dev.genproto proto aico/proto
+
+proto-check: $(STAMP)
+	$(PY) -m aico.dev.genproto --check proto aico/proto
+
+bench: $(STAMP)
+	$(PY) -m aico.bench
+
+clean:
+	rm -rf $(VENV) build *.egg-info _trial_temp*

@@ -1,0 +1,1 @@
+"""The AICO API gateway: listeners, security chain, router, and their wiring (``tap``)."""

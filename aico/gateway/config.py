@@ -1,0 +1,378 @@
+"""The gateway's configuration: one TOML file, loaded once into frozen typed objects.
+
+Every table is a frozen dataclass below; the loader walks the dataclass fields, so
+the types here *are* the schema. Every error names the key and the file. Keys marked
+``reloadable`` in their field metadata are applied on SIGHUP; the rest need a restart.
+``docs/configuration.md`` lists every key with its default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import tomllib
+import types
+import typing
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """An invalid configuration; the message names the key and the file."""
+
+    def __init__(self, key: str, problem: str, source: str = "<string>") -> None:
+        self.key = key
+        self.problem = problem
+        self.source = source
+        super().__init__(f"{source}: {key}: {problem}")
+
+
+def _reloadable(default: Any) -> Any:
+    return field(default=default, metadata={"reloadable": True})
+
+
+def _reloadable_factory(factory: Callable[[], Any]) -> Any:
+    return field(default_factory=factory, metadata={"reloadable": True})
+
+
+@dataclass(frozen=True)
+class GatewaySection:
+    #: State directory; ``--state-dir`` and ``AICO_STATE_DIR`` take precedence.
+    state_dir: str = ""
+    log_format: Literal["text", "json"] = "text"
+    log_level: Literal["debug", "info", "warn", "error"] = _reloadable("info")
+    #: Seconds that SIGTERM waits for in-flight requests.
+    shutdown_grace: float = 10.0
+
+
+@dataclass(frozen=True)
+class ListenerSection:
+    host: str = "127.0.0.1"
+    port: int = 0
+    enabled: bool = True
+    allow_remote: bool = False
+
+
+def _listener(port: int, enabled: bool = True, host: str = "127.0.0.1") -> Any:
+    return field(default_factory=lambda: ListenerSection(host=host, port=port, enabled=enabled))
+
+
+@dataclass(frozen=True)
+class IpcSection:
+    #: ``ipc://`` endpoint; ``"default"`` is ``ipc://STATE_DIR/gateway.ipc``, ``""`` turns it off.
+    endpoint: str = "default"
+    #: TCP fallback for clients that cannot use ``ipc://``; ``""`` turns it off.
+    fallback: str = "tcp://127.0.0.1:8775"
+    #: CurveZMQ on the ``ipc://`` endpoint (the TCP fallback always uses it).
+    curve: bool = True
+
+
+@dataclass(frozen=True)
+class BusSection:
+    #: The broker's XSUB endpoint (publishers connect here).
+    pub: str = "tcp://127.0.0.1:5555"
+    #: The broker's XPUB endpoint (subscribers connect here).
+    sub: str = "tcp://127.0.0.1:5556"
+    #: Run the broker in the gateway process; otherwise connect to ``pub``/``sub``.
+    embedded_broker: bool = True
+    #: Seconds a bus request waits for its reply.
+    request_timeout: float = _reloadable(5.0)
+    #: Seconds ``GET /api/v1/health`` waits for module health answers.
+    health_deadline: float = _reloadable(1.5)
+
+
+@dataclass(frozen=True)
+class ModulesSection:
+    #: Built-in backend modules to run in the gateway process.
+    builtin: tuple[str, ...] = ("conversation", "health")
+    #: Run the built-in modules in-process (``false``: start them with ``aico-module``).
+    in_process: bool = True
+
+
+@dataclass(frozen=True)
+class AuthSection:
+    issuer: str = "aico-gateway"
+    audience: str = "aico"
+    access_ttl: int = 900
+    refresh_ttl: int = 1_209_600
+    #: Seconds of clock skew tolerated on ``exp``/``nbf``/``iat``.
+    leeway: int = _reloadable(5)
+
+
+@dataclass(frozen=True)
+class WebSocketSection:
+    auth_timeout: float = _reloadable(10.0)
+    idle_timeout: float = _reloadable(90.0)
+    max_message_size: int = 1_048_576
+    #: Bytes queued to one socket before it is dropped as a slow consumer.
+    send_buffer: int = 4_194_304
+
+
+@dataclass(frozen=True)
+class LimitsSection:
+    body_max: int = _reloadable(1_048_576)
+    json_depth: int = _reloadable(32)
+    string_max: int = _reloadable(65_536)
+    header_count: int = _reloadable(100)
+    header_size: int = _reloadable(8_192)
+
+
+@dataclass(frozen=True)
+class RateTier:
+    requests: int = 60
+    per_seconds: float = 60.0
+    burst: int = 20
+
+
+def _default_tiers() -> dict[str, RateTier]:
+    return {
+        "public": RateTier(requests=120, per_seconds=60, burst=30),
+        "auth": RateTier(requests=10, per_seconds=60, burst=5),
+        "standard": RateTier(requests=600, per_seconds=60, burst=100),
+        "admin": RateTier(requests=300, per_seconds=60, burst=50),
+    }
+
+
+@dataclass(frozen=True)
+class RateLimitSection:
+    enabled: bool = _reloadable(True)
+    tiers: dict[str, RateTier] = _reloadable_factory(_default_tiers)
+    #: Refusals within one window after which a client is temporarily blocked.
+    block_after: int = _reloadable(20)
+    #: First block in seconds; doubles with each further block, up to ``block_max``.
+    block_base: float = _reloadable(60.0)
+    block_max: float = _reloadable(3600.0)
+
+
+@dataclass(frozen=True)
+class SyncCollection:
+    sync: bool = True
+    peers: tuple[str, ...] = ()
+    strategy: Literal["lww", "merge", "keep-both"] = "lww"
+
+
+@dataclass(frozen=True)
+class SyncSection:
+    enabled: bool = False
+    host: str = "0.0.0.0"  # noqa: S104 - federation listens on the LAN when enabled
+    port: int = 8774
+    collections: dict[str, SyncCollection] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole configuration. Build it with :func:`load` or :func:`from_string`."""
+
+    gateway: GatewaySection = field(default_factory=GatewaySection)
+    http: ListenerSection = _listener(8771)
+    tls: ListenerSection = _listener(8772)
+    admin: ListenerSection = _listener(8773)
+    pairing: ListenerSection = _listener(8776, enabled=False)
+    ipc: IpcSection = field(default_factory=IpcSection)
+    bus: BusSection = field(default_factory=BusSection)
+    modules: ModulesSection = field(default_factory=ModulesSection)
+    auth: AuthSection = field(default_factory=AuthSection)
+    websocket: WebSocketSection = field(default_factory=WebSocketSection)
+    limits: LimitsSection = field(default_factory=LimitsSection)
+    ratelimit: RateLimitSection = field(default_factory=RateLimitSection)
+    sync: SyncSection = field(default_factory=SyncSection)
+    #: Where this configuration came from (a path, or ``<string>``/``<defaults>``).
+    source: str = field(default="<defaults>", metadata={"internal": True})
+
+    def replace(self, **changes: Any) -> Config:
+        return dataclasses.replace(self, **changes)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load(path: str | Path) -> Config:
+    """Read and validate the TOML file at *path*."""
+    source = str(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError("(file)", f"cannot read: {e.strerror}", source) from e
+    return from_string(text, source)
+
+
+def from_string(text: str, source: str = "<string>") -> Config:
+    """Parse and validate TOML *text*; errors name the key and *source*."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError("(syntax)", str(e), source) from e
+    return from_mapping(data, source)
+
+
+def from_mapping(data: Mapping[str, Any], source: str = "<mapping>") -> Config:
+    config = _build(Config, data, "", source)
+    # A partial [ratelimit.tiers] table keeps the defaults of the tiers it omits.
+    tiers = {**_default_tiers(), **config.ratelimit.tiers}
+    ratelimit = dataclasses.replace(config.ratelimit, tiers=tiers)
+    config = dataclasses.replace(config, source=source, ratelimit=ratelimit)
+    _check(config)
+    return config
+
+
+def _build(cls: type[T], data: Any, prefix: str, source: str) -> T:
+    if not isinstance(data, Mapping):
+        raise ConfigError(prefix.rstrip(".") or "(root)", "expected a table", source)
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}  # type: ignore[arg-type]
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        if key not in fields:
+            raise ConfigError(prefix + key, "unknown key", source)
+        kwargs[key] = _convert(hints[key], value, prefix + key, source)
+    return cls(**kwargs)
+
+
+def _convert(tp: Any, value: Any, key: str, source: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, key + ".", source)  # type: ignore[arg-type]
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise ConfigError(key, f"expected one of {', '.join(map(repr, allowed))}, got {value!r}", source)
+        return value
+    if origin is tuple:
+        (item,) = typing.get_args(tp)[:1]
+        if not isinstance(value, list):
+            raise ConfigError(key, f"expected an array, got {type(value).__name__}", source)
+        return tuple(_convert(item, v, f"{key}[{i}]", source) for i, v in enumerate(value))
+    if origin is dict:
+        _, item = typing.get_args(tp)
+        if not isinstance(value, Mapping):
+            raise ConfigError(key, "expected a table", source)
+        return {k: _convert(item, v, f"{key}.{k}", source) for k, v in value.items()}
+    if origin in (types.UnionType, typing.Union):
+        raise TypeError(f"unsupported config type {tp}")
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(key, f"expected true or false, got {value!r}", source)
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(key, f"expected an integer, got {value!r}", source)
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(key, f"expected a number, got {value!r}", source)
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(key, f"expected a string, got {value!r}", source)
+        return value
+    raise TypeError(f"unsupported config type {tp}")
+
+
+_LISTENERS = ("http", "tls", "admin", "pairing")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _check(c: Config) -> None:
+    """Rules that span keys or ranges; types were checked while building."""
+    src = c.source
+    for name in (*_LISTENERS, "sync"):
+        section = getattr(c, name)
+        if not 0 <= section.port <= 65535:
+            raise ConfigError(f"{name}.port", f"expected 0–65535, got {section.port}", src)
+        if not section.host:
+            raise ConfigError(f"{name}.host", "must not be empty", src)
+    for name in ("http", "admin"):
+        section = getattr(c, name)
+        if section.enabled and not _is_loopback(section.host) and not section.allow_remote:
+            raise ConfigError(
+                f"{name}.host",
+                f"{section.host!r} is not a loopback address; set {name}.allow_remote = true "
+                "(and serve it only with TLS and client certificates) to expose it",
+                src,
+            )
+    for key in ("pub", "sub"):
+        value = getattr(c.bus, key)
+        if not value.startswith(("tcp://", "ipc://", "inproc://")):
+            raise ConfigError(f"bus.{key}", f"expected a ZeroMQ endpoint, got {value!r}", src)
+        if c.bus.embedded_broker and value.startswith("tcp://"):
+            host = value[len("tcp://") :].rsplit(":", 1)[0]
+            if not _is_loopback(host):
+                raise ConfigError(f"bus.{key}", "the embedded broker binds loopback only", src)
+    if c.ipc.endpoint not in ("", "default") and not c.ipc.endpoint.startswith("ipc://"):
+        raise ConfigError("ipc.endpoint", f"expected ipc://PATH, got {c.ipc.endpoint!r}", src)
+    if c.ipc.fallback and not c.ipc.fallback.startswith("tcp://"):
+        raise ConfigError("ipc.fallback", f"expected tcp://HOST:PORT, got {c.ipc.fallback!r}", src)
+    positive = {
+        "bus.request_timeout": c.bus.request_timeout,
+        "bus.health_deadline": c.bus.health_deadline,
+        "auth.access_ttl": c.auth.access_ttl,
+        "auth.refresh_ttl": c.auth.refresh_ttl,
+        "websocket.auth_timeout": c.websocket.auth_timeout,
+        "websocket.idle_timeout": c.websocket.idle_timeout,
+        "websocket.max_message_size": c.websocket.max_message_size,
+        "websocket.send_buffer": c.websocket.send_buffer,
+        "limits.body_max": c.limits.body_max,
+        "limits.json_depth": c.limits.json_depth,
+        "limits.string_max": c.limits.string_max,
+        "limits.header_count": c.limits.header_count,
+        "limits.header_size": c.limits.header_size,
+        "ratelimit.block_base": c.ratelimit.block_base,
+        "ratelimit.block_max": c.ratelimit.block_max,
+        "ratelimit.block_after": c.ratelimit.block_after,
+        "gateway.shutdown_grace": c.gateway.shutdown_grace,
+    }
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(key, f"must be greater than 0, got {value}", src)
+    if c.auth.leeway < 0:
+        raise ConfigError("auth.leeway", "must not be negative", src)
+    if c.auth.refresh_ttl < c.auth.access_ttl:
+        raise ConfigError("auth.refresh_ttl", "must not be shorter than auth.access_ttl", src)
+    for tier_name, tier in c.ratelimit.tiers.items():
+        for attr in ("requests", "per_seconds", "burst"):
+            if getattr(tier, attr) <= 0:
+                raise ConfigError(f"ratelimit.tiers.{tier_name}.{attr}", "must be greater than 0", src)
+    known = {"conversation", "health"}
+    for i, name in enumerate(c.modules.builtin):
+        if name not in known:
+            raise ConfigError(f"modules.builtin[{i}]", f"unknown built-in module {name!r}", src)
+
+
+def reloadable_changes(old: Config, new: Config) -> tuple[list[str], list[str]]:
+    """Compare two configs: (keys that changed and reload live, keys that need a restart)."""
+    live: list[str] = []
+    restart: list[str] = []
+    for f in dataclasses.fields(Config):
+        if f.metadata.get("internal"):
+            continue
+        a, b = getattr(old, f.name), getattr(new, f.name)
+        if a == b:
+            continue
+        for sub in dataclasses.fields(a):
+            if getattr(a, sub.name) != getattr(b, sub.name):
+                key = f"{f.name}.{sub.name}"
+                (live if sub.metadata.get("reloadable") else restart).append(key)
+    return live, restart
+
+
+def iter_keys() -> typing.Iterator[tuple[str, Any, bool]]:
+    """Every key as (dotted name, default, reloadable) — used to check the docs."""
+    defaults = Config()
+    for f in dataclasses.fields(Config):
+        if f.metadata.get("internal"):
+            continue
+        section = getattr(defaults, f.name)
+        for sub in dataclasses.fields(section):
+            yield f"{f.name}.{sub.name}", getattr(section, sub.name), bool(sub.metadata.get("reloadable"))
