@@ -43,8 +43,6 @@ def _reloadable_factory(factory: Callable[[], Any]) -> Any:
 class GatewaySection:
     #: State directory; ``--state-dir`` and ``AICO_STATE_DIR`` take precedence.
     state_dir: str = ""
-    log_format: Literal["text", "json"] = "text"
-    log_level: Literal["debug", "info", "warn", "error"] = _reloadable("info")
     #: Seconds that SIGTERM waits for in-flight requests.
     shutdown_grace: float = 10.0
 

@@ -1,0 +1,1 @@
+"""Protocol adapters: each turns its transport's requests into the router's form and back."""

@@ -1,0 +1,231 @@
+"""The REST adapter: Klein in front of the shared dispatcher.
+
+Klein catches every path and hands it to :class:`~aico.gateway.routing.dispatch.Dispatcher`;
+all routing, security and error conversion happen there. This module only converts
+between ``twisted.web`` requests and the router's :class:`Request`/:class:`Response`,
+bounds what a request may make the gateway hold in memory (:class:`LimitedRequest`), and
+writes streamed bodies chunk by chunk as they arrive.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Callable
+from typing import Any
+
+from klein import Klein
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.http import HTTPChannel
+from twisted.web.iweb import IRequest
+from twisted.web.resource import IResource
+from twisted.web.server import Request as WebRequest
+from twisted.web.server import Site
+
+from aico.gateway.errors import PayloadTooLarge
+from aico.gateway.lifecycle import InFlight
+from aico.gateway.routing.dispatch import Dispatcher, error_response
+from aico.gateway.routing.messages import Request, Response, request_id_from
+
+
+class _Discard:
+    """A body sink for a request that is already too large."""
+
+    def write(self, data: bytes) -> None:
+        pass
+
+    def seek(self, *args: Any) -> int:
+        return 0
+
+    def read(self, *args: Any) -> bytes:
+        return b""
+
+    def close(self) -> None:
+        pass
+
+
+class LimitedRequest(WebRequest):
+    """A request that stops storing its body past the site's body limit."""
+
+    too_large = False
+    _received = 0
+
+    def _limit(self) -> int:
+        site = getattr(self.channel, "site", None)
+        get: Callable[[], int] | None = getattr(site, "body_limit", None)
+        return get() if get is not None else 1_048_576
+
+    def gotLength(self, length: int | None) -> None:  # noqa: N802 - Twisted's name
+        if length is not None and length > self._limit():
+            self.too_large = True
+            self.content = _Discard()  # type: ignore[assignment]
+            return
+        super().gotLength(length)
+
+    def handleContentChunk(self, data: bytes) -> None:  # noqa: N802 - Twisted's name
+        if self.too_large:
+            return
+        self._received += len(data)
+        if self._received > self._limit():
+            self.too_large = True
+            self.content.close()
+            self.content = _Discard()  # type: ignore[assignment]
+            return
+        self.content.write(data)
+
+
+class LimitedChannel(HTTPChannel):
+    """An HTTP channel whose header count and size limits come from the config."""
+
+    def connectionMade(self) -> None:  # noqa: N802 - Twisted's name
+        site = getattr(self, "site", None)
+        limits: Callable[[], tuple[int, int]] | None = getattr(site, "header_limits", None)
+        if limits is not None:
+            count, size = limits()
+            self.maxHeaders = count
+            self.totalHeadersSize = size
+        super().connectionMade()
+
+
+class GatewaySite(Site):
+    """A ``Site`` with the gateway's request and channel classes and live limits."""
+
+    protocol = LimitedChannel  # type: ignore[assignment]
+
+    def __init__(
+        self,
+        resource: IResource,
+        body_limit: Callable[[], int],
+        header_limits: Callable[[], tuple[int, int]],
+    ) -> None:
+        super().__init__(resource, requestFactory=LimitedRequest)
+        self.body_limit = body_limit
+        self.header_limits = header_limits
+        self.displayTracebacks = False
+        self.noisy = False
+
+    def log(self, request: Any) -> None:
+        """Access logging is the dispatcher's job (it knows the request ID)."""
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def normalize(request: IRequest, transport: str) -> Request:
+    """The router's form of a ``twisted.web`` request."""
+    headers: dict[str, str] = {}
+    for name, values in request.requestHeaders.getAllRawHeaders():
+        headers[name.decode("latin-1").lower()] = ", ".join(v.decode("latin-1") for v in values)
+    query = {
+        k.decode("utf-8", "replace"): v[0].decode("utf-8", "replace")
+        for k, v in request.args.items()
+        if v
+    }
+    peer = request.getClientAddress()
+    host = getattr(peer, "host", "") or ""
+    path = request.path.decode("latin-1")
+    body = request.content.read() if request.content is not None else b""
+    return Request(
+        method=request.method.decode("ascii", "replace").upper(),
+        path=path,
+        request_id=request_id_from(headers.get("x-request-id")),
+        transport=transport,
+        peer_host=host,
+        loopback=_is_loopback(host),
+        headers=headers,
+        query=query,
+        body=body,
+        accepts_stream=query.get("stream") == "true",
+    )
+
+
+class RestAdapter:
+    """Klein app for one listener (``http``, or ``tls`` in detached mode)."""
+
+    app = Klein()
+    log = Logger()
+
+    def __init__(
+        self,
+        dispatcher: Dispatcher,
+        transport: str = "http",
+        websocket: IResource | None = None,
+        inflight: InFlight | None = None,
+    ) -> None:
+        self.dispatcher = dispatcher
+        self.transport = transport
+        self.websocket = websocket
+        self.inflight = inflight or InFlight()
+
+    def resource(self) -> IResource:
+        resource: IResource = self.app.resource()
+        return resource
+
+    @app.route("/ws", branch=False)
+    def ws(self, request: IRequest) -> Any:
+        if self.websocket is None:
+            return self._handle(request)
+        return self.websocket
+
+    @app.route("/", branch=True)
+    def everything(self, request: IRequest) -> Any:
+        return self._handle(request)
+
+    def _handle(self, web: IRequest) -> Deferred[bytes] | bytes:
+        self.inflight.enter()
+        try:
+            result = self._serve(web)
+        except BaseException:
+            self.inflight.leave()
+            raise
+        if isinstance(result, Deferred):
+            return result.addBoth(self.inflight.leave)
+        self.inflight.leave()
+        return result
+
+    def _serve(self, web: IRequest) -> Deferred[bytes] | bytes:
+        request = normalize(web, self.transport)
+        if getattr(web, "too_large", False):
+            response = error_response(PayloadTooLarge("the request body is too large"),
+                                      request.request_id)
+            return self._write_head(web, request, response)
+        d = self.dispatcher.handle(request)
+        return d.addCallback(self._respond, web, request)
+
+    def _write_head(self, web: IRequest, request: Request, response: Response) -> bytes:
+        web.setResponseCode(response.status)
+        set_header = web.responseHeaders.setRawHeaders
+        for name, value in response.headers.items():
+            set_header(name.encode("latin-1"), [value.encode("latin-1")])
+        set_header(b"content-type", [response.content_type.encode("latin-1")])
+        set_header(b"x-request-id", [request.request_id.encode("ascii")])
+        if not web.responseHeaders.hasHeader(b"cache-control"):
+            set_header(b"cache-control", [b"no-store"])
+        return response.body
+
+    def _respond(self, response: Response, web: IRequest, request: Request) -> Any:
+        body = self._write_head(web, request, response)
+        if response.stream is None:
+            return body
+        stream = response.stream
+        lost = web.notifyFinish()  # type: ignore[attr-defined]
+        lost.addErrback(lambda _: stream.cancel())
+
+        def on_chunk(chunk: bytes) -> None:
+            web.write(chunk.rstrip(b"\n") + b"\n")
+
+        def ended(_: object) -> bytes:
+            return b""
+
+        def broke(failure: Failure) -> bytes:
+            # Headers are out: the only honest signal left is a final error line.
+            problem = self.dispatcher.convert(failure, request)
+            web.write(problem.body + b"\n")
+            return b""
+
+        return stream.subscribe(on_chunk).addCallbacks(ended, broke)

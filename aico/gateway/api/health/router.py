@@ -1,0 +1,96 @@
+"""``GET /api/v1/health``: every backend module's health, gathered with a deadline."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet.defer import Deferred
+
+from aico.gateway.api.health.dependencies import HealthDeps
+from aico.gateway.api.health.exceptions import ModuleHealthError
+from aico.gateway.api.health.schemas import HEALTH_RESPONSE
+from aico.gateway.routing.aggregator import Part, fan_out
+from aico.gateway.routing.messages import Request, Response, json_response
+from aico.gateway.routing.table import RouteEntry
+from aico.proto import AicoMessage, ApiRequest, ApiResponse, unpack, wrap
+
+
+def _ask(deps: HealthDeps, topic: str) -> Callable[[], Deferred[Any]]:
+    def go() -> Deferred[Any]:
+        message = wrap(ApiRequest(method="GET", path="/health"), source="gateway")
+        d = deps.bus.request(topic, message, timeout=deps.deadline() + 1)
+        return d.addCallback(_read_status)
+
+    return go
+
+
+def _read_status(reply: AicoMessage) -> str:
+    response = unpack(reply, ApiResponse)
+    if response.status != 200:
+        raise ModuleHealthError(f"health answered {response.status}")
+    try:
+        status = json.loads(response.body)["status"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ModuleHealthError("health answer has no status") from e
+    if not isinstance(status, str):
+        raise ModuleHealthError("health status is not a string")
+    return status
+
+
+def summarize(modules: dict[str, dict[str, Any]]) -> tuple[str, list[str]]:
+    """The overall status and the modules that are not ``ok``."""
+    partial = sorted(name for name, m in modules.items() if m["status"] != "ok")
+    if not modules or len(partial) == len(modules):
+        return "down", partial
+    return ("degraded" if partial else "ok"), partial
+
+
+def make_handler(deps: HealthDeps) -> Callable[[Request], Deferred[Response]]:
+    def health(request: Request) -> Deferred[Response]:
+        known = deps.modules()
+        calls = {}
+        report: dict[str, dict[str, Any]] = {}
+        for name, info in known.items():
+            topic = info.registration.health_topic
+            if not info.alive:
+                report[name] = {"status": "unavailable", "version": info.version,
+                                "latency_ms": None, "detail": "no heartbeat"}
+            elif topic:
+                calls[name] = _ask(deps, topic)
+            else:
+                report[name] = {"status": "ok", "version": info.version, "latency_ms": None}
+
+        def done(parts: dict[str, Part]) -> Response:
+            for name, part in parts.items():
+                version = known[name].version
+                if part.status == "ok":
+                    status = "ok" if part.value == "ok" else "degraded"
+                    report[name] = {"status": status, "version": version,
+                                    "latency_ms": part.latency_ms}
+                else:
+                    report[name] = {"status": part.status, "version": version,
+                                    "latency_ms": part.latency_ms, "detail": part.error}
+            overall, partial = summarize(report)
+            body = {"status": overall, "modules": dict(sorted(report.items())),
+                    "partial": partial}
+            return json_response(body, status=503 if overall == "down" else 200)
+
+        return fan_out(deps.clock, calls, deps.deadline()).addCallback(done)
+
+    return health
+
+
+def routes(deps: HealthDeps) -> list[RouteEntry]:
+    return [
+        RouteEntry(
+            method="GET",
+            path="/api/v1/health",
+            handler=make_handler(deps),
+            public=True,
+            tier="public",
+            response_schema=HEALTH_RESPONSE,
+            summary="Health of the gateway and every backend module",
+        )
+    ]

@@ -1,0 +1,67 @@
+"""Process lifecycle helpers: ports.json, draining in-flight work, SIGHUP."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from collections.abc import Callable
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
+
+
+def write_ports(path: Path, ports: dict[str, Any]) -> None:
+    """Write ``ports.json`` atomically (a reader never sees half a file)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(ports, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+class InFlight:
+    """Counts work in progress so that shutdown can wait for it."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._waiters: list[Deferred[None]] = []
+
+    def enter(self) -> None:
+        self.count += 1
+
+    def leave(self, _: object = None) -> Any:
+        self.count -= 1
+        if self.count <= 0:
+            self.count = 0
+            waiters, self._waiters = self._waiters, []
+            for d in waiters:
+                d.callback(None)
+        return _
+
+    def drained(self, clock: IReactorTime, grace: float) -> Deferred[None]:
+        """Fires when nothing is in flight, or after *grace* seconds."""
+        if self.count == 0:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._waiters.append(d)
+        timer = clock.callLater(grace, lambda: None if d.called else d.callback(None))
+        d.addBoth(lambda r: (timer.cancel() if timer.active() else None, r)[1])
+        return d
+
+
+class SignalHook:
+    """Run *action* in the reactor thread when *signum* arrives; undone by ``remove``."""
+
+    def __init__(self, reactor: IReactorFromThreads, signum: int, action: Callable[[], Any]):
+        self.signum = signum
+        self._previous = signal.getsignal(signum)
+
+        def handler(signum: int, frame: FrameType | None) -> None:
+            reactor.callFromThread(action)
+
+        signal.signal(signum, handler)
+
+    def remove(self) -> None:
+        signal.signal(self.signum, self._previous)

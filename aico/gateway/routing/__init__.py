@@ -1,0 +1,1 @@
+"""The request router: one protocol-agnostic route table shared by every adapter."""

@@ -1,0 +1,246 @@
+"""Serving routes from backend modules over the message bus.
+
+:class:`ModuleRoutes` keeps the route table in step with the module directory (a module
+that registers is served at once; one whose heartbeats stop answers 503 until it
+registers again); :class:`BusForwarder` turns a request into an ``ApiRequest`` on the
+route's topic and the module's ``ApiResponse`` back into a response, streamed or not.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from aico.bus.interfaces import IMessageBus
+from aico.gateway.errors import ApiError, BackendError, BackendUnavailable
+from aico.gateway.routing.aggregator import fan_out
+from aico.gateway.routing.messages import Request, Response, StreamBody, json_response
+from aico.gateway.routing.table import RouteConflict, RouteEntry, RouteTable
+from aico.proto import AicoMessage, ApiRequest, ApiResponse, EnvelopeError, unpack, wrap
+from aico.proto import Route as RouteMsg
+
+#: Request headers never forwarded to a module (credentials stay in the gateway).
+_DROP_REQUEST_HEADERS = frozenset(
+    {"authorization", "cookie", "proxy-authorization", "x-csrf-token", "connection", "host"}
+)
+#: Response headers a module may set.
+_PASS_RESPONSE_HEADERS = frozenset(
+    {"content-type", "cache-control", "etag", "last-modified", "location", "content-language"}
+)
+
+
+def to_api_request(request: Request) -> ApiRequest:
+    """The bus form of a request (SPEC §3)."""
+    api = ApiRequest(
+        request_id=request.request_id,
+        method=request.method,
+        path=request.path,
+        body=request.body,
+    )
+    for name, value in request.headers.items():
+        if name not in _DROP_REQUEST_HEADERS:
+            api.headers[name] = value
+    api.path_params.update(request.path_params)
+    api.query.update(request.query)
+    p = request.principal
+    if p is not None:
+        api.principal.subject = p.subject
+        api.principal.roles.extend(p.roles)
+        api.principal.device_id = p.device_id or request.device_id
+    api.principal.transport = request.transport
+    return api
+
+
+def from_api_response(api: ApiResponse) -> Response:
+    if api.status >= 500 or api.status < 100:
+        raise BackendError(f"the backend module answered {api.status}")
+    headers = {k: v for k, v in api.headers.items() if k.lower() in _PASS_RESPONSE_HEADERS}
+    content_type = headers.pop("content-type", None) or headers.pop("Content-Type", None)
+    return Response(
+        status=api.status,
+        body=api.body,
+        headers=headers,
+        content_type=content_type or "application/json",
+    )
+
+
+class BusForwarder:
+    """Sends requests to backend modules and turns their replies into responses."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        bus: IMessageBus,
+        is_alive: Callable[[str], bool],
+        timeout: Callable[[], float],
+        clock: IReactorTime,
+    ) -> None:
+        self.bus = bus
+        self.is_alive = is_alive
+        self.timeout = timeout
+        self.clock = clock
+
+    def handler(self, module: str, topics: tuple[str, ...]) -> Callable[[Request], Deferred[Response]]:
+        if len(topics) == 1:
+            topic = topics[0]
+            return lambda request: self.forward(request, module, topic)
+        return lambda request: self.fan_out(request, module, topics)
+
+    def _message(self, request: Request) -> AicoMessage:
+        return wrap(to_api_request(request), source="gateway",
+                    attributes={"request_id": request.request_id})
+
+    def forward(self, request: Request, module: str, topic: str) -> Deferred[Response]:
+        if not self.is_alive(module):
+            raise BackendUnavailable(f"module {module!r} is not available")
+        message = self._message(request)
+        if not request.accepts_stream:
+            d = self.bus.request(topic, message, timeout=self.timeout())
+            return d.addCallback(lambda reply: from_api_response(unpack_reply(reply)))
+        return self._forward_streaming(topic, message)
+
+    def _forward_streaming(self, topic: str, message: AicoMessage) -> Deferred[Response]:
+        result: Deferred[Response] = Deferred()
+        stream = StreamBody()
+
+        def on_chunk(chunk: AicoMessage) -> None:
+            api = unpack_reply(chunk)
+            if not result.called:
+                response = from_api_response(api)
+                response.stream = stream
+                response.content_type = "application/x-ndjson"
+                response.body = b""
+                result.callback(response)
+            stream.push(api.body)
+
+        def on_end(reply: AicoMessage) -> None:
+            api = unpack_reply(reply)
+            if not result.called:
+                # The module chose to answer in one piece.
+                result.callback(from_api_response(api))
+                return
+            if api.body:
+                stream.push(api.body)
+            stream.finish()
+
+        def on_error(failure: Any) -> None:
+            if not result.called:
+                result.errback(failure)
+            else:
+                self.log.warn("streamed reply on {topic} broke off: {error}",
+                              topic=topic, error=failure.getErrorMessage())
+                stream.fail(failure)
+
+        d = self.bus.request(topic, message, timeout=self.timeout(), on_chunk=on_chunk)
+        stream.on_cancel = d.cancel
+        d.addCallbacks(on_end, on_error)
+        return result
+
+    def fan_out(self, request: Request, module: str, topics: tuple[str, ...]) -> Deferred[Response]:
+        """A route that names several topics: ask each, answer with every part."""
+        if not self.is_alive(module):
+            raise BackendUnavailable(f"module {module!r} is not available")
+        message = self._message(request)
+
+        def call(topic: str) -> Callable[[], Deferred[Any]]:
+            def go() -> Deferred[Any]:
+                m = AicoMessage()
+                m.CopyFrom(message)
+                return self.bus.request(topic, m, timeout=self.timeout()).addCallback(
+                    lambda reply: _json_or_text(from_api_response(unpack_reply(reply)).body)
+                )
+            return go
+
+        d = fan_out(self.clock, {t: call(t) for t in topics}, self.timeout())
+
+        def combine(parts: Mapping[str, Any]) -> Response:
+            body = {
+                "parts": {
+                    name: ({"status": "ok", "body": p.value} if p.status == "ok"
+                           else {"status": p.status, "error": p.error})
+                    for name, p in parts.items()
+                },
+                "partial": sorted(n for n, p in parts.items() if p.status != "ok"),
+            }
+            if all(p.status != "ok" for p in parts.values()):
+                raise BackendUnavailable("no backend answered")
+            return json_response(body)
+
+        return d.addCallback(combine)
+
+
+def unpack_reply(message: AicoMessage) -> ApiResponse:
+    try:
+        return unpack(message, ApiResponse)
+    except EnvelopeError as e:
+        raise BackendError("the backend module sent a malformed reply") from e
+
+
+def _json_or_text(body: bytes) -> Any:
+    try:
+        return json.loads(body) if body else None
+    except ValueError:
+        return body.decode("utf-8", "replace")
+
+
+def entries_from_registration(
+    module: str,
+    routes: list[RouteMsg],
+    forwarder: BusForwarder,
+    prefix: str = "",
+) -> list[RouteEntry]:
+    """Route entries for a module's registered routes; bad ones raise ``ValueError``."""
+    entries = []
+    for r in routes:
+        topics = tuple(t.strip() for t in r.topic.split(",") if t.strip())
+        if not topics:
+            raise ValueError(f"{r.method} {r.path}: route has no topic")
+        entries.append(
+            RouteEntry(
+                method=r.method.upper(),
+                path=prefix + r.path,
+                handler=forwarder.handler(module, topics),
+                owner=module,
+                capability=r.capability,
+                public=r.public,
+                tier="public" if r.public else "standard",
+                request_schema=_schema(r.request_schema, r, "request_schema"),
+                response_schema=_schema(r.response_schema, r, "response_schema"),
+                topics=topics,
+                summary=f"Served by module {module}",
+                streaming=True,
+            )
+        )
+    return entries
+
+
+def _schema(text: str, route: RouteMsg, name: str) -> dict[str, Any] | None:
+    if not text:
+        return None
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise ValueError(f"{route.method} {route.path}: {name} is not JSON") from e
+    if not isinstance(value, dict):
+        raise ValueError(f"{route.method} {route.path}: {name} is not a JSON object")
+    return value
+
+
+class RouteRejected(ApiError):
+    """Internal: a module route could not be added."""
+
+
+__all__ = [
+    "BusForwarder",
+    "RouteConflict",
+    "RouteTable",
+    "entries_from_registration",
+    "from_api_response",
+    "to_api_request",
+]

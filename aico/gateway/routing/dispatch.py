@@ -1,0 +1,109 @@
+"""The dispatcher: match a route, run the security chain, call the handler.
+
+Every adapter calls :meth:`Dispatcher.handle` with a normalized :class:`Request` and
+gets a normalized :class:`Response` back; errors of every kind are turned into
+problem responses here, in one place.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from twisted.internet.defer import Deferred, ensureDeferred, succeed
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from aico.bus.errors import BusStopped, BusTimeout
+from aico.gateway.errors import (
+    PROBLEM_CONTENT_TYPE,
+    ApiError,
+    BackendTimeout,
+    BackendUnavailable,
+    InternalError,
+    problem_body,
+)
+from aico.gateway.routing.messages import Request, Response
+from aico.gateway.routing.table import RouteTable
+
+#: A security-chain step: inspects (and may annotate) the request, raises ApiError to refuse.
+Step = Callable[[Request], "Deferred[None] | None"]
+
+
+def error_response(error: ApiError, request_id: str) -> Response:
+    return Response(
+        status=error.status,
+        body=problem_body(error, request_id),
+        headers=dict(error.headers),
+        content_type=PROBLEM_CONTENT_TYPE,
+    )
+
+
+class Dispatcher:
+    """Route table + security chain + handlers, shared by every adapter."""
+
+    log = Logger()
+
+    def __init__(self, table: RouteTable, steps: Sequence[Step] = ()) -> None:
+        self.table = table
+        self.steps: tuple[Step, ...] = tuple(steps)
+        #: Called with every finished (request, response), e.g. for metrics.
+        self.observers: list[Callable[[Request, Response], None]] = []
+
+    def set_table(self, table: RouteTable) -> None:
+        self.table = table
+
+    def handle(self, request: Request) -> Deferred[Response]:
+        """Answer *request*; the Deferred never fails (errors become problem responses)."""
+        try:
+            entry, params = self.table.match(request.method, request.path)
+            request.route = entry
+            request.path_params = params
+            return self._run(request, 0)
+        except Exception as e:  # noqa: BLE001 - converted in one place
+            return succeed(self.convert(Failure(e), request))
+
+    def _run(self, request: Request, start: int) -> Deferred[Response]:
+        steps = self.steps
+        for i in range(start, len(steps)):
+            result = steps[i](request)
+            if result is not None:
+                d: Deferred[Any] = result
+                return d.addCallback(lambda _, i=i: self._run(request, i + 1)).addErrback(
+                    self.convert, request
+                )
+        assert request.route is not None
+        try:
+            out = request.route.handler(request)
+        except Exception:  # noqa: BLE001 - converted in one place
+            return succeed(self.convert(Failure(), request))
+        if isinstance(out, Deferred):
+            d2: Deferred[Response] = out
+        elif inspect.isawaitable(out):
+            d2 = ensureDeferred(out)  # type: ignore[arg-type]
+        else:
+            return succeed(out)
+        return d2.addErrback(self.convert, request)
+
+    def convert(self, failure: Failure, request: Request) -> Response:
+        """The one place where an exception becomes an error response."""
+        error = failure.value
+        if isinstance(error, ApiError):
+            return error_response(error, request.request_id)
+        if isinstance(error, BusTimeout):
+            return error_response(BackendTimeout("the backend module did not answer in time"),
+                                  request.request_id)
+        if isinstance(error, BusStopped):
+            return error_response(BackendUnavailable("the message bus is shutting down"),
+                                  request.request_id)
+        self.log.failure(
+            "unexpected error on {method} {path} (request {request_id})",
+            failure,
+            method=request.method,
+            path=request.path,
+            request_id=request.request_id,
+        )
+        return error_response(InternalError(), request.request_id)
+
+

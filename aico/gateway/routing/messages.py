@@ -1,0 +1,153 @@
+"""The normalized request and response every adapter speaks with the router."""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from twisted.internet.defer import Deferred
+from twisted.python.failure import Failure
+
+if TYPE_CHECKING:
+    from aico.gateway.routing.table import RouteEntry
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+_UNSET: Any = object()
+
+
+def request_id_from(candidate: str | None) -> str:
+    """Keep a well-formed incoming request ID (SPEC §4), else make a new one."""
+    if candidate and _REQUEST_ID.match(candidate):
+        return candidate
+    return uuid.uuid4().hex
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who is calling: set by the authentication step."""
+
+    subject: str
+    roles: tuple[str, ...] = ()
+    caps: frozenset[str] = frozenset()
+    device_id: str = ""
+    #: The token's ``jti`` and ``exp`` when the principal came from a token.
+    token_id: str = ""
+    expires_at: float = 0.0
+
+
+@dataclass(slots=True)
+class Request:
+    """A request in the gateway's own form, whatever transport it came on."""
+
+    method: str
+    path: str
+    request_id: str
+    transport: str
+    #: The peer's address as the socket reports it (never from a forwarded header).
+    peer_host: str = ""
+    loopback: bool = False
+    headers: dict[str, str] = field(default_factory=dict)  # lower-case names
+    query: dict[str, str] = field(default_factory=dict)
+    body: bytes = b""
+    path_params: dict[str, str] = field(default_factory=dict)
+    principal: Principal | None = None
+    route: RouteEntry | None = None
+    #: Set when the caller can receive a streamed reply (``?stream=true`` on REST).
+    accepts_stream: bool = False
+    #: Parsed, validated JSON body; set by the validation step.
+    json: Any = _UNSET
+    #: Connection-level identity (device certificate), set by the adapter.
+    device_id: str = ""
+
+    @property
+    def client_key(self) -> str:
+        """The identity the rate limiter counts: user, device, or address."""
+        if self.principal is not None:
+            return "user:" + self.principal.subject
+        if self.device_id:
+            return "device:" + self.device_id
+        return "addr:" + self.peer_host
+
+    def parsed_json(self) -> Any:
+        if self.json is _UNSET:
+            self.json = json.loads(self.body) if self.body else None
+        return self.json
+
+
+class StreamBody:
+    """A streamed response body: chunks pushed by the producer, drained by one consumer.
+
+    Chunks pushed before the consumer subscribes are buffered; ``subscribe`` returns a
+    Deferred that fires when the stream ends (or fails).
+    """
+
+    def __init__(self) -> None:
+        self._buffer: list[bytes] = []
+        self._consumer: Callable[[bytes], None] | None = None
+        self._done: Deferred[None] = Deferred()
+        self._ended = False
+        self.on_cancel: Callable[[], None] | None = None
+
+    def push(self, chunk: bytes) -> None:
+        if self._ended:
+            return
+        if self._consumer is None:
+            self._buffer.append(chunk)
+        else:
+            self._consumer(chunk)
+
+    def finish(self) -> None:
+        if not self._ended:
+            self._ended = True
+            if self._consumer is not None:
+                self._done.callback(None)
+
+    def fail(self, reason: Failure | BaseException) -> None:
+        if not self._ended:
+            self._ended = True
+            self._error: Failure | BaseException = reason
+            if self._consumer is not None:
+                self._done.errback(reason)
+
+    def cancel(self) -> None:
+        """The consumer went away: stop the producer."""
+        self._ended = True
+        if self.on_cancel is not None:
+            self.on_cancel()
+
+    def subscribe(self, consumer: Callable[[bytes], None]) -> Deferred[None]:
+        self._consumer = consumer
+        buffered, self._buffer = self._buffer, []
+        for chunk in buffered:
+            consumer(chunk)
+        if self._ended and not self._done.called:
+            error = getattr(self, "_error", None)
+            if error is None:
+                self._done.callback(None)
+            else:
+                self._done.errback(error)
+        return self._done
+
+
+@dataclass(slots=True)
+class Response:
+    """A response in the gateway's own form."""
+
+    status: int = 200
+    body: bytes = b""
+    headers: dict[str, str] = field(default_factory=dict)
+    content_type: str = "application/json"
+    stream: StreamBody | None = None
+
+
+def json_response(value: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    return Response(
+        status=status,
+        body=json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode(),
+        headers=headers or {},
+    )
