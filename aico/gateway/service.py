@@ -116,13 +116,17 @@ class GatewayService(MultiService):
 
     async def _start_async(self) -> None:
         assert self.bus is not None and self.directory is not None
+        # Subscriptions made before the bus starts are in place once start() fires.
+        self.directory.subscribe()
         await self.bus.start()
-        await self.directory.start()
+        self.directory.start()
         if self.config.modules.in_process:
+            # In-process built-in modules share the gateway's bus client; their requests
+            # still make the full round trip through the broker.
             for name in self.config.modules.builtin:
                 module = BUILTIN_MODULES[name](self.bus, self.reactor)
                 self.modules.append(module)
-                await module.start()
+                await module.start(start_bus=False)
         assert self.gateway is not None
         await self.gateway.start()
 
@@ -205,7 +209,7 @@ class GatewayService(MultiService):
         for module in reversed(self.modules):
             await maybeDeferred(module.stop)
         if self.directory is not None:
-            await maybeDeferred(self.directory.stop)
+            self.directory.stop()
         if self.gateway is not None:
             await self.gateway.stop()
         if self.bus is not None:

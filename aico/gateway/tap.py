@@ -21,13 +21,17 @@ from aico.bus.client import BusClient
 from aico.bus.directory import ModuleDirectory
 from aico.gateway import config as configuration
 from aico.gateway.adapters.rest import GatewaySite, RestAdapter
+from aico.gateway.api.conversations.dependencies import ConversationsDeps
+from aico.gateway.api.conversations.router import routes as conversation_routes
 from aico.gateway.api.health.dependencies import HealthDeps
 from aico.gateway.api.health.router import routes as health_routes
 from aico.gateway.config import Config, ConfigError
 from aico.gateway.lifecycle import InFlight
 from aico.gateway.routing.backend import BusForwarder, entries_from_registration
 from aico.gateway.routing.dispatch import Dispatcher
-from aico.gateway.routing.table import RouteConflict, RouteTable
+from aico.gateway.routing.openapi import OpenApiView
+from aico.gateway.routing.table import RouteConflict, RouteEntry, RouteTable
+from aico.gateway.security import validate
 from aico.gateway.service import GatewayService
 from aico.gateway.state import StatePaths, bootstrap, resolve_state_dir
 
@@ -62,11 +66,19 @@ class Gateway:
         self.bus = bus
         self.directory = directory
         self.inflight = InFlight()
-        self.forwarder = BusForwarder(bus, self._alive, lambda: self.config.bus.request_timeout,
+        self.forwarder = BusForwarder(bus, self._served, lambda: self.config.bus.request_timeout,
                                       reactor)
         health = HealthDeps(bus=bus, clock=reactor, modules=lambda: directory.modules,
                             deadline=lambda: self.config.bus.health_deadline)
-        self.dispatcher = Dispatcher(RouteTable(health_routes(health)))
+        self.openapi = OpenApiView(lambda: self.dispatcher.table, _version())
+        #: The gateway's own domains; module routes are added next to them as modules come.
+        self.own_routes: list[RouteEntry] = validate.prepare([
+            *health_routes(health),
+            *conversation_routes(ConversationsDeps(self.forwarder)),
+            self.openapi.entry(),
+        ])
+        steps = [validate.make_step(lambda: self.config.limits)]
+        self.dispatcher = Dispatcher(RouteTable(self.own_routes), steps)
         directory.add_observer(self._on_module)
         self.rest = RestAdapter(self.dispatcher, "http", inflight=self.inflight)
         self.http_site = GatewaySite(
@@ -75,17 +87,25 @@ class Gateway:
             header_limits=lambda: (self.config.limits.header_count, self.config.limits.header_size),
         )
 
-    def _alive(self, module: str) -> bool:
-        info = self.directory.modules.get(module)
-        return info is not None and info.alive
+    def _served(self, topic: str) -> bool:
+        """Whether a live module serves *topic* (one of its routes names it)."""
+        for info in self.directory.modules.values():
+            if info.alive and any(topic in r.topic.split(",") for r in info.registration.routes):
+                return True
+        return False
 
     def _on_module(self, event: str, info: Any) -> None:
         if event != "registered":
             return
+        own = {(e.method, e.path): e for e in self.own_routes}
         try:
             entries = entries_from_registration(info.name, list(info.registration.routes),
                                                 self.forwarder)
-            table = self.dispatcher.table.with_routes(info.name, entries)
+            # A module serving one of the gateway's own domain routes (same method, path
+            # and topic) serves it under the gateway's contract; it adds no second route.
+            entries = [e for e in entries
+                       if not ((e.method, e.path) in own and own[(e.method, e.path)].topics == e.topics)]
+            table = self.dispatcher.table.with_routes(info.name, validate.prepare(entries))
         except (RouteConflict, ValueError) as e:
             self.log.error("routes of module {module} refused: {error}", module=info.name,
                            error=str(e))
@@ -111,6 +131,15 @@ class Gateway:
 
     def reconfigure(self, config: Config) -> None:
         self.config = config
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("aico-gateway")
+    except PackageNotFoundError:  # running from a source tree
+        return "0+unknown"
 
 
 def build_service(config: Config, state_dir: Path, reactor: Any = None,

@@ -17,7 +17,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from aico.bus.interfaces import IMessageBus
-from aico.gateway.errors import ApiError, BackendError, BackendUnavailable
+from aico.gateway.errors import BackendError, BackendUnavailable
 from aico.gateway.routing.aggregator import fan_out
 from aico.gateway.routing.messages import Request, Response, StreamBody, json_response
 from aico.gateway.routing.table import RouteConflict, RouteEntry, RouteTable
@@ -77,28 +77,29 @@ class BusForwarder:
     def __init__(
         self,
         bus: IMessageBus,
-        is_alive: Callable[[str], bool],
+        is_served: Callable[[str], bool],
         timeout: Callable[[], float],
         clock: IReactorTime,
     ) -> None:
         self.bus = bus
-        self.is_alive = is_alive
+        self.is_served = is_served
         self.timeout = timeout
         self.clock = clock
 
-    def handler(self, module: str, topics: tuple[str, ...]) -> Callable[[Request], Deferred[Response]]:
+    def handler(self, topics: tuple[str, ...]) -> Callable[[Request], Deferred[Response]]:
+        """The handler of a route served from *topics* (several: fanned out)."""
         if len(topics) == 1:
             topic = topics[0]
-            return lambda request: self.forward(request, module, topic)
-        return lambda request: self.fan_out(request, module, topics)
+            return lambda request: self.forward(request, topic)
+        return lambda request: self.fan_out(request, topics)
 
     def _message(self, request: Request) -> AicoMessage:
         return wrap(to_api_request(request), source="gateway",
                     attributes={"request_id": request.request_id})
 
-    def forward(self, request: Request, module: str, topic: str) -> Deferred[Response]:
-        if not self.is_alive(module):
-            raise BackendUnavailable(f"module {module!r} is not available")
+    def forward(self, request: Request, topic: str) -> Deferred[Response]:
+        if not self.is_served(topic):
+            raise BackendUnavailable("no backend module serves this route right now")
         message = self._message(request)
         if not request.accepts_stream:
             d = self.bus.request(topic, message, timeout=self.timeout())
@@ -142,10 +143,10 @@ class BusForwarder:
         d.addCallbacks(on_end, on_error)
         return result
 
-    def fan_out(self, request: Request, module: str, topics: tuple[str, ...]) -> Deferred[Response]:
+    def fan_out(self, request: Request, topics: tuple[str, ...]) -> Deferred[Response]:
         """A route that names several topics: ask each, answer with every part."""
-        if not self.is_alive(module):
-            raise BackendUnavailable(f"module {module!r} is not available")
+        if not any(self.is_served(t) for t in topics):
+            raise BackendUnavailable("no backend module serves this route right now")
         message = self._message(request)
 
         def call(topic: str) -> Callable[[], Deferred[Any]]:
@@ -205,7 +206,7 @@ def entries_from_registration(
             RouteEntry(
                 method=r.method.upper(),
                 path=prefix + r.path,
-                handler=forwarder.handler(module, topics),
+                handler=forwarder.handler(topics),
                 owner=module,
                 capability=r.capability,
                 public=r.public,
@@ -230,10 +231,6 @@ def _schema(text: str, route: RouteMsg, name: str) -> dict[str, Any] | None:
     if not isinstance(value, dict):
         raise ValueError(f"{route.method} {route.path}: {name} is not a JSON object")
     return value
-
-
-class RouteRejected(ApiError):
-    """Internal: a module route could not be added."""
 
 
 __all__ = [

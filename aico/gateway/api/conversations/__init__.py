@@ -1,0 +1,1 @@
+"""The conversations domain: user messages to the conversation module, streamed or not."""

@@ -1,0 +1,225 @@
+"""``aico-gateway``: the operator's command line.
+
+Subcommands (``aico-gateway COMMAND --help`` for each):
+
+* ``init [--state-dir DIR] [--config FILE]`` — create what is missing in the state
+  directory (see ``docs/state.md``); prints what it created and where the initial admin
+  password is, never the password itself.
+* ``config check FILE`` — validate a configuration file: prints ``ok`` (exit 0) or the
+  error naming the key and the file (exit 2).
+
+Adding a subcommand: write ``_add_NAME(subparsers)`` that builds its parser and sets
+``handler=`` to a function ``(args, ctx: Context) -> int``, and list it in :data:`_COMMANDS`.
+Commands that work on a state directory call :func:`add_state_options` and
+:func:`state_paths`, so every command resolves the directory in the same order as the
+server (``--state-dir``, ``$AICO_STATE_DIR``, ``[gateway] state_dir``, platform default).
+
+Exit status: 0 success, 1 a failure while doing the work, 2 bad usage or configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import redirect_stderr, redirect_stdout
+from dataclasses import dataclass
+from typing import Any, TextIO
+
+from aico.gateway import config as _config
+from aico.gateway.state import StateDirError, StatePaths, bootstrap, resolve_state_dir
+from aico.gateway.store import SchemaError
+
+__all__ = [
+    "ENV_CONFIG",
+    "Context",
+    "add_state_options",
+    "build_parser",
+    "load_config",
+    "main",
+    "state_paths",
+]
+
+#: Environment variable naming the config file when ``--config`` is not given.
+ENV_CONFIG = "AICO_GATEWAY_CONFIG"
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+
+
+@dataclass(frozen=True)
+class Context:
+    """What a command handler may use besides its arguments (injectable for tests)."""
+
+    out: TextIO
+    err: TextIO
+    env: Mapping[str, str]
+
+
+Handler = Callable[[argparse.Namespace, Context], int]
+_Subparsers = Any  # argparse's _SubParsersAction is private and generic
+
+
+class _Exit(Exception):
+    """Stop the command with *status*, after printing *message* to stderr."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+# --------------------------------------------------------------------------- shared helpers
+
+
+def add_state_options(parser: argparse.ArgumentParser) -> None:
+    """``--state-dir`` and ``--config``, for every command that works on a state directory."""
+    parser.add_argument(
+        "--state-dir",
+        metavar="DIR",
+        help="state directory (default: $AICO_STATE_DIR, the config's [gateway] state_dir, "
+        "or the platform's data directory)",
+    )
+    parser.add_argument(
+        "--config",
+        metavar="FILE",
+        help=f"configuration file (default: ${ENV_CONFIG}, else built-in defaults)",
+    )
+
+
+def load_config(path: str | None, env: Mapping[str, str]) -> _config.Config:
+    """The config from *path*, else from ``$AICO_GATEWAY_CONFIG``, else the defaults."""
+    path = path or env.get(ENV_CONFIG) or None
+    if path is None:
+        return _config.Config()
+    try:
+        return _config.load(path)
+    except _config.ConfigError as e:
+        raise _Exit(EXIT_USAGE, str(e)) from e
+
+
+def state_paths(
+    args: argparse.Namespace, env: Mapping[str, str]
+) -> tuple[StatePaths, _config.Config]:
+    """The state directory chosen by *args* (see :func:`add_state_options`) and the config."""
+    config = load_config(args.config, env)
+    root = resolve_state_dir(args.state_dir, env, config.gateway.state_dir)
+    return StatePaths(root), config
+
+
+# --------------------------------------------------------------------------- init
+
+
+def _add_init(subparsers: _Subparsers) -> None:
+    p = subparsers.add_parser(
+        "init",
+        help="create the state directory (CA, keys, registry, admin user)",
+        description="Create whatever is missing in the state directory; existing files are "
+        "never changed, so running it again is safe.",
+    )
+    add_state_options(p)
+    p.set_defaults(handler=_cmd_init)
+
+
+def _cmd_init(args: argparse.Namespace, ctx: Context) -> int:
+    out = ctx.out
+    paths, config = state_paths(args, ctx.env)
+    try:
+        report = bootstrap(paths.root, config.modules.builtin)
+    except (StateDirError, SchemaError) as e:
+        raise _Exit(EXIT_FAILURE, str(e)) from e
+    except OSError as e:
+        raise _Exit(EXIT_FAILURE, f"{e.filename or paths.root}: {e.strerror}") from e
+    print(f"state directory: {paths.root}", file=out)
+    if report.created:
+        print("created: " + ", ".join(report.created), file=out)
+    else:
+        print("nothing to create: the state directory is complete", file=out)
+    password_file = report.admin_password_file
+    if password_file is not None:
+        print(
+            f"initial admin password (user 'admin'): in {password_file}\n"
+            "  read it, log in, change the password, then delete the file",
+            file=out,
+        )
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------- config
+
+
+def _add_config(subparsers: _Subparsers) -> None:
+    p = subparsers.add_parser("config", help="configuration tools")
+    sub = p.add_subparsers(dest="config_command", metavar="ACTION", required=True)
+    check = sub.add_parser(
+        "check",
+        help="validate a configuration file",
+        description="Exit 0 and print 'ok' if FILE is valid; otherwise print the problem, "
+        "naming the key and the file, and exit 2.",
+    )
+    check.add_argument("file", metavar="FILE")
+    check.set_defaults(handler=_cmd_config_check)
+
+
+def _cmd_config_check(args: argparse.Namespace, ctx: Context) -> int:
+    try:
+        _config.load(args.file)
+    except _config.ConfigError as e:
+        raise _Exit(EXIT_USAGE, str(e)) from e
+    print("ok", file=ctx.out)
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------- main
+
+#: Every subcommand's registration function, in ``--help`` order.
+_COMMANDS: tuple[Callable[[_Subparsers], None], ...] = (_add_init, _add_config)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="aico-gateway",
+        description="Operate an aico-gateway: state directory, users, devices, config.",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for register in _COMMANDS:
+        register(subparsers)
+    return parser
+
+
+def main(
+    argv: Sequence[str] | None = None,
+    *,
+    stdout: TextIO | None = None,
+    stderr: TextIO | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> int:
+    """Run the CLI with *argv* (default ``sys.argv[1:]``); returns the exit status.
+
+    *stdout*, *stderr* and *environ* default to the process's own.
+    """
+    out = stdout if stdout is not None else sys.stdout
+    err = stderr if stderr is not None else sys.stderr
+    env = environ if environ is not None else os.environ
+    parser = build_parser()
+    try:
+        # argparse writes --help and usage errors to sys.stdout/sys.stderr itself.
+        with redirect_stdout(out), redirect_stderr(err):
+            args = parser.parse_args(argv)
+    except SystemExit as e:  # --help, or a usage error already printed by argparse
+        return e.code if isinstance(e.code, int) else EXIT_USAGE
+    handler: Handler | None = getattr(args, "handler", None)
+    if handler is None:
+        parser.print_help(err)
+        return EXIT_USAGE
+    try:
+        return handler(args, Context(out, err, env))
+    except _Exit as e:
+        print(f"aico-gateway: {e.message}", file=err)
+        return e.status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

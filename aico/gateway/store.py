@@ -1,0 +1,254 @@
+"""The registry database: one SQLite file, used through a single-connection thread pool.
+
+The schema is plain SQL that libSQL also accepts (no SQLite-only extensions beyond
+``PRAGMA user_version``, triggers and indexes), so the file can move to libSQL unchanged.
+
+* :func:`migrate_sync` brings a file up to :data:`SCHEMA_VERSION` with the standard
+  library's ``sqlite3``; bootstrap calls it before the reactor starts.
+* :class:`Database` is what the running gateway uses: an ``adbapi.ConnectionPool`` with
+  exactly one connection (SQLite has one writer anyway; one connection also means one
+  consistent view and no ``database is locked`` between our own threads), in WAL mode with
+  foreign keys on and a busy timeout for other processes (the CLI) touching the same file.
+
+Every table's columns are documented in ``docs/state.md``. Booleans are INTEGER 0/1,
+times are REAL seconds since the epoch, lists and objects are JSON text.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Concatenate, ParamSpec, TypeVar, cast
+
+from twisted.enterprise import adbapi
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorCore
+from twisted.logger import Logger
+
+__all__ = [
+    "MIGRATIONS",
+    "SCHEMA_VERSION",
+    "Database",
+    "SchemaError",
+    "connect_sync",
+    "migrate_sync",
+    "schema_version",
+]
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+#: Milliseconds a statement waits for another process's lock before failing.
+BUSY_TIMEOUT_MS = 5000
+
+#: ``MIGRATIONS[i]`` takes the schema from version ``i`` to ``i + 1``. Append, never edit.
+MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    (
+        """CREATE TABLE users (
+            username TEXT PRIMARY KEY,
+            password_hash TEXT NOT NULL,
+            roles TEXT NOT NULL,
+            disabled INTEGER NOT NULL DEFAULT 0,
+            failed_logins INTEGER NOT NULL DEFAULT 0,
+            locked_until REAL NOT NULL DEFAULT 0,
+            lockouts INTEGER NOT NULL DEFAULT 0,
+            created_at REAL NOT NULL,
+            updated_at REAL NOT NULL
+        )""",
+        """CREATE TABLE revoked_tokens (
+            jti TEXT PRIMARY KEY,
+            expires_at REAL NOT NULL
+        )""",
+        "CREATE INDEX revoked_tokens_expires_at ON revoked_tokens (expires_at)",
+        """CREATE TABLE refresh_tokens (
+            jti TEXT PRIMARY KEY,
+            family TEXT NOT NULL,
+            username TEXT NOT NULL,
+            expires_at REAL NOT NULL,
+            used INTEGER NOT NULL DEFAULT 0
+        )""",
+        "CREATE INDEX refresh_tokens_family ON refresh_tokens (family)",
+        "CREATE INDEX refresh_tokens_username ON refresh_tokens (username)",
+        "CREATE INDEX refresh_tokens_expires_at ON refresh_tokens (expires_at)",
+        """CREATE TABLE audit_log (
+            seq INTEGER PRIMARY KEY,
+            ts REAL NOT NULL,
+            event TEXT NOT NULL,
+            actor TEXT NOT NULL,
+            detail TEXT NOT NULL,
+            prev_hash TEXT NOT NULL,
+            hash TEXT NOT NULL
+        )""",
+        # Append-only: the hash chain is verified from admin; rows never change or go.
+        """CREATE TRIGGER audit_log_no_update BEFORE UPDATE ON audit_log
+           BEGIN SELECT RAISE(ABORT, 'audit_log is append-only'); END""",
+        """CREATE TRIGGER audit_log_no_delete BEFORE DELETE ON audit_log
+           BEGIN SELECT RAISE(ABORT, 'audit_log is append-only'); END""",
+        """CREATE TABLE devices (
+            device_id TEXT PRIMARY KEY,
+            name TEXT NOT NULL,
+            cert_pem TEXT NOT NULL,
+            trusted_admin INTEGER NOT NULL DEFAULT 0,
+            capabilities TEXT NOT NULL DEFAULT '[]',
+            revoked INTEGER NOT NULL DEFAULT 0,
+            created_at REAL NOT NULL,
+            last_seen REAL
+        )""",
+    ),
+)
+
+#: The schema version this code reads and writes (``PRAGMA user_version``).
+SCHEMA_VERSION = len(MIGRATIONS)
+
+_log = Logger()
+
+
+class SchemaError(RuntimeError):
+    """The database's schema is newer than this code, or a migration failed."""
+
+
+def _ensure_file(path: Path) -> bool:
+    """Create *path* empty with mode 0600 unless it exists; True if created.
+
+    SQLite creates its ``-wal`` and ``-shm`` files with the database file's mode, so
+    they are 0600 as well.
+    """
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return False
+    os.close(fd)
+    return True
+
+
+def _configure(conn: sqlite3.Connection) -> None:
+    """Per-connection settings (also ``cp_openfun`` of the pool)."""
+    conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+    conn.execute("PRAGMA foreign_keys = ON")
+    mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
+    if mode != "wal" and conn.execute("PRAGMA database_list").fetchone()[2]:
+        # Persistent in the file; only set when needed, so opening a migrated file
+        # writes nothing. (In-memory databases have no file name and cannot use WAL.)
+        conn.execute("PRAGMA journal_mode = WAL")
+    # NORMAL is durable across application crashes in WAL mode; only an OS crash can
+    # lose the last transactions.
+    conn.execute("PRAGMA synchronous = NORMAL")
+
+
+def connect_sync(path: Path | str) -> sqlite3.Connection:
+    """A configured stdlib connection (for bootstrap and the CLI; blocking).
+
+    The connection is in autocommit mode (``isolation_level=None``): use explicit
+    ``BEGIN``/``COMMIT``, or ``with conn:`` for a transaction.
+    """
+    if str(path) != ":memory:":
+        _ensure_file(Path(path))
+    conn = sqlite3.connect(str(path), isolation_level=None)
+    _configure(conn)
+    return conn
+
+
+def schema_version(conn: sqlite3.Connection) -> int:
+    return int(conn.execute("PRAGMA user_version").fetchone()[0])
+
+
+def _migrate(conn: sqlite3.Connection) -> tuple[int, int]:
+    before = schema_version(conn)
+    if before > SCHEMA_VERSION:
+        raise SchemaError(
+            f"the registry database has schema version {before}, newer than this "
+            f"gateway's {SCHEMA_VERSION}; upgrade the gateway"
+        )
+    for version in range(before, SCHEMA_VERSION):
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            # Another process may have migrated while we waited for the lock.
+            if schema_version(conn) != version:
+                conn.execute("ROLLBACK")
+                return _migrate(conn)
+            for statement in MIGRATIONS[version]:
+                conn.execute(statement)
+            conn.execute(f"PRAGMA user_version = {version + 1}")
+            conn.execute("COMMIT")
+        except BaseException:
+            if conn.in_transaction:
+                conn.execute("ROLLBACK")
+            raise
+        _log.info("registry schema migrated to version {version}", version=version + 1)
+    return before, SCHEMA_VERSION
+
+
+def migrate_sync(path: Path | str) -> tuple[int, int]:
+    """Create or upgrade the database at *path* (mode 0600); returns (before, after).
+
+    Each migration runs in one transaction together with its ``user_version`` bump, so a
+    crash leaves the file at a whole version. A file already at :data:`SCHEMA_VERSION`
+    is only read. Raises :class:`SchemaError` for a file newer than this code.
+    """
+    conn = connect_sync(path)
+    try:
+        return _migrate(conn)
+    finally:
+        conn.close()
+
+
+Params = Sequence[Any] | Mapping[str, Any]
+
+
+def _params(params: Params) -> tuple[Any, ...] | Mapping[str, Any]:
+    return params if isinstance(params, Mapping) else tuple(params)
+
+
+class Database:
+    """The registry on a one-connection ``adbapi`` pool; every method returns a Deferred.
+
+    *path* is a file (created 0600 if missing; run :func:`migrate_sync` first) or
+    ``":memory:"`` for tests. The pool starts when *reactor* runs; call :meth:`close`
+    when done (the pool also closes at reactor shutdown).
+    """
+
+    def __init__(self, path: Path | str, reactor: IReactorCore | None = None) -> None:
+        self.path = str(path)
+        if self.path != ":memory:":
+            _ensure_file(Path(path))
+        kwargs: dict[str, Any] = {
+            "check_same_thread": False,
+            "cp_min": 1,
+            "cp_max": 1,
+            "cp_openfun": _configure,
+            "cp_noisy": False,
+        }
+        if reactor is not None:
+            kwargs["cp_reactor"] = reactor
+        self._pool = adbapi.ConnectionPool("sqlite3", self.path, **kwargs)  # type: ignore[no-untyped-call]
+
+    def run_query(self, sql: str, params: Params = ()) -> Deferred[list[tuple[Any, ...]]]:
+        """Execute one statement (``?`` or ``:name`` parameters) and fetch every row."""
+        d = self._pool.runQuery(sql, _params(params))  # type: ignore[no-untyped-call]
+        return cast("Deferred[list[tuple[Any, ...]]]", d)
+
+    def run_operation(self, sql: str, params: Params = ()) -> Deferred[None]:
+        """Execute one statement in its own transaction; no result."""
+        d = self._pool.runOperation(sql, _params(params))  # type: ignore[no-untyped-call]
+        return cast("Deferred[None]", d)
+
+    def run_interaction(
+        self,
+        fn: Callable[Concatenate[adbapi.Transaction, P], T],
+        *args: P.args,
+        **kwargs: P.kwargs,
+    ) -> Deferred[T]:
+        """Run ``fn(txn, *args, **kwargs)`` in the pool's thread inside one transaction.
+
+        *txn* behaves as a DB-API cursor (``execute``, ``fetchone``, ``fetchall``,
+        ``lastrowid``…). The transaction commits when *fn* returns and rolls back if it
+        raises. *fn* blocks the pool thread only, never the reactor.
+        """
+        d = self._pool.runInteraction(fn, *args, **kwargs)  # type: ignore[no-untyped-call]
+        return cast("Deferred[T]", d)
+
+    def close(self) -> None:
+        """Stop the pool's thread and close the connection (queued work finishes first)."""
+        self._pool.close()  # type: ignore[no-untyped-call]
