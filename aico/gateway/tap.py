@@ -33,7 +33,8 @@ from aico.gateway.routing.openapi import OpenApiView
 from aico.gateway.routing.table import RouteConflict, RouteEntry, RouteTable
 from aico.gateway.security import validate
 from aico.gateway.service import GatewayService
-from aico.gateway.state import StatePaths, bootstrap, resolve_state_dir
+from aico.gateway.state import StateDirError, StatePaths, bootstrap, resolve_state_dir
+from aico.gateway.store import SchemaError
 
 
 class Options(usage.Options):
@@ -149,7 +150,10 @@ def build_service(config: Config, state_dir: Path, reactor: Any = None,
         from twisted.internet import reactor as global_reactor
 
         reactor = global_reactor
-    bootstrap(state_dir, config.modules.builtin)
+    try:
+        bootstrap(state_dir, config.modules.builtin)
+    except (StateDirError, SchemaError, OSError) as e:
+        raise SystemExit(f"aico-gateway: cannot prepare the state directory {state_dir}: {e}") from e
     return GatewayService(config, state_dir, reactor, Gateway, config_path=config_path)
 
 

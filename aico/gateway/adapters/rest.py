@@ -38,6 +38,9 @@ class _Discard:
     def seek(self, *args: Any) -> int:
         return 0
 
+    def tell(self) -> int:
+        return 0
+
     def read(self, *args: Any) -> bytes:
         return b""
 

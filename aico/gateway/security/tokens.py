@@ -357,7 +357,8 @@ class SqliteRevocationStore(MemoryRevocationStore):
     def use_refresh(self, jti: str) -> RefreshUse:
         outcome = super().use_refresh(jti)
         if outcome is RefreshUse.OK:
-            self._write("UPDATE refresh_tokens SET used = 1 WHERE jti = ?", (jti,))
+            d = self._write("UPDATE refresh_tokens SET used = 1 WHERE jti = ?", (jti,))
+            d.addErrback(lambda f: self.log.failure("could not persist a used refresh token", f))
         return outcome
 
     def revoke_family(self, family: str, expires_at: float) -> Deferred[None]:

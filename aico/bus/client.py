@@ -1,0 +1,761 @@
+"""The bus client: :class:`IMessageBus` on the Twisted reactor, over ZeroMQ PUB/SUB.
+
+A :class:`BusClient` holds two sockets: a PUB connected to the broker's XSUB endpoint and
+a SUB connected to its XPUB endpoint, both Curve clients of the broker. Frames on the bus
+are exactly ``[topic, AicoMessage bytes]``.
+
+Two integrations of ZeroMQ with the reactor are provided behind one small transport
+seam; ``docs/bus.md`` has the measured numbers and the reason for the default:
+
+* ``native``: a reader registered with the reactor on the SUB socket's ``ZMQ_FD``. That
+  descriptor is edge-triggered, so every wake-up (and every operation that may have
+  consumed the edge, such as changing a subscription) drains the socket until it is empty.
+* ``txzmq``: txZMQ's ``ZmqPubConnection`` / ``ZmqSubConnection`` (imported lazily,
+  because importing txZMQ installs the default reactor).
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+import zmq
+from google.protobuf.message import DecodeError
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.interfaces import IDelayedCall, IReadDescriptor
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import Attribute, Interface, implementer
+
+from aico.bus.curve import CurveLayout, load_pair, load_public
+from aico.bus.errors import BusError, BusStopped, BusTimeout
+from aico.bus.interfaces import (
+    ATTR_CORRELATION_ID,
+    ATTR_REPLY_TO,
+    ATTR_STREAM,
+    IMessageBus,
+    MessageHandler,
+)
+from aico.proto import AicoMessage
+
+#: Attribute carried by the start-up probe a client sends to its own reply topic.
+ATTR_PROBE = "probe"
+#: Messages a client socket queues before PUB semantics drop them.
+HIGH_WATER_MARK = 100_000
+#: Milliseconds a closed socket keeps trying to deliver queued messages.
+LINGER_MS = 500
+#: Longest pause between two start-up probes (they start at ``probe_interval``).
+PROBE_INTERVAL_MAX = 0.1
+#: Messages read in one reactor turn before yielding to other events.
+READ_BUDGET = 512
+
+Integration = Literal["native", "txzmq"]
+Receiver = Callable[[list[bytes]], None]
+_Context = zmq.Context[zmq.Socket[bytes]]
+_Socket = zmq.Socket[bytes]
+
+
+class BusReactor(Protocol):
+    """What the bus client needs from the reactor (any Twisted reactor provides it)."""
+
+    def callLater(
+        self, delay: float, callable: Callable[..., Any], *args: object, **kw: object
+    ) -> IDelayedCall: ...
+
+    def addReader(self, reader: IReadDescriptor) -> None: ...
+
+    def removeReader(self, reader: IReadDescriptor) -> None: ...
+
+
+class IBusControl(Interface):
+    """What a real bus client offers beyond :class:`IMessageBus` (duck-typed by the SDK)."""
+
+    running = Attribute("True between a successful start() and stop().")
+
+    def wait_subscribed(prefixes: Sequence[str], timeout: float | None = None) -> Deferred[None]:
+        """Fire once a message published on each prefix comes back to this client.
+
+        ZeroMQ subscriptions propagate asynchronously (SUB → broker → every PUB); this is
+        the barrier to use after subscribing on a running client and before announcing
+        that you listen (a module registering its routes, the gateway asking for
+        registrations). The probes carry the ``probe`` attribute; bus clients never hand
+        such messages to handlers.
+        """
+
+
+@dataclass(frozen=True)
+class CurveClientKeys:
+    """A bus client's Curve key pair and the broker's public key (all Z85)."""
+
+    public: bytes
+    secret: bytes
+    server: bytes
+
+    @classmethod
+    def from_layout(cls, layout: CurveLayout, name: str) -> CurveClientKeys:
+        """The keys of local client *name*: ``curve/private/NAME.key_secret`` + broker key."""
+        public, secret = load_pair(layout.client_secret(name))
+        return cls(public=public, secret=secret, server=load_public(layout.broker_public))
+
+    def __repr__(self) -> str:  # never show key material, even by accident
+        return "CurveClientKeys(<redacted>)"
+
+
+class _Transport(Protocol):
+    def send(self, frames: Sequence[bytes]) -> None: ...
+
+    def subscribe(self, prefix: bytes) -> None: ...
+
+    def unsubscribe(self, prefix: bytes) -> None: ...
+
+    def reconnect(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def _configure(sock: _Socket, keys: CurveClientKeys | None) -> None:
+    sock.linger = LINGER_MS
+    sock.sndhwm = HIGH_WATER_MARK
+    sock.rcvhwm = HIGH_WATER_MARK
+    sock.reconnect_ivl = 100
+    sock.reconnect_ivl_max = 2000
+    if keys is not None:
+        sock.curve_publickey = keys.public
+        sock.curve_secretkey = keys.secret
+        sock.curve_serverkey = keys.server
+
+
+def _reconnect(sock: _Socket, endpoint: str) -> None:
+    try:
+        sock.disconnect(endpoint)
+    except zmq.ZMQError:
+        pass
+    sock.connect(endpoint)
+
+
+@implementer(IReadDescriptor)
+class _NativeTransport:
+    """pyzmq sockets driven by the reactor through the SUB socket's edge-triggered FD."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        reactor: BusReactor,
+        context: _Context,
+        pub: str,
+        sub: str,
+        keys: CurveClientKeys | None,
+        receive: Receiver,
+    ) -> None:
+        self._reactor = reactor
+        self._endpoints = (pub, sub)
+        self._receive = receive
+        self._pub = context.socket(zmq.PUB)
+        self._sub = context.socket(zmq.SUB)
+        for sock, endpoint in ((self._pub, pub), (self._sub, sub)):
+            _configure(sock, keys)
+            sock.connect(endpoint)
+        self._fd = int(self._sub.getsockopt(zmq.FD))
+        self._drain_call: IDelayedCall | None = None
+        self._closed = False
+        reactor.addReader(self)
+        self._schedule_drain()
+
+    # IReadDescriptor
+    def fileno(self) -> int:
+        return self._fd
+
+    def logPrefix(self) -> str:
+        return "aico-bus"
+
+    def doRead(self) -> None:
+        self._drain()
+
+    def connectionLost(self, reason: Failure) -> None:
+        pass
+
+    def _schedule_drain(self) -> None:
+        if self._drain_call is None and not self._closed:
+            self._drain_call = self._reactor.callLater(0, self._drain)
+
+    def _drain(self) -> None:
+        if self._drain_call is not None:
+            if self._drain_call.active():
+                self._drain_call.cancel()
+            self._drain_call = None
+        sub = self._sub
+        for _ in range(READ_BUDGET):
+            if self._closed:
+                return
+            try:
+                frames = sub.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            self._receive(frames)
+        # More may be waiting: the edge will not fire again, so come back next turn.
+        self._schedule_drain()
+
+    def send(self, frames: Sequence[bytes]) -> None:
+        self._pub.send_multipart(frames, zmq.NOBLOCK)
+
+    def subscribe(self, prefix: bytes) -> None:
+        self._sub.setsockopt(zmq.SUBSCRIBE, prefix)
+        self._schedule_drain()
+
+    def unsubscribe(self, prefix: bytes) -> None:
+        self._sub.setsockopt(zmq.UNSUBSCRIBE, prefix)
+        self._schedule_drain()
+
+    def reconnect(self) -> None:
+        _reconnect(self._pub, self._endpoints[0])
+        _reconnect(self._sub, self._endpoints[1])
+        self._schedule_drain()
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._reactor.removeReader(self)
+        if self._drain_call is not None and self._drain_call.active():
+            self._drain_call.cancel()
+        self._drain_call = None
+        self._pub.close()
+        self._sub.close()
+
+
+class _TxZmqTransport:
+    """The same sockets through txZMQ's connections (imported lazily)."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        reactor: BusReactor,
+        pub: str,
+        sub: str,
+        keys: CurveClientKeys | None,
+        receive: Receiver,
+    ) -> None:
+        import txzmq
+
+        self._reactor = reactor
+        self._endpoints = (pub, sub)
+        factory = txzmq.ZmqFactory()
+        factory.reactor = reactor
+        factory.lingerPeriod = LINGER_MS
+        self._factory = factory
+        self._read_call: IDelayedCall | None = None
+
+        class _Pub(txzmq.ZmqPubConnection):  # type: ignore[misc]
+            highWaterMark = HIGH_WATER_MARK
+
+            def send(self, message: Sequence[bytes]) -> None:
+                # txZMQ's send() schedules a read on the global reactor; a PUB never reads.
+                self.socket.send_multipart(message, zmq.NOBLOCK)
+
+        class _Sub(txzmq.ZmqSubConnection):  # type: ignore[misc]
+            highWaterMark = HIGH_WATER_MARK
+
+            def messageReceived(self, message: list[bytes]) -> None:
+                receive(message)
+
+        self._pub = _Pub(factory)
+        self._sub = _Sub(factory)
+        for conn, endpoint in ((self._pub, pub), (self._sub, sub)):
+            _configure(conn.socket, keys)
+            conn.addEndpoints([txzmq.ZmqEndpoint(txzmq.ZmqEndpointType.connect, endpoint)])
+
+    def _schedule_read(self) -> None:
+        if self._read_call is None or not self._read_call.active():
+            self._read_call = self._reactor.callLater(0, self._read)
+
+    def _read(self) -> None:
+        self._read_call = None
+        if self._sub.factory is not None:
+            self._sub.doRead()
+
+    def send(self, frames: Sequence[bytes]) -> None:
+        self._pub.send(frames)
+
+    def subscribe(self, prefix: bytes) -> None:
+        self._sub.subscribe(prefix)
+        self._schedule_read()
+
+    def unsubscribe(self, prefix: bytes) -> None:
+        self._sub.unsubscribe(prefix)
+        self._schedule_read()
+
+    def reconnect(self) -> None:
+        _reconnect(self._pub.socket, self._endpoints[0])
+        _reconnect(self._sub.socket, self._endpoints[1])
+        self._schedule_read()
+
+    def close(self) -> None:
+        if self._factory.connections is None:
+            return
+        if self._read_call is not None and self._read_call.active():
+            self._read_call.cancel()
+        self._read_call = None
+        self._factory.shutdown()
+
+
+@dataclass
+class _Barrier:
+    topic: str
+    deferred: Deferred[None]
+    probe: IDelayedCall | None = None
+    timer: IDelayedCall | None = None
+
+    def cancel_calls(self) -> None:
+        for call in (self.probe, self.timer):
+            if call is not None and call.active():
+                call.cancel()
+        self.probe = None
+        self.timer = None
+
+
+@dataclass
+class _Pending:
+    topic: str
+    deferred: Deferred[AicoMessage]
+    timeout: float
+    timer: IDelayedCall | None
+    on_chunk: Callable[[AicoMessage], None] | None
+
+
+@implementer(IMessageBus, IBusControl)
+class BusClient:
+    """A connection to the message bus, driven by an injected reactor.
+
+    *source* names this client in ``MessageMetadata.source`` and in its reply topic
+    ``reply/SOURCE/UUID``. *keys* are the Curve keys (``None``: no Curve, for a broker
+    without it). ``start()`` fires once a probe published on the reply topic came back
+    through the broker, so replies can no longer be lost to the slow-joiner race; while
+    it waits it re-probes (every *probe_interval* seconds at first, backing off to
+    0.1 s) and reconnects both sockets
+    after *reconnect_after* seconds (doubling, up to 10 s), since libzmq never retries a
+    client the broker's ZAP handler refused once. With *start_timeout*, ``start()``
+    gives up with :class:`BusTimeout`.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        reactor: BusReactor,
+        source: str,
+        pub: str,
+        sub: str,
+        keys: CurveClientKeys | None,
+        *,
+        default_timeout: float = 5.0,
+        integration: Integration = "native",
+        context: _Context | None = None,
+        start_timeout: float | None = None,
+        probe_interval: float = 0.005,
+        reconnect_after: float = 1.0,
+    ) -> None:
+        if integration not in ("native", "txzmq"):
+            raise ValueError(f"unknown bus integration {integration!r}")
+        self.source = source
+        self.pub_endpoint = pub
+        self.sub_endpoint = sub
+        self.default_timeout = default_timeout
+        self.integration: Integration = integration
+        self.reply_topic = f"reply/{source}/{uuid.uuid4().hex}"
+        self._reactor = reactor
+        self._keys = keys
+        self._context = context
+        self._start_timeout = start_timeout
+        self._probe_interval = probe_interval
+        self._reconnect_after = reconnect_after
+        self._state: Literal["new", "starting", "running", "stopped"] = "new"
+        self._transport: _Transport | None = None
+        self._handlers: dict[str, list[MessageHandler]] = {}
+        self._pending: dict[str, _Pending] = {}
+        self._probe_token = uuid.uuid4().hex
+        self._barriers: dict[str, _Barrier] = {}
+        self._probe_call: IDelayedCall | None = None
+        self._start_timer: IDelayedCall | None = None
+        self._started: Deferred[None] | None = None
+
+    @classmethod
+    def from_layout(
+        cls,
+        reactor: BusReactor,
+        layout: CurveLayout,
+        name: str,
+        pub: str,
+        sub: str,
+        **kwargs: Any,
+    ) -> BusClient:
+        """A client named *name* with its keys from the state directory's Curve layout."""
+        return cls(reactor, name, pub, sub, CurveClientKeys.from_layout(layout, name), **kwargs)
+
+    @property
+    def running(self) -> bool:
+        """True between a successful ``start()`` and ``stop()``."""
+        return self._state == "running"
+
+    @property
+    def pending(self) -> int:
+        """The number of requests waiting for their reply."""
+        return len(self._pending)
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def start(self) -> Deferred[None]:
+        if self._state != "new":
+            return fail(BusError(f"bus client {self.source} cannot start twice"))
+        if self.integration == "txzmq":
+            transport: _Transport = _TxZmqTransport(
+                self._reactor, self.pub_endpoint, self.sub_endpoint, self._keys, self._received
+            )
+        else:
+            context = self._context if self._context is not None else zmq.Context.instance()
+            transport = _NativeTransport(
+                self._reactor,
+                context,
+                self.pub_endpoint,
+                self.sub_endpoint,
+                self._keys,
+                self._received,
+            )
+        self._transport = transport
+        # Subscriptions made before start() go first: the probe coming back on the
+        # reply topic (subscribed last, on the same connection) proves they reached
+        # the broker too.
+        for prefix in self._handlers:
+            transport.subscribe(prefix.encode("utf-8"))
+        transport.subscribe(self.reply_topic.encode("utf-8"))
+        self._state = "starting"
+        self._started = Deferred(lambda _: self._abandon_start())
+        if self._start_timeout is not None:
+            self._start_timer = self._reactor.callLater(self._start_timeout, self._start_timed_out)
+        self._probe(0.0, self._reconnect_after, self._probe_interval)
+        return self._started
+
+    def _probe(self, waited: float, reconnect_after: float, interval: float) -> None:
+        self._probe_call = None
+        if self._state != "starting" or self._transport is None:
+            return
+        if waited >= reconnect_after:
+            self.log.info(
+                "bus client {source}: no answer from the broker yet, reconnecting",
+                source=self.source,
+            )
+            self._transport.reconnect()
+            waited, reconnect_after = 0.0, min(reconnect_after * 2, 10.0)
+        self._send(self.reply_topic, self._probe_message(self._probe_token))
+        # Probe quickly at first (the connection is usually up within milliseconds),
+        # then back off to PROBE_INTERVAL_MAX.
+        self._probe_call = self._reactor.callLater(
+            interval,
+            self._probe,
+            waited + interval,
+            reconnect_after,
+            min(interval * 2, PROBE_INTERVAL_MAX),
+        )
+
+    def _probe_message(self, token: str) -> AicoMessage:
+        probe = AicoMessage()
+        probe.metadata.message_id = uuid.uuid4().hex
+        probe.metadata.source = self.source
+        probe.metadata.attributes[ATTR_PROBE] = token
+        return probe
+
+    def wait_subscribed(
+        self, prefixes: Sequence[str], timeout: float | None = None
+    ) -> Deferred[None]:
+        if self._state != "running":
+            return fail(BusStopped(f"bus client {self.source} is not running"))
+        delay = self.default_timeout if timeout is None else timeout
+        waits = [self._barrier(prefix, delay) for prefix in prefixes]
+        done: Deferred[None] = Deferred()
+        remaining = [len(waits)]
+
+        def one_done(_: None) -> None:
+            remaining[0] -= 1
+            if remaining[0] == 0 and not done.called:
+                done.callback(None)
+
+        def one_failed(failure: Failure) -> None:
+            if not done.called:
+                done.errback(failure)
+
+        for wait in waits:
+            wait.addCallbacks(one_done, one_failed)
+        if not waits:
+            done.callback(None)
+        return done
+
+    def _barrier(self, topic: str, timeout: float) -> Deferred[None]:
+        token = uuid.uuid4().hex
+        barrier = _Barrier(topic, Deferred(lambda _: self._drop_barrier(token)))
+        self._barriers[token] = barrier
+        barrier.timer = self._reactor.callLater(timeout, self._barrier_timed_out, token, timeout)
+        self._barrier_probe(token, self._probe_interval)
+        return barrier.deferred
+
+    def _barrier_probe(self, token: str, interval: float) -> None:
+        barrier = self._barriers.get(token)
+        if barrier is None:
+            return
+        barrier.probe = None
+        self._send(barrier.topic, self._probe_message(token))
+        barrier.probe = self._reactor.callLater(
+            interval, self._barrier_probe, token, min(interval * 2, PROBE_INTERVAL_MAX)
+        )
+
+    def _drop_barrier(self, token: str) -> None:
+        barrier = self._barriers.pop(token, None)
+        if barrier is not None:
+            barrier.cancel_calls()
+
+    def _barrier_timed_out(self, token: str, timeout: float) -> None:
+        barrier = self._barriers.get(token)
+        if barrier is not None:
+            barrier.timer = None
+            self._drop_barrier(token)
+            barrier.deferred.errback(BusTimeout(barrier.topic, timeout))
+
+    def _probe_arrived(self, topic: str, token: str) -> None:
+        if token == self._probe_token:
+            if topic == self.reply_topic:
+                self._probe_returned()
+            return
+        barrier = self._barriers.get(token)
+        if barrier is not None and barrier.topic == topic:
+            self._drop_barrier(token)
+            barrier.deferred.callback(None)
+
+    def _cancel_start_timers(self) -> None:
+        for call in (self._probe_call, self._start_timer):
+            if call is not None and call.active():
+                call.cancel()
+        self._probe_call = None
+        self._start_timer = None
+
+    def _probe_returned(self) -> None:
+        if self._state != "starting":
+            return
+        self._cancel_start_timers()
+        self._state = "running"
+        self.log.info("bus client {source} connected", source=self.source)
+        started, self._started = self._started, None
+        if started is not None:
+            started.callback(None)
+
+    def _start_timed_out(self) -> None:
+        self._start_timer = None
+        started, self._started = self._started, None
+        self._shutdown()
+        if started is not None:
+            assert self._start_timeout is not None
+            started.errback(BusTimeout(self.reply_topic, self._start_timeout))
+
+    def _abandon_start(self) -> None:
+        self._started = None
+        self._shutdown()
+
+    def _shutdown(self) -> list[_Pending]:
+        self._state = "stopped"
+        self._cancel_start_timers()
+        barriers = list(self._barriers.values())
+        self._barriers.clear()
+        for barrier in barriers:
+            barrier.cancel_calls()
+            barrier.deferred.errback(BusStopped())
+        pending = list(self._pending.values())
+        self._pending.clear()
+        for entry in pending:
+            if entry.timer is not None and entry.timer.active():
+                entry.timer.cancel()
+        if self._transport is not None:
+            self._transport.close()
+            self._transport = None
+        return pending
+
+    def stop(self) -> Deferred[None]:
+        if self._state == "stopped":
+            return succeed(None)
+        started, self._started = self._started, None
+        pending = self._shutdown()
+        if started is not None:
+            started.errback(BusStopped("the bus client was stopped while starting"))
+        for entry in pending:
+            entry.deferred.errback(BusStopped())
+        self.log.info("bus client {source} stopped", source=self.source)
+        return succeed(None)
+
+    # -- sending -----------------------------------------------------------------------
+
+    def _send(self, topic: str, message: AicoMessage) -> None:
+        if self._transport is None:
+            raise BusStopped(f"bus client {self.source} is not running")
+        self._transport.send((topic.encode("utf-8"), message.SerializeToString()))
+
+    def publish(self, topic: str, message: AicoMessage) -> None:
+        if self._state != "running":
+            raise BusStopped(f"bus client {self.source} is not running")
+        self._send(topic, message)
+
+    def request(
+        self,
+        topic: str,
+        message: AicoMessage,
+        timeout: float | None = None,
+        on_chunk: Callable[[AicoMessage], None] | None = None,
+    ) -> Deferred[AicoMessage]:
+        if self._state != "running":
+            return fail(BusStopped(f"bus client {self.source} is not running"))
+        correlation_id = uuid.uuid4().hex
+        out = AicoMessage()
+        out.CopyFrom(message)
+        if not out.metadata.source:
+            out.metadata.source = self.source
+        attributes = out.metadata.attributes
+        attributes[ATTR_CORRELATION_ID] = correlation_id
+        attributes[ATTR_REPLY_TO] = self.reply_topic
+        if on_chunk is not None:
+            attributes[ATTR_STREAM] = "1"
+        elif ATTR_STREAM in attributes:
+            del attributes[ATTR_STREAM]
+        delay = self.default_timeout if timeout is None else timeout
+        deferred: Deferred[AicoMessage] = Deferred(lambda _: self._forget(correlation_id))
+        timer = self._reactor.callLater(delay, self._expire, correlation_id)
+        self._pending[correlation_id] = _Pending(topic, deferred, delay, timer, on_chunk)
+        try:
+            self._send(topic, out)
+        except zmq.ZMQError as e:
+            self._forget(correlation_id)
+            return fail(BusError(f"cannot publish on {topic!r}: {e.strerror}"))
+        return deferred
+
+    def _forget(self, correlation_id: str) -> None:
+        entry = self._pending.pop(correlation_id, None)
+        if entry is not None and entry.timer is not None and entry.timer.active():
+            entry.timer.cancel()
+
+    def _expire(self, correlation_id: str) -> None:
+        entry = self._pending.pop(correlation_id, None)
+        if entry is None:
+            return
+        entry.timer = None
+        entry.deferred.errback(BusTimeout(entry.topic, entry.timeout))
+
+    def reply(self, request: AicoMessage, response: AicoMessage, stream: str | None = None) -> None:
+        attributes = request.metadata.attributes
+        reply_to = attributes.get(ATTR_REPLY_TO, "")
+        correlation_id = attributes.get(ATTR_CORRELATION_ID, "")
+        if not reply_to or not correlation_id:
+            raise BusError("the request carries no reply_to/correlation_id")
+        out = AicoMessage()
+        out.CopyFrom(response)
+        if not out.metadata.source:
+            out.metadata.source = self.source
+        out.metadata.attributes[ATTR_CORRELATION_ID] = correlation_id
+        if stream:
+            out.metadata.attributes[ATTR_STREAM] = stream
+        elif ATTR_STREAM in out.metadata.attributes:
+            del out.metadata.attributes[ATTR_STREAM]
+        self.publish(reply_to, out)
+
+    # -- subscriptions -----------------------------------------------------------------
+
+    def subscribe(self, prefix: str, handler: MessageHandler) -> None:
+        handlers = self._handlers.setdefault(prefix, [])
+        handlers.append(handler)
+        if len(handlers) == 1 and self._transport is not None:
+            self._transport.subscribe(prefix.encode("utf-8"))
+
+    def unsubscribe(self, prefix: str, handler: MessageHandler) -> None:
+        handlers = self._handlers.get(prefix)
+        if not handlers or handler not in handlers:
+            return
+        handlers.remove(handler)
+        if not handlers:
+            del self._handlers[prefix]
+            if self._transport is not None:
+                self._transport.unsubscribe(prefix.encode("utf-8"))
+
+    # -- receiving ---------------------------------------------------------------------
+
+    def _received(self, frames: list[bytes]) -> None:
+        if len(frames) != 2:
+            self.log.warn(
+                "bus client {source}: dropped a malformed message ({count} frames)",
+                source=self.source,
+                count=len(frames),
+            )
+            return
+        raw_topic, body = frames
+        try:
+            topic = raw_topic.decode("utf-8")
+        except UnicodeDecodeError:
+            self.log.warn(
+                "bus client {source}: dropped a message with a non-UTF-8 topic", source=self.source
+            )
+            return
+        message = AicoMessage()
+        try:
+            message.ParseFromString(body)
+        except DecodeError:
+            self.log.warn(
+                "bus client {source}: dropped an undecodable message on {topic}",
+                source=self.source,
+                topic=topic,
+            )
+            return
+        token = message.metadata.attributes.get(ATTR_PROBE)
+        if token is not None:
+            self._probe_arrived(topic, token)  # probes are never handed to handlers
+            return
+        if topic == self.reply_topic:
+            self._reply_received(message)
+            return
+        for prefix, handlers in list(self._handlers.items()):
+            if topic.startswith(prefix):
+                for handler in list(handlers):
+                    try:
+                        handler(topic, message)
+                    except Exception:
+                        self.log.failure(
+                            "bus handler for {prefix!r} failed on {topic}",
+                            prefix=prefix,
+                            topic=topic,
+                        )
+
+    def _reply_received(self, message: AicoMessage) -> None:
+        attributes = message.metadata.attributes
+        correlation_id = attributes.get(ATTR_CORRELATION_ID, "")
+        entry = self._pending.get(correlation_id)
+        if entry is None:
+            self.log.debug(
+                "bus client {source}: reply for an unknown or expired request dropped",
+                source=self.source,
+            )
+            return
+        if attributes.get(ATTR_STREAM) == "chunk":
+            if entry.on_chunk is None:
+                self.log.warn(
+                    "bus client {source}: streamed chunk for a request that did not accept "
+                    "streaming (from {sender}) dropped",
+                    source=self.source,
+                    sender=message.metadata.source,
+                )
+                return
+            if entry.timer is not None and entry.timer.active():
+                entry.timer.reset(entry.timeout)
+            try:
+                entry.on_chunk(message)
+            except Exception:
+                self.log.failure("bus client {source}: chunk handler failed", source=self.source)
+            return
+        del self._pending[correlation_id]
+        if entry.timer is not None and entry.timer.active():
+            entry.timer.cancel()
+        entry.deferred.callback(message)

@@ -1,0 +1,114 @@
+"""``aico-module NAME --state-dir DIR [--pub ENDPOINT --sub ENDPOINT]``.
+
+Runs one built-in backend module as a process of its own: the bus endpoints come from
+``STATE_DIR/ports.json`` (written by the gateway once its listeners are up) unless given,
+the Curve key pair from ``STATE_DIR/curve/private/NAME.key_secret`` (created, with its
+public half in ``curve/modules/``, if missing). SIGTERM or SIGINT stops it cleanly.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.logger import Logger, globalLogBeginner, textFileLogObserver
+
+from aico.bus.builtin import BUILTIN_MODULES
+from aico.bus.client import BusClient
+from aico.bus.curve import CurveLayout, ensure_client
+
+log = Logger(namespace="aico.bus.runner")
+
+
+class RunnerError(Exception):
+    """A start-up problem reported to the operator (exit status 2)."""
+
+
+def parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="aico-module", description="Run a built-in AICO backend module on the bus."
+    )
+    parser.add_argument("name", choices=sorted(BUILTIN_MODULES), help="the module to run")
+    parser.add_argument("--state-dir", required=True, type=Path, help="the gateway's state dir")
+    parser.add_argument("--pub", help="the broker's XSUB endpoint (default: from ports.json)")
+    parser.add_argument("--sub", help="the broker's XPUB endpoint (default: from ports.json)")
+    parser.add_argument(
+        "--start-timeout",
+        type=float,
+        default=None,
+        help="give up when the broker has not answered after this many seconds",
+    )
+    return parser.parse_args(list(argv))
+
+
+def bus_endpoints(state_dir: Path, pub: str | None, sub: str | None) -> tuple[str, str]:
+    """The (pub, sub) endpoints: given ones win, the rest come from ``ports.json``."""
+    if pub and sub:
+        return pub, sub
+    ports_file = state_dir / "ports.json"
+    try:
+        ports: Any = json.loads(ports_file.read_text(encoding="utf-8"))
+        bus = ports["bus"]
+        return pub or str(bus["pub"]), sub or str(bus["sub"])
+    except FileNotFoundError as e:
+        raise RunnerError(
+            f"{ports_file} does not exist: start the gateway or give --pub/--sub"
+        ) from e
+    except (ValueError, KeyError, TypeError) as e:
+        raise RunnerError(f"{ports_file} has no bus endpoints: give --pub/--sub") from e
+
+
+async def run(reactor: Any, args: argparse.Namespace) -> None:
+    """Start the module and wait until the reactor shuts down (then stop it cleanly)."""
+    layout = CurveLayout(args.state_dir)
+    if not layout.broker_public.exists():
+        raise RunnerError(f"{layout.broker_public} does not exist: initialise the state dir")
+    pub, sub = bus_endpoints(args.state_dir, args.pub, args.sub)
+    if ensure_client(layout, args.name):
+        log.info("created the Curve key pair of module {name}", name=args.name)
+    bus = BusClient.from_layout(
+        reactor, layout, args.name, pub, sub, start_timeout=args.start_timeout
+    )
+    module = BUILTIN_MODULES[args.name](bus, reactor)
+    done: Deferred[None] = Deferred()
+
+    def shutdown() -> Deferred[None]:
+        d = module.stop()
+        d.addBoth(lambda _: done.callback(None) if not done.called else None)
+        return d
+
+    reactor.addSystemEventTrigger("before", "shutdown", shutdown)
+    log.info("module {name}: connecting to {pub} / {sub}", name=args.name, pub=pub, sub=sub)
+    await module.start()
+    await done
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """The ``aico-module`` console script."""
+    from twisted.internet.task import react
+
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stderr)])
+
+    def _main(reactor: Any) -> Deferred[None]:
+        d = Deferred.fromCoroutine(run(reactor, args))
+
+        def report(failure: Any) -> None:
+            if failure.check(RunnerError):
+                log.error("aico-module: {error}", error=str(failure.value))
+                raise SystemExit(2)
+            failure.raiseException()
+
+        d.addErrback(report)
+        return d
+
+    react(_main)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,363 @@
+"""End to end over real sockets: REST adapter, router, bus and modules (treq on 127.0.0.1)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import treq
+from openapi_spec_validator import validate as validate_openapi
+from twisted.internet import reactor
+from twisted.internet.defer import ensureDeferred, gatherResults
+from twisted.internet.task import deferLater
+from twisted.trial.unittest import TestCase
+
+from aico.gateway.testing.harness import RunningGateway, http_client, start_gateway
+from aico.proto.aico.gateway.v1.gateway_pb2 import Route
+from tests.rawmodule import RawModule
+
+RAW_SCHEMA = json.dumps({
+    "type": "object",
+    "properties": {"n": {"type": "integer"}, "text": {"type": "string"}},
+    "required": ["n"],
+})
+
+
+async def sleep(seconds: float) -> None:
+    await deferLater(reactor, seconds, lambda: None)
+
+
+async def get_json(http: Any, url: str, **kw: Any) -> tuple[int, Any, Any]:
+    r = await http.get(url, **kw)
+    return r.code, json.loads(await r.content()), r.headers
+
+
+async def post_json(http: Any, url: str, body: Any, **kw: Any) -> tuple[int, Any, Any]:
+    r = await http.post(url, json=body, **kw)
+    return r.code, json.loads(await r.content()), r.headers
+
+
+async def eventually(check: Any, timeout: float = 5.0) -> Any:
+    """Poll *check* (async, returns truthy when done) until *timeout*."""
+    deadline = reactor.seconds() + timeout
+    while True:
+        result = await check()
+        if result:
+            return result
+        if reactor.seconds() > deadline:
+            raise AssertionError("condition not met in time")
+        await sleep(0.05)
+
+
+class GatewayCase(TestCase):
+    timeout = 30
+    extra = ""
+
+    def setUp(self) -> Any:
+        async def go() -> None:
+            self.http = http_client(self)
+            self.gw: RunningGateway = await start_gateway(self, self.extra)
+            self.base = self.gw.base
+
+        return ensureDeferred(go())
+
+    def raw_module(self, routes: list[Route], **kw: Any) -> RawModule:
+        module = RawModule(self.gw.state_dir, self.gw.bus_pub, self.gw.bus_sub, routes=routes, **kw)
+        module.authorize(self.gw.state_dir)
+        module.start()
+        self.addCleanup(module.stop)
+        return module
+
+    async def served(self, method: str, path: str, body: Any = None) -> bool:
+        r = await self.http.request(method, self.base + path, json=body)
+        await r.content()
+        return r.code not in (404, 503)
+
+
+class HealthTests(GatewayCase):
+    def test_health_lists_every_builtin_module(self) -> Any:
+        async def go() -> None:
+            status, body, headers = await get_json(self.http, self.base + "/api/v1/health")
+            self.assertEqual(status, 200)
+            self.assertEqual(body["status"], "ok")
+            self.assertEqual(sorted(body["modules"]), ["conversation", "health"])
+            for module in body["modules"].values():
+                self.assertEqual(module["status"], "ok")
+                self.assertIsInstance(module["latency_ms"], float)
+            self.assertTrue(headers.getRawHeaders("x-request-id"))
+
+        return ensureDeferred(go())
+
+    def test_silent_module_reported_as_timeout_within_two_seconds(self) -> Any:
+        async def go() -> None:
+            module = self.raw_module([Route(method="GET", path="/api/v1/raw", topic="raw/x", public=True)])
+            module.mode = "silent"
+            await eventually(lambda: _has_module(self.http, self.base, "raw"))
+            # The raw module has no health topic: it is "ok" while it heartbeats.
+            start = reactor.seconds()
+            status, body, _ = await get_json(self.http, self.base + "/api/v1/health")
+            self.assertLess(reactor.seconds() - start, 2.0)
+            self.assertEqual(body["modules"]["raw"]["status"], "ok")
+
+        return ensureDeferred(go())
+
+
+async def _has_module(http: Any, base: str, name: str) -> bool:
+    _, body, _ = await get_json(http, base + "/api/v1/health")
+    return name in body["modules"]
+
+
+class ErrorTests(GatewayCase):
+    def _problem(self, body: Any, status: int, code: str) -> None:
+        self.assertEqual(body["status"], status)
+        self.assertEqual(body["code"], code)
+        for key in ("type", "title", "detail", "request_id"):
+            self.assertIn(key, body)
+
+    def test_unknown_path_is_404_problem(self) -> Any:
+        async def go() -> None:
+            r = await self.http.get(self.base + "/api/v1/nope")
+            self.assertEqual(r.code, 404)
+            self.assertEqual(r.headers.getRawHeaders("content-type"), ["application/problem+json"])
+            self._problem(json.loads(await r.content()), 404, "not_found")
+
+        return ensureDeferred(go())
+
+    def test_wrong_method_is_405_with_allow(self) -> Any:
+        async def go() -> None:
+            r = await self.http.delete(self.base + "/api/v1/health")
+            self.assertEqual(r.code, 405)
+            self.assertEqual(r.headers.getRawHeaders("allow"), ["GET"])
+            self._problem(json.loads(await r.content()), 405, "method_not_allowed")
+
+        return ensureDeferred(go())
+
+    def test_request_id_kept_when_well_formed_and_replaced_otherwise(self) -> Any:
+        async def go() -> None:
+            _, body, headers = await get_json(self.http, self.base + "/api/v1/nope", headers={"X-Request-ID": "abc.123"})
+            self.assertEqual(headers.getRawHeaders("x-request-id"), ["abc.123"])
+            self.assertEqual(body["request_id"], "abc.123")
+            _, body, headers = await get_json(self.http, self.base + "/api/v1/nope", headers={"X-Request-ID": "bad id!"})
+            self.assertNotEqual(headers.getRawHeaders("x-request-id"), ["bad id!"])
+            self.assertEqual(body["request_id"], headers.getRawHeaders("x-request-id")[0])
+
+        return ensureDeferred(go())
+
+    def test_malformed_json_is_400(self) -> Any:
+        async def go() -> None:
+            r = await self.http.post(self.base + "/api/v1/conversations/messages", data=b"{nope",
+                                headers={"Content-Type": "application/json"})
+            self.assertEqual(r.code, 400)
+            self._problem(json.loads(await r.content()), 400, "malformed_json")
+
+        return ensureDeferred(go())
+
+    def test_schema_violation_lists_pointers(self) -> Any:
+        async def go() -> None:
+            status, body, _ = await post_json(self.http, self.base + "/api/v1/conversations/messages",
+                                              {"message": 5, "extra": True})
+            self.assertEqual(status, 400)
+            self._problem(body, 400, "validation_failed")
+            pointers = sorted(e["pointer"] for e in body["errors"])
+            self.assertEqual(pointers, ["/extra", "/message"])
+
+        return ensureDeferred(go())
+
+    def test_wrong_content_type_is_415(self) -> Any:
+        async def go() -> None:
+            r = await self.http.post(self.base + "/api/v1/conversations/messages", data=b"message=hi",
+                                headers={"Content-Type": "application/x-www-form-urlencoded"})
+            self.assertEqual(r.code, 415)
+            self._problem(json.loads(await r.content()), 415, "unsupported_media_type")
+
+        return ensureDeferred(go())
+
+    def test_body_over_limit_is_413(self) -> Any:
+        async def go() -> None:
+            big = json.dumps({"message": "x" * (1024 * 1024 + 10)}).encode()
+            r = await self.http.post(self.base + "/api/v1/conversations/messages", data=big,
+                                headers={"Content-Type": "application/json"})
+            self.assertEqual(r.code, 413)
+            self._problem(json.loads(await r.content()), 413, "payload_too_large")
+
+        return ensureDeferred(go())
+
+
+class ConversationTests(GatewayCase):
+    def test_message_is_answered_by_the_conversation_module(self) -> Any:
+        async def go() -> None:
+            status, body, _ = await post_json(self.http, self.base + "/api/v1/conversations/messages",
+                                              {"message": "hello there", "conversation_id": "c1"})
+            self.assertEqual(status, 200)
+            self.assertEqual((body["reply"], body["conversation_id"]), ("hello there", "c1"))
+
+        return ensureDeferred(go())
+
+    def test_streamed_message_is_ndjson(self) -> Any:
+        async def go() -> None:
+            r = await self.http.post(self.base + "/api/v1/conversations/messages?stream=true",
+                                json={"message": "one two three"})
+            self.assertEqual(r.code, 200)
+            self.assertEqual(r.headers.getRawHeaders("content-type"), ["application/x-ndjson"])
+            lines = [json.loads(line) for line in (await r.content()).splitlines() if line]
+            self.assertEqual("".join(line.get("delta", "") for line in lines), "one two three")
+            self.assertTrue(lines[-1]["done"])
+
+        return ensureDeferred(go())
+
+
+class NoModuleTests(GatewayCase):
+    extra = "[modules]\nbuiltin = []\n"
+
+    def test_route_without_module_is_503(self) -> Any:
+        async def go() -> None:
+            status, body, _ = await post_json(self.http, self.base + "/api/v1/conversations/messages", {"message": "hi"})
+            self.assertEqual((status, body["code"]), (503, "backend_unavailable"))
+
+        return ensureDeferred(go())
+
+    def test_health_without_modules_is_down_503(self) -> Any:
+        async def go() -> None:
+            status, body, _ = await get_json(self.http, self.base + "/api/v1/health")
+            self.assertEqual((status, body["status"]), (503, "down"))
+
+        return ensureDeferred(go())
+
+
+class ModuleRouteTests(GatewayCase):
+    """A module written with plain pyzmq proves the wire contract."""
+
+    extra = "[bus]\nrequest_timeout = 3.0\n"
+
+    def routes(self) -> list[Route]:
+        return [
+            Route(method="POST", path="/api/v1/raw/items/{item}", topic="raw/items",
+                  capability="raw:write", request_schema=RAW_SCHEMA),
+            Route(method="GET", path="/api/v1/raw/stream", topic="raw/stream", public=True),
+        ]
+
+    async def registered(self, module: RawModule) -> None:
+        await eventually(lambda: self.served("POST", "/api/v1/raw/items/x", {"n": 1}))
+
+    def test_registered_route_is_served_within_a_second(self) -> Any:
+        async def go() -> None:
+            module = self.raw_module(self.routes())
+            module.events.get(timeout=5)
+            start = reactor.seconds()
+            await self.registered(module)
+            self.assertLess(reactor.seconds() - start, 1.0)
+            status, body, _ = await post_json(self.http, self.base + "/api/v1/raw/items/a%20b", {"n": 3, "text": "é"},
+                                              headers={"X-Request-ID": "req-1"})
+            self.assertEqual(status, 200)
+            self.assertEqual(body["params"], {"item": "a b"})
+            self.assertEqual(body["body"], {"n": 3, "text": "é"})
+            self.assertEqual(body["request_id"], "req-1")
+            self.assertEqual(body["transport"], "http")
+
+        return ensureDeferred(go())
+
+    def test_module_schema_is_enforced_with_unknown_fields_rejected(self) -> Any:
+        async def go() -> None:
+            module = self.raw_module(self.routes())
+            await self.registered(module)
+            before = module.received
+            status, body, _ = await post_json(self.http, self.base + "/api/v1/raw/items/x", {"n": "no", "zzz": 1})
+            self.assertEqual(status, 400)
+            self.assertEqual(sorted(e["pointer"] for e in body["errors"]), ["/n", "/zzz"])
+            self.assertEqual(module.received, before)
+
+        return ensureDeferred(go())
+
+    def test_hundred_concurrent_requests_answered_shuffled_each_gets_its_own(self) -> Any:
+        async def go() -> None:
+            module = self.raw_module(self.routes())
+            await self.registered(module)
+            module.mode = "batch:100"
+
+            async def one(i: int) -> None:
+                status, body, _ = await post_json(self.http, self.base + f"/api/v1/raw/items/{i}", {"n": i})
+                self.assertEqual(status, 200)
+                self.assertEqual((body["params"]["item"], body["body"]["n"]), (str(i), i))
+
+            await gatherResults([ensureDeferred(one(i)) for i in range(100)])
+
+        return ensureDeferred(go())
+
+    def test_first_chunk_reaches_client_before_module_produces_last(self) -> Any:
+        async def go() -> None:
+            module = self.raw_module(self.routes())
+            await self.registered(module)
+            module.mode = "stream"
+            r = await self.http.get(self.base + "/api/v1/raw/stream?stream=true", unbuffered=True)
+            self.assertEqual(r.code, 200)
+            lines: list[bytes] = []
+            done = treq.collect(r, lines.append)
+            await eventually(lambda: _true(bool(lines)))
+            self.assertIn(b'"chunk": 0', b"".join(lines))
+            self.assertEqual(module.events.qsize() >= 0, True)
+            self.assertNotIn(b'"chunk": 2', b"".join(lines))  # the module has not produced it yet
+            module.release.put(None)
+            module.release.put(None)
+            await done
+            got = [json.loads(x) for x in b"".join(lines).splitlines() if x]
+            self.assertEqual(got, [{"chunk": 0}, {"chunk": 1}, {"chunk": 2}])
+
+        return ensureDeferred(go())
+
+    def test_silent_module_is_504(self) -> Any:
+        async def go() -> None:
+            module = self.raw_module(self.routes())
+            await self.registered(module)
+            module.mode = "silent"
+            status, body, _ = await post_json(self.http, self.base + "/api/v1/raw/items/x", {"n": 1})
+            self.assertEqual((status, body["code"]), (504, "backend_timeout"))
+
+        return ensureDeferred(go())
+
+    def test_module_5xx_is_502(self) -> Any:
+        async def go() -> None:
+            module = self.raw_module(self.routes())
+            await self.registered(module)
+            module.mode = "crash"
+            status, body, _ = await post_json(self.http, self.base + "/api/v1/raw/items/x", {"n": 1})
+            self.assertEqual((status, body["code"]), (502, "backend_error"))
+
+        return ensureDeferred(go())
+
+    def test_heartbeats_stop_then_503_until_it_registers_again(self) -> Any:
+        async def go() -> None:
+            module = self.raw_module(self.routes(), heartbeat_ms=100)
+            await self.registered(module)
+            module.beating.clear()
+
+            async def unavailable() -> bool:
+                status, body, _ = await post_json(self.http, self.base + "/api/v1/raw/items/x", {"n": 1})
+                return status == 503 and body["code"] == "backend_unavailable"
+
+            await eventually(unavailable, timeout=3)
+            module.beating.set()
+            module.mode = "reregister"
+            await self.registered(module)
+
+        return ensureDeferred(go())
+
+    def test_openapi_valid_before_and_after_a_module_registers(self) -> Any:
+        async def go() -> None:
+            status, before, _ = await get_json(self.http, self.base + "/openapi.json")
+            self.assertEqual(status, 200)
+            validate_openapi(before)
+            self.assertNotIn("/api/v1/raw/items/{item}", before["paths"])
+            self.assertIn("/api/v1/conversations/messages", before["paths"])
+            module = self.raw_module(self.routes())
+            await self.registered(module)
+            _, after, _ = await get_json(self.http, self.base + "/openapi.json")
+            validate_openapi(after)
+            op = after["paths"]["/api/v1/raw/items/{item}"]["post"]
+            self.assertEqual(op["requestBody"]["content"]["application/json"]["schema"]["required"], ["n"])
+            self.assertEqual(op["parameters"][0]["name"], "item")
+
+        return ensureDeferred(go())
+
+
+async def _true(value: bool) -> bool:
+    return value
