@@ -12,6 +12,9 @@ from zope.interface.verify import verifyObject
 
 from aico.bus.directory import ModuleDirectory, ModuleInfo
 from aico.bus.interfaces import (
+    ATTR_CORRELATION_ID,
+    ATTR_REPLY_TO,
+    ATTR_STREAM,
     TOPIC_DISCOVER,
     TOPIC_HEARTBEAT,
     TOPIC_REGISTERED,
@@ -58,7 +61,13 @@ class MemoryBus:
         raise NotImplementedError
 
     def reply(self, request: AicoMessage, response: AicoMessage, stream: str | None = None) -> None:
-        raise NotImplementedError
+        out = AicoMessage()
+        out.CopyFrom(response)
+        attributes = request.metadata.attributes
+        out.metadata.attributes[ATTR_CORRELATION_ID] = attributes[ATTR_CORRELATION_ID]
+        if stream:
+            out.metadata.attributes[ATTR_STREAM] = stream
+        self.publish(attributes[ATTR_REPLY_TO], out)
 
     def topics(self, topic: str) -> int:
         return sum(1 for t, _ in self.published if t == topic)

@@ -75,7 +75,7 @@ class IBusControl(Interface):
     running = Attribute("True between a successful start() and stop().")
 
     def wait_subscribed(prefixes: Sequence[str], timeout: float | None = None) -> Deferred[None]:
-        """Fire once a message published on each prefix comes back to this client.
+        """Fire once a message published on each prefix (subscribed here) comes back.
 
         ZeroMQ subscriptions propagate asynchronously (SUB → broker → every PUB); this is
         the barrier to use after subscribing on a running client and before announcing
@@ -472,6 +472,9 @@ class BusClient:
     ) -> Deferred[None]:
         if self._state != "running":
             return fail(BusStopped(f"bus client {self.source} is not running"))
+        unknown = [p for p in prefixes if p not in self._handlers and p != self.reply_topic]
+        if unknown:
+            return fail(BusError(f"bus client {self.source} is not subscribed to {unknown!r}"))
         delay = self.default_timeout if timeout is None else timeout
         waits = [self._barrier(prefix, delay) for prefix in prefixes]
         done: Deferred[None] = Deferred()

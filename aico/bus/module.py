@@ -257,6 +257,7 @@ class BackendModule:
         self._topics: dict[str, list[tuple[RouteSpec, Handler]]] = {}
         self._heartbeat: LoopingCall | None = None
         self._running = False
+        self._subscribed = False
         self._owns_bus = True
         for spec, handler in self._declared_routes():
             self.add_route(spec, handler)
@@ -332,6 +333,7 @@ class BackendModule:
         if self.health_topic:
             self.bus.subscribe(self.health_topic, self._on_health)
         self.bus.subscribe(TOPIC_DISCOVER, self._on_discover)
+        self._subscribed = True
         self._owns_bus = start_bus
         if start_bus:
             await self.bus.start()
@@ -361,11 +363,13 @@ class BackendModule:
             self._heartbeat.stop()
         self._heartbeat = None
         was_running, self._running = self._running, False
-        for topic in self._topics:
-            self.bus.unsubscribe(topic, self._on_request)
-        if self.health_topic:
-            self.bus.unsubscribe(self.health_topic, self._on_health)
-        self.bus.unsubscribe(TOPIC_DISCOVER, self._on_discover)
+        if self._subscribed:
+            self._subscribed = False
+            for topic in self._topics:
+                self.bus.unsubscribe(topic, self._on_request)
+            if self.health_topic:
+                self.bus.unsubscribe(self.health_topic, self._on_health)
+            self.bus.unsubscribe(TOPIC_DISCOVER, self._on_discover)
         if was_running and self._owns_bus:
             return self.bus.stop()
         return succeed(None)

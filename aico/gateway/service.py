@@ -87,8 +87,21 @@ class GatewayService(MultiService):
             self._abort()
             raise
         self._hooks.append(SignalHook(self.reactor, signal.SIGHUP, self.reload))
+        # SPEC §1: SIGTERM is an orderly stop with exit status 0. twistd's own handler
+        # would re-raise the signal after shutdown (death by signal, status -15), so ours
+        # replaces it once the reactor runs.
+        self.reactor.callWhenRunning(self._take_sigterm)
         d = ensureDeferred(self._start_async())
         d.addCallbacks(self._started, self._start_failed)
+
+    def _take_sigterm(self) -> None:
+        if not self._stopping:
+            self._hooks.append(SignalHook(self.reactor, signal.SIGTERM, self._terminate))
+
+    def _terminate(self) -> None:
+        self.log.info("SIGTERM: finishing in-flight requests, then stopping")
+        if getattr(self.reactor, "running", False):
+            self.reactor.stop()
 
     def _bind(self) -> None:
         c = self.config

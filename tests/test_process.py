@@ -1,0 +1,238 @@
+"""The gateway as operators run it: the twistd dropin, the tac file, signals, bind errors.
+
+These tests start real ``twistd`` processes on 127.0.0.1 with free ports.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+from twisted.application.service import IServiceMaker
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.error import ProcessDone, ProcessTerminated
+from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.task import deferLater
+from twisted.plugin import getPlugins
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from aico.gateway.testing.harness import http_client
+
+ROOT = Path(__file__).resolve().parent.parent
+TWISTD = str(Path(sys.executable).parent / "twistd")
+
+FREE = """
+[http]
+port = {http}
+[bus]
+pub = "tcp://127.0.0.1:*"
+sub = "tcp://127.0.0.1:*"
+request_timeout = {timeout}
+[ipc]
+fallback = "tcp://127.0.0.1:*"
+"""
+
+
+class PluginTests(SynchronousTestCase):
+    def test_dropin_is_found_by_getPlugins(self) -> None:
+        makers = {p.tapname: p for p in getPlugins(IServiceMaker)}
+        self.assertIn("aico-gateway", makers)
+        self.assertEqual(makers["aico-gateway"].module, "aico.gateway.tap")
+
+    def test_no_init_in_twisted_plugins(self) -> None:
+        self.assertFalse((ROOT / "twisted" / "__init__.py").exists())
+        self.assertFalse((ROOT / "twisted" / "plugins" / "__init__.py").exists())
+
+    def test_dropin_imports_only_twisted(self) -> None:
+        source = (ROOT / "twisted" / "plugins" / "aico_gateway.py").read_text()
+        imports = [line for line in source.splitlines() if line.startswith(("import", "from"))]
+        self.assertTrue(all("twisted" in line for line in imports), imports)
+
+
+class Twistd(ProcessProtocol):
+    def __init__(self) -> None:
+        self.output = b""
+        self.ended: Deferred[int] = Deferred()
+
+    def outReceived(self, data: bytes) -> None:
+        self.output += data
+
+    errReceived = outReceived
+
+    def processEnded(self, reason: Failure) -> None:
+        if reason.check(ProcessDone):
+            self.ended.callback(0)
+        elif reason.check(ProcessTerminated):
+            value = reason.value
+            self.ended.callback(value.exitCode if value.exitCode is not None else -(value.signal or 0))
+
+
+class ProcessTests(TestCase):
+    timeout = 60
+
+    def spawn(self, args: list[str], env: dict[str, str] | None = None) -> Twistd:
+        proto = Twistd()
+        full_env = {**os.environ, **(env or {})}
+        self.transport = reactor.spawnProcess(proto, TWISTD, [TWISTD, *args], env=full_env, path=str(ROOT))
+        self.addCleanup(self._kill, proto)
+        return proto
+
+    def _kill(self, proto: Twistd) -> Deferred[int] | None:
+        if proto.ended.called:
+            return None
+        self.transport.signalProcess("KILL")
+        return proto.ended
+
+    def config(self, http: int = 0, timeout: float = 5.0) -> Path:
+        path = Path(os.path.abspath(self.mktemp() + ".toml"))
+        path.write_text(FREE.format(http=http, timeout=timeout))
+        return path
+
+    async def wait_ports(self, state: Path, proto: Twistd) -> dict[str, Any]:
+        for _ in range(300):
+            if (state / "ports.json").exists():
+                return json.loads((state / "ports.json").read_text())  # type: ignore[no-any-return]
+            if proto.ended.called:
+                self.fail(f"twistd ended early:\n{proto.output.decode(errors='replace')}")
+            await deferLater(reactor, 0.05, lambda: None)
+        self.fail("ports.json never appeared:\n" + proto.output.decode(errors="replace"))
+
+    async def health(self, ports: dict[str, Any]) -> Any:
+        http = http_client(self)
+        r = await http.get(f"http://127.0.0.1:{ports['http']['port']}/api/v1/health")
+        return r.code, json.loads(await r.content())
+
+    def test_sigterm_exits_zero_after_serving(self) -> Any:
+        async def go() -> None:
+            state = Path(os.path.abspath(self.mktemp()))
+            proto = self.spawn(["-n", "--pidfile=", "aico-gateway", "--config", str(self.config()),
+                                "--state-dir", str(state)])
+            ports = await self.wait_ports(state, proto)
+            code, body = await self.health(ports)
+            self.assertEqual((code, sorted(body["modules"])), (200, ["conversation", "health"]))
+            self.transport.signalProcess("TERM")
+            self.assertEqual(await proto.ended, 0, proto.output.decode(errors="replace"))
+            self.assertNotIn(b"Traceback", proto.output)
+
+        return ensureDeferred(go())
+
+    def test_sigterm_finishes_in_flight_request(self) -> Any:
+        async def go() -> None:
+            from tests.rawmodule import RawModule
+            from aico.proto.aico.gateway.v1.gateway_pb2 import Route
+
+            state = Path(os.path.abspath(self.mktemp()))
+            proto = self.spawn(["-n", "--pidfile=", "aico-gateway", "--config", str(self.config()),
+                                "--state-dir", str(state)])
+            ports = await self.wait_ports(state, proto)
+            module = RawModule(state, ports["bus"]["pub"], ports["bus"]["sub"],
+                               routes=[Route(method="GET", path="/api/v1/slow", topic="slow", public=True)])
+            module.authorize(state)
+            module.start()
+            self.addCleanup(module.stop)
+            http = http_client(self)
+            url = f"http://127.0.0.1:{ports['http']['port']}/api/v1/slow"
+            for _ in range(100):
+                r = await http.get(url)
+                await r.content()
+                if r.code == 200:
+                    break
+                await deferLater(reactor, 0.05, lambda: None)
+            module.mode = "stream"
+            r = await http.get(url + "?stream=true", unbuffered=True)
+            chunks: list[bytes] = []
+            import treq
+
+            done = treq.collect(r, chunks.append)
+            while not chunks:
+                await deferLater(reactor, 0.02, lambda: None)
+            self.transport.signalProcess("TERM")
+            await deferLater(reactor, 0.3, lambda: None)
+            self.assertFalse(proto.ended.called, "the gateway exited with a request in flight")
+            module.release.put(None)
+            module.release.put(None)
+            await done
+            lines = [json.loads(x) for x in b"".join(chunks).splitlines() if x]
+            self.assertEqual(lines, [{"chunk": 0}, {"chunk": 1}, {"chunk": 2}])
+            self.assertEqual(await proto.ended, 0, proto.output.decode(errors="replace"))
+
+        return ensureDeferred(go())
+
+    def test_bind_conflict_exits_nonzero_naming_the_address(self) -> Any:
+        async def go() -> None:
+            busy = socket.socket()
+            busy.bind(("127.0.0.1", 0))
+            busy.listen()
+            self.addCleanup(busy.close)
+            port = busy.getsockname()[1]
+            state = Path(os.path.abspath(self.mktemp()))
+            proto = self.spawn(["-n", "--pidfile=", "aico-gateway", "--config",
+                                str(self.config(http=port)), "--state-dir", str(state)])
+            code = await proto.ended
+            self.assertNotEqual(code, 0)
+            self.assertIn(f"127.0.0.1:{port}".encode(), proto.output)
+            self.assertFalse((state / "ports.json").exists())
+
+        return ensureDeferred(go())
+
+    def test_tac_file_starts_the_same_service(self) -> Any:
+        async def go() -> None:
+            state = Path(os.path.abspath(self.mktemp()))
+            proto = self.spawn(["-ny", "tac/aico-gateway.tac", "--pidfile="],
+                               env={"AICO_STATE_DIR": str(state), "AICO_GATEWAY_CONFIG": str(self.config())})
+            ports = await self.wait_ports(state, proto)
+            code, body = await self.health(ports)
+            self.assertEqual(code, 200)
+            self.assertIn("conversation", body["modules"])
+            self.transport.signalProcess("TERM")
+            self.assertEqual(await proto.ended, 0)
+
+        return ensureDeferred(go())
+
+    def test_sighup_reloads_reloadable_keys(self) -> Any:
+        async def go() -> None:
+            state = Path(os.path.abspath(self.mktemp()))
+            config = self.config(timeout=5.0)
+            proto = self.spawn(["-n", "--pidfile=", "aico-gateway", "--config", str(config),
+                                "--state-dir", str(state)])
+            await self.wait_ports(state, proto)
+            config.write_text(FREE.format(http=0, timeout=2.5) + "\n[limits]\nbody_max = 10\n")
+            self.transport.signalProcess("HUP")
+            for _ in range(100):
+                if b"config reloaded" in proto.output:
+                    break
+                await deferLater(reactor, 0.05, lambda: None)
+            self.assertIn(b"bus.request_timeout", proto.output)
+            self.assertIn(b"limits.body_max", proto.output)
+            config.write_text("[http]\nport = 'bad'\n")
+            self.transport.signalProcess("HUP")
+            for _ in range(100):
+                if b"reload refused" in proto.output:
+                    break
+                await deferLater(reactor, 0.05, lambda: None)
+            self.assertIn(b"http.port", proto.output)
+            self.transport.signalProcess("TERM")
+            self.assertEqual(await proto.ended, 0)
+
+        return ensureDeferred(go())
+
+    def test_invalid_config_refused_before_anything_starts(self) -> Any:
+        async def go() -> None:
+            bad = Path(os.path.abspath(self.mktemp() + ".toml"))
+            bad.write_text("[http]\nprot = 1\n")
+            state = Path(os.path.abspath(self.mktemp()))
+            proto = self.spawn(["-n", "--pidfile=", "aico-gateway", "--config", str(bad),
+                                "--state-dir", str(state)])
+            self.assertNotEqual(await proto.ended, 0)
+            self.assertIn(b"http.prot", proto.output)
+            self.assertIn(str(bad).encode(), proto.output)
+            self.assertFalse(state.exists())
+
+        return ensureDeferred(go())
