@@ -48,7 +48,7 @@ class RawModule(threading.Thread):
 
     def __init__(self, state_dir: Path, pub: str, sub: str, name: str = "raw",
                  routes: list[Route] | None = None, heartbeat_ms: int = 200,
-                 key_name: str | None = None) -> None:
+                 key_name: str | None = None, health_topic: str = "") -> None:
         super().__init__(daemon=True)
         self.name_ = name
         curve = state_dir / "curve"
@@ -63,6 +63,7 @@ class RawModule(threading.Thread):
         self.pub_ep, self.sub_ep = pub, sub
         self.routes = routes or []
         self.heartbeat_ms = heartbeat_ms
+        self.health_topic = health_topic
         self.stop_event = threading.Event()
         self.beating = threading.Event()
         self.beating.set()
@@ -80,7 +81,7 @@ class RawModule(threading.Thread):
 
     def registration(self) -> bytes:
         reg = ModuleRegistration(name=self.name_, version="9.9", heartbeat_interval_ms=self.heartbeat_ms,
-                                 routes=self.routes)
+                                 routes=self.routes, health_topic=self.health_topic)
         return envelope(reg)
 
     def run(self) -> None:
@@ -92,7 +93,7 @@ class RawModule(threading.Thread):
             s.linger = 0
         pub.connect(self.pub_ep)
         sub.connect(self.sub_ep)
-        topics = {r.topic for r in self.routes}
+        topics = {r.topic for r in self.routes} | ({self.health_topic} if self.health_topic else set())
         for t in topics:
             sub.setsockopt(zmq.SUBSCRIBE, t.encode())
         sub.setsockopt(zmq.SUBSCRIBE, b"system/module/discover/v1")
@@ -142,6 +143,9 @@ class RawModule(threading.Thread):
 
     def handle(self, pub: zmq.Socket[bytes], msg: AicoMessage, req: ApiRequest) -> None:
         if self.mode == "silent":
+            return
+        if req.path == "/health":
+            self.reply(pub, msg, ApiResponse(request_id=req.request_id, status=200, body=b'{"status": "ok"}'))
             return
         if self.mode.startswith("batch:"):
             self.held.append((msg, req))

@@ -11,7 +11,6 @@ from twisted.internet.defer import Deferred
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from aico.bus.broker import EmbeddedBroker, is_loopback_endpoint
-from aico.bus.client import BusClient
 from aico.bus.curve import CurveLayout, create_keypair
 from aico.bus.directory import ModuleDirectory
 from aico.bus.errors import BrokerBindError
@@ -78,9 +77,7 @@ class BrokerLifecycleTests(SynchronousTestCase):
         store = ModuleKeyStore(layout.modules_dir)
         public_file, _ = create_keypair(layout.state_dir / "elsewhere", "late")
         public = public_file.read_text()
-        key = next(
-            line.split('"')[1] for line in public.splitlines() if "public-key" in line
-        ).encode()
+        key = next(line.split('"')[1] for line in public.splitlines() if "public-key" in line).encode()
         self.assertIsNone(store.lookup(key))
         layout.modules_dir.mkdir(parents=True, exist_ok=True)
         (layout.modules_dir / "late.key").write_text(public)
@@ -101,9 +98,7 @@ class ZapAdmissionTests(TestCase):
         sock.curve_publickey = public
         sock.curve_secretkey = secret
         sock.curve_serverkey = load_public(self.bus.layout.broker_public)
-        sock.connect(
-            self.bus.broker.pub_endpoint if kind == zmq.PUB else self.bus.broker.sub_endpoint
-        )
+        sock.connect(self.bus.broker.pub_endpoint if kind == zmq.PUB else self.bus.broker.sub_endpoint)
         self.addCleanup(sock.close)
         return sock
 

@@ -18,7 +18,7 @@ from zope.interface.verify import verifyObject
 from aico.bus.broker import EmbeddedBroker
 from aico.bus.client import BusClient, BusReactor, CurveClientKeys, Integration
 from aico.bus.curve import CurveLayout, create_keypair, ensure_client, load_pair, load_public
-from aico.bus.errors import BusStopped, BusTimeout
+from aico.bus.errors import BusError, BusStopped, BusTimeout
 from aico.bus.interfaces import ATTR_CORRELATION_ID, ATTR_REPLY_TO, ATTR_STREAM, IMessageBus
 from aico.proto import AicoMessage, ApiEvent, ApiRequest, ApiResponse, unpack, wrap
 
@@ -323,6 +323,16 @@ class ClientRobustnessTests(TestCase):
         await self.assertFailure(client.start(), BusTimeout)
         self.assertFalse(client.running)
 
+    async def test_wait_subscribed_confirms_new_subscriptions_and_hides_its_probes(self) -> None:
+        client = self.bus.client("listener")
+        await client.start()
+        seen: list[str] = []
+        client.subscribe("late/topic", lambda t, m: seen.append(t))
+        await client.wait_subscribed(["late/topic"], timeout=3)
+        self.assertEqual(seen, [])  # the probes never reach handlers
+        with self.assertRaises(BusError):
+            await client.wait_subscribed(["not/subscribed"])
+
     async def test_request_copies_message_and_sets_correlation_attributes(self) -> None:
         client = self.bus.client("caller")
         seen: list[AicoMessage] = []
@@ -346,11 +356,7 @@ class ClientRobustnessTests(TestCase):
         callers = [self.bus.client(f"c{i}") for i in range(3)]
         await gatherResults([responder.start(), *(c.start() for c in callers)])
         results = await DeferredList(
-            [
-                c.request("svc/who", event(f"{c.source}:{n}"), timeout=3)
-                for c in callers
-                for n in range(20)
-            ],
+            [c.request("svc/who", event(f"{c.source}:{n}"), timeout=3) for c in callers for n in range(20)],
             consumeErrors=True,
         )
         # Early requests may race the responder's subscription; every answer that came

@@ -148,9 +148,7 @@ class ModuleSdkTests(_ModuleOnBus, TestCase):
         self.assertEqual(info.health_topic, "echo/health/v1")
         routes = {r.path: r for r in info.routes}
         say = routes["/api/v1/echo"]
-        self.assertEqual(
-            (say.method, say.topic, say.capability), ("POST", "echo/say/v1", "echo:write")
-        )
+        self.assertEqual((say.method, say.topic, say.capability), ("POST", "echo/say/v1", "echo:write"))
         self.assertEqual(json.loads(say.request_schema), ECHO_SCHEMA)
         self.assertTrue(routes["/api/v1/echo/later"].public)
         self.assertEqual([r.path for r in info.admin_routes], ["/admin/settings"])
@@ -165,9 +163,7 @@ class ModuleSdkTests(_ModuleOnBus, TestCase):
         status, body, headers = response_of(reply)
         self.assertEqual((status, body), (200, {"echo": "hi"}))
         self.assertEqual(headers["content-type"], "application/json")
-        self.assertEqual(
-            unpack(reply, ApiResponse).request_id, unpack(request, ApiRequest).request_id
-        )
+        self.assertEqual(unpack(reply, ApiResponse).request_id, unpack(request, ApiRequest).request_id)
 
     async def test_deferred_returning_handler_is_answered(self) -> None:
         gateway, _ = await self.start_module(EchoModule, "echo")
@@ -188,9 +184,7 @@ class ModuleSdkTests(_ModuleOnBus, TestCase):
 
     async def test_problem_error_gives_its_status_and_code(self) -> None:
         gateway, _ = await self.start_module(EchoModule, "echo")
-        reply = await gateway.request(
-            "echo/forbidden/v1", api_request("GET", "/api/v1/echo/forbidden")
-        )
+        reply = await gateway.request("echo/forbidden/v1", api_request("GET", "/api/v1/echo/forbidden"))
         status, body, _ = response_of(reply)
         self.assertEqual((status, body["code"], body["detail"]), (403, "forbidden", "Not for you."))
 
@@ -227,7 +221,7 @@ class ModuleSdkTests(_ModuleOnBus, TestCase):
         self.assertEqual(response_of(reply)[:2], (200, {"all": [0, 1, 2]}))
 
     async def test_module_registers_again_on_discover(self) -> None:
-        gateway, _ = await self.start_module(EchoModule, "echo")
+        await self.start_module(EchoModule, "echo")
         first = self.directory.modules["echo"].registered_at
         seen: list[str] = []
         self.directory.add_observer(lambda e, i: seen.append(e))

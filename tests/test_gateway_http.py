@@ -90,14 +90,19 @@ class HealthTests(GatewayCase):
 
     def test_silent_module_reported_as_timeout_within_two_seconds(self) -> Any:
         async def go() -> None:
-            module = self.raw_module([Route(method="GET", path="/api/v1/raw", topic="raw/x", public=True)])
-            module.mode = "silent"
+            module = self.raw_module([Route(method="GET", path="/api/v1/raw", topic="raw/x", public=True)],
+                                     health_topic="raw/health")
             await eventually(lambda: _has_module(self.http, self.base, "raw"))
-            # The raw module has no health topic: it is "ok" while it heartbeats.
+            _, body, _ = await get_json(self.http, self.base + "/api/v1/health")
+            self.assertEqual(body["modules"]["raw"]["status"], "ok")
+            module.mode = "silent"
             start = reactor.seconds()
             status, body, _ = await get_json(self.http, self.base + "/api/v1/health")
             self.assertLess(reactor.seconds() - start, 2.0)
-            self.assertEqual(body["modules"]["raw"]["status"], "ok")
+            self.assertEqual((status, body["status"]), (200, "degraded"))
+            self.assertEqual(body["modules"]["raw"]["status"], "timeout")
+            self.assertEqual(body["partial"], ["raw"])
+            self.assertEqual(body["modules"]["conversation"]["status"], "ok")
 
         return ensureDeferred(go())
 

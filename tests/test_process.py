@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import sys
 from pathlib import Path
@@ -125,8 +124,8 @@ class ProcessTests(TestCase):
 
     def test_sigterm_finishes_in_flight_request(self) -> Any:
         async def go() -> None:
-            from tests.rawmodule import RawModule
             from aico.proto.aico.gateway.v1.gateway_pb2 import Route
+            from tests.rawmodule import RawModule
 
             state = Path(os.path.abspath(self.mktemp()))
             proto = self.spawn(["-n", "--pidfile=", "aico-gateway", "--config", str(self.config()),

@@ -202,9 +202,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--requests", type=int, default=20_000)
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument(
-        "--integrations", nargs="+", default=["native", "txzmq"], choices=["native", "txzmq"]
-    )
+    parser.add_argument("--integrations", nargs="+", default=["native", "txzmq"], choices=["native", "txzmq"])
     args = parser.parse_args(argv)
     from twisted.internet.defer import Deferred
     from twisted.internet.task import react

@@ -467,9 +467,7 @@ class BusClient:
         probe.metadata.attributes[ATTR_PROBE] = token
         return probe
 
-    def wait_subscribed(
-        self, prefixes: Sequence[str], timeout: float | None = None
-    ) -> Deferred[None]:
+    def wait_subscribed(self, prefixes: Sequence[str], timeout: float | None = None) -> Deferred[None]:
         if self._state != "running":
             return fail(BusStopped(f"bus client {self.source} is not running"))
         unknown = [p for p in prefixes if p not in self._handlers and p != self.reply_topic]
@@ -699,9 +697,7 @@ class BusClient:
         try:
             topic = raw_topic.decode("utf-8")
         except UnicodeDecodeError:
-            self.log.warn(
-                "bus client {source}: dropped a message with a non-UTF-8 topic", source=self.source
-            )
+            self.log.warn("bus client {source}: dropped a message with a non-UTF-8 topic", source=self.source)
             return
         message = AicoMessage()
         try:

@@ -149,9 +149,7 @@ class ModuleDirectory:
     def discover(self) -> None:
         """Publish ``system/module/discover/v1``; modules answer by registering again."""
         self._last_discover = self._clock.seconds()
-        self._bus.publish(
-            TOPIC_DISCOVER, wrap(ModuleHeartbeat(name=self._bus.source), self._bus.source)
-        )
+        self._bus.publish(TOPIC_DISCOVER, wrap(ModuleHeartbeat(name=self._bus.source), self._bus.source))
 
     def _notify(self, event: str, info: ModuleInfo) -> None:
         for observer in list(self._observers):

@@ -182,9 +182,7 @@ def route(
     admin: bool = False,
 ) -> Callable[[F], F]:
     """Mark a ``BackendModule`` method ``(self, request, ctx)`` as the handler of a route."""
-    spec = RouteSpec(
-        method, path, topic, capability, public, request_schema, response_schema, admin
-    )
+    spec = RouteSpec(method, path, topic, capability, public, request_schema, response_schema, admin)
 
     def mark(fn: F) -> F:
         fn.__aico_route__ = spec  # type: ignore[attr-defined]
@@ -217,9 +215,7 @@ class RequestContext:
         except (ValueError, UnicodeDecodeError) as e:
             raise ProblemError(400, "malformed_json", "The request body is not valid JSON.") from e
 
-    def send_chunk(
-        self, value: Any, status: int = 200, headers: Mapping[str, str] | None = None
-    ) -> None:
+    def send_chunk(self, value: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> None:
         """Send one JSON object as a ``stream=chunk`` reply (status/headers: first only)."""
         if not self.streaming:
             raise RuntimeError("the caller did not accept a streamed reply")
@@ -415,16 +411,12 @@ class BackendModule:
         for spec, handler in candidates:
             if spec.method.upper() == request.method.upper():
                 return handler
-        raise ProblemError(
-            405, "method_not_allowed", f"{request.method} is not allowed on this route."
-        )
+        raise ProblemError(405, "method_not_allowed", f"{request.method} is not allowed on this route.")
 
     def _dispatch(self, message: AicoMessage, select: Callable[[ApiRequest], Handler]) -> None:
         attributes = message.metadata.attributes
         if not attributes.get(ATTR_REPLY_TO) or not attributes.get(ATTR_CORRELATION_ID):
-            self.log.warn(
-                "module {name}: dropped a request without reply_to/correlation_id", name=self.name
-            )
+            self.log.warn("module {name}: dropped a request without reply_to/correlation_id", name=self.name)
             return
         try:
             request = unpack(message, ApiRequest)

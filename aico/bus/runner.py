@@ -56,9 +56,7 @@ def bus_endpoints(state_dir: Path, pub: str | None, sub: str | None) -> tuple[st
         bus = ports["bus"]
         return pub or str(bus["pub"]), sub or str(bus["sub"])
     except FileNotFoundError as e:
-        raise RunnerError(
-            f"{ports_file} does not exist: start the gateway or give --pub/--sub"
-        ) from e
+        raise RunnerError(f"{ports_file} does not exist: start the gateway or give --pub/--sub") from e
     except (ValueError, KeyError, TypeError) as e:
         raise RunnerError(f"{ports_file} has no bus endpoints: give --pub/--sub") from e
 
@@ -71,9 +69,7 @@ async def run(reactor: Any, args: argparse.Namespace) -> None:
     pub, sub = bus_endpoints(args.state_dir, args.pub, args.sub)
     if ensure_client(layout, args.name):
         log.info("created the Curve key pair of module {name}", name=args.name)
-    bus = BusClient.from_layout(
-        reactor, layout, args.name, pub, sub, start_timeout=args.start_timeout
-    )
+    bus = BusClient.from_layout(reactor, layout, args.name, pub, sub, start_timeout=args.start_timeout)
     module = BUILTIN_MODULES[args.name](bus, reactor)
     done: Deferred[None] = Deferred()
 

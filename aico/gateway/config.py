@@ -288,7 +288,7 @@ def _check(c: Config) -> None:
     for name in (*_LISTENERS, "sync"):
         section = getattr(c, name)
         if not 0 <= section.port <= 65535:
-            raise ConfigError(f"{name}.port", f"expected 0–65535, got {section.port}", src)
+            raise ConfigError(f"{name}.port", f"expected 0-65535, got {section.port}", src)
         if not section.host:
             raise ConfigError(f"{name}.host", "must not be empty", src)
     for name in ("http", "admin"):

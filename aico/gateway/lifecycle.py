@@ -47,8 +47,12 @@ class InFlight:
         d: Deferred[None] = Deferred()
         self._waiters.append(d)
         timer = clock.callLater(grace, lambda: None if d.called else d.callback(None))
-        d.addBoth(lambda r: (timer.cancel() if timer.active() else None, r)[1])
-        return d
+
+        def done(result: None) -> None:
+            if timer.active():
+                timer.cancel()
+
+        return d.addCallback(done)
 
 
 class SignalHook:

@@ -60,7 +60,7 @@ class GatewayService(MultiService):
 
     def __init__(self, config: Config, state_dir: Path, reactor: Any, wire: WireFactory,
                  config_path: str | None = None) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]
         self.wire = wire
         self.config = config
         self.paths = StatePaths(state_dir)
@@ -78,8 +78,8 @@ class GatewayService(MultiService):
 
     # ------------------------------------------------------------------ start
 
-    def startService(self) -> None:  # noqa: N802 - Twisted's name
-        super().startService()
+    def startService(self) -> None:
+        super().startService()  # type: ignore[no-untyped-call]
         try:
             self._bind()
         except StartupError as e:
@@ -208,7 +208,7 @@ class GatewayService(MultiService):
 
     # ------------------------------------------------------------------ stop
 
-    def stopService(self) -> Deferred[None]:  # noqa: N802 - Twisted's name
+    def stopService(self) -> Deferred[None]:
         self._stopping = True
         for hook in self._hooks:
             hook.remove()

@@ -222,16 +222,16 @@ class Database:
         }
         if reactor is not None:
             kwargs["cp_reactor"] = reactor
-        self._pool = adbapi.ConnectionPool("sqlite3", self.path, **kwargs)  # type: ignore[no-untyped-call]
+        self._pool = adbapi.ConnectionPool("sqlite3", self.path, **kwargs)
 
     def run_query(self, sql: str, params: Params = ()) -> Deferred[list[tuple[Any, ...]]]:
         """Execute one statement (``?`` or ``:name`` parameters) and fetch every row."""
-        d = self._pool.runQuery(sql, _params(params))  # type: ignore[no-untyped-call]
+        d = self._pool.runQuery(sql, _params(params))
         return cast("Deferred[list[tuple[Any, ...]]]", d)
 
     def run_operation(self, sql: str, params: Params = ()) -> Deferred[None]:
         """Execute one statement in its own transaction; no result."""
-        d = self._pool.runOperation(sql, _params(params))  # type: ignore[no-untyped-call]
+        d = self._pool.runOperation(sql, _params(params))
         return cast("Deferred[None]", d)
 
     def run_interaction(
@@ -246,9 +246,9 @@ class Database:
         ``lastrowid``…). The transaction commits when *fn* returns and rolls back if it
         raises. *fn* blocks the pool thread only, never the reactor.
         """
-        d = self._pool.runInteraction(fn, *args, **kwargs)  # type: ignore[no-untyped-call]
+        d = self._pool.runInteraction(fn, *args, **kwargs)
         return cast("Deferred[T]", d)
 
     def close(self) -> None:
         """Stop the pool's thread and close the connection (queued work finishes first)."""
-        self._pool.close()  # type: ignore[no-untyped-call]
+        self._pool.close()

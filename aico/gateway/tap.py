@@ -46,7 +46,7 @@ class Options(usage.Options):
          "[gateway] state_dir, then the platform's data directory)."],
     ]
 
-    def postOptions(self) -> None:  # noqa: N802 - Twisted's name
+    def postOptions(self) -> None:
         try:
             self.config = (configuration.load(self["config"]) if self["config"]
                            else Config())
@@ -157,7 +157,7 @@ def build_service(config: Config, state_dir: Path, reactor: Any = None,
     return GatewayService(config, state_dir, reactor, Gateway, config_path=config_path)
 
 
-def makeService(options: Options) -> GatewayService:  # noqa: N802 - twistd's name
+def makeService(options: Options) -> GatewayService:
     config: Config = options.config
     state_dir = resolve_state_dir(options["state-dir"], os.environ, config.gateway.state_dir)
     return build_service(config, state_dir, config_path=options["config"])

@@ -59,36 +59,37 @@ class LimitedRequest(WebRequest):
         get: Callable[[], int] | None = getattr(site, "body_limit", None)
         return get() if get is not None else 1_048_576
 
-    def gotLength(self, length: int | None) -> None:  # noqa: N802 - Twisted's name
+    def gotLength(self, length: int | None) -> None:
         if length is not None and length > self._limit():
             self.too_large = True
-            self.content = _Discard()  # type: ignore[assignment]
+            self.content = _Discard()
             return
-        super().gotLength(length)
+        super().gotLength(length)  # type: ignore[no-untyped-call]
 
-    def handleContentChunk(self, data: bytes) -> None:  # noqa: N802 - Twisted's name
+    def handleContentChunk(self, data: bytes) -> None:
         if self.too_large:
             return
         self._received += len(data)
+        content: Any = self.content
         if self._received > self._limit():
             self.too_large = True
-            self.content.close()
-            self.content = _Discard()  # type: ignore[assignment]
+            content.close()
+            self.content = _Discard()
             return
-        self.content.write(data)
+        content.write(data)
 
 
 class LimitedChannel(HTTPChannel):
     """An HTTP channel whose header count and size limits come from the config."""
 
-    def connectionMade(self) -> None:  # noqa: N802 - Twisted's name
+    def connectionMade(self) -> None:
         site = getattr(self, "site", None)
         limits: Callable[[], tuple[int, int]] | None = getattr(site, "header_limits", None)
         if limits is not None:
             count, size = limits()
             self.maxHeaders = count
             self.totalHeadersSize = size
-        super().connectionMade()
+        super().connectionMade()  # type: ignore[no-untyped-call]
 
 
 class GatewaySite(Site):
@@ -102,7 +103,7 @@ class GatewaySite(Site):
         body_limit: Callable[[], int],
         header_limits: Callable[[], tuple[int, int]],
     ) -> None:
-        super().__init__(resource, requestFactory=LimitedRequest)
+        super().__init__(resource, requestFactory=LimitedRequest)  # type: ignore[no-untyped-call]
         self.body_limit = body_limit
         self.header_limits = header_limits
         self.displayTracebacks = False

@@ -74,7 +74,8 @@ def fan_out(
         def failed(f: Failure, name: str = name) -> None:
             if f.check(CancelledError) and name in parts:
                 return
-            settle(name, Part(name, "error", elapsed(), error=f.getErrorMessage() or f.type.__name__))
+            message = f.getErrorMessage() or getattr(f.type, "__name__", "error")
+            settle(name, Part(name, "error", elapsed(), error=message))
 
         d.addCallbacks(ok, failed)
     return result

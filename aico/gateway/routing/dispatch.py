@@ -61,7 +61,7 @@ class Dispatcher:
             request.route = entry
             request.path_params = params
             return self._run(request, 0)
-        except Exception as e:  # noqa: BLE001 - converted in one place
+        except Exception as e:
             return succeed(self.convert(Failure(e), request))
 
     def _run(self, request: Request, start: int) -> Deferred[Response]:
@@ -69,14 +69,11 @@ class Dispatcher:
         for i in range(start, len(steps)):
             result = steps[i](request)
             if result is not None:
-                d: Deferred[Any] = result
-                return d.addCallback(lambda _, i=i: self._run(request, i + 1)).addErrback(
-                    self.convert, request
-                )
+                return self._after(result, request, i + 1)
         assert request.route is not None
         try:
             out = request.route.handler(request)
-        except Exception:  # noqa: BLE001 - converted in one place
+        except Exception:
             return succeed(self.convert(Failure(), request))
         if isinstance(out, Deferred):
             d2: Deferred[Response] = out
@@ -85,6 +82,13 @@ class Dispatcher:
         else:
             return succeed(out)
         return d2.addErrback(self.convert, request)
+
+    def _after(self, step: Deferred[None], request: Request, resume: int) -> Deferred[Response]:
+        def next_step(_: object) -> Deferred[Response]:
+            return self._run(request, resume)
+
+        d: Deferred[Response] = step.addCallback(next_step)
+        return d.addErrback(self.convert, request)
 
     def convert(self, failure: Failure, request: Request) -> Response:
         """The one place where an exception becomes an error response."""
