@@ -15,7 +15,7 @@ $(STAMP): setup.cfg pyproject.toml
 	@touch $(STAMP)
 
 run: $(STAMP)
-	$(VENV)/bin/twistd -n --pidfile= aico-gateway --state-dir $(STATE)
+	$(VENV)/bin/twistd $(if $(filter json,$(LOG)),--logger aico.gateway.logs.json_observer) -n --pidfile= aico-gateway --state-dir $(STATE)
 
 lint: $(STAMP) proto-check
 	$(VENV)/bin/ruff check aico tests twisted
