@@ -96,6 +96,10 @@ class EchoModule(BackendModule):
             ctx.send_chunk({"i": i}, headers={"content-type": "application/x-ndjson"})
         return None
 
+    @route("GET", "/api/v1/echo/unjsonable", topic="echo/unjsonable/v1")
+    async def unjsonable(self, request: ApiRequest, ctx: RequestContext) -> Response:
+        return Response(200, {"when": object()})
+
     @route("GET", "/admin/settings", topic="echo/admin/v1", admin=True)
     async def settings(self, request: ApiRequest, ctx: RequestContext) -> dict[str, Any]:
         return {"settings": {}}
@@ -181,6 +185,13 @@ class ModuleSdkTests(_ModuleOnBus, TestCase):
         self.assertLessEqual({"type", "title", "status", "detail", "code"}, set(body))
         self.assertNotIn("secret", json.dumps(body))
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)  # logged with traceback
+
+    async def test_result_that_cannot_be_serialised_becomes_500(self) -> None:
+        gateway, _ = await self.start_module(EchoModule, "echo")
+        reply = await gateway.request("echo/unjsonable/v1", api_request("GET", "/x"))
+        status, body, _ = response_of(reply)
+        self.assertEqual((status, body["code"]), (500, "internal_error"))
+        self.assertEqual(len(self.flushLoggedErrors(TypeError)), 1)
 
     async def test_problem_error_gives_its_status_and_code(self) -> None:
         gateway, _ = await self.start_module(EchoModule, "echo")

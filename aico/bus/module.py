@@ -439,9 +439,14 @@ class BackendModule:
                 d = succeed(result)
         except Exception as e:
             d = fail(e)
-        d.addCallbacks(
-            lambda result: self._finish(ctx, result),
-            lambda failure: self._fail(ctx, failure),
+        # A failure while turning the result into a reply (say, a body that is not
+        # JSON-able) is answered like a handler failure.
+        d.addCallback(lambda result: self._finish(ctx, result))
+        d.addErrback(lambda failure: self._fail(ctx, failure))
+        d.addErrback(
+            lambda failure: self.log.failure(
+                "module {name}: could not reply", failure=failure, name=self.name
+            )
         )
 
     def _finish(self, ctx: RequestContext, result: HandlerResult) -> None:

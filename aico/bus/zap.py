@@ -123,7 +123,14 @@ class ZapHandler:
                     return
                 if handler in events:
                     request = handler.recv_multipart()
-                    handler.send_multipart(self.answer(request))
+                    try:
+                        reply = self.answer(request)
+                    except Exception:
+                        # A REP socket must answer; refuse rather than wedge every handshake.
+                        self.log.failure("ZAP handler failed; refusing the client")
+                        request_id = request[1] if len(request) > 1 else b""
+                        reply = [b"1.0", request_id, b"500", b"internal error", b"", b""]
+                    handler.send_multipart(reply)
         except zmq.ContextTerminated:
             return
         finally:

@@ -99,6 +99,13 @@ class AuthSection:
     refresh_ttl: int = 1_209_600
     #: Seconds of clock skew tolerated on ``exp``/``nbf``/``iat``.
     leeway: int = _reloadable(5)
+    #: Failed logins in a row that lock an account.
+    lockout_threshold: int = _reloadable(5)
+    #: First lock in seconds; doubles with each further lock, up to ``lockout_max``.
+    lockout_base: float = _reloadable(30.0)
+    lockout_max: float = _reloadable(3600.0)
+    #: Shortest password accepted when an admin creates or changes one.
+    password_min_length: int = _reloadable(10)
 
 
 @dataclass(frozen=True)
@@ -146,6 +153,18 @@ class RateLimitSection:
     block_max: float = _reloadable(3600.0)
 
 
+def _default_roles() -> dict[str, tuple[str, ...]]:
+    return {
+        # "*" grants every capability; "x:*" every capability that starts with "x:".
+        "admin": ("*",),
+        "user": ("users:self", "conversations:read", "conversations:write",
+                 "events:conversation", "events:user", "sync:read", "sync:write"),
+        "device": ("users:self", "conversations:read", "conversations:write",
+                   "events:conversation", "events:user", "sync:read", "sync:write"),
+        "service": ("events:*", "conversations:read"),
+    }
+
+
 @dataclass(frozen=True)
 class SyncCollection:
     sync: bool = True
@@ -178,6 +197,10 @@ class Config:
     limits: LimitsSection = field(default_factory=LimitsSection)
     ratelimit: RateLimitSection = field(default_factory=RateLimitSection)
     sync: SyncSection = field(default_factory=SyncSection)
+    #: Role → capabilities (``[roles]``); a partial table keeps the other defaults.
+    roles: dict[str, tuple[str, ...]] = field(
+        default_factory=_default_roles, metadata={"reloadable": True, "table": True}
+    )
     #: Where this configuration came from (a path, or ``<string>``/``<defaults>``).
     source: str = field(default="<defaults>", metadata={"internal": True})
 
@@ -212,7 +235,8 @@ def from_mapping(data: Mapping[str, Any], source: str = "<mapping>") -> Config:
     # A partial [ratelimit.tiers] table keeps the defaults of the tiers it omits.
     tiers = {**_default_tiers(), **config.ratelimit.tiers}
     ratelimit = dataclasses.replace(config.ratelimit, tiers=tiers)
-    config = dataclasses.replace(config, source=source, ratelimit=ratelimit)
+    roles = {**_default_roles(), **config.roles}
+    config = dataclasses.replace(config, source=source, ratelimit=ratelimit, roles=roles)
     _check(config)
     return config
 
@@ -334,6 +358,12 @@ def _check(c: Config) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(key, f"must be greater than 0, got {value}", src)
+    for role, caps in c.roles.items():
+        for i, cap in enumerate(caps):
+            if not cap or any(ch.isspace() for ch in cap):
+                raise ConfigError(f"roles.{role}[{i}]", f"not a capability: {cap!r}", src)
+    if c.auth.lockout_threshold < 1:
+        raise ConfigError("auth.lockout_threshold", "must be at least 1", src)
     if c.auth.leeway < 0:
         raise ConfigError("auth.leeway", "must not be negative", src)
     if c.auth.refresh_ttl < c.auth.access_ttl:
@@ -358,6 +388,9 @@ def reloadable_changes(old: Config, new: Config) -> tuple[list[str], list[str]]:
         a, b = getattr(old, f.name), getattr(new, f.name)
         if a == b:
             continue
+        if f.metadata.get("table"):
+            (live if f.metadata.get("reloadable") else restart).append(f.name)
+            continue
         for sub in dataclasses.fields(a):
             if getattr(a, sub.name) != getattr(b, sub.name):
                 key = f"{f.name}.{sub.name}"
@@ -372,5 +405,8 @@ def iter_keys() -> typing.Iterator[tuple[str, Any, bool]]:
         if f.metadata.get("internal"):
             continue
         section = getattr(defaults, f.name)
+        if f.metadata.get("table"):
+            yield f.name, section, bool(f.metadata.get("reloadable"))
+            continue
         for sub in dataclasses.fields(section):
             yield f"{f.name}.{sub.name}", getattr(section, sub.name), bool(sub.metadata.get("reloadable"))

@@ -132,7 +132,7 @@ class GatewayService(MultiService):
         # Subscriptions made before the bus starts are in place once start() fires.
         self.directory.subscribe()
         await self.bus.start()
-        self.directory.start()
+        await self.directory.start()
         if self.config.modules.in_process:
             # In-process built-in modules share the gateway's bus client; their requests
             # still make the full round trip through the broker.
@@ -249,6 +249,10 @@ def _merge_reloadable(old: Config, new: Config) -> Config:
             continue
         a, b = getattr(old, f.name), getattr(new, f.name)
         if a == b:
+            continue
+        if f.metadata.get("table"):
+            if f.metadata.get("reloadable"):
+                changes[f.name] = b
             continue
         live = {sub.name: getattr(b, sub.name) for sub in dataclasses.fields(a)
                 if sub.metadata.get("reloadable")}
