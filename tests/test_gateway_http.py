@@ -12,7 +12,7 @@ from twisted.internet.defer import ensureDeferred, gatherResults
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
-from aico.gateway.testing.harness import RunningGateway, http_client, start_gateway
+from aico.gateway.testing.harness import RunningGateway, http_client, login, start_gateway
 from aico.proto.aico.gateway.v1.gateway_pb2 import Route
 from tests.rawmodule import RawModule
 
@@ -55,9 +55,11 @@ class GatewayCase(TestCase):
 
     def setUp(self) -> Any:
         async def go() -> None:
-            self.http = http_client(self)
             self.gw: RunningGateway = await start_gateway(self, self.extra)
             self.base = self.gw.base
+            anonymous = http_client(self)
+            tokens = await login(anonymous, self.base, "admin", self.gw.admin_password)
+            self.http = http_client(self, token=tokens["access_token"])
 
         return ensureDeferred(go())
 

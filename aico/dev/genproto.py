@@ -25,7 +25,7 @@ def generate(src: Path, out: Path) -> list[Path]:
     args = ["protoc", f"-I{src}", f"-I{include}", f"--python_out={out}", f"--pyi_out={out}", *protos]
     if protoc.main(args) != 0:
         raise SystemExit("protoc failed")
-    written = sorted(p for p in out.rglob("*") if p.suffix in (".py", ".pyi"))
+    written = sorted(p for p in out.rglob("*_pb2.py*") if p.suffix in (".py", ".pyi"))
     for path in written:
         # protoc writes absolute imports from the proto root; ours live under aico.proto.
         text = _IMPORT.sub(r"from aico.proto.aico.\1 import ", path.read_text())

@@ -12,7 +12,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.task import LoopingCall
 from twisted.internet.interfaces import IProtocolFactory
 from twisted.logger import Logger
 from twisted.python import usage
@@ -25,6 +26,8 @@ from aico.gateway.api.conversations.dependencies import ConversationsDeps
 from aico.gateway.api.conversations.router import routes as conversation_routes
 from aico.gateway.api.health.dependencies import HealthDeps
 from aico.gateway.api.health.router import routes as health_routes
+from aico.gateway.api.users.dependencies import UserStore, UsersDeps
+from aico.gateway.api.users.router import routes as user_routes
 from aico.gateway.config import Config, ConfigError
 from aico.gateway.lifecycle import InFlight
 from aico.gateway.routing.backend import BusForwarder, entries_from_registration
@@ -32,6 +35,13 @@ from aico.gateway.routing.dispatch import Dispatcher
 from aico.gateway.routing.openapi import OpenApiView
 from aico.gateway.routing.table import RouteConflict, RouteEntry, RouteTable
 from aico.gateway.security import validate
+from aico.gateway.security.audit import AuditLog
+from aico.gateway.security.chain import SecurityChain
+from aico.gateway.security.keys import KeyRing
+from aico.gateway.security.passwords import PasswordService, thread_pool_runner
+from aico.gateway.security.ratelimit import GcraLimiter
+from aico.gateway.security.tokens import SqliteRevocationStore, TokenService
+from aico.gateway.store import Database
 from aico.gateway.service import GatewayService
 from aico.gateway.state import StateDirError, StatePaths, bootstrap, resolve_state_dir
 from aico.gateway.store import SchemaError
@@ -72,14 +82,30 @@ class Gateway:
         health = HealthDeps(bus=bus, clock=reactor, modules=lambda: directory.modules,
                             deadline=lambda: self.config.bus.health_deadline)
         self.openapi = OpenApiView(lambda: self.dispatcher.table, _version())
+
+        # Security: registry database, tokens, passwords, rate limits, audit log.
+        self.db = Database(paths.registry_db, reactor)
+        self.revocations = SqliteRevocationStore(self.db, reactor)
+        self.tokens = TokenService(KeyRing.load(paths.jwt_dir, now=reactor.seconds()),
+                                   config.auth, reactor, self.revocations)
+        self.audit = AuditLog(self.db, reactor, anchor_path=paths.root / "audit-head.json")
+        self.limiter = GcraLimiter.from_config(reactor, config.ratelimit, on_block=self._blocked)
+        self.passwords = PasswordService(thread_pool_runner(reactor, reactor.getThreadPool()))
+        self.chain = SecurityChain(self.tokens, self.limiter, lambda: self.config)
+        users = UsersDeps(store=UserStore(self.db, reactor), passwords=self.passwords,
+                          tokens=self.tokens, chain=self.chain, audit=self.audit, clock=reactor,
+                          config=lambda: self.config)
+        self._prune = LoopingCall(self.tokens.prune)
+        self._prune.clock = reactor
+
         #: The gateway's own domains; module routes are added next to them as modules come.
         self.own_routes: list[RouteEntry] = validate.prepare([
             *health_routes(health),
             *conversation_routes(ConversationsDeps(self.forwarder)),
+            *user_routes(users),
             self.openapi.entry(),
         ])
-        steps = [validate.make_step(lambda: self.config.limits)]
-        self.dispatcher = Dispatcher(RouteTable(self.own_routes), steps)
+        self.dispatcher = Dispatcher(RouteTable(self.own_routes), self.chain.steps())
         directory.add_observer(self._on_module)
         self.rest = RestAdapter(self.dispatcher, "http", inflight=self.inflight)
         self.http_site = GatewaySite(
@@ -121,17 +147,36 @@ class Gateway:
             out["http"] = (self.config.http.host, self.config.http.port, self.http_site)
         return out
 
+    def _blocked(self, client: str, tier: str, seconds: float) -> None:
+        d = self.audit.append("client_blocked", client, {"tier": tier, "seconds": seconds})
+        d.addErrback(lambda f: self.log.failure("could not audit a block", f))
+
     def start(self) -> Deferred[None]:
-        return succeed(None)
+        async def go() -> None:
+            await self.revocations.load()
+            await self.passwords.prepare()
+            self.limiter.start()
+            self._prune.start(3600, now=False)
+
+        return ensureDeferred(go())
 
     def drain(self, grace: float) -> Deferred[None]:
         return self.inflight.drained(self.reactor, grace)
 
     def stop(self) -> Deferred[None]:
-        return succeed(None)
+        async def go() -> None:
+            self.limiter.stop()
+            if self._prune.running:
+                self._prune.stop()
+            await self.revocations.flush()
+            self.db.close()
+
+        return ensureDeferred(go())
 
     def reconfigure(self, config: Config) -> None:
         self.config = config
+        self.tokens.update(config.auth)
+        self.limiter.update_from_config(config.ratelimit)
 
 
 def _version() -> str:

@@ -30,6 +30,13 @@ from aico.gateway.routing.table import RouteTable
 Step = Callable[[Request], "Deferred[None] | None"]
 
 
+def _with_headers(response: Response, request: Request) -> Response:
+    """Add the chain's header fields (rate limits) without overriding the handler's."""
+    for name, value in request.response_headers.items():
+        response.headers.setdefault(name, value)
+    return response
+
+
 def error_response(error: ApiError, request_id: str) -> Response:
     return Response(
         status=error.status,
@@ -79,8 +86,8 @@ class Dispatcher:
         elif inspect.isawaitable(out):
             d2 = ensureDeferred(out)  # type: ignore[arg-type]
         else:
-            return succeed(out)
-        return d2.addErrback(self.convert, request)
+            return succeed(_with_headers(out, request))
+        return d2.addCallback(_with_headers, request).addErrback(self.convert, request)
 
     def _after(self, step: Deferred[None], request: Request, resume: int) -> Deferred[Response]:
         def next_step(_: object) -> Deferred[Response]:
@@ -93,7 +100,7 @@ class Dispatcher:
         """The one place where an exception becomes an error response."""
         error = failure.value
         if isinstance(error, ApiError):
-            return error_response(error, request.request_id)
+            return _with_headers(error_response(error, request.request_id), request)
         if isinstance(error, BusTimeout):
             return error_response(BackendTimeout("the backend module did not answer in time"),
                                   request.request_id)

@@ -63,6 +63,12 @@ class Request:
     json: Any = _UNSET
     #: Connection-level identity (device certificate), set by the adapter.
     device_id: str = ""
+    #: The device is trusted for administration (set by the adapter from the registry).
+    device_admin: bool = False
+    #: The verified token claims, set by the authentication step.
+    claims: Any = None
+    #: Header fields the security chain adds to whatever response goes out (rate limits).
+    response_headers: dict[str, str] = field(default_factory=dict)
 
     @property
     def client_key(self) -> str:

@@ -172,7 +172,10 @@ def make_step(limits: Callable[[], LimitsSection]) -> Callable[[Request], None]:
         if not has_body:
             if request.method not in _BODY_METHODS:
                 return
-            raise ValidationFailed([{"pointer": "", "detail": "a JSON body is required"}])
+            if not validator.is_valid({}):
+                raise ValidationFailed([{"pointer": "", "detail": "a JSON body is required"}])
+            request.json = {}
+            return
         document = parse_json(request, limits())
         errors: list[dict[str, str]] = []
         for error in validator.iter_errors(document):

@@ -24,6 +24,23 @@ pub = "tcp://127.0.0.1:*"
 sub = "tcp://127.0.0.1:*"
 [ipc]
 fallback = "tcp://127.0.0.1:*"
+# Generous limits: tests that exercise rate limiting set their own tiers.
+[ratelimit.tiers.public]
+requests = 100000
+per_seconds = 60
+burst = 10000
+[ratelimit.tiers.standard]
+requests = 100000
+per_seconds = 60
+burst = 10000
+[ratelimit.tiers.auth]
+requests = 10000
+per_seconds = 60
+burst = 1000
+[ratelimit.tiers.admin]
+requests = 100000
+per_seconds = 60
+burst = 10000
 """
 
 
@@ -48,6 +65,10 @@ class RunningGateway:
     def base(self) -> str:
         http = self.ports["http"]
         return f"http://{http['host']}:{http['port']}"
+
+    @property
+    def admin_password(self) -> str:
+        return (self.state_dir / "initial-admin-password").read_text().strip()
 
     @property
     def bus_pub(self) -> str:
@@ -80,7 +101,36 @@ def start_gateway(test: TestCase, extra: str = "", state_dir: Path | None = None
     return ensureDeferred(go())
 
 
-def http_client(test: TestCase, reactor: Any = None) -> Any:
+class AuthedClient:
+    """A treq client that sends ``Authorization: Bearer TOKEN`` unless told otherwise."""
+
+    def __init__(self, client: Any, token: str | None) -> None:
+        self.client = client
+        self.token = token
+
+    def request(self, method: str, url: str, **kw: Any) -> Any:
+        headers = dict(kw.pop("headers", None) or {})
+        if self.token and not any(k.lower() == "authorization" for k in headers):
+            headers["Authorization"] = f"Bearer {self.token}"
+        return self.client.request(method, url, headers=headers, **kw)
+
+    def get(self, url: str, **kw: Any) -> Any:
+        return self.request("GET", url, **kw)
+
+    def post(self, url: str, **kw: Any) -> Any:
+        return self.request("POST", url, **kw)
+
+    def patch(self, url: str, **kw: Any) -> Any:
+        return self.request("PATCH", url, **kw)
+
+    def put(self, url: str, **kw: Any) -> Any:
+        return self.request("PUT", url, **kw)
+
+    def delete(self, url: str, **kw: Any) -> Any:
+        return self.request("DELETE", url, **kw)
+
+
+def http_client(test: TestCase, reactor: Any = None, token: str | None = None) -> AuthedClient:
     """A treq client whose connection pool is closed in the test's cleanup."""
     from treq.client import HTTPClient
     from twisted.web.client import Agent, HTTPConnectionPool
@@ -91,4 +141,15 @@ def http_client(test: TestCase, reactor: Any = None) -> Any:
         reactor = global_reactor
     pool = HTTPConnectionPool(reactor, persistent=True)
     test.addCleanup(pool.closeCachedConnections)
-    return HTTPClient(Agent(reactor, pool=pool))
+    return AuthedClient(HTTPClient(Agent(reactor, pool=pool)), token)
+
+
+async def login(http: Any, base: str, username: str, password: str) -> dict[str, Any]:
+    """``POST /api/v1/users/authenticate``; returns the token body (asserting 200)."""
+    r = await http.post(base + "/api/v1/users/authenticate",
+                        json={"username": username, "password": password},
+                        headers={"Authorization": ""})
+    body = json.loads(await r.content())
+    if r.code != 200:
+        raise AssertionError(f"login failed: {r.code} {body}")
+    return body  # type: ignore[no-any-return]

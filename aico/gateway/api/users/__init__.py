@@ -1,0 +1,1 @@
+"""The users domain: login, token refresh and logout, the caller's profile, user admin."""

@@ -1,0 +1,189 @@
+"""``/api/v1/users/…``: authenticate, refresh, logout, me, and admin user management."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.logger import Logger
+
+from aico.gateway.api.users import schemas
+from aico.gateway.api.users.dependencies import User, UsersDeps
+from aico.gateway.api.users.exceptions import (
+    LastAdmin,
+    LoginFailed,
+    UserExists,
+    UserNotFound,
+    WeakPassword,
+)
+from aico.gateway.errors import TokenRevoked
+from aico.gateway.routing.messages import Request, Response, json_response
+from aico.gateway.routing.table import RouteEntry
+from aico.gateway.security import tokens as tk
+from aico.gateway.security.chain import capabilities_for, token_error
+
+log = Logger(namespace="aico.gateway.api.users")
+
+
+def routes(deps: UsersDeps) -> list[RouteEntry]:
+    store, passwords, tokens, audit = deps.store, deps.passwords, deps.tokens, deps.audit
+
+    def caps_of(roles: tuple[str, ...]) -> list[str]:
+        return sorted(capabilities_for(roles, deps.config().roles))
+
+    async def authenticate(request: Request) -> Response:
+        body = request.json
+        username, password = body["username"], body["password"]
+        auth = deps.config().auth
+        user = await store.get(username)
+        now = deps.clock.seconds()
+        if user is None or user.disabled or user.locked_until > now:
+            # The same work and the same answer whether or not the user exists.
+            await passwords.verify(None, password)
+            reason = ("unknown user" if user is None else "disabled" if user.disabled
+                      else "locked")
+            await audit.append("login_failed", username, {"reason": reason,
+                                                          "peer": request.peer_host})
+            raise LoginFailed()
+        if not await passwords.verify(user.password_hash, password):
+            locked_until = await store.record_failure(
+                username, auth.lockout_threshold, auth.lockout_base, auth.lockout_max)
+            await audit.append("login_failed", username, {"reason": "password",
+                                                          "peer": request.peer_host})
+            if locked_until:
+                await audit.append("account_locked", username,
+                                   {"seconds": round(locked_until - now, 3)})
+            raise LoginFailed()
+        await store.record_success(username)
+        pair = await tokens.issue_pair_durable(username, user.roles, caps_of(user.roles))
+        await audit.append("login_succeeded", username, {"peer": request.peer_host,
+                                                         "transport": request.transport})
+        return json_response(pair.as_json())
+
+    async def refresh(request: Request) -> Response:
+        token = request.json["refresh_token"]
+        try:
+            claims = tokens.verify_refresh(token)
+        except tk.TokenError as e:
+            raise token_error(e) from None
+        user = await store.get(claims.sub)
+        if user is None or user.disabled:
+            await tokens.revoke_family(claims.fam)
+            raise TokenRevoked("the account no longer exists or is disabled")
+        try:
+            pair = await tokens.refresh(token, roles=user.roles, caps=caps_of(user.roles))
+        except tk.TokenRevoked:
+            await audit.append("refresh_reuse", claims.sub, {"family_revoked": True})
+            raise TokenRevoked("refresh token already used; the session is revoked") from None
+        except tk.TokenError as e:
+            raise token_error(e) from None
+        return json_response(pair.as_json())
+
+    async def logout(request: Request) -> Response:
+        claims = request.claims
+        refresh_token = (request.json or {}).get("refresh_token")
+        await tokens.logout(claims, refresh_token)
+        deps.on_revoke(claims.jti)
+        await audit.append("logout", claims.sub, {"tokens_revoked": True})
+        return Response(status=204, content_type="application/json")
+
+    async def me(request: Request) -> Response:
+        p = request.principal
+        assert p is not None
+        return json_response({"username": p.subject, "roles": list(p.roles),
+                              "capabilities": sorted(p.caps), "expires_at": p.expires_at})
+
+    async def list_users(request: Request) -> Response:
+        return json_response({"users": [u.public() for u in await store.list()]})
+
+    def check_password(password: str) -> None:
+        minimum = deps.config().auth.password_min_length
+        if len(password) < minimum:
+            raise WeakPassword(minimum)
+
+    async def create_user(request: Request) -> Response:
+        body = request.json
+        check_password(body["password"])
+        roles = tuple(body["roles"])
+        hashed = await passwords.hash(body["password"])
+        if not await store.create(body["username"], hashed, roles):
+            raise UserExists(body["username"])
+        actor = request.principal.subject if request.principal else "?"
+        await audit.append("user_created", actor, {"username": body["username"],
+                                                   "roles": list(roles)})
+        user = await store.get(body["username"])
+        assert user is not None
+        return json_response(user.public(), status=201,
+                             headers={"Location": f"/api/v1/users/{user.username}"})
+
+    async def ensure_admin_left(target: User, roles: tuple[str, ...] | None,
+                                disabled: bool | None, deleting: bool = False) -> None:
+        still_admin = not deleting and not (disabled or target.disabled) and "admin" in (
+            roles if roles is not None else target.roles)
+        if "admin" not in target.roles or target.disabled or still_admin:
+            return
+        others = [u for u in await store.list()
+                  if u.username != target.username and "admin" in u.roles and not u.disabled]
+        if not others:
+            raise LastAdmin()
+
+    async def update_user(request: Request) -> Response:
+        username = request.path_params["username"]
+        body: dict[str, Any] = request.json
+        target = await store.get(username)
+        if target is None:
+            raise UserNotFound(username)
+        roles = tuple(body["roles"]) if "roles" in body else None
+        disabled = body.get("disabled")
+        await ensure_admin_left(target, roles, disabled)
+        hashed = None
+        if "password" in body:
+            check_password(body["password"])
+            hashed = await passwords.hash(body["password"])
+        await store.update(username, password_hash=hashed, roles=roles, disabled=disabled)
+        changed = sorted(body)
+        actor = request.principal.subject if request.principal else "?"
+        await audit.append("user_updated", actor, {"username": username, "changed": changed})
+        user = await store.get(username)
+        assert user is not None
+        return json_response(user.public())
+
+    async def delete_user(request: Request) -> Response:
+        username = request.path_params["username"]
+        target = await store.get(username)
+        if target is None:
+            raise UserNotFound(username)
+        await ensure_admin_left(target, None, None, deleting=True)
+        await store.delete(username)
+        actor = request.principal.subject if request.principal else "?"
+        await audit.append("user_deleted", actor, {"username": username})
+        return Response(status=204)
+
+    def jwks(request: Request) -> Response:
+        return json_response(tokens.jwks(), headers={"Cache-Control": "max-age=300"})
+
+    base = "/api/v1/users"
+    return [
+        RouteEntry("POST", f"{base}/authenticate", authenticate, public=True, tier="auth",
+                   request_schema=schemas.AUTHENTICATE, response_schema=schemas.TOKENS,
+                   summary="Log in: username and password for an access and a refresh token"),
+        RouteEntry("POST", f"{base}/refresh", refresh, public=True, tier="auth",
+                   request_schema=schemas.REFRESH, response_schema=schemas.TOKENS,
+                   summary="Rotate the refresh token (reusing an old one revokes the session)"),
+        RouteEntry("POST", f"{base}/logout", logout, capability="users:self",
+                   request_schema=schemas.LOGOUT, success_status=204, raw_body=False,
+                   summary="Revoke this session's tokens"),
+        RouteEntry("GET", f"{base}/me", me, capability="users:self", response_schema=schemas.ME,
+                   summary="The caller: username, roles and capabilities"),
+        RouteEntry("GET", base, list_users, capability="admin:users", tier="admin",
+                   response_schema=schemas.USER_LIST, summary="Every user (admin)"),
+        RouteEntry("POST", base, create_user, capability="admin:users", tier="admin",
+                   request_schema=schemas.CREATE_USER, response_schema=schemas.USER,
+                   success_status=201, summary="Create a user (admin)"),
+        RouteEntry("PATCH", f"{base}/{{username}}", update_user, capability="admin:users",
+                   tier="admin", request_schema=schemas.UPDATE_USER,
+                   response_schema=schemas.USER, summary="Change a user (admin)"),
+        RouteEntry("DELETE", f"{base}/{{username}}", delete_user, capability="admin:users",
+                   tier="admin", success_status=204, summary="Delete a user (admin)"),
+        RouteEntry("GET", "/.well-known/jwks.json", jwks, public=True, tier="public",
+                   summary="Public keys that verify the gateway's tokens (RFC 7517)"),
+    ]

@@ -1,0 +1,175 @@
+"""The security chain: authenticate → authorize → validate → rate-limit, for every transport.
+
+Each step is a small callable with one job that inspects the normalized
+:class:`~aico.gateway.routing.messages.Request` and raises an ``ApiError`` to refuse.
+The steps are composed once (:meth:`SecurityChain.steps`) and the same list runs for
+REST, WebSocket, IPC and every later adapter; no adapter has checks of its own.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable, Iterable, Mapping
+from functools import lru_cache
+
+from twisted.logger import Logger
+
+from aico.gateway.config import Config
+from aico.gateway.errors import (
+    ApiError,
+    Forbidden,
+    RateLimited,
+    TemporarilyBlocked,
+    TokenExpired,
+    TokenInvalid,
+    TokenRevoked,
+    Unauthenticated,
+)
+from aico.gateway.routing.dispatch import Step
+from aico.gateway.routing.messages import Principal, Request
+from aico.gateway.security import tokens as tk
+from aico.gateway.security import validate
+from aico.gateway.security.ratelimit import IRateLimiter
+
+#: Capabilities with this prefix are narrowed by context: only over loopback, or from a
+#: device trusted for administration.
+ADMIN_PREFIX = "admin:"
+
+_TOKEN_ERRORS: dict[type[tk.TokenError], type[ApiError]] = {
+    tk.TokenExpired: TokenExpired,
+    tk.TokenRevoked: TokenRevoked,
+    tk.TokenInvalid: TokenInvalid,
+}
+
+
+def token_error(error: tk.TokenError) -> ApiError:
+    """The 401 problem for a refused token (the reason is for logs, not the client)."""
+    for cls, api in _TOKEN_ERRORS.items():
+        if isinstance(error, cls):
+            return api()
+    return TokenInvalid()
+
+
+def bearer_token(header: str | None) -> str | None:
+    """The token of an ``Authorization: Bearer …`` header; ``None`` when absent."""
+    if not header:
+        return None
+    scheme, _, token = header.strip().partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise TokenInvalid("the Authorization header must be 'Bearer <token>'")
+    return token.strip()
+
+
+@lru_cache(maxsize=4096)
+def _grants(granted: frozenset[str], capability: str) -> bool:
+    for pattern in granted:
+        if pattern == capability or pattern == "*":
+            return True
+        if pattern.endswith("*") and fnmatch.fnmatchcase(capability, pattern):
+            return True
+    return False
+
+
+def grants(granted: frozenset[str], capability: str) -> bool:
+    """Whether the capability patterns *granted* include *capability* (``*`` wildcards)."""
+    return _grants(granted, capability)
+
+
+def capabilities_for(roles: Iterable[str], mapping: Mapping[str, tuple[str, ...]]) -> frozenset[str]:
+    out: set[str] = set()
+    for role in roles:
+        out.update(mapping.get(role, ()))
+    return frozenset(out)
+
+
+class SecurityChain:
+    """The steps every request passes, built once from the gateway's parts."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        tokens: tk.TokenService,
+        limiter: IRateLimiter,
+        config: Callable[[], Config],
+    ) -> None:
+        self.tokens = tokens
+        self.limiter = limiter
+        self.config = config
+
+    # ------------------------------------------------------------------ authentication
+
+    def principal_for_token(self, token: str) -> tuple[Principal, tk.Claims]:
+        """Verify an access token (cached) and build the caller's principal."""
+        try:
+            claims = self.tokens.verify_access(token)
+        except tk.TokenError as e:
+            raise token_error(e) from None
+        # Capabilities come from the current role mapping (a config reload applies at
+        # once), narrowed to what the token itself carries.
+        from_roles = capabilities_for(claims.roles, self.config().roles)
+        caps = frozenset(c for c in claims.caps if grants(from_roles, c))
+        principal = Principal(
+            subject=claims.sub,
+            roles=claims.roles,
+            caps=caps,
+            device_id=str(claims.extra.get("device_id", "")),
+            token_id=claims.jti,
+            expires_at=claims.exp,
+        )
+        return principal, claims
+
+    def authenticate(self, request: Request) -> None:
+        """Step 1: who is calling. A public route needs no token, but a bad one is refused."""
+        token = bearer_token(request.headers.get("authorization"))
+        if token is None:
+            if request.route is not None and request.route.public:
+                return
+            raise Unauthenticated("this route needs a bearer token")
+        request.principal, request.claims = self.principal_for_token(token)
+
+    # ------------------------------------------------------------------ authorization
+
+    def authorize(self, request: Request) -> None:
+        """Step 2: may they. Default deny; admin capabilities only in an admin context."""
+        route = request.route
+        assert route is not None
+        if route.public:
+            return
+        principal = request.principal
+        if principal is None:
+            raise Unauthenticated("this route needs a bearer token")
+        needed = route.capability
+        if not grants(principal.caps, needed):
+            raise Forbidden(f"this route needs the capability {needed!r}")
+        if needed.startswith(ADMIN_PREFIX) and not (request.loopback or request.device_admin):
+            raise Forbidden("administration is allowed only from this machine or an "
+                            "admin-trusted device")
+
+    # ------------------------------------------------------------------ rate limiting
+
+    def rate_limit(self, request: Request) -> None:
+        """Step 4: per client and route tier; adds ``RateLimit-Policy``/``RateLimit``."""
+        config = self.config()
+        if not config.ratelimit.enabled:
+            return
+        route = request.route
+        assert route is not None
+        decision = self.limiter.check(request.client_key, route.tier)
+        request.response_headers.update(decision.headers())
+        if not decision.allowed:
+            headers = {"Retry-After": str(decision.retry_after)}
+            if decision.blocked:
+                raise TemporarilyBlocked(
+                    f"too many requests; blocked for {decision.retry_after} s", headers=headers)
+            raise RateLimited(f"too many requests; retry in {decision.retry_after} s",
+                              headers=headers)
+
+    def steps(self) -> list[Step]:
+        """authenticate → authorize → validate → rate-limit (then the route's handler)."""
+        return [
+            self.authenticate,
+            self.authorize,
+            validate.make_step(lambda: self.config().limits),
+            self.rate_limit,
+        ]
