@@ -123,7 +123,7 @@ class LimitsSection:
     json_depth: int = _reloadable(32)
     string_max: int = _reloadable(65_536)
     header_count: int = _reloadable(100)
-    header_size: int = _reloadable(8_192)
+    header_size: int = _reloadable(16_384)
 
 
 @dataclass(frozen=True)

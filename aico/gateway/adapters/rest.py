@@ -23,7 +23,7 @@ from twisted.web.resource import IResource
 from twisted.web.server import Request as WebRequest
 from twisted.web.server import Site
 
-from aico.gateway.errors import PayloadTooLarge
+from aico.gateway.errors import BadRequest, PayloadTooLarge, problem_body
 from aico.gateway.lifecycle import InFlight
 from aico.gateway.routing.dispatch import Dispatcher, error_response
 from aico.gateway.routing.messages import Request, Response, request_id_from
@@ -89,7 +89,23 @@ class LimitedChannel(HTTPChannel):
             count, size = limits()
             self.maxHeaders = count
             self.totalHeadersSize = size
+            self.MAX_LENGTH = size
         super().connectionMade()  # type: ignore[no-untyped-call]
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        self._respondToBadRequestAndDisconnect()
+
+    def _respondToBadRequestAndDisconnect(self) -> None:
+        """Requests Twisted refuses before they reach us (too many or too large header
+        fields, a malformed request line) get a problem+json body too, not a bare 400."""
+        body = problem_body(BadRequest("the request line or header fields are malformed or "
+                                       "exceed the limits"), request_id_from(None))
+        assert self.transport is not None
+        self.transport.write(
+            b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/problem+json\r\n"
+            b"Connection: close\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+        )
+        self.loseConnection()
 
 
 class GatewaySite(Site):

@@ -43,6 +43,8 @@ def routes(deps: UsersDeps) -> list[RouteEntry]:
                       else "locked")
             await audit.append("login_failed", username, {"reason": reason,
                                                           "peer": request.peer_host})
+            log.info("login refused for {username} from {peer}: {reason}", username=username,
+                     peer=request.peer_host, reason=reason)
             raise LoginFailed()
         if not await passwords.verify(user.password_hash, password):
             locked_until = await store.record_failure(
@@ -52,11 +54,17 @@ def routes(deps: UsersDeps) -> list[RouteEntry]:
             if locked_until:
                 await audit.append("account_locked", username,
                                    {"seconds": round(locked_until - now, 3)})
+                log.warn("account {username} locked for {seconds:.0f} s after failed logins",
+                         username=username, seconds=locked_until - now)
+            log.info("login refused for {username} from {peer}: wrong password",
+                     username=username, peer=request.peer_host)
             raise LoginFailed()
         await store.record_success(username)
         pair = await tokens.issue_pair_durable(username, user.roles, caps_of(user.roles))
         await audit.append("login_succeeded", username, {"peer": request.peer_host,
                                                          "transport": request.transport})
+        log.info("login for {username} from {peer} over {transport}", username=username,
+                 peer=request.peer_host, transport=request.transport)
         return json_response(pair.as_json())
 
     async def refresh(request: Request) -> Response:
@@ -84,6 +92,7 @@ def routes(deps: UsersDeps) -> list[RouteEntry]:
         await tokens.logout(claims, refresh_token)
         deps.on_revoke(claims.jti)
         await audit.append("logout", claims.sub, {"tokens_revoked": True})
+        log.info("logout for {username}: session revoked", username=claims.sub)
         return Response(status=204, content_type="application/json")
 
     async def me(request: Request) -> Response:

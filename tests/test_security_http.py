@@ -1,0 +1,492 @@
+"""The security chain end to end over real HTTP: hostile tokens, roles, limits, lockout,
+rate limiting, and no secret in the logs."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import time
+from typing import Any
+
+import jwt
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from twisted.internet import reactor
+from twisted.internet.defer import ensureDeferred
+from twisted.internet.task import deferLater
+from twisted.logger import formatEvent, globalLogPublisher
+from twisted.trial.unittest import TestCase
+
+from aico.gateway import config as configuration
+from aico.gateway.routing.messages import Request
+from aico.gateway.routing.table import RouteEntry
+from aico.gateway.security.chain import SecurityChain
+from aico.gateway.security.ratelimit import GcraLimiter
+from aico.gateway.testing.harness import RunningGateway, http_client, login, start_gateway
+
+
+def b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+class GatewayCase(TestCase):
+    timeout = 60
+    extra = ""
+
+    def setUp(self) -> Any:
+        async def go() -> None:
+            self.gw: RunningGateway = await start_gateway(self, self.extra)
+            self.base = self.gw.base
+            self.anon = http_client(self)
+            self.tokens = await login(self.anon, self.base, "admin", self.gw.admin_password)
+            self.admin = http_client(self, token=self.tokens["access_token"])
+
+        return ensureDeferred(go())
+
+    async def call(self, method: str, path: str, token: str | None = None, body: Any = None,
+                   headers: dict[str, str] | None = None) -> tuple[int, Any, Any]:
+        h = dict(headers or {})
+        if token is not None:
+            h["Authorization"] = f"Bearer {token}"
+        kw: dict[str, Any] = {"headers": h}
+        if body is not None:
+            kw["json"] = body
+        r = await self.anon.request(method, self.base + path, **kw)
+        content = await r.content()
+        return r.code, (json.loads(content) if content else None), r.headers
+
+    async def make_user(self, name: str, roles: list[str], password: str = "a-long-password-1") -> str:
+        status, body, _ = await self.call("POST", "/api/v1/users", self.tokens["access_token"],
+                                          {"username": name, "password": password, "roles": roles})
+        self.assertEqual(status, 201, body)
+        return password
+
+
+class HostileTokenTests(GatewayCase):
+    """Every refused token, one test each, through the whole HTTP stack."""
+
+    def key(self) -> tuple[str, Any]:
+        jwt_dir = self.gw.state_dir / "jwt"
+        kid = (jwt_dir / "current").read_text().strip()
+        key = serialization.load_pem_private_key((jwt_dir / f"{kid}.pem").read_bytes(), None)
+        return kid, key
+
+    def claims(self, **over: Any) -> dict[str, Any]:
+        now = int(time.time())
+        base = {"sub": "admin", "iss": "aico-gateway", "aud": "aico", "iat": now, "nbf": now,
+                "exp": now + 600, "jti": "j-" + str(now), "roles": ["admin"], "caps": ["*"],
+                "typ": "access", "fam": "f1"}
+        base.update(over)
+        return {k: v for k, v in base.items() if v is not None}
+
+    def forge(self, headers: dict[str, Any] | None = None, **over: Any) -> str:
+        kid, key = self.key()
+        return jwt.encode(self.claims(**over), key, algorithm="EdDSA",
+                          headers={"kid": kid, **(headers or {})})
+
+    async def refused(self, token: str | None, code: str) -> None:
+        status, body, headers = await self.call("GET", "/api/v1/users/me", token)
+        self.assertEqual((status, body["code"]), (401, code), body)
+        self.assertTrue(headers.getRawHeaders("www-authenticate")[0].startswith("Bearer"))
+
+    def test_forged_token_with_the_real_key_is_accepted(self) -> Any:
+        async def go() -> None:
+            status, body, _ = await self.call("GET", "/api/v1/users/me", self.forge())
+            self.assertEqual((status, body["username"]), (200, "admin"))
+
+        return ensureDeferred(go())
+
+    def test_no_token(self) -> Any:
+        return ensureDeferred(self.refused(None, "unauthenticated"))
+
+    def test_not_a_bearer_header(self) -> Any:
+        async def go() -> None:
+            status, body, _ = await self.call("GET", "/api/v1/users/me",
+                                              headers={"Authorization": "Basic YWRtaW46eA=="})
+            self.assertEqual((status, body["code"]), (401, "token_invalid"))
+
+        return ensureDeferred(go())
+
+    def test_alg_none(self) -> Any:
+        header = b64(json.dumps({"alg": "none", "typ": "JWT"}).encode())
+        token = f"{header}.{b64(json.dumps(self.claims()).encode())}."
+        return ensureDeferred(self.refused(token, "token_invalid"))
+
+    def test_other_algorithm_es256(self) -> Any:
+        kid, _ = self.key()
+        token = jwt.encode(self.claims(), ec.generate_private_key(ec.SECP256R1()), algorithm="ES256",
+                           headers={"kid": kid})
+        return ensureDeferred(self.refused(token, "token_invalid"))
+
+    def test_hs256_signed_with_the_public_key(self) -> Any:
+        kid, key = self.key()
+        public = key.public_key().public_bytes(serialization.Encoding.PEM,
+                                               serialization.PublicFormat.SubjectPublicKeyInfo)
+        header = b64(json.dumps({"alg": "HS256", "typ": "JWT", "kid": kid}).encode())
+        payload = b64(json.dumps(self.claims()).encode())
+        sig = b64(hmac.new(public, f"{header}.{payload}".encode(), hashlib.sha256).digest())
+        return ensureDeferred(self.refused(f"{header}.{payload}.{sig}", "token_invalid"))
+
+    def test_jku_header(self) -> Any:
+        return ensureDeferred(self.refused(self.forge({"jku": "https://evil.example/jwks"}), "token_invalid"))
+
+    def test_x5u_header(self) -> Any:
+        return ensureDeferred(self.refused(self.forge({"x5u": "https://evil.example/cert"}), "token_invalid"))
+
+    def test_jwk_header(self) -> Any:
+        jwk = {"kty": "OKP", "crv": "Ed25519", "x": b64(b"\0" * 32)}
+        return ensureDeferred(self.refused(self.forge({"jwk": jwk}), "token_invalid"))
+
+    def test_unknown_kid(self) -> Any:
+        _, key = self.key()
+        token = jwt.encode(self.claims(), key, algorithm="EdDSA", headers={"kid": "nope"})
+        return ensureDeferred(self.refused(token, "token_invalid"))
+
+    def test_token_over_8_kib(self) -> Any:
+        return ensureDeferred(self.refused(self.forge(pad="x" * 9000), "token_invalid"))
+
+    def test_expired(self) -> Any:
+        now = int(time.time())
+        return ensureDeferred(self.refused(self.forge(iat=now - 1000, nbf=now - 1000, exp=now - 100),
+                                           "token_expired"))
+
+    def test_not_yet_valid(self) -> Any:
+        now = int(time.time())
+        return ensureDeferred(self.refused(self.forge(nbf=now + 300, iat=now), "token_invalid"))
+
+    def test_wrong_issuer(self) -> Any:
+        return ensureDeferred(self.refused(self.forge(iss="someone-else"), "token_invalid"))
+
+    def test_wrong_audience(self) -> Any:
+        return ensureDeferred(self.refused(self.forge(aud="other-app"), "token_invalid"))
+
+    def test_tampered_header(self) -> Any:
+        token = self.forge()
+        header, payload, sig = token.split(".")
+        new_header = b64(json.dumps({**json.loads(base64.urlsafe_b64decode(header + "==")),
+                                     "typ": "JOSE"}).encode())
+        return ensureDeferred(self.refused(f"{new_header}.{payload}.{sig}", "token_invalid"))
+
+    def test_tampered_payload(self) -> Any:
+        token = self.forge(roles=["user"], caps=["users:self"])
+        header, _, sig = token.split(".")
+        payload = b64(json.dumps(self.claims()).encode())  # escalate to admin
+        return ensureDeferred(self.refused(f"{header}.{payload}.{sig}", "token_invalid"))
+
+    def test_tampered_signature(self) -> Any:
+        header, payload, sig = self.forge().split(".")
+        flipped = sig[:-2] + ("A" if sig[-2] != "A" else "B") + sig[-1]
+        return ensureDeferred(self.refused(f"{header}.{payload}.{flipped}", "token_invalid"))
+
+    def test_refresh_token_as_access_token(self) -> Any:
+        return ensureDeferred(self.refused(self.tokens["refresh_token"], "token_invalid"))
+
+    def test_access_token_as_refresh_token(self) -> Any:
+        async def go() -> None:
+            status, body, _ = await self.call("POST", "/api/v1/users/refresh",
+                                              body={"refresh_token": self.tokens["access_token"]})
+            self.assertEqual((status, body["code"]), (401, "token_invalid"))
+
+        return ensureDeferred(go())
+
+    def test_revoked_jti_after_logout(self) -> Any:
+        async def go() -> None:
+            tokens = await login(self.anon, self.base, "admin", self.gw.admin_password)
+            status, _, _ = await self.call("GET", "/api/v1/users/me", tokens["access_token"])
+            self.assertEqual(status, 200)  # and now it is in the verified-token cache
+            status, _, _ = await self.call("POST", "/api/v1/users/logout", tokens["access_token"],
+                                           body={"refresh_token": tokens["refresh_token"]})
+            self.assertEqual(status, 204)
+            await self.refused(tokens["access_token"], "token_revoked")
+            status, body, _ = await self.call("POST", "/api/v1/users/refresh",
+                                              body={"refresh_token": tokens["refresh_token"]})
+            self.assertEqual((status, body["code"]), (401, "token_revoked"))
+
+        return ensureDeferred(go())
+
+
+class TokenLifecycleTests(GatewayCase):
+    def test_issued_tokens_verify_with_pyjwt_against_jwks(self) -> Any:
+        async def go() -> None:
+            status, jwks, _ = await self.call("GET", "/.well-known/jwks.json")
+            self.assertEqual(status, 200)
+            token = self.tokens["access_token"]
+            kid = jwt.get_unverified_header(token)["kid"]
+            (jwk,) = [k for k in jwks["keys"] if k["kid"] == kid]
+            key = jwt.PyJWK(jwk)
+            claims = jwt.decode(token, key.key, algorithms=["EdDSA"], audience="aico",
+                                issuer="aico-gateway")
+            self.assertEqual((claims["sub"], claims["typ"], claims["roles"]), ("admin", "access", ["admin"]))
+            for name in ("sub", "iss", "aud", "iat", "nbf", "exp", "jti", "roles", "caps", "typ"):
+                self.assertIn(name, claims)
+
+        return ensureDeferred(go())
+
+    def test_refresh_rotates_and_reuse_revokes_the_family(self) -> Any:
+        async def go() -> None:
+            first = await login(self.anon, self.base, "admin", self.gw.admin_password)
+            status, second, _ = await self.call("POST", "/api/v1/users/refresh",
+                                                body={"refresh_token": first["refresh_token"]})
+            self.assertEqual(status, 200)
+            self.assertNotEqual(second["refresh_token"], first["refresh_token"])
+            status, _, _ = await self.call("GET", "/api/v1/users/me", second["access_token"])
+            self.assertEqual(status, 200)
+            # The old refresh token again: the whole family goes.
+            status, body, _ = await self.call("POST", "/api/v1/users/refresh",
+                                              body={"refresh_token": first["refresh_token"]})
+            self.assertEqual((status, body["code"]), (401, "token_revoked"))
+            status, body, _ = await self.call("GET", "/api/v1/users/me", second["access_token"])
+            self.assertEqual((status, body["code"]), (401, "token_revoked"))
+            status, body, _ = await self.call("POST", "/api/v1/users/refresh",
+                                              body={"refresh_token": second["refresh_token"]})
+            self.assertEqual(status, 401)
+
+        return ensureDeferred(go())
+
+
+class RoleTests(GatewayCase):
+    def test_user_token_refused_on_admin_routes_accepted_on_its_own(self) -> Any:
+        async def go() -> None:
+            password = await self.make_user("carol", ["user"])
+            tokens = await login(self.anon, self.base, "carol", password)
+            t = tokens["access_token"]
+            status, body, _ = await self.call("GET", "/api/v1/users/me", t)
+            self.assertEqual((status, body["username"], body["roles"]), (200, "carol", ["user"]))
+            self.assertNotIn("admin:users", body["capabilities"])
+            for method, path, payload in [("GET", "/api/v1/users", None),
+                                          ("POST", "/api/v1/users", {"username": "x", "password": "0123456789", "roles": []}),
+                                          ("PATCH", "/api/v1/users/admin", {"disabled": True}),
+                                          ("DELETE", "/api/v1/users/admin", None)]:
+                status, body, _ = await self.call(method, path, t, payload)
+                self.assertEqual((status, body["code"]), (403, "forbidden"), (method, path))
+            status, body, _ = await self.call("POST", "/api/v1/conversations/messages", t, {"message": "hi"})
+            self.assertEqual((status, body["reply"]), (200, "hi"))
+
+        return ensureDeferred(go())
+
+    def test_admin_manages_users(self) -> Any:
+        async def go() -> None:
+            admin = self.tokens["access_token"]
+            await self.make_user("dave", ["user"])
+            status, body, _ = await self.call("POST", "/api/v1/users", admin,
+                                              {"username": "dave", "password": "0123456789ab", "roles": ["user"]})
+            self.assertEqual((status, body["code"]), (409, "conflict"))
+            status, body, _ = await self.call("POST", "/api/v1/users", admin,
+                                              {"username": "eve", "password": "short", "roles": ["user"]})
+            self.assertEqual((status, body["errors"][0]["pointer"]), (400, "/password"))
+            status, body, _ = await self.call("GET", "/api/v1/users", admin)
+            self.assertEqual(sorted(u["username"] for u in body["users"]), ["admin", "dave"])
+            self.assertNotIn("password_hash", json.dumps(body))
+            status, body, _ = await self.call("PATCH", "/api/v1/users/dave", admin, {"roles": ["user", "device"]})
+            self.assertEqual((status, body["roles"]), (200, ["user", "device"]))
+            status, _, _ = await self.call("DELETE", "/api/v1/users/dave", admin)
+            self.assertEqual(status, 204)
+            status, body, _ = await self.call("DELETE", "/api/v1/users/dave", admin)
+            self.assertEqual((status, body["code"]), (404, "not_found"))
+            status, body, _ = await self.call("DELETE", "/api/v1/users/admin", admin)
+            self.assertEqual((status, body["code"]), (409, "conflict"))  # the last admin stays
+
+        return ensureDeferred(go())
+
+
+class ContextTests(TestCase):
+    """Admin capabilities are narrowed by context (unit level: a non-loopback peer)."""
+
+    def test_admin_capability_refused_off_loopback_unless_device_trusted(self) -> None:
+        class Tokens:
+            pass
+
+        chain = SecurityChain(Tokens(), GcraLimiter(reactor, {}, 1, 1, 1), lambda: configuration.Config())  # type: ignore[arg-type]
+        from aico.gateway.routing.messages import Principal
+
+        entry = RouteEntry("GET", "/admin-thing", lambda r: None, capability="admin:users")  # type: ignore[arg-type,return-value]
+        admin = Principal("admin", ("admin",), frozenset({"*"}))
+        for loopback, trusted, allowed in [(True, False, True), (False, False, False), (False, True, True)]:
+            req = Request("GET", "/admin-thing", "r", "tls", loopback=loopback, route=entry,
+                          principal=admin, device_admin=trusted)
+            if allowed:
+                chain.authorize(req)
+            else:
+                self.assertRaises(Exception, chain.authorize, req)
+
+
+class LockoutTests(GatewayCase):
+    extra = "[auth]\nlockout_threshold = 3\nlockout_base = 1.0\n"
+
+    def test_failed_logins_lock_the_account_for_a_growing_time_without_revealing_users(self) -> Any:
+        async def go() -> None:
+            password = await self.make_user("frank", ["user"])
+
+            async def attempt(user: str, pw: str) -> tuple[int, Any]:
+                status, body, _ = await self.call("POST", "/api/v1/users/authenticate",
+                                                  body={"username": user, "password": pw})
+                return status, body
+
+            for _ in range(3):
+                status, body = await attempt("frank", "wrong-password")
+                self.assertEqual((status, body["code"]), (401, "invalid_credentials"))
+            # Locked: even the right password gets the very same answer.
+            status, locked = await attempt("frank", password)
+            status2, unknown = await attempt("nobody-here", "whatever")
+            self.assertEqual((status, status2), (401, 401))
+            for key in ("type", "title", "detail", "code"):
+                self.assertEqual(locked[key], unknown[key])
+            await deferLater(reactor, 1.1, lambda: None)
+            status, _ = await attempt("frank", password)
+            self.assertEqual(status, 200)
+
+        return ensureDeferred(go())
+
+
+class LimitTests(GatewayCase):
+    def test_refusals_are_clear_4xx(self) -> Any:
+        async def go() -> None:
+            admin = self.tokens["access_token"]
+            deep: Any = "x"
+            for _ in range(40):
+                deep = {"message": deep}
+            cases = [
+                (deep, 400, "validation_failed"),
+                ({"message": "x" * 70000}, 400, "validation_failed"),
+                ({"message": "bell\u0007"}, 400, "validation_failed"),
+            ]
+            for body, status, code in cases:
+                got, problem, _ = await self.call("POST", "/api/v1/conversations/messages", admin, body)
+                self.assertEqual((got, problem["code"]), (status, code))
+
+        return ensureDeferred(go())
+
+    def test_strings_are_nfc_normalised(self) -> Any:
+        async def go() -> None:
+            status, body, _ = await self.call("POST", "/api/v1/conversations/messages",
+                                              self.tokens["access_token"], {"message": "cafe\u0301"})
+            self.assertEqual((status, body["reply"]), (200, "caf\u00e9"))
+
+        return ensureDeferred(go())
+
+    def test_too_many_or_too_large_header_fields_are_400_problems(self) -> Any:
+        async def go() -> None:
+            from twisted.internet.defer import Deferred
+            from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+            from twisted.internet.protocol import Protocol
+
+            class Raw(Protocol):
+                def __init__(self) -> None:
+                    self.data = b""
+                    self.done: Deferred[bytes] = Deferred()
+
+                def dataReceived(self, data: bytes) -> None:
+                    self.data += data
+
+                def connectionLost(self, reason: Any) -> None:
+                    self.done.callback(self.data)
+
+            port = self.gw.ports["http"]["port"]
+            for headers in ["".join(f"X-H{i}: v\r\n" for i in range(150)), f"X-Big: {'v' * 17000}\r\n"]:
+                proto = Raw()
+                await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), proto)
+                proto.transport.write(f"GET /api/v1/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{headers}\r\n".encode())
+                data = await proto.done
+                head, _, body = data.partition(b"\r\n\r\n")
+                self.assertTrue(head.startswith(b"HTTP/1.1 400"), head)
+                self.assertIn(b"application/problem+json", head)
+                self.assertEqual(json.loads(body)["code"], "bad_request")
+
+        return ensureDeferred(go())
+
+
+class RateLimitTests(GatewayCase):
+    extra = """
+[ratelimit]
+block_after = 3
+block_base = 30
+[ratelimit.tiers.auth]
+requests = 2
+per_seconds = 60
+burst = 2
+[ratelimit.tiers.standard]
+requests = 3
+per_seconds = 60
+burst = 3
+"""
+
+    def test_limit_headers_429_then_temporarily_blocked_and_audited(self) -> Any:
+        async def go() -> None:
+            # setUp's login used one of the two "auth" requests of this address.
+            status, _, headers = await self.call("POST", "/api/v1/users/authenticate",
+                                                 body={"username": "admin", "password": "nope"})
+            self.assertEqual(status, 401)
+            self.assertEqual(headers.getRawHeaders("ratelimit-policy"), ['"auth";q=2;w=60'])
+            self.assertTrue(headers.getRawHeaders("ratelimit")[0].startswith('"auth";r=0'))
+            status, body, headers = await self.call("POST", "/api/v1/users/authenticate",
+                                                    body={"username": "admin", "password": "nope"})
+            self.assertEqual((status, body["code"]), (429, "rate_limited"))
+            retry = int(headers.getRawHeaders("retry-after")[0])
+            self.assertTrue(1 <= retry <= 30, retry)
+            codes = []
+            for _ in range(4):
+                status, body, _ = await self.call("POST", "/api/v1/users/authenticate",
+                                                  body={"username": "admin", "password": "nope"})
+                codes.append(body["code"])
+            self.assertEqual(codes[-1], "temporarily_blocked")
+            rows = await self.gw.service.gateway.audit.list(limit=100)  # type: ignore[union-attr]
+            self.assertIn("client_blocked", [e.event for e in rows])
+
+        return ensureDeferred(go())
+
+    def test_one_client_never_affects_another(self) -> Any:
+        async def go() -> None:
+            admin = self.tokens["access_token"]
+            for _ in range(3):
+                status, _, _ = await self.call("GET", "/api/v1/users/me", admin)
+                self.assertEqual(status, 200)
+            status, body, _ = await self.call("GET", "/api/v1/users/me", admin)
+            self.assertEqual((status, body["code"]), (429, "rate_limited"))
+            # Another user from the same address has a budget of their own.
+            token = self.gw.service.gateway.tokens.issue_pair("other", ["user"], ["users:self"]).access_token  # type: ignore[union-attr]
+            status, _, _ = await self.call("GET", "/api/v1/users/me", token)
+            self.assertEqual(status, 200)
+
+        return ensureDeferred(go())
+
+
+class NoSecretsInLogsTests(GatewayCase):
+    def test_login_refresh_logout_session_logs_no_password_token_or_key(self) -> Any:
+        async def go() -> None:
+            events: list[dict[str, Any]] = []
+            globalLogPublisher.addObserver(events.append)
+            self.addCleanup(globalLogPublisher.removeObserver, events.append)
+            password = self.gw.admin_password
+            tokens = await login(self.anon, self.base, "admin", password)
+            _, second, _ = await self.call("POST", "/api/v1/users/refresh",
+                                           body={"refresh_token": tokens["refresh_token"]})
+            await self.call("POST", "/api/v1/users/authenticate", body={"username": "admin", "password": "wrong-guess-123"})
+            # Reusing the first refresh token revokes the family (and logs a warning).
+            await self.call("POST", "/api/v1/users/refresh", body={"refresh_token": tokens["refresh_token"]})
+            tokens2 = await login(self.anon, self.base, "admin", password)
+            _, second, _ = await self.call("POST", "/api/v1/users/refresh",
+                                           body={"refresh_token": tokens2["refresh_token"]})
+            await self.call("GET", "/api/v1/users/me", "garbage." + tokens["access_token"])
+            await self.call("POST", "/api/v1/users/logout", second["access_token"],
+                            body={"refresh_token": second["refresh_token"]})
+            await self.call("GET", "/api/v1/users/me", second["access_token"])
+            secrets = [password, "wrong-guess-123", tokens["access_token"], tokens["refresh_token"],
+                       tokens2["access_token"], tokens2["refresh_token"],
+                       second["access_token"], second["refresh_token"]]
+            jwt_dir = self.gw.state_dir / "jwt"
+            kid = (jwt_dir / "current").read_text().strip()
+            pem = (jwt_dir / f"{kid}.pem").read_text()
+            secrets.append(pem.splitlines()[1])
+            for part in tokens["access_token"].split("."):
+                secrets.append(part)
+            text = "\n".join(formatEvent(e) + " " + repr(e) for e in events)
+            logged = "\n".join(formatEvent(e) for e in events)
+            self.assertIn("login for admin", logged)
+            self.assertIn("logout for admin", logged)
+            self.assertIn("refresh token reuse", logged)
+            for secret in secrets:
+                self.assertNotIn(secret, text)
+
+        return ensureDeferred(go())
