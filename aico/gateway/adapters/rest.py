@@ -105,7 +105,7 @@ class LimitedChannel(HTTPChannel):
             b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/problem+json\r\n"
             b"Connection: close\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
         )
-        self.loseConnection()
+        self.loseConnection()  # type: ignore[no-untyped-call]
 
 
 class GatewaySite(Site):
