@@ -7,6 +7,9 @@ Subcommands (``aico-gateway COMMAND --help`` for each):
   password is, never the password itself.
 * ``config check FILE`` — validate a configuration file: prints ``ok`` (exit 0) or the
   error naming the key and the file (exit 2).
+* ``user add USERNAME [--role R …] [--password-file F]`` / ``user list`` — users in the
+  registry (the password comes from a file or standard input, never the command line).
+* ``keys rotate`` — a new JWT signing key; the old one verifies until its tokens expire.
 
 Adding a subcommand: write ``_add_NAME(subparsers)`` that builds its parser and sets
 ``handler=`` to a function ``(args, ctx: Context) -> int``, and list it in :data:`_COMMANDS`.
@@ -172,10 +175,127 @@ def _cmd_config_check(args: argparse.Namespace, ctx: Context) -> int:
     return EXIT_OK
 
 
+# --------------------------------------------------------------------------- user
+
+
+def _add_user(subparsers: _Subparsers) -> None:
+    p = subparsers.add_parser("user", help="manage users in the registry")
+    sub = p.add_subparsers(dest="user_command", metavar="ACTION", required=True)
+    add = sub.add_parser(
+        "add",
+        help="create a user",
+        description="Create USERNAME with the given roles. The password is read from "
+        "--password-file, or from standard input (one line) — never from the command line.",
+    )
+    add.add_argument("username")
+    add.add_argument("--role", action="append", dest="roles", metavar="ROLE",
+                     choices=["admin", "user", "device", "service"],
+                     help="a role (repeatable; default: user)")
+    add.add_argument("--password-file", metavar="FILE",
+                     help="read the password from FILE (default: standard input)")
+    add_state_options(add)
+    add.set_defaults(handler=_cmd_user_add)
+    listing = sub.add_parser("list", help="list users (username, roles, disabled)")
+    add_state_options(listing)
+    listing.set_defaults(handler=_cmd_user_list)
+
+
+def _cmd_user_add(args: argparse.Namespace, ctx: Context) -> int:
+    import json
+    import re
+    import time
+
+    from aico.gateway.security.passwords import hash_password
+    from aico.gateway.store import connect_sync
+
+    paths, config = state_paths(args, ctx.env)
+    if not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", args.username):
+        raise _Exit(EXIT_USAGE, "username: 1-64 characters from A-Z a-z 0-9 . _ -")
+    if args.password_file:
+        with open(args.password_file, encoding="utf-8") as f:
+            password = f.read().strip("\r\n")
+    else:
+        password = sys.stdin.readline().strip("\r\n")
+    if len(password) < config.auth.password_min_length:
+        raise _Exit(EXIT_USAGE, f"password: at least {config.auth.password_min_length} characters")
+    if not paths.registry_db.exists():
+        raise _Exit(EXIT_FAILURE, f"{paths.registry_db}: no registry; run `aico-gateway init` first")
+    roles = args.roles or ["user"]
+    hashed = hash_password(password)
+    now = time.time()
+    conn = connect_sync(paths.registry_db)
+    try:
+        with conn:
+            cur = conn.execute(
+                "INSERT INTO users (username, password_hash, roles, created_at, updated_at) "
+                "VALUES (?, ?, ?, ?, ?) ON CONFLICT(username) DO NOTHING",
+                (args.username, hashed, json.dumps(roles), now, now),
+            )
+    finally:
+        conn.close()
+    if cur.rowcount != 1:
+        raise _Exit(EXIT_FAILURE, f"user {args.username!r} already exists")
+    print(f"created user {args.username} with roles {', '.join(roles)}", file=ctx.out)
+    return EXIT_OK
+
+
+def _cmd_user_list(args: argparse.Namespace, ctx: Context) -> int:
+    import json
+
+    from aico.gateway.store import connect_sync
+
+    paths, _ = state_paths(args, ctx.env)
+    if not paths.registry_db.exists():
+        raise _Exit(EXIT_FAILURE, f"{paths.registry_db}: no registry; run `aico-gateway init` first")
+    conn = connect_sync(paths.registry_db)
+    try:
+        rows = conn.execute("SELECT username, roles, disabled FROM users ORDER BY username").fetchall()
+    finally:
+        conn.close()
+    for username, roles, disabled in rows:
+        flag = "  (disabled)" if disabled else ""
+        print(f"{username}\t{','.join(json.loads(roles))}{flag}", file=ctx.out)
+    return EXIT_OK
+
+
+# --------------------------------------------------------------------------- keys
+
+
+def _add_keys(subparsers: _Subparsers) -> None:
+    p = subparsers.add_parser("keys", help="JWT signing keys")
+    sub = p.add_subparsers(dest="keys_command", metavar="ACTION", required=True)
+    rotate = sub.add_parser(
+        "rotate",
+        help="make a new signing key current",
+        description="A new Ed25519 key signs new tokens; the previous key keeps verifying "
+        "until every token it signed has expired (auth.refresh_ttl). A running gateway "
+        "picks the new key up on SIGHUP.",
+    )
+    add_state_options(rotate)
+    rotate.set_defaults(handler=_cmd_keys_rotate)
+
+
+def _cmd_keys_rotate(args: argparse.Namespace, ctx: Context) -> int:
+    import time
+
+    from aico.gateway.security.keys import KeyRing, KeyRingError
+
+    paths, config = state_paths(args, ctx.env)
+    try:
+        ring = KeyRing.load(paths.jwt_dir)
+        old = ring.current_kid
+        new = ring.rotate(paths.jwt_dir, time.time(), config.auth.refresh_ttl + config.auth.leeway)
+    except (KeyRingError, OSError) as e:
+        raise _Exit(EXIT_FAILURE, f"cannot rotate: {e}") from e
+    print(f"new signing key {new}; {old} verifies until its tokens expire\n"
+          "send SIGHUP to a running gateway to start signing with it", file=ctx.out)
+    return EXIT_OK
+
+
 # --------------------------------------------------------------------------- main
 
 #: Every subcommand's registration function, in ``--help`` order.
-_COMMANDS: tuple[Callable[[_Subparsers], None], ...] = (_add_init, _add_config)
+_COMMANDS: tuple[Callable[[_Subparsers], None], ...] = (_add_init, _add_config, _add_user, _add_keys)
 
 
 def build_parser() -> argparse.ArgumentParser:

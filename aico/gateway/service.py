@@ -183,6 +183,8 @@ class GatewayService(MultiService):
         """SIGHUP: re-read the config file and apply the keys marked reloadable."""
         if self.config_path is None:
             self.log.info("SIGHUP: no config file to reload (running on defaults)")
+            if self.gateway is not None:
+                self.gateway.reconfigure(self.config)
             return Deferred.fromCoroutine(_noop())
         from twisted.internet.threads import deferToThreadPool
 

@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import Any
 
 from twisted.internet.defer import Deferred, ensureDeferred
-from twisted.internet.task import LoopingCall
 from twisted.internet.interfaces import IProtocolFactory
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python import usage
 
@@ -26,7 +26,7 @@ from aico.gateway.api.conversations.dependencies import ConversationsDeps
 from aico.gateway.api.conversations.router import routes as conversation_routes
 from aico.gateway.api.health.dependencies import HealthDeps
 from aico.gateway.api.health.router import routes as health_routes
-from aico.gateway.api.users.dependencies import UserStore, UsersDeps
+from aico.gateway.api.users.dependencies import UsersDeps, UserStore
 from aico.gateway.api.users.router import routes as user_routes
 from aico.gateway.config import Config, ConfigError
 from aico.gateway.lifecycle import InFlight
@@ -41,10 +41,9 @@ from aico.gateway.security.keys import KeyRing
 from aico.gateway.security.passwords import PasswordService, thread_pool_runner
 from aico.gateway.security.ratelimit import GcraLimiter
 from aico.gateway.security.tokens import SqliteRevocationStore, TokenService
-from aico.gateway.store import Database
 from aico.gateway.service import GatewayService
 from aico.gateway.state import StateDirError, StatePaths, bootstrap, resolve_state_dir
-from aico.gateway.store import SchemaError
+from aico.gateway.store import Database, SchemaError
 
 
 class Options(usage.Options):
@@ -177,6 +176,24 @@ class Gateway:
         self.config = config
         self.tokens.update(config.auth)
         self.limiter.update_from_config(config.ratelimit)
+        self.reload_keys()
+
+    def reload_keys(self) -> Deferred[None]:
+        """Re-read the JWT keyring (in a thread): a rotated key starts signing."""
+        from twisted.internet.threads import deferToThreadPool
+
+        d = deferToThreadPool(self.reactor, self.reactor.getThreadPool(), KeyRing.load,
+                              self.paths.jwt_dir, self.reactor.seconds())
+
+        def use(ring: KeyRing) -> None:
+            if ring.current_kid != self.tokens.keyring.current_kid:
+                self.log.info("JWT signing key is now {kid}", kid=ring.current_kid)
+            self.tokens.set_keyring(ring)
+
+        def failed(f: Any) -> None:
+            self.log.failure("could not reload the JWT keyring; keeping the old one", f)
+
+        return d.addCallbacks(use, failed)
 
 
 def _version() -> str:

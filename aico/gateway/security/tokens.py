@@ -487,6 +487,11 @@ class TokenService:
     def keyring(self) -> KeyRing:
         return self._keyring
 
+    def set_keyring(self, keyring: KeyRing) -> None:
+        """Use a reloaded keyring (after ``aico-gateway keys rotate``)."""
+        self._keyring = keyring
+        self._cache.clear()
+
     def update(self, auth_config: AuthSection) -> None:
         """Apply a reloaded ``[auth]`` table (the leeway is reloadable)."""
         self._auth = auth_config
