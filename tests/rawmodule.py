@@ -70,8 +70,12 @@ class RawModule(threading.Thread):
         #: "echo": answer at once; "batch:N": hold N requests then answer shuffled;
         #: "stream": answer with 3 chunks, waiting for release between them; "silent".
         self.mode = "echo"
+        #: Requests on these topics are never answered.
+        self.silent_topics: set[str] = set()
         self.release: queue.Queue[None] = queue.Queue()
         self.held: list[tuple[AicoMessage, ApiRequest]] = []
+        #: Requests on these topics are never answered.
+        self.silent_topics: set[str] = set()
         self.received = 0
         self.events: queue.Queue[str] = queue.Queue()
 
@@ -93,7 +97,7 @@ class RawModule(threading.Thread):
             s.linger = 0
         pub.connect(self.pub_ep)
         sub.connect(self.sub_ep)
-        topics = {r.topic for r in self.routes} | ({self.health_topic} if self.health_topic else set())
+        topics = {t for r in self.routes for t in r.topic.split(",")} | ({self.health_topic} if self.health_topic else set())
         for t in topics:
             sub.setsockopt(zmq.SUBSCRIBE, t.encode())
         sub.setsockopt(zmq.SUBSCRIBE, b"system/module/discover/v1")
@@ -122,6 +126,8 @@ class RawModule(threading.Thread):
             req = ApiRequest()
             msg.any_payload.Unpack(req)
             self.received += 1
+            if topic.decode() in self.silent_topics:
+                continue
             self.handle(pub, msg, req)
         pub.close()
         sub.close()

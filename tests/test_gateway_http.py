@@ -368,3 +368,43 @@ class ModuleRouteTests(GatewayCase):
 
 async def _true(value: bool) -> bool:
     return value
+
+
+class FanOutAndInternalErrorTests(GatewayCase):
+    extra = "[bus]\nrequest_timeout = 1.0\n"
+    def test_route_naming_several_topics_answers_every_part_marking_the_late_one(self) -> Any:
+        async def go() -> None:
+            answering = self.raw_module([Route(method="GET", path="/api/v1/raw/both", topic="fan/a,fan/b", public=True)],
+                                        name="fan")
+            answering.silent_topics.add("fan/b")
+            await eventually(lambda: self.served("GET", "/api/v1/raw/both"))
+            status, body, _ = await get_json(self.http, self.base + "/api/v1/raw/both")
+            self.assertEqual(status, 200)
+            self.assertEqual(body["parts"]["fan/a"]["status"], "ok")
+            self.assertEqual(body["parts"]["fan/a"]["body"]["path"], "/api/v1/raw/both")
+            self.assertEqual(body["parts"]["fan/b"]["status"], "timeout")
+            self.assertEqual(body["partial"], ["fan/b"])
+            answering.mode = "silent"
+            status, body, _ = await get_json(self.http, self.base + "/api/v1/raw/both")
+            self.assertEqual((status, body["code"]), (503, "backend_unavailable"))
+
+        return ensureDeferred(go())
+
+    def test_unexpected_exception_is_500_with_request_id_and_no_internals(self) -> Any:
+        async def go() -> None:
+            from aico.gateway.routing.table import RouteEntry
+
+            def broken(request: Any) -> Any:
+                raise RuntimeError("database password is hunter2")
+
+            gateway = self.gw.service.gateway
+            table = gateway.dispatcher.table.with_routes(  # type: ignore[union-attr]
+                "test", [RouteEntry("GET", "/api/v1/broken", broken, owner="test", public=True)])
+            gateway.dispatcher.set_table(table)  # type: ignore[union-attr]
+            r = await self.http.get(self.base + "/api/v1/broken", headers={"X-Request-ID": "boom-1"})
+            body = json.loads(await r.content())
+            self.assertEqual((r.code, body["code"], body["request_id"]), (500, "internal_error", "boom-1"))
+            self.assertNotIn("hunter2", json.dumps(body))
+            self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+        return ensureDeferred(go())
