@@ -213,6 +213,19 @@ class ConversationTests(GatewayCase):
         return ensureDeferred(go())
 
 
+class SchemaCoverageTests(GatewayCase):
+    def test_every_gateway_route_has_schemas_for_its_bodies(self) -> Any:
+        async def go() -> None:
+            for entry in self.gw.service.gateway.own_routes:  # type: ignore[union-attr]
+                where = f"{entry.method} {entry.path}"
+                if entry.method in ("POST", "PUT", "PATCH"):
+                    self.assertIsNotNone(entry.request_schema, where)
+                if entry.success_status != 204:
+                    self.assertIsNotNone(entry.response_schema, where)
+
+        return ensureDeferred(go())
+
+
 class NoModuleTests(GatewayCase):
     extra = "[modules]\nbuiltin = []\n"
 

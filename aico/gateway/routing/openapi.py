@@ -147,5 +147,14 @@ class OpenApiView:
     def entry(self) -> RouteEntry:
         return RouteEntry(
             method="GET", path="/openapi.json", handler=self, public=True, tier="public",
-            summary="This OpenAPI 3.1 document",
+            response_schema=OPENAPI_RESPONSE, summary="This OpenAPI 3.1 document",
         )
+
+
+OPENAPI_RESPONSE: dict[str, Any] = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "title": "OpenAPI document",
+    "type": "object",
+    "properties": {"openapi": {"const": "3.1.0"}, "paths": {"type": "object"}},
+    "required": ["openapi", "info", "paths"],
+}

@@ -179,7 +179,7 @@ def routes(deps: UsersDeps) -> list[RouteEntry]:
                    request_schema=schemas.REFRESH, response_schema=schemas.TOKENS,
                    summary="Rotate the refresh token (reusing an old one revokes the session)"),
         RouteEntry("POST", f"{base}/logout", logout, capability="users:self",
-                   request_schema=schemas.LOGOUT, success_status=204, raw_body=False,
+                   request_schema=schemas.LOGOUT, success_status=204,
                    summary="Revoke this session's tokens"),
         RouteEntry("GET", f"{base}/me", me, capability="users:self", response_schema=schemas.ME,
                    summary="The caller: username, roles and capabilities"),
@@ -194,5 +194,5 @@ def routes(deps: UsersDeps) -> list[RouteEntry]:
         RouteEntry("DELETE", f"{base}/{{username}}", delete_user, capability="admin:users",
                    tier="admin", success_status=204, summary="Delete a user (admin)"),
         RouteEntry("GET", "/.well-known/jwks.json", jwks, public=True, tier="public",
-                   summary="Public keys that verify the gateway's tokens (RFC 7517)"),
+                   response_schema=schemas.JWKS, summary="Public keys that verify the gateway's tokens (RFC 7517)"),
     ]

@@ -87,3 +87,15 @@ UPDATE_USER: dict[str, Any] = {
     "properties": {"password": PASSWORD, "roles": ROLES, "disabled": {"type": "boolean"}},
     "minProperties": 1, "additionalProperties": False,
 }
+
+JWKS: dict[str, Any] = {
+    "$schema": _DIALECT, "title": "JWKS", "type": "object",
+    "properties": {"keys": {"type": "array", "items": {
+        "type": "object",
+        "properties": {"kty": {"const": "OKP"}, "crv": {"const": "Ed25519"},
+                       "x": {"type": "string"}, "kid": {"type": "string"},
+                       "use": {"const": "sig"}, "alg": {"const": "EdDSA"}},
+        "required": ["kty", "crv", "x", "kid"],
+    }}},
+    "required": ["keys"],
+}

@@ -1,0 +1,52 @@
+"""Wiring: ``makeService`` from options, every route carries its schemas, JSON logs."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from pathlib import Path
+
+from twisted.application.service import IService
+from twisted.logger import Logger
+from twisted.trial.unittest import SynchronousTestCase
+
+from aico.gateway import logs, tap
+from aico.gateway.service import GatewayService
+
+
+class MakeServiceTests(SynchronousTestCase):
+    def test_make_service_builds_from_a_config_file_and_state_dir(self) -> None:
+        cfg = Path(self.mktemp() + ".toml")
+        cfg.write_text('[http]\nport = 0\n[bus]\npub = "tcp://127.0.0.1:*"\nsub = "tcp://127.0.0.1:*"\n')
+        state = Path(os.path.abspath(self.mktemp()))
+        options = tap.Options()
+        options.parseOptions(["--config", str(cfg), "--state-dir", str(state)])
+        service = tap.makeService(options)
+        self.assertIsInstance(service, GatewayService)
+        self.assertTrue(IService.providedBy(service))
+        self.assertEqual(service.config.http.port, 0)
+        self.assertEqual(service.config_path, str(cfg))
+        self.assertTrue((state / "initial-admin-password").exists())
+
+    def test_bad_config_is_a_usage_error_naming_key_and_file(self) -> None:
+        cfg = Path(self.mktemp() + ".toml")
+        cfg.write_text("[bus]\nrequest_timeout = -1\n")
+        options = tap.Options()
+        from twisted.python.usage import UsageError
+
+        e = self.assertRaises(UsageError, options.parseOptions, ["--config", str(cfg)])
+        self.assertIn("bus.request_timeout", str(e))
+        self.assertIn(str(cfg), str(e))
+
+
+class JsonLogTests(SynchronousTestCase):
+    def test_json_observer_writes_one_json_object_per_event_with_fields(self) -> None:
+        out = io.StringIO()
+        self.patch(logs.sys, "stdout", out)
+        made = logs.json_observer()
+        log = Logger(namespace="test", observer=made)
+        log.info("request {request_id} answered {status}", request_id="r-1", status=200)
+        (line,) = out.getvalue().splitlines()
+        event = json.loads(line)
+        self.assertEqual((event["request_id"], event["status"], event["log_namespace"]), ("r-1", 200, "test"))
