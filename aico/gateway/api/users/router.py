@@ -194,5 +194,6 @@ def routes(deps: UsersDeps) -> list[RouteEntry]:
         RouteEntry("DELETE", f"{base}/{{username}}", delete_user, capability="admin:users",
                    tier="admin", success_status=204, summary="Delete a user (admin)"),
         RouteEntry("GET", "/.well-known/jwks.json", jwks, public=True, tier="public",
-                   response_schema=schemas.JWKS, summary="Public keys that verify the gateway's tokens (RFC 7517)"),
+                   response_schema=schemas.JWKS,
+                   summary="Public keys that verify the gateway's tokens (RFC 7517)"),
     ]
