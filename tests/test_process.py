@@ -222,6 +222,42 @@ class ProcessTests(TestCase):
 
         return ensureDeferred(go())
 
+    def test_builtin_module_as_a_separate_process_serves_the_gateway(self) -> Any:
+        async def go() -> None:
+            state = Path(os.path.abspath(self.mktemp()))
+            config = self.config()
+            config.write_text(config.read_text() + "\n[modules]\nin_process = false\n")
+            proto = self.spawn(["-n", "--pidfile=", "aico-gateway", "--config", str(config),
+                                "--state-dir", str(state)])
+            ports = await self.wait_ports(state, proto)
+            module = Twistd()
+            module_process = reactor.spawnProcess(
+                module, sys.executable,
+                [sys.executable, "-m", "aico.bus.runner", "conversation", "--state-dir", str(state)],
+                env=dict(os.environ), path=str(ROOT))
+            http = http_client(self)
+            base = f"http://127.0.0.1:{ports['http']['port']}"
+            from aico.gateway.testing.harness import login
+
+            tokens = await login(http, base, "admin", (state / "initial-admin-password").read_text().strip())
+            auth = {"Authorization": f"Bearer {tokens['access_token']}"}
+            for _ in range(200):
+                r = await http.post(base + "/api/v1/conversations/messages", json={"message": "out of process"},
+                                    headers=auth)
+                body = json.loads(await r.content())
+                if r.code == 200:
+                    break
+                await deferLater(reactor, 0.05, lambda: None)
+            self.assertEqual((r.code, body.get("reply")), (200, "out of process"))
+            code, health = await self.health(ports)
+            self.assertEqual(health["modules"]["conversation"]["status"], "ok")
+            module_process.signalProcess("TERM")
+            self.assertEqual(await module.ended, 0, module.output.decode(errors="replace"))
+            self.transport.signalProcess("TERM")
+            self.assertEqual(await proto.ended, 0)
+
+        return ensureDeferred(go())
+
     def test_invalid_config_refused_before_anything_starts(self) -> Any:
         async def go() -> None:
             bad = Path(os.path.abspath(self.mktemp() + ".toml"))
