@@ -249,7 +249,7 @@ class ProcessTests(TestCase):
                     break
                 await deferLater(reactor, 0.05, lambda: None)
             self.assertEqual((r.code, body.get("reply")), (200, "out of process"))
-            code, health = await self.health(ports)
+            _, health = await self.health(ports)
             self.assertEqual(health["modules"]["conversation"]["status"], "ok")
             module_process.signalProcess("TERM")
             self.assertEqual(await module.ended, 0, module.output.decode(errors="replace"))
