@@ -32,6 +32,7 @@ proto-check: $(STAMP)
 	$(PY) -m aico.dev.genproto --check proto aico/proto
 
 bench: $(STAMP)
+	@command -v wrk >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq wrk; }
 	$(PY) -m aico.bench
 
 clean:
