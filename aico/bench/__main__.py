@@ -14,7 +14,6 @@ Needs ``wrk`` (Debian package ``wrk``; the Makefile installs it where missing).
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import signal
@@ -126,7 +125,9 @@ def main() -> None:
         if got["errors"]:
             print(f"  warning: {got['errors']:.0f} non-2xx responses")
     print("\nbus round trip (request → module reply through the broker, Curve):", flush=True)
-    os.execv(sys.executable, [sys.executable, "-m", "aico.bench.bus_roundtrip", "--rounds", "2"])
+    from aico.bench.bus_roundtrip import main as bus_main
+
+    bus_main(["--rounds", "2"])
 
 
 if __name__ == "__main__":
