@@ -20,7 +20,7 @@ import os
 import sqlite3
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Concatenate, ParamSpec, TypeVar, cast
+from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar, cast
 
 from twisted.enterprise import adbapi
 from twisted.internet.defer import Deferred
@@ -199,6 +199,16 @@ Params = Sequence[Any] | Mapping[str, Any]
 
 def _params(params: Params) -> tuple[Any, ...] | Mapping[str, Any]:
     return params if isinstance(params, Mapping) else tuple(params)
+
+
+class DatabaseLike(Protocol):
+    """What code that uses the registry needs of it (:class:`Database`, or a test double)."""
+
+    def run_query(self, sql: str, params: Any = ()) -> Deferred[list[tuple[Any, ...]]]: ...
+
+    def run_operation(self, sql: str, params: Any = ()) -> Deferred[None]: ...
+
+    def run_interaction(self, fn: Callable[..., T], *args: Any) -> Deferred[T]: ...
 
 
 class Database:

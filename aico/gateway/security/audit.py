@@ -29,14 +29,16 @@ import json
 import os
 import re
 import sqlite3
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 from twisted.internet.defer import Deferred, DeferredLock
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
+
+from aico.gateway.store import DatabaseLike
 
 T = TypeVar("T")
 
@@ -111,18 +113,6 @@ class VerifyResult:
         }
 
 
-class Database(Protocol):
-    """The part of ``aico.gateway.store.Database`` used here (adbapi over sqlite3)."""
-
-    def run_query(
-        self, sql: str, params: Sequence[Any] = ()
-    ) -> Deferred[list[tuple[Any, ...]]]: ...
-
-    def run_operation(self, sql: str, params: Sequence[Any] = ()) -> Deferred[None]: ...
-
-    def run_interaction(self, fn: Callable[..., T], *args: Any) -> Deferred[T]: ...
-
-
 def check_no_secrets(detail: Any, path: str = "detail") -> None:
     """Raise :class:`AuditSecretError` if *detail* has a secret-like key or a JWT-like value."""
     if isinstance(detail, Mapping):
@@ -158,7 +148,7 @@ class AuditLog:
 
     def __init__(
         self,
-        db: Database,
+        db: DatabaseLike,
         clock: IReactorTime,
         anchor_path: str | Path | None = None,
     ) -> None:

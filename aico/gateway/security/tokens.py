@@ -34,7 +34,7 @@ import secrets
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 import jwt
 from cryptography.exceptions import InvalidSignature
@@ -46,6 +46,7 @@ from zope.interface import Interface, implementer
 
 from aico.gateway.config import AuthSection
 from aico.gateway.security.keys import KeyRing
+from aico.gateway.store import DatabaseLike
 
 T = TypeVar("T")
 
@@ -248,18 +249,6 @@ class MemoryRevocationStore:
         return succeed(None)
 
 
-class Database(Protocol):
-    """The part of ``aico.gateway.store.Database`` used here (adbapi over sqlite3)."""
-
-    def run_query(
-        self, sql: str, params: Sequence[Any] = ()
-    ) -> Deferred[list[tuple[Any, ...]]]: ...
-
-    def run_operation(self, sql: str, params: Sequence[Any] = ()) -> Deferred[None]: ...
-
-    def run_interaction(self, fn: Callable[..., T], *args: Any) -> Deferred[T]: ...
-
-
 #: Tables of :class:`SqliteRevocationStore` (idempotent).
 REVOCATION_SCHEMA = (
     "CREATE TABLE IF NOT EXISTS revoked_tokens (jti TEXT PRIMARY KEY, expires_at REAL NOT NULL)",
@@ -282,7 +271,7 @@ class SqliteRevocationStore(MemoryRevocationStore):
 
     log = Logger()
 
-    def __init__(self, db: Database, clock: IReactorTime) -> None:
+    def __init__(self, db: DatabaseLike, clock: IReactorTime) -> None:
         super().__init__()
         self._db = db
         self._clock = clock

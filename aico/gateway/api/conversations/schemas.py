@@ -1,32 +1,17 @@
-"""JSON Schemas of the conversations domain (the contract the gateway enforces)."""
+"""JSON Schemas of the conversations domain.
+
+The contract is the conversation module's own (one source of truth: the gateway may
+import the bus package, never the other way round); the gateway enforces it on the way in.
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
+from aico.bus.builtin.conversation import REQUEST_SCHEMA, RESPONSE_SCHEMA, TOPIC_USER_INPUT
+
 #: The bus topic that serves user input (SPEC §7).
-INPUT_TOPIC = "conversation/user/input/v1"
+INPUT_TOPIC: str = TOPIC_USER_INPUT
 
-MESSAGE_REQUEST: dict[str, Any] = {
-    "$schema": "https://json-schema.org/draft/2020-12/schema",
-    "title": "ConversationMessage",
-    "type": "object",
-    "properties": {
-        "message": {"type": "string", "minLength": 1, "maxLength": 16000},
-        "conversation_id": {"type": "string", "minLength": 1, "maxLength": 128},
-    },
-    "required": ["message"],
-    "additionalProperties": False,
-}
-
-MESSAGE_RESPONSE: dict[str, Any] = {
-    "$schema": "https://json-schema.org/draft/2020-12/schema",
-    "title": "ConversationReply",
-    "type": "object",
-    "properties": {
-        "conversation_id": {"type": "string"},
-        "message_id": {"type": "string"},
-        "reply": {"type": "string"},
-    },
-    "required": ["conversation_id", "message_id", "reply"],
-}
+MESSAGE_REQUEST: dict[str, Any] = REQUEST_SCHEMA
+MESSAGE_RESPONSE: dict[str, Any] = RESPONSE_SCHEMA

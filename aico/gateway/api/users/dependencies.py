@@ -7,9 +7,8 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
-from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 
 from aico.gateway.config import Config
@@ -17,11 +16,7 @@ from aico.gateway.security.audit import AuditLog
 from aico.gateway.security.chain import SecurityChain
 from aico.gateway.security.passwords import PasswordService
 from aico.gateway.security.tokens import TokenService
-
-
-class Database(Protocol):
-    def run_query(self, sql: str, params: Any = ()) -> Deferred[list[tuple[Any, ...]]]: ...
-    def run_operation(self, sql: str, params: Any = ()) -> Deferred[None]: ...
+from aico.gateway.store import DatabaseLike
 
 
 @dataclass(frozen=True)
@@ -53,7 +48,7 @@ def _user(row: tuple[Any, ...]) -> User:
 class UserStore:
     """Users in the registry database; every query runs on the database's thread pool."""
 
-    def __init__(self, db: Database, clock: IReactorTime | None = None) -> None:
+    def __init__(self, db: DatabaseLike, clock: IReactorTime | None = None) -> None:
         self.db = db
         self._now: Callable[[], float] = clock.seconds if clock is not None else time.time
 
