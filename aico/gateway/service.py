@@ -31,10 +31,15 @@ from aico.gateway.lifecycle import SignalHook, write_ports
 from aico.gateway.state import StatePaths
 
 
+class ListenerError(Exception):
+    """A listener that is not a TCP port (e.g. IPC) could not bind; names the address."""
+
+
 class Wiring(Protocol):
     """What the service needs from the assembled gateway (built in ``tap.py``)."""
 
     def listeners(self) -> dict[str, tuple[str, int, IProtocolFactory]]: ...
+    def bind(self, tcp: dict[str, dict[str, Any]]) -> dict[str, Any]: ...
     def start(self) -> Deferred[None]: ...
     def drain(self, grace: float) -> Deferred[None]: ...
     def stop(self) -> Deferred[None]: ...
@@ -72,6 +77,8 @@ class GatewayService(MultiService):
         self.modules: list[Any] = []
         self.gateway: Wiring | None = None
         self.ports: dict[str, IListeningPort] = {}
+        #: ports.json entries of the listeners that are not TCP ports (``ipc``).
+        self.extra_ports: dict[str, Any] = {}
         self.ready: Deferred[None] = Deferred()
         self._hooks: list[SignalHook] = []
         self._stopping = False
@@ -126,6 +133,14 @@ class GatewayService(MultiService):
                     f"cannot listen on {host}:{port} for the {name!r} listener: "
                     f"{getattr(e.socketError, 'strerror', e.socketError)}"
                 ) from e
+        tcp = {}
+        for name, listening in self.ports.items():
+            address = listening.getHost()
+            tcp[name] = {"host": address.host, "port": address.port}  # type: ignore[attr-defined]
+        try:
+            self.extra_ports = self.gateway.bind(tcp)
+        except ListenerError as e:
+            raise StartupError(str(e)) from e
 
     async def _start_async(self) -> None:
         assert self.bus is not None and self.directory is not None
@@ -148,6 +163,7 @@ class GatewayService(MultiService):
         for name, port in self.ports.items():
             address = port.getHost()
             out[name] = {"host": address.host, "port": address.port}  # type: ignore[attr-defined]
+        out.update(self.extra_ports)
         assert self.bus is not None
         out["bus"] = {"pub": self.bus.pub_endpoint, "sub": self.bus.sub_endpoint}
         return out
@@ -174,6 +190,8 @@ class GatewayService(MultiService):
     def _abort(self) -> None:
         for port in self.ports.values():
             port.stopListening()
+        if self.gateway is not None:
+            self.gateway.stop()
         if self.broker is not None:
             self.broker.stop()
 

@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import zmq
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.interfaces import IProtocolFactory
 from twisted.internet.task import LoopingCall
@@ -19,29 +20,35 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from aico.bus.client import BusClient
+from aico.bus.curve import load_public
 from aico.bus.directory import ModuleDirectory
 from aico.gateway import config as configuration
+from aico.gateway.adapters.ipc import IpcBindError, IpcListener
 from aico.gateway.adapters.rest import GatewaySite, RestAdapter
+from aico.gateway.adapters.websocket import websocket_resource
 from aico.gateway.api.conversations.dependencies import ConversationsDeps
 from aico.gateway.api.conversations.router import routes as conversation_routes
 from aico.gateway.api.health.dependencies import HealthDeps
 from aico.gateway.api.health.router import routes as health_routes
+from aico.gateway.api.transport.dependencies import TransportDeps
+from aico.gateway.api.transport.router import routes as transport_routes
 from aico.gateway.api.users.dependencies import UsersDeps, UserStore
 from aico.gateway.api.users.router import routes as user_routes
 from aico.gateway.config import Config, ConfigError
+from aico.gateway.connections import ConnectionManager
 from aico.gateway.lifecycle import InFlight
 from aico.gateway.routing.backend import BusForwarder, entries_from_registration
 from aico.gateway.routing.dispatch import Dispatcher
 from aico.gateway.routing.openapi import OpenApiView
 from aico.gateway.routing.table import RouteConflict, RouteEntry, RouteTable
-from aico.gateway.security import validate
+from aico.gateway.security import topics, validate
 from aico.gateway.security.audit import AuditLog
 from aico.gateway.security.chain import SecurityChain
 from aico.gateway.security.keys import KeyRing
 from aico.gateway.security.passwords import PasswordService, thread_pool_runner
 from aico.gateway.security.ratelimit import GcraLimiter
 from aico.gateway.security.tokens import SqliteRevocationStore, TokenService
-from aico.gateway.service import GatewayService
+from aico.gateway.service import GatewayService, ListenerError
 from aico.gateway.state import StateDirError, StatePaths, bootstrap, resolve_state_dir
 from aico.gateway.store import Database, SchemaError
 
@@ -91,9 +98,24 @@ class Gateway:
         self.limiter = GcraLimiter.from_config(reactor, config.ratelimit, on_block=self._blocked)
         self.passwords = PasswordService(thread_pool_runner(reactor, reactor.getThreadPool()))
         self.chain = SecurityChain(self.tokens, self.limiter, lambda: self.config)
+        #: One dispatcher for every adapter; its table is filled below and as modules come.
+        self.dispatcher = Dispatcher(RouteTable(), self.chain.steps())
+        #: Every live WebSocket and IPC connection; revoked tokens close their sockets.
+        self.connections = ConnectionManager(reactor, bus)
         users = UsersDeps(store=UserStore(self.db, reactor), passwords=self.passwords,
                           tokens=self.tokens, chain=self.chain, audit=self.audit, clock=reactor,
-                          config=lambda: self.config)
+                          config=lambda: self.config, on_revoke=self.connections.revoke_token)
+        self.bound: dict[str, dict[str, Any]] = {}
+        self.ipc = IpcListener(self.dispatcher, self._authenticate, topics.may_subscribe,
+                               self.connections, paths.curve, self._ipc_endpoint(config, paths),
+                               config.ipc.fallback, config.ipc.curve, reactor)
+        transport = TransportDeps(
+            ipc_endpoints=lambda: self.ipc.endpoints,
+            curve_server_key=lambda: load_public(paths.curve.gateway_public).decode(),
+            ipc_curve=lambda: self.config.ipc.curve,
+            http_bases=self._http_bases,
+            version=_version(),
+        )
         self._prune = LoopingCall(self.tokens.prune)
         self._prune.clock = reactor
 
@@ -102,16 +124,41 @@ class Gateway:
             *health_routes(health),
             *conversation_routes(ConversationsDeps(self.forwarder)),
             *user_routes(users),
+            *transport_routes(transport),
             self.openapi.entry(),
         ])
-        self.dispatcher = Dispatcher(RouteTable(self.own_routes), self.chain.steps())
+        self.dispatcher.set_table(RouteTable(self.own_routes))
         directory.add_observer(self._on_module)
-        self.rest = RestAdapter(self.dispatcher, "http", inflight=self.inflight)
+        ws, self.ws_factory = websocket_resource(
+            self.dispatcher, self._authenticate, topics.may_subscribe, self.connections,
+            lambda: self.config.websocket, reactor, inflight=self.inflight)
+        self.rest = RestAdapter(self.dispatcher, "http", websocket=ws, inflight=self.inflight)
         self.http_site = GatewaySite(
             self.rest.resource(),
             body_limit=lambda: self.config.limits.body_max,
             header_limits=lambda: (self.config.limits.header_count, self.config.limits.header_size),
         )
+
+    def _ipc_endpoint(self, config: Config, paths: StatePaths) -> str:
+        """The ``ipc://`` endpoint; the default one is skipped (clients use the TCP fallback)
+        when the state directory's path is too long for a Unix socket."""
+        if config.ipc.endpoint != "default":
+            return config.ipc.endpoint
+        path = str(paths.ipc_socket)
+        limit = getattr(zmq, "IPC_PATH_MAX_LEN", 107) or 107
+        if len(path) > limit:
+            self.log.warn("ipc:// is off: {path} is longer than a Unix socket path may be "
+                          "({limit} bytes); clients use the TCP fallback", path=path, limit=limit)
+            return ""
+        return "ipc://" + path
+
+    def _authenticate(self, token: str) -> Any:
+        """A bearer token → its principal (for the WebSocket ``auth`` frame and IPC)."""
+        return self.chain.principal_for_token(token)[0]
+
+    def _http_bases(self) -> dict[str, str]:
+        return {name: f"http://{a['host']}:{a['port']}" for name, a in self.bound.items()
+                if name == "http"}
 
     def _served(self, topic: str) -> bool:
         """Whether a live module serves *topic* (one of its routes names it)."""
@@ -140,6 +187,15 @@ class Gateway:
         self.log.info("module {module} {version} serves {count} route(s)", module=info.name,
                       version=info.version, count=len(entries))
 
+    def bind(self, tcp: dict[str, dict[str, Any]]) -> dict[str, Any]:
+        """Bind what is not a TCP port (the IPC endpoints), after the TCP listeners."""
+        self.bound = tcp
+        try:
+            self.ipc.start()
+        except IpcBindError as e:
+            raise ListenerError(str(e)) from e
+        return {"ipc": dict(self.ipc.endpoints)} if any(self.ipc.endpoints.values()) else {}
+
     def listeners(self) -> dict[str, tuple[str, int, IProtocolFactory]]:
         out: dict[str, tuple[str, int, IProtocolFactory]] = {}
         if self.config.http.enabled:
@@ -164,6 +220,9 @@ class Gateway:
 
     def stop(self) -> Deferred[None]:
         async def go() -> None:
+            self.ws_factory.close_all(1001, "gateway stopping")
+            await self.ipc.stop()
+            self.connections.stop()
             self.limiter.stop()
             if self._prune.running:
                 self._prune.stop()

@@ -8,9 +8,7 @@ REST, WebSocket, IPC and every later adapter; no adapter has checks of its own.
 
 from __future__ import annotations
 
-import fnmatch
-from collections.abc import Callable, Iterable, Mapping
-from functools import lru_cache
+from collections.abc import Callable
 
 from twisted.logger import Logger
 
@@ -29,6 +27,7 @@ from aico.gateway.routing.dispatch import Step
 from aico.gateway.routing.messages import Principal, Request
 from aico.gateway.security import tokens as tk
 from aico.gateway.security import validate
+from aico.gateway.security.capabilities import capabilities_for, grants
 from aico.gateway.security.ratelimit import IRateLimiter
 
 #: Capabilities with this prefix are narrowed by context: only over loopback, or from a
@@ -58,28 +57,6 @@ def bearer_token(header: str | None) -> str | None:
     if scheme.lower() != "bearer" or not token.strip():
         raise TokenInvalid("the Authorization header must be 'Bearer <token>'")
     return token.strip()
-
-
-@lru_cache(maxsize=4096)
-def _grants(granted: frozenset[str], capability: str) -> bool:
-    for pattern in granted:
-        if pattern == capability or pattern == "*":
-            return True
-        if pattern.endswith("*") and fnmatch.fnmatchcase(capability, pattern):
-            return True
-    return False
-
-
-def grants(granted: frozenset[str], capability: str) -> bool:
-    """Whether the capability patterns *granted* include *capability* (``*`` wildcards)."""
-    return _grants(granted, capability)
-
-
-def capabilities_for(roles: Iterable[str], mapping: Mapping[str, tuple[str, ...]]) -> frozenset[str]:
-    out: set[str] = set()
-    for role in roles:
-        out.update(mapping.get(role, ()))
-    return frozenset(out)
 
 
 class SecurityChain:

@@ -131,4 +131,4 @@ class UsersDeps:
     clock: IReactorTime
     config: Callable[[], Config]
     #: Told the ``jti`` of every token revoked here (open sockets holding it are closed).
-    on_revoke: Callable[[str], None] = lambda jti: None
+    on_revoke: Callable[[str], object] = lambda jti: None

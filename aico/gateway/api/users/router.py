@@ -19,7 +19,8 @@ from aico.gateway.errors import TokenRevoked
 from aico.gateway.routing.messages import Request, Response, json_response
 from aico.gateway.routing.table import RouteEntry
 from aico.gateway.security import tokens as tk
-from aico.gateway.security.chain import capabilities_for, token_error
+from aico.gateway.security.capabilities import capabilities_for
+from aico.gateway.security.chain import token_error
 
 log = Logger(namespace="aico.gateway.api.users")
 

@@ -125,3 +125,125 @@ class ModuleHeartbeat(_message.Message):
     NAME_FIELD_NUMBER: _ClassVar[int]
     name: str
     def __init__(self, name: _Optional[str] = ...) -> None: ...
+
+class Endpoint(_message.Message):
+    __slots__ = ("transport", "address", "curve_server_key", "subprotocols", "priority")
+    TRANSPORT_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    CURVE_SERVER_KEY_FIELD_NUMBER: _ClassVar[int]
+    SUBPROTOCOLS_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    transport: str
+    address: str
+    curve_server_key: str
+    subprotocols: _containers.RepeatedScalarFieldContainer[str]
+    priority: int
+    def __init__(self, transport: _Optional[str] = ..., address: _Optional[str] = ..., curve_server_key: _Optional[str] = ..., subprotocols: _Optional[_Iterable[str]] = ..., priority: _Optional[int] = ...) -> None: ...
+
+class TransportInfo(_message.Message):
+    __slots__ = ("endpoints", "version")
+    ENDPOINTS_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    endpoints: _containers.RepeatedCompositeFieldContainer[Endpoint]
+    version: str
+    def __init__(self, endpoints: _Optional[_Iterable[_Union[Endpoint, _Mapping]]] = ..., version: _Optional[str] = ...) -> None: ...
+
+class SocketFrame(_message.Message):
+    __slots__ = ("welcome", "auth", "auth_success", "request", "response", "subscribe", "subscribed", "unsubscribe", "unsubscribed", "event", "heartbeat", "heartbeat_ack", "error", "auth_revoked", "auth_expired", "chunk")
+    WELCOME_FIELD_NUMBER: _ClassVar[int]
+    AUTH_FIELD_NUMBER: _ClassVar[int]
+    AUTH_SUCCESS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_FIELD_NUMBER: _ClassVar[int]
+    SUBSCRIBE_FIELD_NUMBER: _ClassVar[int]
+    SUBSCRIBED_FIELD_NUMBER: _ClassVar[int]
+    UNSUBSCRIBE_FIELD_NUMBER: _ClassVar[int]
+    UNSUBSCRIBED_FIELD_NUMBER: _ClassVar[int]
+    EVENT_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_ACK_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    AUTH_REVOKED_FIELD_NUMBER: _ClassVar[int]
+    AUTH_EXPIRED_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_FIELD_NUMBER: _ClassVar[int]
+    welcome: Welcome
+    auth: Auth
+    auth_success: AuthSuccess
+    request: ApiRequest
+    response: ApiResponse
+    subscribe: Topic
+    subscribed: Topic
+    unsubscribe: Topic
+    unsubscribed: Topic
+    event: ApiEvent
+    heartbeat: Heartbeat
+    heartbeat_ack: Heartbeat
+    error: SocketError
+    auth_revoked: AuthEnded
+    auth_expired: AuthEnded
+    chunk: ApiResponse
+    def __init__(self, welcome: _Optional[_Union[Welcome, _Mapping]] = ..., auth: _Optional[_Union[Auth, _Mapping]] = ..., auth_success: _Optional[_Union[AuthSuccess, _Mapping]] = ..., request: _Optional[_Union[ApiRequest, _Mapping]] = ..., response: _Optional[_Union[ApiResponse, _Mapping]] = ..., subscribe: _Optional[_Union[Topic, _Mapping]] = ..., subscribed: _Optional[_Union[Topic, _Mapping]] = ..., unsubscribe: _Optional[_Union[Topic, _Mapping]] = ..., unsubscribed: _Optional[_Union[Topic, _Mapping]] = ..., event: _Optional[_Union[ApiEvent, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., heartbeat_ack: _Optional[_Union[Heartbeat, _Mapping]] = ..., error: _Optional[_Union[SocketError, _Mapping]] = ..., auth_revoked: _Optional[_Union[AuthEnded, _Mapping]] = ..., auth_expired: _Optional[_Union[AuthEnded, _Mapping]] = ..., chunk: _Optional[_Union[ApiResponse, _Mapping]] = ...) -> None: ...
+
+class Welcome(_message.Message):
+    __slots__ = ("session_id", "version", "auth_timeout", "idle_timeout", "max_message_size", "authenticated")
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    AUTH_TIMEOUT_FIELD_NUMBER: _ClassVar[int]
+    IDLE_TIMEOUT_FIELD_NUMBER: _ClassVar[int]
+    MAX_MESSAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    AUTHENTICATED_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    version: int
+    auth_timeout: float
+    idle_timeout: float
+    max_message_size: int
+    authenticated: bool
+    def __init__(self, session_id: _Optional[str] = ..., version: _Optional[int] = ..., auth_timeout: _Optional[float] = ..., idle_timeout: _Optional[float] = ..., max_message_size: _Optional[int] = ..., authenticated: _Optional[bool] = ...) -> None: ...
+
+class Auth(_message.Message):
+    __slots__ = ("token",)
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    token: str
+    def __init__(self, token: _Optional[str] = ...) -> None: ...
+
+class AuthSuccess(_message.Message):
+    __slots__ = ("subject", "roles", "session_id", "expires_at")
+    SUBJECT_FIELD_NUMBER: _ClassVar[int]
+    ROLES_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    subject: str
+    roles: _containers.RepeatedScalarFieldContainer[str]
+    session_id: str
+    expires_at: float
+    def __init__(self, subject: _Optional[str] = ..., roles: _Optional[_Iterable[str]] = ..., session_id: _Optional[str] = ..., expires_at: _Optional[float] = ...) -> None: ...
+
+class Topic(_message.Message):
+    __slots__ = ("topic", "id", "reason")
+    TOPIC_FIELD_NUMBER: _ClassVar[int]
+    ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    topic: str
+    id: str
+    reason: str
+    def __init__(self, topic: _Optional[str] = ..., id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class Heartbeat(_message.Message):
+    __slots__ = ("id",)
+    ID_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    def __init__(self, id: _Optional[str] = ...) -> None: ...
+
+class SocketError(_message.Message):
+    __slots__ = ("id", "problem")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    PROBLEM_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    problem: bytes
+    def __init__(self, id: _Optional[str] = ..., problem: _Optional[bytes] = ...) -> None: ...
+
+class AuthEnded(_message.Message):
+    __slots__ = ("problem",)
+    PROBLEM_FIELD_NUMBER: _ClassVar[int]
+    problem: bytes
+    def __init__(self, problem: _Optional[bytes] = ...) -> None: ...

@@ -1,0 +1,850 @@
+"""The WebSocket adapter: ``/ws`` on the http (and tls) listener, Autobahn in the same site.
+
+One :class:`WebSocketSession` per socket. It only translates frames: a ``request`` frame
+becomes a router :class:`Request` for the shared :class:`Dispatcher` (same route table,
+same security chain as REST: the socket's token travels in ``authorization``), and the
+:class:`Response` becomes a ``response`` frame. ``docs/protocols.md`` is the contract.
+
+Two framings share everything but the codec: JSON text frames (the default, or the
+subprotocol ``aico.v1.json``) and protobuf binary frames (``aico.v1.proto``, each frame a
+``SocketFrame``).
+
+Session states::
+
+    anonymous --auth ok--> authenticated --token expired/revoked--> auth_lost
+        ^                     |   ^                                    |
+        |                     |   +--------------auth ok---------------+
+        +-- auth timeout closes an anonymous or auth_lost socket (4001)
+
+Every socket closes after ``idle_timeout`` without a frame from the client (4002).
+Outgoing frames go straight to the TCP transport while it keeps up; when the transport
+pauses us (its buffer is full), frames queue, and past ``send_buffer`` queued bytes the
+socket is closed as a slow consumer (4004) and the queue dropped: memory per socket is
+bounded by the transport's buffer plus ``send_buffer``.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import parse_qsl
+
+from autobahn.twisted.resource import WebSocketResource
+from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
+from google.protobuf.message import DecodeError
+from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.resource import IResource
+from zope.interface import implementer
+
+from aico.gateway.config import WebSocketSection
+from aico.gateway.connections import ConnectionInfo, ConnectionManager, Event, IConnection
+from aico.gateway.errors import (
+    ApiError,
+    BadRequest,
+    Forbidden,
+    MalformedJson,
+    PayloadTooLarge,
+    RateLimited,
+    Unauthenticated,
+)
+from aico.gateway.lifecycle import InFlight
+from aico.gateway.routing.dispatch import Dispatcher
+from aico.gateway.routing.messages import Principal, Request, Response, request_id_from
+from aico.proto import ApiEvent, ApiResponse
+from aico.proto.aico.gateway.v1.gateway_pb2 import SocketFrame
+
+#: Subprotocol names (``Sec-WebSocket-Protocol``).
+SUBPROTOCOL_JSON = "aico.v1.json"
+SUBPROTOCOL_PROTO = "aico.v1.proto"
+PROTOCOL_VERSION = 1
+
+#: Close codes (docs/protocols.md).
+CLOSE_GOING_AWAY = 1001
+CLOSE_AUTH_TIMEOUT = 4001
+CLOSE_IDLE_TIMEOUT = 4002
+CLOSE_DEVICE_REVOKED = 4003
+CLOSE_SLOW_CONSUMER = 4004
+
+#: Requests one socket may have in flight at once.
+MAX_IN_FLIGHT = 1024
+#: Subscriptions one socket may hold.
+MAX_SUBSCRIPTIONS = 64
+_MAX_ID = 128
+_MAX_PATH = 2048
+_MAX_TOKEN = 8192
+_JSON_TYPES = ("application/json", "application/problem+json")
+
+Authenticate = Callable[[str], Principal]
+MaySubscribe = Callable[[Principal | None, str], bool]
+
+
+class FrameError(Exception):
+    """A client frame the session cannot act on; answered with an ``error`` frame."""
+
+    def __init__(self, error: ApiError, frame_id: Any = None) -> None:
+        super().__init__(error.detail)
+        self.error = error
+        self.frame_id = frame_id
+
+
+@dataclass
+class ClientFrame:
+    """A decoded client frame, whatever the framing."""
+
+    type: str
+    id: Any = None
+    token: str = ""
+    method: str = ""
+    path: str = ""
+    body: bytes = b""
+    headers: dict[str, str] = field(default_factory=dict)
+    query: dict[str, str] = field(default_factory=dict)
+    topic: str = ""
+
+
+_CLIENT_TYPES = frozenset({"auth", "request", "subscribe", "unsubscribe", "heartbeat"})
+
+
+def _is_json(content_type: str) -> bool:
+    base = content_type.split(";", 1)[0].strip().lower()
+    return base in _JSON_TYPES or base.endswith("+json")
+
+
+def _body_value(response: Response) -> Any:
+    if not response.body:
+        return None
+    if _is_json(response.content_type):
+        try:
+            return json.loads(response.body)
+        except ValueError:
+            pass
+    return response.body.decode("utf-8", "replace")
+
+
+def _split_path(path: str, query: dict[str, str]) -> tuple[str, dict[str, str]]:
+    if "?" in path:
+        path, _, qs = path.partition("?")
+        merged = dict(parse_qsl(qs, keep_blank_values=True))
+        merged.update(query)
+        query = merged
+    return path, query
+
+
+def _check_request(frame: ClientFrame) -> ClientFrame:
+    if frame.id is None:
+        raise FrameError(BadRequest("a request frame needs an id"))
+    method = frame.method.upper()
+    if not method or len(method) > 16 or not method.isalpha():
+        raise FrameError(BadRequest("a request frame needs a method"), frame.id)
+    if not frame.path.startswith("/") or len(frame.path) > _MAX_PATH:
+        raise FrameError(BadRequest("a request path starts with '/'"), frame.id)
+    frame.method = method
+    frame.path, frame.query = _split_path(frame.path, frame.query)
+    return frame
+
+
+def _check_topic(frame: ClientFrame) -> ClientFrame:
+    if not frame.topic:
+        raise FrameError(BadRequest(f"a {frame.type} frame needs a topic"), frame.id)
+    return frame
+
+
+class JsonCodec:
+    """JSON text frames (the default framing)."""
+
+    binary = False
+    name = "json"
+
+    def decode(self, payload: bytes, is_binary: bool) -> ClientFrame:
+        if is_binary:
+            raise FrameError(BadRequest(
+                f"binary frames need the {SUBPROTOCOL_PROTO} subprotocol"))
+        try:
+            obj = json.loads(payload)
+        except ValueError as e:
+            raise FrameError(MalformedJson("the frame is not JSON")) from e
+        if not isinstance(obj, dict):
+            raise FrameError(BadRequest("a frame is a JSON object"))
+        frame_id = obj.get("id")
+        if frame_id is not None and not (
+            (isinstance(frame_id, str) and len(frame_id) <= _MAX_ID)
+            or (isinstance(frame_id, int) and not isinstance(frame_id, bool))
+        ):
+            raise FrameError(BadRequest("a frame id is a string (up to 128 characters) or an integer"))
+        kind = obj.get("type")
+        if not isinstance(kind, str) or not kind:
+            raise FrameError(BadRequest("the frame has no type"), frame_id)
+        if kind not in _CLIENT_TYPES:
+            raise FrameError(BadRequest(f"unknown frame type {kind[:64]!r}"), frame_id)
+        frame = ClientFrame(type=kind, id=frame_id)
+        if kind == "auth":
+            token = obj.get("token")
+            if not isinstance(token, str) or not token:
+                raise FrameError(BadRequest("an auth frame needs a token"), frame_id)
+            frame.token = token
+        elif kind == "request":
+            method, path = obj.get("method"), obj.get("path")
+            frame.method = method if isinstance(method, str) else ""
+            frame.path = path if isinstance(path, str) else ""
+            frame.headers = self._strings(obj.get("headers"), "headers", frame_id)
+            frame.query = self._strings(obj.get("query"), "query", frame_id)
+            body = obj.get("body")
+            if body is not None:
+                frame.body = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+            return _check_request(frame)
+        elif kind in ("subscribe", "unsubscribe"):
+            topic = obj.get("topic")
+            frame.topic = topic if isinstance(topic, str) else ""
+            return _check_topic(frame)
+        return frame
+
+    @staticmethod
+    def _strings(value: Any, name: str, frame_id: Any) -> dict[str, str]:
+        if value is None:
+            return {}
+        if not isinstance(value, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in value.items()
+        ):
+            raise FrameError(BadRequest(f"{name} is an object of strings"), frame_id)
+        return value
+
+    @staticmethod
+    def _dump(obj: dict[str, Any]) -> bytes:
+        return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+
+    @staticmethod
+    def _with_id(obj: dict[str, Any], frame_id: Any) -> dict[str, Any]:
+        if frame_id is not None:
+            obj["id"] = frame_id
+        return obj
+
+    def welcome(self, session_id: str, settings: WebSocketSection, authenticated: bool) -> bytes:
+        return self._dump({
+            "type": "welcome", "version": PROTOCOL_VERSION, "session_id": session_id,
+            "auth_timeout": settings.auth_timeout, "idle_timeout": settings.idle_timeout,
+            "max_message_size": settings.max_message_size, "authenticated": authenticated,
+        })
+
+    def auth_success(self, principal: Principal, session_id: str, frame_id: Any) -> bytes:
+        return self._dump(self._with_id({
+            "type": "auth_success", "subject": principal.subject,
+            "roles": list(principal.roles), "session_id": session_id,
+            "expires_at": principal.expires_at or None,
+        }, frame_id))
+
+    def response(self, frame_id: Any, request_id: str, response: Response) -> bytes:
+        obj: dict[str, Any] = {"type": "response", "id": frame_id, "status": response.status,
+                               "request_id": request_id, "body": _body_value(response)}
+        if response.headers:
+            obj["headers"] = response.headers
+        return self._dump(obj)
+
+    def chunk(self, frame_id: Any, status: int, body: bytes) -> bytes:
+        value: Any
+        try:
+            value = json.loads(body) if body else None
+        except ValueError:
+            value = body.decode("utf-8", "replace")
+        return self._dump({"type": "chunk", "id": frame_id, "status": status, "body": value})
+
+    def subscription(self, kind: str, topic: str, frame_id: Any, reason: str = "") -> bytes:
+        obj = self._with_id({"type": kind, "topic": topic}, frame_id)
+        if reason:
+            obj["reason"] = reason
+        return self._dump(obj)
+
+    def event(self, event: Event) -> bytes:
+        return event.frame("json", lambda e: self._dump(
+            {"type": "event", "topic": e.topic, "body": e.json_body()}))
+
+    def heartbeat_ack(self, frame_id: Any, now: float) -> bytes:
+        return self._dump(self._with_id({"type": "heartbeat_ack", "time": now}, frame_id))
+
+    def error(self, frame_id: Any, problem: dict[str, Any]) -> bytes:
+        return self._dump(self._with_id({"type": "error", "problem": problem}, frame_id))
+
+    def auth_ended(self, kind: str, problem: dict[str, Any]) -> bytes:
+        return self._dump({"type": kind, "problem": problem})
+
+
+class ProtoCodec:
+    """Binary ``SocketFrame`` messages (subprotocol ``aico.v1.proto``)."""
+
+    binary = True
+    name = "proto"
+
+    def decode(self, payload: bytes, is_binary: bool) -> ClientFrame:
+        if not is_binary:
+            raise FrameError(BadRequest(f"the {SUBPROTOCOL_PROTO} subprotocol uses binary frames"))
+        msg = SocketFrame()
+        try:
+            msg.ParseFromString(payload)
+        except DecodeError as e:
+            raise FrameError(BadRequest("the frame is not a SocketFrame")) from e
+        kind = msg.WhichOneof("frame")
+        if kind is None:
+            raise FrameError(BadRequest("the frame has no type"))
+        if kind not in _CLIENT_TYPES:
+            raise FrameError(BadRequest(f"{kind!r} is not a client frame"))
+        if kind == "auth":
+            if not msg.auth.token:
+                raise FrameError(BadRequest("an auth frame needs a token"))
+            return ClientFrame(type=kind, token=msg.auth.token)
+        if kind == "request":
+            r = msg.request
+            frame = ClientFrame(type=kind, id=r.request_id or None, method=r.method, path=r.path,
+                                body=r.body, headers=dict(r.headers), query=dict(r.query))
+            return _check_request(frame)
+        if kind in ("subscribe", "unsubscribe"):
+            t = getattr(msg, kind)
+            return _check_topic(ClientFrame(type=kind, id=t.id or None, topic=t.topic))
+        return ClientFrame(type=kind, id=msg.heartbeat.id or None)
+
+    @staticmethod
+    def _id(frame_id: Any) -> str:
+        return "" if frame_id is None else str(frame_id)
+
+    def welcome(self, session_id: str, settings: WebSocketSection, authenticated: bool) -> bytes:
+        f = SocketFrame()
+        w = f.welcome
+        w.session_id, w.version = session_id, PROTOCOL_VERSION
+        w.auth_timeout, w.idle_timeout = settings.auth_timeout, settings.idle_timeout
+        w.max_message_size, w.authenticated = settings.max_message_size, authenticated
+        return f.SerializeToString()
+
+    def auth_success(self, principal: Principal, session_id: str, frame_id: Any) -> bytes:
+        f = SocketFrame()
+        a = f.auth_success
+        a.subject, a.session_id, a.expires_at = principal.subject, session_id, principal.expires_at
+        a.roles.extend(principal.roles)
+        return f.SerializeToString()
+
+    def response(self, frame_id: Any, request_id: str, response: Response) -> bytes:
+        f = SocketFrame()
+        self._fill(f.response, frame_id, response.status, response.body)
+        f.response.headers.update(response.headers)
+        f.response.headers["content-type"] = response.content_type
+        f.response.headers["x-request-id"] = request_id
+        return f.SerializeToString()
+
+    def chunk(self, frame_id: Any, status: int, body: bytes) -> bytes:
+        f = SocketFrame()
+        self._fill(f.chunk, frame_id, status, body)
+        return f.SerializeToString()
+
+    def _fill(self, out: ApiResponse, frame_id: Any, status: int, body: bytes) -> None:
+        out.request_id, out.status, out.body = self._id(frame_id), status, body
+
+    def subscription(self, kind: str, topic: str, frame_id: Any, reason: str = "") -> bytes:
+        f = SocketFrame()
+        t = getattr(f, kind)
+        t.topic, t.id, t.reason = topic, self._id(frame_id), reason
+        return f.SerializeToString()
+
+    def event(self, event: Event) -> bytes:
+        def make(e: Event) -> bytes:
+            f = SocketFrame()
+            f.event.CopyFrom(ApiEvent(topic=e.topic, body=e.body))
+            return f.SerializeToString()
+
+        return event.frame("proto", make)
+
+    def heartbeat_ack(self, frame_id: Any, now: float) -> bytes:
+        f = SocketFrame()
+        f.heartbeat_ack.id = self._id(frame_id)
+        return f.SerializeToString()
+
+    def error(self, frame_id: Any, problem: dict[str, Any]) -> bytes:
+        f = SocketFrame()
+        f.error.id = self._id(frame_id)
+        f.error.problem = json.dumps(problem, separators=(",", ":")).encode()
+        return f.SerializeToString()
+
+    def auth_ended(self, kind: str, problem: dict[str, Any]) -> bytes:
+        f = SocketFrame()
+        getattr(f, kind).problem = json.dumps(problem, separators=(",", ":")).encode()
+        return f.SerializeToString()
+
+
+Codec = JsonCodec | ProtoCodec
+
+
+def _bearer(header: str) -> str:
+    scheme, _, token = header.strip().partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise Unauthenticated("the Authorization header must be 'Bearer <token>'")
+    return token.strip()
+
+
+@implementer(IConnection, IPushProducer)
+class WebSocketSession(WebSocketServerProtocol):
+    """One WebSocket connection (see the module docstring for its states)."""
+
+    log = Logger()
+    factory: GatewayWebSocketFactory
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.codec: Codec = JsonCodec()
+        self.info = ConnectionInfo(transport="websocket", peer="", since=0.0)
+        self.session_state = "connecting"
+        self.token = ""
+        self.lost: ApiError | None = None
+        self.close_code: int | None = None
+        self._upgrade_principal: Principal | None = None
+        self._auth_timer: IDelayedCall | None = None
+        self._idle_timer: IDelayedCall | None = None
+        self._paused = False
+        self._queue: deque[bytes] = deque()
+        self._queued = 0
+        #: Largest number of bytes ever queued on this socket (for tests and metrics).
+        self.max_queued = 0
+        self._in_flight = 0
+        self._streams: dict[int, Any] = {}
+        self._peer_host = ""
+        self._loopback = False
+        #: The upgrade request's Host, which every request on the socket inherits.
+        self._host = ""
+
+    # -- handshake ---------------------------------------------------------------------
+
+    def onConnect(self, request: ConnectionRequest) -> tuple[str | None, dict[str, str]]:
+        f = self.factory
+        protocols = list(request.protocols or [])
+        chosen: str | None = None
+        if SUBPROTOCOL_PROTO in protocols:
+            self.codec, chosen = ProtoCodec(), SUBPROTOCOL_PROTO
+        elif SUBPROTOCOL_JSON in protocols:
+            chosen = SUBPROTOCOL_JSON
+        self._host = str(request.headers.get("host", ""))
+        header = request.headers.get("authorization")
+        if header:
+            try:
+                token = _bearer(header)
+                self._upgrade_principal = f.authenticate(token)
+            except ApiError as e:
+                raise ConnectionDeny(401, e.detail) from e  # type: ignore[no-untyped-call]
+            self.token = token
+        return chosen, {}
+
+    def onOpen(self) -> None:
+        f = self.factory
+        peer = self.transport.getPeer()  # type: ignore[union-attr]
+        self._peer_host = getattr(peer, "host", "") or ""
+        self._loopback = _is_loopback(self._peer_host)
+        self.info.transport = f.transport_name
+        self.info.peer = f"{self._peer_host}:{getattr(peer, 'port', '')}"
+        self.info.since = f.clock.seconds()
+        if f.device_id_of is not None:
+            self.info.device_id = f.device_id_of(self.transport)
+        self._take_producer()
+        self.session_state = "anonymous"
+        f.connections.add(self)
+        settings = f.settings()
+        self._emit(self.codec.welcome(self.info.id, settings, self._upgrade_principal is not None))
+        if self._upgrade_principal is not None:
+            self._authenticated(self._upgrade_principal, None)
+            self._upgrade_principal = None
+        else:
+            self._arm_auth_timer()
+        self._idle_timer = f.clock.callLater(settings.idle_timeout, self._idle)
+
+    def _take_producer(self) -> None:
+        transport: Any = self.transport
+        try:
+            if getattr(transport, "producer", None) is not None:
+                transport.unregisterProducer()  # twisted.web's HTTP channel, now gone
+            transport.registerProducer(self, True)
+        except (AttributeError, RuntimeError):
+            self.log.warn("websocket {id}: no flow control on this transport", id=self.info.id)
+
+    # -- IPushProducer (the TCP transport tells us when its buffer is full) -------------
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        binary = self.codec.binary
+        while self._queue and not self._paused and self.session_state != "closed":
+            payload = self._queue.popleft()
+            self._queued -= len(payload)
+            self.sendMessage(payload, isBinary=binary)  # type: ignore[no-untyped-call]
+
+    def stopProducing(self) -> None:
+        self._paused = True
+
+    # -- sending -----------------------------------------------------------------------
+
+    def _emit(self, payload: bytes) -> None:
+        if self.session_state == "closed" or self.close_code is not None:
+            return
+        self.info.bytes_out += len(payload)
+        self.info.messages_out += 1
+        if self._paused or self._queue:
+            self._queue.append(payload)
+            self._queued += len(payload)
+            if self._queued > self.max_queued:
+                self.max_queued = self._queued
+            if self._queued > self.factory.settings().send_buffer:
+                self._slow_consumer()
+            return
+        self.sendMessage(payload, isBinary=self.codec.binary)  # type: ignore[no-untyped-call]
+
+    def _slow_consumer(self) -> None:
+        self.log.warn("websocket {id} ({peer}) fell behind by {bytes} bytes: dropped",
+                      id=self.info.id, peer=self.info.peer, bytes=self._queued)
+        self._queue.clear()
+        self._queued = 0
+        self.close(CLOSE_SLOW_CONSUMER, "slow consumer")
+
+    def _error(self, frame_id: Any, error: ApiError, request_id: str | None = None) -> None:
+        self._emit(self.codec.error(frame_id, error.problem(request_id or uuid.uuid4().hex)))
+
+    # -- receiving ---------------------------------------------------------------------
+
+    def onMessageBegin(self, isBinary: bool) -> None:
+        super().onMessageBegin(isBinary)
+        self._oversize = False
+
+    def onMessageFrameBegin(self, length: int) -> None:
+        super().onMessageFrameBegin(length)
+        if self.message_data_total_length > self.factory.settings().max_message_size:
+            self._oversize = True
+            self.message_data.clear()
+
+    def onMessageFrameData(self, payload: bytes) -> None:
+        if not self._oversize:
+            super().onMessageFrameData(payload)
+
+    def onMessageFrameEnd(self) -> None:
+        if self._oversize:
+            self.frame_data = None  # type: ignore[assignment]
+            return
+        super().onMessageFrameEnd()
+
+    def onMessageEnd(self) -> None:
+        if self._oversize:
+            self.message_data = None  # type: ignore[assignment]
+            self._oversize = False
+            self._touch(self.message_data_total_length)
+            limit = self.factory.settings().max_message_size
+            self._error(None, PayloadTooLarge(f"a frame may hold at most {limit} bytes"))
+            return
+        super().onMessageEnd()
+
+    def onPing(self, payload: bytes) -> None:
+        self._touch(0)
+        super().onPing(payload)
+
+    def _touch(self, size: int) -> None:
+        self.info.bytes_in += size
+        self.info.messages_in += 1
+        if self._idle_timer is not None and self._idle_timer.active():
+            self._idle_timer.reset(self.factory.settings().idle_timeout)
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        self._touch(len(payload))
+        if self.session_state not in ("anonymous", "authenticated", "auth_lost"):
+            return
+        try:
+            frame = self.codec.decode(payload, isBinary)
+        except FrameError as e:
+            self._error(e.frame_id, e.error)
+            return
+        if frame.type == "request":
+            self._request(frame)
+        elif frame.type == "auth":
+            self._auth(frame)
+        elif frame.type == "subscribe":
+            self._subscribe(frame)
+        elif frame.type == "unsubscribe":
+            self._unsubscribe(frame)
+        else:
+            self._emit(self.codec.heartbeat_ack(frame.id, self.factory.clock.seconds()))
+
+    # -- authentication ----------------------------------------------------------------
+
+    def _auth(self, frame: ClientFrame) -> None:
+        if len(frame.token) > _MAX_TOKEN:
+            self._error(frame.id, Unauthenticated("the token is too long"))
+            return
+        d = maybeDeferred(self.factory.authenticate, frame.token)
+
+        def ok(principal: Principal) -> None:
+            if self.session_state == "closed":
+                return
+            current = self.info.principal
+            if current is not None and current.subject != principal.subject:
+                self._error(frame.id, Forbidden("a socket cannot change its subject"))
+                return
+            self.token = frame.token
+            self._authenticated(principal, frame.id)
+
+        def refused(failure: Failure) -> None:
+            if isinstance(failure.value, ApiError):
+                self._error(frame.id, failure.value)
+            else:
+                self.log.failure("authenticating websocket {id} failed", failure, id=self.info.id)
+                self._error(frame.id, Unauthenticated("the token could not be checked"))
+
+        d.addCallbacks(ok, refused)
+
+    def _authenticated(self, principal: Principal, frame_id: Any) -> None:
+        f = self.factory
+        self.session_state = "authenticated"
+        self.lost = None
+        self._cancel_auth_timer()
+        f.connections.authenticated(self, principal)
+        # Capabilities may have changed with the new token: keep only what is still allowed.
+        for topic in sorted(self.info.subscriptions):
+            if not f.may_subscribe(principal, topic):
+                f.connections.unsubscribe(self, topic)
+                self._emit(self.codec.subscription("unsubscribed", topic, None, "forbidden"))
+        self._emit(self.codec.auth_success(principal, self.info.id, frame_id))
+
+    def auth_ended(self, error: ApiError) -> None:
+        """IConnection: the token expired or was revoked (the manager forgot it already)."""
+        if self.session_state == "closed":
+            return
+        self.session_state = "auth_lost"
+        self.token = ""
+        self.lost = error
+        kind = "auth_expired" if error.code == "token_expired" else "auth_revoked"
+        self._emit(self.codec.auth_ended(kind, error.problem(uuid.uuid4().hex)))
+        self._arm_auth_timer()
+
+    def _arm_auth_timer(self) -> None:
+        self._cancel_auth_timer()
+        f = self.factory
+        self._auth_timer = f.clock.callLater(f.settings().auth_timeout, self._auth_timeout)
+
+    def _cancel_auth_timer(self) -> None:
+        if self._auth_timer is not None and self._auth_timer.active():
+            self._auth_timer.cancel()
+        self._auth_timer = None
+
+    def _auth_timeout(self) -> None:
+        self._auth_timer = None
+        if self.session_state in ("anonymous", "auth_lost"):
+            self.close(CLOSE_AUTH_TIMEOUT, "authentication timeout")
+
+    def _idle(self) -> None:
+        self._idle_timer = None
+        self.close(CLOSE_IDLE_TIMEOUT, "idle timeout")
+
+    # -- requests ----------------------------------------------------------------------
+
+    def _request(self, frame: ClientFrame) -> None:
+        if self.lost is not None:
+            self._error(frame.id, self.lost)
+            return
+        if self._in_flight >= MAX_IN_FLIGHT:
+            self._error(frame.id, RateLimited(
+                f"at most {MAX_IN_FLIGHT} requests may be in flight on one socket"))
+            return
+        f = self.factory
+        headers = {k.lower(): v for k, v in frame.headers.items()
+                   if k.lower() not in ("authorization", "cookie", "host")}
+        if self._host:
+            headers["host"] = self._host
+        if self.token:
+            headers["authorization"] = "Bearer " + self.token
+        if frame.body and "content-type" not in headers:
+            headers["content-type"] = "application/json"
+        request = Request(
+            method=frame.method,
+            path=frame.path,
+            request_id=request_id_from(headers.get("x-request-id")),
+            transport=f.transport_name,
+            peer_host=self._peer_host,
+            loopback=self._loopback,
+            headers=headers,
+            query=frame.query,
+            body=frame.body,
+            accepts_stream=frame.query.get("stream") == "true",
+            device_id=self.info.device_id,
+        )
+        self._in_flight += 1
+        f.inflight.enter()
+        d = f.dispatcher.handle(request)
+        d.addCallback(self._respond, frame.id, request)
+        d.addErrback(self._respond_failed, frame.id, request)
+        d.addBoth(self._request_done)
+
+    def _request_done(self, _: object) -> None:
+        self._in_flight -= 1
+        self.factory.inflight.leave()
+
+    def _respond(self, response: Response, frame_id: Any, request: Request) -> Deferred[None] | None:
+        if response.stream is None:
+            self._emit(self.codec.response(frame_id, request.request_id, response))
+            return None
+        stream = response.stream
+        key = id(stream)
+        self._streams[key] = stream
+        status = response.status
+
+        def on_chunk(chunk: bytes) -> None:
+            self._emit(self.codec.chunk(frame_id, status, chunk.rstrip(b"\n")))
+
+        def ended(_: object) -> None:
+            self._emit(self.codec.response(frame_id, request.request_id,
+                                           Response(status=status, body=b"")))
+
+        def broke(failure: Failure) -> None:
+            problem = self.factory.dispatcher.convert(failure, request)
+            self._emit(self.codec.response(frame_id, request.request_id, problem))
+
+        def forget(_: object) -> None:
+            self._streams.pop(key, None)
+
+        return stream.subscribe(on_chunk).addCallbacks(ended, broke).addBoth(forget)
+
+    def _respond_failed(self, failure: Failure, frame_id: Any, request: Request) -> None:
+        self.log.failure("websocket {id}: answering request {request_id} failed", failure,
+                         id=self.info.id, request_id=request.request_id)
+
+    # -- subscriptions -----------------------------------------------------------------
+
+    def _subscribe(self, frame: ClientFrame) -> None:
+        f = self.factory
+        principal = self.info.principal
+        if principal is None:
+            self._error(frame.id, self.lost or Unauthenticated("authenticate before subscribing"))
+            return
+        if not f.may_subscribe(principal, frame.topic):
+            self._error(frame.id, Forbidden(f"not allowed to subscribe to {frame.topic[:256]!r}"))
+            return
+        if (frame.topic not in self.info.subscriptions
+                and len(self.info.subscriptions) >= MAX_SUBSCRIPTIONS):
+            self._error(frame.id, BadRequest(
+                f"at most {MAX_SUBSCRIPTIONS} subscriptions per socket"))
+            return
+        f.connections.subscribe(self, frame.topic)
+        self._emit(self.codec.subscription("subscribed", frame.topic, frame.id))
+
+    def _unsubscribe(self, frame: ClientFrame) -> None:
+        self.factory.connections.unsubscribe(self, frame.topic)
+        self._emit(self.codec.subscription("unsubscribed", frame.topic, frame.id))
+
+    def deliver(self, event: Event) -> None:
+        """IConnection: an event on a topic this socket subscribed to."""
+        self._emit(self.codec.event(event))
+
+    # -- closing -----------------------------------------------------------------------
+
+    def close(self, code: int, reason: str) -> None:
+        """IConnection: close with *code* (see the module's ``CLOSE_*``)."""
+        if self.session_state == "closed" or self.close_code is not None:
+            return
+        self.close_code = code
+        self._queue.clear()
+        self._queued = 0
+        self._paused = False
+        # sendClose() refuses 1001 (going away); the frame itself is fine for a server.
+        self.sendCloseFrame(code=code, reasonUtf8=reason.encode("utf-8")[:123], isReply=False)
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        self._closed()
+
+    def _closed(self) -> None:
+        if self.session_state == "closed":
+            return
+        was_open = self.session_state != "connecting"
+        self.session_state = "closed"
+        self._cancel_auth_timer()
+        if self._idle_timer is not None and self._idle_timer.active():
+            self._idle_timer.cancel()
+        self._idle_timer = None
+        self._queue.clear()
+        self._queued = 0
+        for stream in list(self._streams.values()):
+            stream.cancel()
+        self._streams.clear()
+        if was_open:
+            self.factory.connections.remove(self)
+
+
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+class GatewayWebSocketFactory(WebSocketServerFactory):
+    """Builds :class:`WebSocketSession` s sharing the gateway's dispatcher and managers."""
+
+    protocol = WebSocketSession  # type: ignore[assignment]
+
+    def __init__(
+        self,
+        dispatcher: Dispatcher,
+        authenticate: Authenticate,
+        may_subscribe: MaySubscribe,
+        connections: ConnectionManager,
+        settings: Callable[[], WebSocketSection],
+        clock: IReactorTime,
+        *,
+        transport_name: str = "websocket",
+        inflight: InFlight | None = None,
+        device_id_of: Callable[[Any], str] | None = None,
+    ) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self.dispatcher = dispatcher
+        self.authenticate = authenticate
+        self.may_subscribe = may_subscribe
+        self.connections = connections
+        self.settings = settings
+        self.clock = clock
+        self.transport_name = transport_name
+        self.inflight = inflight or InFlight()
+        self.device_id_of = device_id_of
+        # Sizes are enforced by the session (an oversized frame is answered, not fatal).
+        self.setProtocolOptions(  # type: ignore[no-untyped-call]
+            maxMessagePayloadSize=0,
+            maxFramePayloadSize=0,
+            closeHandshakeTimeout=1.0,
+            openHandshakeTimeout=10.0,
+            echoCloseCodeReason=True,
+        )
+
+    def close_all(self, code: int = CLOSE_GOING_AWAY, reason: str = "gateway stopping") -> int:
+        """Close every WebSocket this factory made (at shutdown); their count."""
+        sessions = [c for c in self.connections if isinstance(c, WebSocketSession)
+                    and c.factory is self]
+        for session in sessions:
+            session.close(code, reason)
+        return len(sessions)
+
+
+def websocket_resource(
+    dispatcher: Dispatcher,
+    authenticate: Authenticate,
+    may_subscribe: MaySubscribe,
+    connections: ConnectionManager,
+    settings: Callable[[], WebSocketSection],
+    clock: IReactorTime,
+    *,
+    transport_name: str = "websocket",
+    inflight: InFlight | None = None,
+    device_id_of: Callable[[Any], str] | None = None,
+) -> tuple[IResource, GatewayWebSocketFactory]:
+    """The resource to mount at ``/ws`` (``RestAdapter(websocket=...)``) and its factory."""
+    factory = GatewayWebSocketFactory(
+        dispatcher, authenticate, may_subscribe, connections, settings, clock,
+        transport_name=transport_name, inflight=inflight, device_id_of=device_id_of,
+    )
+    resource: IResource = WebSocketResource(factory)  # type: ignore[no-untyped-call]
+    return resource, factory

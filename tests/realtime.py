@@ -1,0 +1,402 @@
+"""Test harness for the real-time and local adapters (WebSocket, IPC, aico.client).
+
+A :class:`Realtime` builds, inside the test's reactor: a Curve state directory (short
+path, for ``ipc://``), an embedded broker with a gateway bus client and a "module" bus
+client that publishes events, a Dispatcher with a few test routes behind a tiny fake
+security chain (authenticate from a token table, authorize by capability, the real
+validation step), the connection manager, the WebSocket resource in a real GatewaySite
+on 127.0.0.1, and optionally the IPC listener. Timers of the adapters run on a
+``Clock`` unless told otherwise. Everything is closed in the test's cleanups.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, cast
+
+from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
+from twisted.internet import reactor as _reactor
+from twisted.internet.defer import Deferred, DeferredQueue, succeed
+from twisted.internet.task import Clock, deferLater
+from twisted.trial.unittest import TestCase
+
+from aico.bus.broker import EmbeddedBroker
+from aico.bus.client import BusClient, BusReactor, CurveClientKeys
+from aico.bus.curve import CurveLayout, create_keypair, ensure_client, load_public
+from aico.gateway.adapters.ipc import IpcListener
+from aico.gateway.adapters.rest import GatewaySite, RestAdapter
+from aico.gateway.adapters.websocket import GatewayWebSocketFactory, websocket_resource
+from aico.gateway.api.transport.dependencies import TransportDeps
+from aico.gateway.api.transport.router import routes as transport_routes
+from aico.gateway.config import LimitsSection, WebSocketSection
+from aico.gateway.connections import ConnectionManager
+from aico.gateway.errors import (
+    Forbidden,
+    TokenExpired,
+    TokenInvalid,
+    TokenRevoked,
+    Unauthenticated,
+)
+from aico.gateway.routing.dispatch import Dispatcher
+from aico.gateway.routing.messages import Principal, Request, Response, StreamBody, json_response
+from aico.gateway.routing.table import RouteEntry, RouteTable
+from aico.gateway.security import validate
+from aico.gateway.security.topics import may_subscribe
+from aico.proto import ApiEvent, wrap
+
+reactor = cast(Any, _reactor)
+
+
+def sleep(seconds: float) -> Deferred[None]:
+    return deferLater(reactor, seconds, lambda: None)
+
+
+async def eventually(check: Callable[[], bool], timeout: float = 5.0) -> None:
+    waited = 0.0
+    while not check():
+        if waited > timeout:
+            raise AssertionError("condition not met in time")
+        await sleep(0.01)
+        waited += 0.01
+
+
+# ----------------------------------------------------------------------- fake security
+
+
+@dataclass
+class Tokens:
+    """A token table standing in for the real token service (tests only)."""
+
+    clock: Any
+    table: dict[str, Principal] = field(default_factory=dict)
+    revoked: set[str] = field(default_factory=set)
+
+    def issue(self, subject: str, caps: tuple[str, ...] = (), ttl: float = 0.0,
+              roles: tuple[str, ...] = ("user",)) -> str:
+        token = f"tok-{subject}-{len(self.table)}"
+        self.table[token] = Principal(
+            subject=subject, roles=roles, caps=frozenset(caps), token_id="jti-" + token,
+            expires_at=(self.clock.seconds() + ttl) if ttl else 0.0,
+        )
+        return token
+
+    def authenticate(self, token: str) -> Principal:
+        principal = self.table.get(token)
+        if principal is None:
+            raise TokenInvalid("unknown token")
+        if principal.token_id in self.revoked:
+            raise TokenRevoked()
+        if principal.expires_at and principal.expires_at <= self.clock.seconds():
+            raise TokenExpired()
+        return principal
+
+    def step(self, request: Request) -> None:
+        header = request.headers.get("authorization", "")
+        if header.startswith("Bearer "):
+            request.principal = self.authenticate(header[7:])
+
+    @staticmethod
+    def authorize(request: Request) -> None:
+        route = request.route
+        assert route is not None
+        if route.public:
+            return
+        if request.principal is None:
+            raise Unauthenticated()
+        if route.capability not in request.principal.caps:
+            raise Forbidden(f"needs {route.capability}")
+
+
+# ----------------------------------------------------------------------- test routes
+
+
+def _echo(request: Request) -> Response:
+    principal = request.principal
+    return json_response({"echo": request.parsed_json(),
+                          "subject": principal.subject if principal else None,
+                          "transport": request.transport})
+
+
+def _whoami(request: Request) -> Response:
+    assert request.principal is not None
+    return json_response({"subject": request.principal.subject})
+
+
+def _ping(request: Request) -> Response:
+    return json_response({"pong": True, "n": request.query.get("n")})
+
+
+def _stream(request: Request) -> Response:
+    if not request.accepts_stream:
+        return json_response({"whole": True})
+    stream = StreamBody()
+    for i in range(3):
+        stream.push(json.dumps({"delta": i}).encode() + b"\n")
+    stream.finish()
+    return Response(status=200, stream=stream, content_type="application/x-ndjson")
+
+
+#: Bodies received by POST /api/v1/notes (to observe fire-and-forget requests).
+NOTES: list[Any] = []
+
+
+def _note(request: Request) -> Response:
+    NOTES.append(request.parsed_json())
+    return Response(status=204)
+
+
+def test_routes() -> list[RouteEntry]:
+    return validate.prepare([
+        RouteEntry("POST", "/api/v1/notes", _note, public=True, tier="public"),
+        RouteEntry("GET", "/api/v1/ping", _ping, public=True, tier="public"),
+        RouteEntry("POST", "/api/v1/echo", _echo, capability="echo:write",
+                   request_schema={"type": "object",
+                                   "properties": {"text": {"type": "string"}},
+                                   "required": ["text"]}),
+        RouteEntry("GET", "/api/v1/whoami", _whoami, capability="whoami:read"),
+        RouteEntry("GET", "/api/v1/stream", _stream, public=True, streaming=True),
+    ])
+
+
+USER_CAPS = ("echo:write", "whoami:read", "events:conversation")
+
+
+# ----------------------------------------------------------------------- the harness
+
+
+class Realtime:
+    """Everything the adapters need, on real sockets; see the module docstring."""
+
+    def __init__(self, case: TestCase, *, clock: Any = None, settings: WebSocketSection | None = None,
+                 bus: bool = True) -> None:
+        self.case = case
+        self.clock = clock if clock is not None else Clock()
+        self.settings = settings or WebSocketSection()
+        self.root = Path(tempfile.mkdtemp(prefix="aico-rt-"))
+        case.addCleanup(shutil.rmtree, self.root, True)
+        self.layout = CurveLayout(self.root)
+        for name in ("broker", "gateway"):
+            create_keypair(self.layout.root, name)
+        self.tokens = Tokens(self.clock)
+        self.with_bus = bus
+        self.bus: BusClient | None = None
+        self.module: BusClient | None = None
+        self.ipc: IpcListener | None = None
+
+    async def start(self) -> Realtime:
+        if self.with_bus:
+            ensure_client(self.layout, "gateway")
+            ensure_client(self.layout, "module")
+            broker = EmbeddedBroker(self.layout, "tcp://127.0.0.1:*", "tcp://127.0.0.1:*")
+            broker.start()
+            self.case.addCleanup(broker.stop)
+            self.bus = self._bus_client(broker, "gateway")
+            self.module = self._bus_client(broker, "module")
+            await self.bus.start()
+            await self.module.start()
+        self.connections = ConnectionManager(self.clock, self.bus)
+        self.case.addCleanup(self.connections.stop)
+        limits = LimitsSection()
+        deps = TransportDeps(
+            ipc_endpoints=lambda: self.ipc.endpoints if self.ipc is not None else {},
+            curve_server_key=lambda: load_public(self.layout.gateway_public).decode(),
+            version="test")
+        routes = [*test_routes(), *validate.prepare(transport_routes(deps))]
+        self.dispatcher = Dispatcher(RouteTable(routes), [
+            self.tokens.step, self.tokens.authorize, validate.make_step(lambda: limits)])
+        resource, self.ws_factory = websocket_resource(
+            self.dispatcher, self.tokens.authenticate, may_subscribe, self.connections,
+            lambda: self.settings, self.clock)
+        site = GatewaySite(RestAdapter(self.dispatcher, websocket=resource).resource(),
+                           body_limit=lambda: limits.body_max,
+                           header_limits=lambda: (limits.header_count, limits.header_size))
+        self.port = reactor.listenTCP(0, site, interface="127.0.0.1")
+        self.case.addCleanup(self.port.stopListening)
+        self.http_port = self.port.getHost().port
+        return self
+
+    def _bus_client(self, broker: EmbeddedBroker, name: str) -> BusClient:
+        client = BusClient(cast(BusReactor, reactor), name, broker.pub_endpoint,
+                           broker.sub_endpoint, CurveClientKeys.from_layout(self.layout, name))
+        self.case.addCleanup(client.stop)
+        return client
+
+    def start_ipc(self, endpoint: str | None = None, fallback: str = "tcp://127.0.0.1:*",
+                  curve_on_ipc: bool = True) -> IpcListener:
+        if endpoint is None:
+            endpoint = f"ipc://{self.root}/gateway.ipc"
+        self.ipc = IpcListener(self.dispatcher, self.tokens.authenticate, may_subscribe,
+                               self.connections, self.layout, endpoint, fallback,
+                               curve_on_ipc=curve_on_ipc, reactor=reactor)
+        self.ipc.start()
+        self.case.addCleanup(self.ipc.stop)
+        return self.ipc
+
+    @property
+    def ws_url(self) -> str:
+        return f"ws://127.0.0.1:{self.http_port}/ws"
+
+    def set_settings(self, **changes: Any) -> None:
+        self.settings = replace(self.settings, **changes)
+
+    def publish(self, topic: str, body: Any) -> None:
+        """Publish an ApiEvent on *topic* from the module's bus client."""
+        assert self.module is not None
+        raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+        self.module.publish(topic, wrap(ApiEvent(topic=topic, body=raw), source="module"))
+
+    async def subscribed_on_bus(self, prefix: str) -> None:
+        """Wait until the gateway's subscription to *prefix* reached the broker."""
+        assert self.bus is not None
+        await self.bus.wait_subscribed([prefix], timeout=5.0)
+
+    def write_ports(self) -> Path:
+        ports: dict[str, Any] = {"http": {"host": "127.0.0.1", "port": self.http_port}}
+        if self.ipc is not None:
+            ports["ipc"] = self.ipc.endpoints
+        path = self.root / "ports.json"
+        path.write_text(json.dumps(ports))
+        return path
+
+    @property
+    def factory(self) -> GatewayWebSocketFactory:
+        return self.ws_factory
+
+
+# ----------------------------------------------------------------------- an Autobahn client
+
+
+class _ClientProtocol(WebSocketClientProtocol):
+    owner: AutobahnClient
+
+    def onOpen(self) -> None:
+        self.owner.opened.callback(self)
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        self.owner.received += 1
+        self.owner.frames.put((payload, isBinary))
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        if not self.owner.opened.called:
+            self.owner.opened.errback(ConnectionError(f"refused: {code} {reason}"))
+        if not self.owner.closed.called:
+            self.owner.closed.callback((code, reason))
+
+
+class AutobahnClient:
+    """A WebSocket client on Autobahn (JSON frames unless *protocols* says otherwise)."""
+
+    def __init__(self, case: TestCase, url: str, protocols: list[str] | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        self.frames: DeferredQueue[tuple[bytes, bool]] = DeferredQueue()
+        self.opened: Deferred[_ClientProtocol] = Deferred()
+        self.closed: Deferred[tuple[int | None, str | None]] = Deferred()
+        self.received = 0
+        factory = WebSocketClientFactory(url, protocols=protocols or [], headers=headers or {})
+        factory.setProtocolOptions(maxMessagePayloadSize=0, maxFramePayloadSize=0)
+        owner = self
+
+        class Proto(_ClientProtocol):
+            def __init__(self) -> None:
+                super().__init__()
+                self.owner = owner
+
+        factory.protocol = Proto
+        host, port = url.split("//", 1)[1].split("/", 1)[0].split(":")
+        self.connector = reactor.connectTCP(host, int(port), factory)
+        case.addCleanup(self._cleanup)
+        self.proto: _ClientProtocol | None = None
+
+    async def open(self) -> AutobahnClient:
+        self.proto = await self.opened
+        return self
+
+    def _cleanup(self) -> Deferred[Any]:
+        if self.closed.called:
+            return succeed(None)
+        self.connector.disconnect()
+        return self.closed
+
+    def send(self, obj: Any) -> None:
+        assert self.proto is not None
+        if isinstance(obj, bytes):
+            self.proto.sendMessage(obj, isBinary=True)
+        elif isinstance(obj, str):
+            self.proto.sendMessage(obj.encode(), isBinary=False)
+        else:
+            self.proto.sendMessage(json.dumps(obj).encode(), isBinary=False)
+
+    async def recv_raw(self, timeout: float = 5.0) -> tuple[bytes, bool]:
+        d = self.frames.get()
+        timer = reactor.callLater(timeout, d.cancel)
+        try:
+            return await d
+        finally:
+            if timer.active():
+                timer.cancel()
+
+    async def recv(self, timeout: float = 5.0) -> Any:
+        payload, _ = await self.recv_raw(timeout)
+        return json.loads(payload)
+
+    def close(self) -> Deferred[tuple[int | None, str | None]]:
+        if self.proto is not None and not self.closed.called:
+            self.proto.sendClose(1000)
+        return self.closed
+
+
+# ----------------------------------------------------------------------- a `websockets` client
+
+
+class WebsocketsClient:
+    """A WebSocket client on the ``websockets`` package (its sync client, in a thread)."""
+
+    def __init__(self, case: TestCase, url: str, protocols: list[str] | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        self.case = case
+        self.url = url
+        self.protocols = protocols
+        self.headers = headers
+        self.conn: Any = None
+        self.close_code: int | None = None
+
+    async def open(self) -> WebsocketsClient:
+        from twisted.internet.threads import deferToThread
+        from websockets.sync.client import connect
+
+        self.conn = await deferToThread(
+            connect, self.url, subprotocols=self.protocols, additional_headers=self.headers,
+            open_timeout=5, max_size=None, compression=None)
+        self.case.addCleanup(deferToThread, self.conn.close)
+        return self
+
+    async def send(self, obj: Any) -> None:
+        from twisted.internet.threads import deferToThread
+
+        data = obj if isinstance(obj, bytes | str) else json.dumps(obj)
+        await deferToThread(self.conn.send, data)
+
+    async def recv(self, timeout: float = 5.0) -> Any:
+        from twisted.internet.threads import deferToThread
+
+        raw = await deferToThread(self.conn.recv, timeout)
+        return raw if isinstance(raw, bytes) else json.loads(raw)
+
+    async def wait_closed(self, timeout: float = 5.0) -> int | None:
+        """Read until the server closes; its close code."""
+        from twisted.internet.threads import deferToThread
+        from websockets.exceptions import ConnectionClosed
+
+        def drain() -> int | None:
+            try:
+                while True:
+                    self.conn.recv(timeout)
+            except ConnectionClosed as e:
+                return e.rcvd.code if e.rcvd is not None else None
+
+        return await deferToThread(drain)

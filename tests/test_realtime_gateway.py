@@ -1,0 +1,185 @@
+"""WebSocket, ZeroMQ IPC and ``aico.client`` against the real gateway (``build_service``):
+the same route table and security chain as REST, on real sockets."""
+
+from __future__ import annotations
+
+import json
+import threading
+import uuid
+from typing import Any
+
+import websockets.sync.client as ws_client
+import zmq
+import zmq.auth
+from twisted.internet import reactor, threads
+from twisted.internet.defer import ensureDeferred
+from twisted.internet.task import deferLater
+from twisted.trial.unittest import TestCase
+
+from aico.client.connect import connect
+from aico.gateway.testing.harness import RunningGateway, http_client, login, start_gateway
+from aico.proto import AicoMessage, ApiEvent, ApiRequest, ApiResponse, unpack, wrap
+
+
+class RealtimeGatewayTests(TestCase):
+    timeout = 60
+
+    def setUp(self) -> Any:
+        async def go() -> None:
+            self.gw: RunningGateway = await start_gateway(self)
+            self.http = http_client(self)
+            self.tokens = await login(self.http, self.gw.base, "admin", self.gw.admin_password)
+
+        return ensureDeferred(go())
+
+    @property
+    def ws_url(self) -> str:
+        return self.gw.base.replace("http://", "ws://") + "/ws"
+
+    def test_websocket_goes_through_the_same_chain_as_rest(self) -> Any:
+        token = self.tokens["access_token"]
+
+        def client() -> list[dict[str, Any]]:
+            out = []
+            with ws_client.connect(self.ws_url) as ws:
+                out.append(json.loads(ws.recv(timeout=5)))  # welcome
+                ws.send(json.dumps({"type": "request", "id": 1, "method": "GET", "path": "/api/v1/users/me"}))
+                out.append(json.loads(ws.recv(timeout=5)))  # 401 before auth
+                ws.send(json.dumps({"type": "auth", "token": token}))
+                out.append(json.loads(ws.recv(timeout=5)))
+                ws.send(json.dumps({"type": "request", "id": "c", "method": "POST",
+                                    "path": "/api/v1/conversations/messages", "body": {"message": "over ws"}}))
+                out.append(json.loads(ws.recv(timeout=5)))
+                ws.send(json.dumps({"type": "request", "id": "v", "method": "POST",
+                                    "path": "/api/v1/conversations/messages", "body": {"nope": 1}}))
+                out.append(json.loads(ws.recv(timeout=5)))
+            return out
+
+        def check(frames: list[dict[str, Any]]) -> None:
+            welcome, anon, auth, ok, invalid = frames
+            self.assertEqual(welcome["type"], "welcome")
+            self.assertEqual((anon["type"], anon["status"], anon["body"]["code"]), ("response", 401, "unauthenticated"))
+            self.assertEqual((auth["type"], auth["subject"]), ("auth_success", "admin"))
+            self.assertEqual((ok["id"], ok["status"], ok["body"]["reply"]), ("c", 200, "over ws"))
+            self.assertEqual((invalid["status"], invalid["body"]["code"]), (400, "validation_failed"))
+
+        return threads.deferToThread(client).addCallback(check)
+
+    def test_websocket_subscriber_receives_module_events_and_is_told_of_logout(self) -> Any:
+        async def go() -> None:
+            tokens = await login(self.http, self.gw.base, "admin", self.gw.admin_password)
+            frames: list[dict[str, Any]] = []
+            subscribed = threading.Event()
+            go_on = threading.Event()
+
+            def client() -> None:
+                with ws_client.connect(self.ws_url, additional_headers={
+                        "Authorization": f"Bearer {tokens['access_token']}"}) as ws:
+                    ws.recv(timeout=5)  # welcome
+                    frames.append(json.loads(ws.recv(timeout=5)))  # auth_success from the upgrade header
+                    ws.send(json.dumps({"type": "subscribe", "topic": "conversation/"}))
+                    frames.append(json.loads(ws.recv(timeout=5)))
+                    subscribed.set()
+                    frames.append(json.loads(ws.recv(timeout=5)))  # the event
+                    go_on.wait(10)
+                    frames.append(json.loads(ws.recv(timeout=5)))  # auth_revoked
+                    ws.send(json.dumps({"type": "request", "id": 9, "method": "GET", "path": "/api/v1/users/me"}))
+                    frames.append(json.loads(ws.recv(timeout=5)))
+
+            done = threads.deferToThread(client)
+            for _ in range(250):
+                if subscribed.is_set():
+                    break
+                await deferLater(reactor, 0.02, lambda: None)
+            await deferLater(reactor, 0.2, lambda: None)  # the bus subscription reaches the broker
+            bus = self.gw.service.bus
+            assert bus is not None
+            bus.publish("conversation/events/v1",
+                        wrap(ApiEvent(topic="conversation/events/v1", body=b'{"typing": true}'), "test"))
+            for _ in range(250):
+                if len(frames) >= 3:
+                    break
+                await deferLater(reactor, 0.02, lambda: None)
+            self.assertEqual(len(frames), 3, frames)
+            r = await self.http.post(self.gw.base + "/api/v1/users/logout", json={},
+                                     headers={"Authorization": f"Bearer {tokens['access_token']}"})
+            self.assertEqual(r.code, 204)
+            go_on.set()
+            await done
+            auth, sub, event, revoked, after = frames
+            self.assertEqual((auth["type"], auth["subject"]), ("auth_success", "admin"))
+            self.assertEqual(sub["type"], "subscribed")
+            self.assertEqual((event["type"], event["topic"], event["body"]), ("event", "conversation/events/v1", {"typing": True}))
+            self.assertEqual(revoked["type"], "auth_revoked")
+            self.assertEqual(after["body"]["code"] if "body" in after else after["problem"]["code"], "token_revoked")
+
+        return ensureDeferred(go())
+
+    def _dealer(self, endpoint: str, server_key: bytes | None) -> zmq.Socket[bytes]:
+        ctx = zmq.Context.instance()
+        sock = ctx.socket(zmq.DEALER)
+        sock.linger = 0
+        public, secret = zmq.curve_keypair()
+        if server_key is not None:
+            sock.curve_publickey, sock.curve_secretkey, sock.curve_serverkey = public, secret, server_key
+        sock.connect(endpoint)
+        self.addCleanup(sock.close)
+        return sock
+
+    def test_ipc_dealer_over_ipc_and_tcp_fallback_with_curve(self) -> Any:
+        token = self.tokens["access_token"]
+        server_key, _ = zmq.auth.load_certificate(self.gw.state_dir / "curve" / "gateway.key")
+        ipc = self.gw.ports["ipc"]
+
+        def ask(endpoint: str, key: bytes | None) -> ApiResponse | None:
+            sock = self._dealer(endpoint, key)
+            request = ApiRequest(method="POST", path="/api/v1/conversations/messages",
+                                 headers={"authorization": f"Bearer {token}"},
+                                 body=b'{"message": "over ipc"}')
+            sock.send(wrap(request, "test", {"correlation_id": uuid.uuid4().hex}).SerializeToString())
+            if not sock.poll(3000):
+                return None
+            return unpack(AicoMessage.FromString(sock.recv()), ApiResponse)
+
+        def run() -> list[ApiResponse | None]:
+            wrong, _ = zmq.curve_keypair()
+            return [ask(ipc["endpoint"], server_key), ask(ipc["fallback"], server_key),
+                    ask(ipc["fallback"], wrong)]
+
+        def check(results: list[ApiResponse | None]) -> None:
+            over_ipc, over_tcp, wrong_key = results
+            for r in (over_ipc, over_tcp):
+                assert r is not None
+                self.assertEqual((r.status, json.loads(r.body)["reply"]), (200, "over ipc"))
+            self.assertIsNone(wrong_key)
+
+        return threads.deferToThread(run).addCallback(check)
+
+    def test_client_library_prefers_ipc_and_falls_back_to_websocket(self) -> Any:
+        async def go() -> None:
+            token = self.tokens["access_token"]
+            client = await connect(reactor, self.gw.state_dir, token=token)
+            self.addCleanup(client.close)
+            self.assertEqual(client.transport_name, "ipc")
+            response = await client.request("GET", "/api/v1/users/me")
+            self.assertEqual((response.status, response.json()["username"]), (200, "admin"))
+            ws_only = await connect(reactor, self.gw.state_dir, token=token, order=("websocket",))
+            self.addCleanup(ws_only.close)
+            self.assertEqual(ws_only.transport_name, "websocket")
+            response = await ws_only.request("POST", "/api/v1/conversations/messages", {"message": "x"})
+            self.assertEqual((response.status, response.json()["reply"]), (200, "x"))
+
+        return ensureDeferred(go())
+
+    def test_transport_negotiation_lists_this_gateways_endpoints(self) -> Any:
+        async def go() -> None:
+            r = await self.http.get(self.gw.base + "/api/v1/transport")
+            body = json.loads(await r.content())
+            self.assertEqual(r.code, 200)
+            text = json.dumps(body)
+            self.assertIn(self.gw.ports["ipc"]["endpoint"], text)
+            self.assertIn(self.gw.ports["ipc"]["fallback"], text)
+            self.assertIn("/ws", text)
+
+        return ensureDeferred(go())
+
