@@ -91,9 +91,11 @@ class RealtimeGatewayTests(TestCase):
                 if subscribed.is_set():
                     break
                 await deferLater(reactor, 0.02, lambda: None)
-            await deferLater(reactor, 0.2, lambda: None)  # the bus subscription reaches the broker
             bus = self.gw.service.bus
             assert bus is not None
+            # The gateway's own PUB socket publishes the event: wait until it has learnt of
+            # the subscription the socket caused (ZeroMQ's slow joiner).
+            await bus.wait_subscribed(["conversation/"], timeout=5.0)
             bus.publish("conversation/events/v1",
                         wrap(ApiEvent(topic="conversation/events/v1", body=b'{"typing": true}'), "test"))
             for _ in range(250):
