@@ -16,6 +16,7 @@ seam; ``docs/bus.md`` has the measured numbers and the reason for the default:
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -613,7 +614,7 @@ class BusClient:
     ) -> Deferred[AicoMessage]:
         if self._state != "running":
             return fail(BusStopped(f"bus client {self.source} is not running"))
-        correlation_id = uuid.uuid4().hex
+        correlation_id = os.urandom(16).hex()
         out = AicoMessage()
         out.CopyFrom(message)
         if not out.metadata.source:

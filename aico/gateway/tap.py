@@ -83,6 +83,7 @@ class Gateway:
         self.bus = bus
         self.directory = directory
         self.inflight = InFlight()
+        self._served_topics: frozenset[str] = frozenset()
         self.forwarder = BusForwarder(bus, self._served, lambda: self.config.bus.request_timeout,
                                       reactor)
         health = HealthDeps(bus=bus, clock=reactor, modules=lambda: directory.modules,
@@ -162,12 +163,17 @@ class Gateway:
 
     def _served(self, topic: str) -> bool:
         """Whether a live module serves *topic* (one of its routes names it)."""
-        for info in self.directory.modules.values():
-            if info.alive and any(topic in r.topic.split(",") for r in info.registration.routes):
-                return True
-        return False
+        return topic in self._served_topics
 
     def _on_module(self, event: str, info: Any) -> None:
+        # Topics served by live modules, recomputed on every registration and drop so that
+        # the hot path is one set lookup.
+        self._served_topics = frozenset(
+            t.strip()
+            for module in self.directory.modules.values() if module.alive
+            for r in module.registration.routes
+            for t in r.topic.split(",")
+        )
         if event != "registered":
             return
         own = {(e.method, e.path): e for e in self.own_routes}

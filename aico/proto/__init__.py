@@ -6,8 +6,8 @@ under ``aico.proto.aico`` are generated from them by ``make proto``.
 
 from __future__ import annotations
 
+import os
 import time
-import uuid
 from typing import TypeVar
 
 from google.protobuf.message import Message
@@ -54,7 +54,7 @@ def wrap(
     """Pack *payload* into a new ``AicoMessage`` with fresh metadata."""
     msg = AicoMessage()
     meta = msg.metadata
-    meta.message_id = message_id or uuid.uuid4().hex
+    meta.message_id = message_id or os.urandom(16).hex()
     now = time.time()
     meta.timestamp.seconds = int(now)
     meta.timestamp.nanos = int((now % 1) * 1e9)

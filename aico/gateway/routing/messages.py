@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
 import re
-import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -24,7 +24,7 @@ def request_id_from(candidate: str | None) -> str:
     """Keep a well-formed incoming request ID (SPEC §4), else make a new one."""
     if candidate and _REQUEST_ID.match(candidate):
         return candidate
-    return uuid.uuid4().hex
+    return os.urandom(16).hex()
 
 
 @dataclass(frozen=True, slots=True)
