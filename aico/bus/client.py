@@ -40,6 +40,7 @@ from aico.bus.interfaces import (
     MessageHandler,
 )
 from aico.proto import AicoMessage
+from aico.zmqreactor import SocketReader
 
 #: Attribute carried by the start-up probe a client sends to its own reply topic.
 ATTR_PROBE = "probe"
@@ -136,7 +137,6 @@ def _reconnect(sock: _Socket, endpoint: str) -> None:
     sock.connect(endpoint)
 
 
-@implementer(IReadDescriptor)
 class _NativeTransport:
     """pyzmq sockets driven by the reactor through the SUB socket's edge-triggered FD."""
 
@@ -151,78 +151,34 @@ class _NativeTransport:
         keys: CurveClientKeys | None,
         receive: Receiver,
     ) -> None:
-        self._reactor = reactor
         self._endpoints = (pub, sub)
-        self._receive = receive
         self._pub = context.socket(zmq.PUB)
         self._sub = context.socket(zmq.SUB)
         for sock, endpoint in ((self._pub, pub), (self._sub, sub)):
             _configure(sock, keys)
             sock.connect(endpoint)
-        self._fd = int(self._sub.getsockopt(zmq.FD))
-        self._drain_call: IDelayedCall | None = None
-        self._closed = False
-        reactor.addReader(self)
-        self._schedule_drain()
-
-    # IReadDescriptor
-    def fileno(self) -> int:
-        return self._fd
-
-    def logPrefix(self) -> str:
-        return "aico-bus"
-
-    def doRead(self) -> None:
-        self._drain()
-
-    def connectionLost(self, reason: Failure) -> None:
-        pass
-
-    def _schedule_drain(self) -> None:
-        if self._drain_call is None and not self._closed:
-            self._drain_call = self._reactor.callLater(0, self._drain)
-
-    def _drain(self) -> None:
-        if self._drain_call is not None:
-            if self._drain_call.active():
-                self._drain_call.cancel()
-            self._drain_call = None
-        sub = self._sub
-        for _ in range(READ_BUDGET):
-            if self._closed:
-                return
-            try:
-                frames = sub.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            self._receive(frames)
-        # More may be waiting: the edge will not fire again, so come back next turn.
-        self._schedule_drain()
+        self._reader = SocketReader(reactor, self._sub, receive, "aico-bus", READ_BUDGET)
 
     def send(self, frames: Sequence[bytes]) -> None:
         self._pub.send_multipart(frames, zmq.NOBLOCK)
 
     def subscribe(self, prefix: bytes) -> None:
         self._sub.setsockopt(zmq.SUBSCRIBE, prefix)
-        self._schedule_drain()
+        self._reader.kick()
 
     def unsubscribe(self, prefix: bytes) -> None:
         self._sub.setsockopt(zmq.UNSUBSCRIBE, prefix)
-        self._schedule_drain()
+        self._reader.kick()
 
     def reconnect(self) -> None:
         _reconnect(self._pub, self._endpoints[0])
         _reconnect(self._sub, self._endpoints[1])
-        self._schedule_drain()
+        self._reader.kick()
 
     def close(self) -> None:
-        if self._closed:
+        if self._reader.closed:
             return
-        self._closed = True
-        self._reactor.removeReader(self)
-        if self._drain_call is not None and self._drain_call.active():
-            self._drain_call.cancel()
-        self._drain_call = None
+        self._reader.close()
         self._pub.close()
         self._sub.close()
 

@@ -22,12 +22,12 @@ import zmq.auth
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from google.protobuf.message import DecodeError
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IDelayedCall, IReadDescriptor
+from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from zope.interface import implementer
 
 from aico.proto import AicoMessage, ApiEvent, ApiRequest, ApiResponse, EnvelopeError, unpack, wrap
+from aico.zmqreactor import SocketReader
 
 EventHandler = Callable[[str, bytes], None]
 NoticeHandler = Callable[[str, dict[str, Any]], None]
@@ -83,7 +83,6 @@ class _Base:
 # --------------------------------------------------------------------------- IPC
 
 
-@implementer(IReadDescriptor)
 class IpcTransport(_Base):
     """A DEALER on ``ipc://`` or the TCP fallback, Curve client of the gateway's key.
 
@@ -110,43 +109,12 @@ class IpcTransport(_Base):
             sock.curve_publickey, sock.curve_secretkey = public, secret
             sock.curve_serverkey = server_key
         sock.connect(endpoint)
-        self._fd = int(sock.getsockopt(zmq.FD))
         self._pending: dict[str, tuple[Deferred[ClientResponse], IDelayedCall, list[bytes], float]] = {}
-        self._drain_call: IDelayedCall | None = None
-        self._closed = False
-        reactor.addReader(self)
+        self._reader = SocketReader(reactor, sock, self._received, "aico-client-ipc")
 
-    # IReadDescriptor: the FD is edge-triggered, so always drain until EAGAIN.
-    def fileno(self) -> int:
-        return self._fd
-
-    def logPrefix(self) -> str:
-        return "aico-client-ipc"
-
-    def doRead(self) -> None:
-        self._drain()
-
-    def connectionLost(self, reason: Failure) -> None:
-        pass
-
-    def _schedule_drain(self) -> None:
-        if self._drain_call is None and not self._closed:
-            self._drain_call = self.reactor.callLater(0, self._drain)
-
-    def _drain(self) -> None:
-        if self._drain_call is not None:
-            if self._drain_call.active():
-                self._drain_call.cancel()
-            self._drain_call = None
-        for _ in range(512):
-            if self._closed:
-                return
-            try:
-                frames = self._sock.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            self._received(frames)
-        self._schedule_drain()
+    @property
+    def _closed(self) -> bool:
+        return self._reader.closed
 
     def _received(self, frames: list[bytes]) -> None:
         if len(frames) != 1:
@@ -206,7 +174,7 @@ class IpcTransport(_Base):
         except zmq.Again as e:
             raise ClientError("the IPC send queue is full") from e
         finally:
-            self._schedule_drain()
+            self._reader.kick()
         if oneway:
             return succeed(ClientResponse(202))
         d: Deferred[ClientResponse] = Deferred(lambda _: self._forget(correlation))
@@ -243,10 +211,7 @@ class IpcTransport(_Base):
 
     def close(self) -> Deferred[None]:
         if not self._closed:
-            self._closed = True
-            self.reactor.removeReader(self)
-            if self._drain_call is not None and self._drain_call.active():
-                self._drain_call.cancel()
+            self._reader.close()
             for correlation in list(self._pending):
                 d, timer, _, _ = self._pending.pop(correlation)
                 if timer.active():
