@@ -185,3 +185,79 @@ class RealtimeGatewayTests(TestCase):
 
         return ensureDeferred(go())
 
+
+
+    def test_no_token_in_logs_over_websocket_and_ipc(self) -> Any:
+        """Tokens sent over WebSocket (upgrade header and auth frame) and IPC are never logged."""
+        from twisted.logger import formatEvent, globalLogPublisher
+
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        token = self.tokens["access_token"]
+        server_key, _ = zmq.auth.load_certificate(self.gw.state_dir / "curve" / "gateway.key")
+
+        def talk() -> None:
+            with ws_client.connect(self.ws_url, additional_headers={"Authorization": f"Bearer {token}"}) as ws:
+                ws.recv(timeout=5)
+                ws.recv(timeout=5)
+            with ws_client.connect(self.ws_url) as ws:
+                ws.recv(timeout=5)
+                ws.send(json.dumps({"type": "auth", "token": token}))
+                ws.recv(timeout=5)
+                ws.send(json.dumps({"type": "auth", "token": token + "x"}))  # a refused one too
+                ws.recv(timeout=5)
+            sock = self._dealer(self.gw.ports["ipc"]["fallback"], server_key)
+            sock.send(wrap(ApiRequest(method="GET", path="/api/v1/users/me",
+                                      headers={"authorization": f"Bearer {token}"}), "t",
+                           {"correlation_id": "c1"}).SerializeToString())
+            assert sock.poll(3000)
+            sock.recv()
+
+        def check(_: object) -> None:
+            # Autobahn's own debug lines (once routed here) carried the upgrade headers.
+            text = "\n".join(formatEvent(e) + " " + repr(e) for e in events)
+            for part in [token, *token.split(".")]:
+                self.assertNotIn(part, text)
+
+        return threads.deferToThread(talk).addCallback(check)
+
+    def test_hostile_input_over_websocket_and_ipc_is_a_clear_4xx(self) -> Any:
+        token = self.tokens["access_token"]
+        server_key, _ = zmq.auth.load_certificate(self.gw.state_dir / "curve" / "gateway.key")
+        deep = "[" * 100_000 + "]" * 100_000
+
+        def talk() -> dict[str, Any]:
+            out: dict[str, Any] = {}
+            with ws_client.connect(self.ws_url, max_size=None) as ws:
+                ws.recv(timeout=5)
+                ws.send(json.dumps({"type": "auth", "token": token}))
+                ws.recv(timeout=5)
+                ws.send(deep)  # the frame itself nests too deeply
+                out["ws_frame"] = json.loads(ws.recv(timeout=5))
+                ws.send(json.dumps({"type": "request", "id": 1, "method": "POST",
+                                    "path": "/api/v1/conversations/messages"})[:-1]
+                        + ', "body": ' + "[" * 100 + "]" * 100 + "}")  # deeper than limits.json_depth
+                out["ws_body"] = json.loads(ws.recv(timeout=5))
+                ws.send(json.dumps({"type": "heartbeat", "id": "still-open"}))
+                out["ws_alive"] = json.loads(ws.recv(timeout=5))
+            sock = self._dealer(self.gw.ports["ipc"]["fallback"], server_key)
+            for name, body in [("ipc_deep", deep.encode()),
+                               ("ipc_big", b'{"message": "' + b"x" * (2 * 1024 * 1024) + b'"}')]:
+                sock.send(wrap(ApiRequest(method="POST", path="/api/v1/conversations/messages",
+                                          headers={"authorization": f"Bearer {token}"}, body=body),
+                               "t", {"correlation_id": name}).SerializeToString())
+                assert sock.poll(5000), name
+                out[name] = unpack(AicoMessage.FromString(sock.recv()), ApiResponse)
+            return out
+
+        def check(out: dict[str, Any]) -> None:
+            self.assertEqual(out["ws_frame"]["type"], "error")
+            self.assertEqual((out["ws_frame"]["problem"]["status"], out["ws_frame"]["problem"]["code"]),
+                             (400, "malformed_json"))
+            self.assertEqual((out["ws_body"]["status"], out["ws_body"]["body"]["code"]), (400, "validation_failed"))
+            self.assertEqual((out["ws_alive"]["type"], out["ws_alive"]["id"]), ("heartbeat_ack", "still-open"))
+            self.assertEqual((out["ipc_deep"].status, json.loads(out["ipc_deep"].body)["code"]), (400, "validation_failed"))
+            self.assertEqual((out["ipc_big"].status, json.loads(out["ipc_big"].body)["code"]), (413, "payload_too_large"))
+
+        return threads.deferToThread(talk).addCallback(check)

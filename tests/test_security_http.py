@@ -358,6 +358,27 @@ class LimitTests(GatewayCase):
 
         return ensureDeferred(go())
 
+    def test_hostile_json_is_refused_with_4xx_never_500(self) -> Any:
+        async def go() -> None:
+            admin = self.tokens["access_token"]
+            cases = [
+                (b"[" * 100_000 + b"]" * 100_000, 400, "validation_failed"),  # RecursionError inside json
+                (b'{"message": "a\\ud800b"}', 400, "validation_failed"),  # a lone surrogate
+                (b'{"message": "x", "message": "y"}', 400, "malformed_json"),  # duplicate member
+                (b'{"message": NaN}', 400, "malformed_json"),
+                (b'{"message": 1e999}', 400, "malformed_json"),
+                (b'{"message": ' + b"1" * 5000 + b"}", 400, "malformed_json"),  # int digits limit
+            ]
+            for raw, status, code in cases:
+                r = await self.anon.post(self.base + "/api/v1/conversations/messages", data=raw,
+                                         headers={"Content-Type": "application/json",
+                                                  "Authorization": f"Bearer {admin}"})
+                problem = json.loads(await r.content())
+                self.assertEqual((r.code, problem["code"]), (status, code), raw[:40])
+                self.assertNotIn("sys.", problem["detail"])
+
+        return ensureDeferred(go())
+
     def test_strings_are_nfc_normalised(self) -> Any:
         async def go() -> None:
             status, body, _ = await self.call("POST", "/api/v1/conversations/messages",

@@ -50,6 +50,7 @@ from aico.gateway.errors import (
     ApiError,
     BadRequest,
     Forbidden,
+    InternalError,
     MalformedJson,
     PayloadTooLarge,
     RateLimited,
@@ -58,6 +59,7 @@ from aico.gateway.errors import (
 from aico.gateway.lifecycle import InFlight
 from aico.gateway.routing.dispatch import Dispatcher
 from aico.gateway.routing.messages import Principal, Request, Response, request_id_from
+from aico.gateway.security.validate import loads as strict_json
 from aico.proto import ApiEvent, ApiResponse
 from aico.proto.aico.gateway.v1.gateway_pb2 import SocketFrame
 
@@ -168,9 +170,9 @@ class JsonCodec:
             raise FrameError(BadRequest(
                 f"binary frames need the {SUBPROTOCOL_PROTO} subprotocol"))
         try:
-            obj = json.loads(payload)
-        except ValueError as e:
-            raise FrameError(MalformedJson("the frame is not JSON")) from e
+            obj = strict_json(payload)
+        except (ValueError, RecursionError) as e:
+            raise FrameError(MalformedJson("the frame is not JSON (or nests too deeply)")) from e
         if not isinstance(obj, dict):
             raise FrameError(BadRequest("a frame is a JSON object"))
         frame_id = obj.get("id")
@@ -388,7 +390,9 @@ def _bearer(header: str) -> str:
 class WebSocketSession(WebSocketServerProtocol):
     """One WebSocket connection (see the module docstring for its states)."""
 
-    log = Logger()
+    #: Ours: Autobahn's own ``log`` (txaio, info level) must stay, since its debug lines
+    #: include the upgrade request's headers — the bearer token among them.
+    _log = Logger()
     factory: GatewayWebSocketFactory
 
     def __init__(self) -> None:
@@ -464,7 +468,7 @@ class WebSocketSession(WebSocketServerProtocol):
                 transport.unregisterProducer()  # twisted.web's HTTP channel, now gone
             transport.registerProducer(self, True)
         except (AttributeError, RuntimeError):
-            self.log.warn("websocket {id}: no flow control on this transport", id=self.info.id)
+            self._log.warn("websocket {id}: no flow control on this transport", id=self.info.id)
 
     # -- IPushProducer (the TCP transport tells us when its buffer is full) -------------
 
@@ -500,7 +504,7 @@ class WebSocketSession(WebSocketServerProtocol):
         self.sendMessage(payload, isBinary=self.codec.binary)  # type: ignore[no-untyped-call]
 
     def _slow_consumer(self) -> None:
-        self.log.warn("websocket {id} ({peer}) fell behind by {bytes} bytes: dropped",
+        self._log.warn("websocket {id} ({peer}) fell behind by {bytes} bytes: dropped",
                       id=self.info.id, peer=self.info.peer, bytes=self._queued)
         self._queue.clear()
         self._queued = 0
@@ -560,6 +564,13 @@ class WebSocketSession(WebSocketServerProtocol):
         except FrameError as e:
             self._error(e.frame_id, e.error)
             return
+        try:
+            self._handle_frame(frame)
+        except Exception:  # a bad frame must never end the socket
+            self._log.failure("websocket {id}: frame handling failed", id=self.info.id)
+            self._error(frame.id, InternalError())
+
+    def _handle_frame(self, frame: ClientFrame) -> None:
         if frame.type == "request":
             self._request(frame)
         elif frame.type == "auth":
@@ -593,7 +604,7 @@ class WebSocketSession(WebSocketServerProtocol):
             if isinstance(failure.value, ApiError):
                 self._error(frame.id, failure.value)
             else:
-                self.log.failure("authenticating websocket {id} failed", failure, id=self.info.id)
+                self._log.failure("authenticating websocket {id} failed", failure, id=self.info.id)
                 self._error(frame.id, Unauthenticated("the token could not be checked"))
 
         d.addCallbacks(ok, refused)
@@ -710,7 +721,7 @@ class WebSocketSession(WebSocketServerProtocol):
         return stream.subscribe(on_chunk).addCallbacks(ended, broke).addBoth(forget)
 
     def _respond_failed(self, failure: Failure, frame_id: Any, request: Request) -> None:
-        self.log.failure("websocket {id}: answering request {request_id} failed", failure,
+        self._log.failure("websocket {id}: answering request {request_id} failed", failure,
                          id=self.info.id, request_id=request.request_id)
 
     # -- subscriptions -----------------------------------------------------------------

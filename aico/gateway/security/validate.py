@@ -16,6 +16,8 @@ Strings (and keys) are NFC-normalised; the normalised document is what the route
 from __future__ import annotations
 
 import json
+import math
+import re
 import unicodedata
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -24,7 +26,12 @@ from jsonschema import Draft202012Validator
 from jsonschema.exceptions import SchemaError
 
 from aico.gateway.config import LimitsSection
-from aico.gateway.errors import MalformedJson, UnsupportedMediaType, ValidationFailed
+from aico.gateway.errors import (
+    MalformedJson,
+    PayloadTooLarge,
+    UnsupportedMediaType,
+    ValidationFailed,
+)
 from aico.gateway.routing.messages import Request
 from aico.gateway.routing.table import RouteEntry
 
@@ -33,6 +40,40 @@ _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
 _CONTROL = {c for c in range(0x20) if c not in (0x09, 0x0A, 0x0D)} | {0x7F} | set(range(0x80, 0xA0))
 _CONTROL_TABLE = {c: None for c in _CONTROL}
 _MAX_ERRORS = 20
+_SURROGATE = re.compile("[\ud800-\udfff]")
+
+
+class _Refused(ValueError):
+    """JSON that the standard allows to parse but that the gateway does not accept."""
+
+
+def _no_constants(name: str) -> Any:
+    raise _Refused(f"{name} is not JSON")
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _Refused(f"duplicate member {key!r}")
+            seen.add(key)
+    return out
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if math.isinf(value):
+        raise _Refused(f"{text} is out of range")
+    return value
+
+
+def loads(data: bytes | str) -> Any:
+    """Strict JSON: no ``NaN``/``Infinity`` (nor numbers that overflow to it), no duplicate
+    members."""
+    return json.loads(data, parse_constant=_no_constants, parse_float=_finite,
+                      object_pairs_hook=_no_duplicates)
 
 
 class InvalidSchema(ValueError):
@@ -102,6 +143,12 @@ class _Walker:
                 self.errors.append({"pointer": pointer(where),
                                     "detail": "control characters are not allowed"})
                 return s
+            if _SURROGATE.search(s):
+                # A lone UTF-16 surrogate ("\ud800") is valid JSON but not valid Unicode:
+                # nothing downstream could encode it.
+                self.errors.append({"pointer": pointer(where),
+                                    "detail": "unpaired surrogates are not allowed"})
+                return s
             n = unicodedata.normalize("NFC", s)
             if n != s:
                 self.changed = True
@@ -143,11 +190,19 @@ def parse_json(request: Request, limits: LimitsSection) -> Any:
             f"expected Content-Type application/json, got {request.headers.get('content-type')!r}"
         )
     try:
-        value = json.loads(request.body)
+        value = loads(request.body)
     except UnicodeDecodeError as e:
         raise MalformedJson("the body is not UTF-8") from e
-    except ValueError as e:
+    except _Refused as e:
         raise MalformedJson(f"the body is not valid JSON: {e}") from e
+    except json.JSONDecodeError as e:
+        raise MalformedJson(f"the body is not valid JSON: {e.msg} at line {e.lineno} "
+                            f"column {e.colno}") from e
+    except ValueError as e:
+        raise MalformedJson("the body is not valid JSON") from e
+    except RecursionError as e:
+        raise ValidationFailed([{"pointer": "", "detail": f"nested deeper than "
+                                 f"{limits.json_depth} levels"}]) from e
     walker = _Walker(limits)
     value = walker.walk(value, 0, [])
     if walker.errors:
@@ -163,6 +218,10 @@ def make_step(limits: Callable[[], LimitsSection]) -> Callable[[Request], None]:
     def validate(request: Request) -> None:
         entry = request.route
         assert entry is not None
+        # Adapters bound what they buffer (REST while the body arrives); this is the limit
+        # for every transport alike.
+        if len(request.body) > limits().body_max:
+            raise PayloadTooLarge(f"the request body is larger than {limits().body_max} bytes")
         has_body = bool(request.body)
         validator: Draft202012Validator | None = entry.extra.get("validator")
         if validator is None:
