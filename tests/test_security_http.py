@@ -414,6 +414,16 @@ class LimitTests(GatewayCase):
                 self.assertTrue(head.startswith(b"HTTP/1.1 400"), head)
                 self.assertIn(b"application/problem+json", head)
                 self.assertEqual(json.loads(body)["code"], "bad_request")
+                self.assertIn(b"X-Request-ID: " + json.loads(body)["request_id"].encode(), head)
+            # A declared body over the limit is refused at once, before any of it is sent.
+            proto = Raw()
+            await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), proto)
+            proto.transport.write(b"POST /api/v1/conversations/messages HTTP/1.1\r\nHost: x\r\n"
+                                  b"Content-Type: application/json\r\nContent-Length: 99999999999\r\n\r\n")
+            data = await proto.done
+            head, _, body = data.partition(b"\r\n\r\n")
+            self.assertTrue(head.startswith(b"HTTP/1.1 413"), head)
+            self.assertEqual(json.loads(body)["code"], "payload_too_large")
 
         return ensureDeferred(go())
 

@@ -23,7 +23,7 @@ from twisted.web.resource import IResource
 from twisted.web.server import Request as WebRequest
 from twisted.web.server import Site
 
-from aico.gateway.errors import BadRequest, PayloadTooLarge, problem_body
+from aico.gateway.errors import ApiError, BadRequest, PayloadTooLarge, problem_body
 from aico.gateway.lifecycle import InFlight
 from aico.gateway.routing.dispatch import Dispatcher, error_response
 from aico.gateway.routing.messages import Request, Response, request_id_from
@@ -61,8 +61,13 @@ class LimitedRequest(WebRequest):
 
     def gotLength(self, length: int | None) -> None:
         if length is not None and length > self._limit():
+            # Declared too large: answer at once rather than read (and drop) it all.
             self.too_large = True
             self.content = _Discard()
+            channel = self.channel
+            if isinstance(channel, LimitedChannel):
+                channel.refuse(PayloadTooLarge(f"the request body is larger than "
+                                               f"{self._limit()} bytes"))
             return
         super().gotLength(length)  # type: ignore[no-untyped-call]
 
@@ -98,13 +103,19 @@ class LimitedChannel(HTTPChannel):
     def _respondToBadRequestAndDisconnect(self) -> None:
         """Requests Twisted refuses before they reach us (too many or too large header
         fields, a malformed request line) get a problem+json body too, not a bare 400."""
-        body = problem_body(BadRequest("the request line or header fields are malformed or "
-                                       "exceed the limits"), request_id_from(None))
+        self.refuse(BadRequest("the request line or header fields are malformed or exceed "
+                               "the limits"))
+
+    def refuse(self, error: ApiError) -> None:
+        """Answer *error* as problem+json (with its request ID) and close the connection."""
+        request_id = request_id_from(None)
+        body = problem_body(error, request_id)
+        head = (f"HTTP/1.1 {error.status} {error.title}\r\n"
+                "Content-Type: application/problem+json\r\n"
+                f"X-Request-ID: {request_id}\r\nConnection: close\r\n"
+                f"Content-Length: {len(body)}\r\n\r\n").encode("latin-1")
         assert self.transport is not None
-        self.transport.write(
-            b"HTTP/1.1 400 Bad Request\r\nContent-Type: application/problem+json\r\n"
-            b"Connection: close\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
-        )
+        self.transport.write(head + body)
         self.loseConnection()  # type: ignore[no-untyped-call]
 
 
