@@ -261,3 +261,32 @@ class RealtimeGatewayTests(TestCase):
             self.assertEqual((out["ipc_big"].status, json.loads(out["ipc_big"].body)["code"]), (413, "payload_too_large"))
 
         return threads.deferToThread(talk).addCallback(check)
+
+    def test_websocket_origins_and_plain_get(self) -> Any:
+        port = self.gw.ports["http"]["port"]
+
+        def talk() -> dict[str, Any]:
+            out: dict[str, Any] = {}
+            for name, origin in [("evil", "http://evil.example"), ("local", f"http://127.0.0.1:{port}")]:
+                try:
+                    with ws_client.connect(self.ws_url, origin=origin) as ws:  # type: ignore[arg-type]
+                        out[name] = json.loads(ws.recv(timeout=5))["type"]
+                except Exception as e:
+                    out[name] = type(e).__name__ + ": " + str(e)
+            with ws_client.connect(self.ws_url) as ws:  # no Origin: not a browser
+                out["none"] = json.loads(ws.recv(timeout=5))["type"]
+            return out
+
+        def check(out: dict[str, Any]) -> None:
+            self.assertIn("rejected WebSocket connection: HTTP 400", out["evil"])
+            self.assertEqual((out["local"], out["none"]), ("welcome", "welcome"))
+
+        async def plain_get() -> None:
+            r = await self.http.get(self.gw.base + "/ws")
+            body = json.loads(await r.content())
+            self.assertEqual((r.code, body["code"]), (400, "bad_request"))
+            self.assertEqual(r.headers.getRawHeaders("x-request-id")[0], body["request_id"])
+            self.assertNotIn(b"Autobahn", json.dumps(body).encode())
+
+        d = threads.deferToThread(talk).addCallback(check)
+        return d.addCallback(lambda _: ensureDeferred(plain_get()))

@@ -115,6 +115,12 @@ class WebSocketSection:
     max_message_size: int = 1_048_576
     #: Bytes queued to one socket before it is dropped as a slow consumer.
     send_buffer: int = 4_194_304
+    #: Browser origins allowed to open a socket (``*`` wildcards); clients that send no
+    #: ``Origin`` (not browsers) are always allowed. Default: pages served from this machine.
+    allowed_origins: tuple[str, ...] = (
+        "http://127.0.0.1:*", "http://localhost:*", "http://::1:*",
+        "https://127.0.0.1:*", "https://localhost:*", "https://::1:*",
+    )
 
 
 @dataclass(frozen=True)

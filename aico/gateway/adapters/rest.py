@@ -205,6 +205,13 @@ class RestAdapter:
     def ws(self, request: IRequest) -> Any:
         if self.websocket is None:
             return self._handle(request)
+        upgrade = request.requestHeaders.getRawHeaders(b"upgrade") or [b""]
+        if upgrade[0].lower() != b"websocket":
+            normalized = normalize(request, self.transport)
+            error = BadRequest("/ws is a WebSocket endpoint: open it with an Upgrade request",
+                               headers={"Upgrade": "websocket"})
+            return self._write_head(request, normalized,
+                                    error_response(error, normalized.request_id))
         return self.websocket
 
     @app.route("/", branch=True)

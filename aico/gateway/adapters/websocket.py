@@ -829,6 +829,10 @@ class GatewayWebSocketFactory(WebSocketServerFactory):
             closeHandshakeTimeout=1.0,
             openHandshakeTimeout=10.0,
             echoCloseCodeReason=True,
+            # No status page on a plain GET (the REST adapter answers it), and only the
+            # configured browser origins: a web page elsewhere cannot drive the gateway.
+            webStatus=False,
+            allowedOrigins=list(settings().allowed_origins),
         )
 
     def close_all(self, code: int = CLOSE_GOING_AWAY, reason: str = "gateway stopping") -> int:
