@@ -57,7 +57,13 @@ class TableTests(SynchronousTestCase):
     def test_wrong_method_lists_allowed(self) -> None:
         t = RouteTable([entry("GET", "/x"), entry("DELETE", "/x", capability="c", public=False)])
         e = self.assertRaises(MethodNotAllowed, t.match, "POST", "/x")
-        self.assertEqual(e.headers["Allow"], "DELETE, GET")
+        self.assertEqual(e.headers["Allow"], "DELETE, GET, HEAD")
+
+    def test_head_is_served_by_the_get_route(self) -> None:
+        t = RouteTable([entry("GET", "/x"), entry("POST", "/y", capability="c", public=False)])
+        self.assertEqual(t.match("HEAD", "/x")[0].method, "GET")
+        e = self.assertRaises(MethodNotAllowed, t.match, "HEAD", "/y")
+        self.assertEqual(e.headers["Allow"], "POST")
 
     def test_placeholder_names_may_differ_per_method(self) -> None:
         t = RouteTable([entry("GET", "/u/{a}"), entry("PUT", "/u/{b}")])
@@ -90,7 +96,7 @@ class DispatcherTests(SynchronousTestCase):
         d = Dispatcher(RouteTable([entry("GET", "/x")]))
         status, problem, headers = body(d.handle(req("POST", "/x")))
         self.assertEqual(
-            (status, problem["code"], headers["Allow"]), (405, "method_not_allowed", "GET")
+            (status, problem["code"], headers["Allow"]), (405, "method_not_allowed", "GET, HEAD")
         )
 
     def test_steps_run_in_order_and_can_refuse(self) -> None:

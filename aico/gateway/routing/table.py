@@ -122,8 +122,14 @@ class RouteTable:
         if by_method is None:
             raise NotFound(f"no route for {path}")
         entry = by_method.get(method)
+        if entry is None and method == "HEAD":
+            # RFC 9110: HEAD wherever GET works (twisted.web sends no body for HEAD).
+            entry = by_method.get("GET")
         if entry is None:
-            raise MethodNotAllowed(sorted(by_method))
+            allowed = set(by_method)
+            if "GET" in allowed:
+                allowed.add("HEAD")
+            raise MethodNotAllowed(sorted(allowed))
         if not groups:
             return entry, {}
         # Placeholders are positional: each method's template may name them its own way.

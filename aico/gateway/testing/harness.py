@@ -117,6 +117,9 @@ class AuthedClient:
     def get(self, url: str, **kw: Any) -> Any:
         return self.request("GET", url, **kw)
 
+    def head(self, url: str, **kw: Any) -> Any:
+        return self.request("HEAD", url, **kw)
+
     def post(self, url: str, **kw: Any) -> Any:
         return self.request("POST", url, **kw)
 
