@@ -467,6 +467,17 @@ burst = 3
 
         return ensureDeferred(go())
 
+    def test_refused_requests_count_against_the_limit(self) -> Any:
+        async def go() -> None:
+            codes = []
+            for _ in range(4):
+                status, body, headers = await self.call("GET", "/api/v1/users/me", "not-a-token")
+                codes.append((status, body["code"]))
+                self.assertTrue(headers.getRawHeaders("ratelimit-policy"))
+            self.assertEqual(codes, [(401, "token_invalid")] * 3 + [(429, "rate_limited")])
+
+        return ensureDeferred(go())
+
     def test_one_client_never_affects_another(self) -> Any:
         async def go() -> None:
             admin = self.tokens["access_token"]

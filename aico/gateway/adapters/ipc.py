@@ -449,6 +449,7 @@ class IpcListener:
             query=query,
             body=api.body,
             accepts_stream=query.get("stream") == "true" and (stream_ok or correlation is not None),
+            connection_id=peer.info.id,
         )
         d = self.dispatcher.handle(request)
         d.addCallback(self._respond, peer, correlation, request)

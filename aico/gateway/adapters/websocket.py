@@ -683,6 +683,7 @@ class WebSocketSession(WebSocketServerProtocol):
             body=frame.body,
             accepts_stream=frame.query.get("stream") == "true",
             device_id=self.info.device_id,
+            connection_id=self.info.id,
         )
         self._in_flight += 1
         f.inflight.enter()

@@ -63,6 +63,10 @@ class Request:
     json: Any = _UNSET
     #: Connection-level identity (device certificate), set by the adapter.
     device_id: str = ""
+    #: The connection this request came on, for adapters with lasting connections
+    #: (WebSocket session, IPC peer): anonymous callers are rate-limited per connection
+    #: rather than per address, so local clients sharing 127.0.0.1 do not share a budget.
+    connection_id: str = ""
     #: The device is trusted for administration (set by the adapter from the registry).
     device_admin: bool = False
     #: The verified token claims, set by the authentication step.
@@ -72,11 +76,13 @@ class Request:
 
     @property
     def client_key(self) -> str:
-        """The identity the rate limiter counts: user, device, or address."""
+        """The identity the rate limiter counts: user, device, connection, or address."""
         if self.principal is not None:
             return "user:" + self.principal.subject
         if self.device_id:
             return "device:" + self.device_id
+        if self.connection_id:
+            return "conn:" + self.connection_id
         return "addr:" + self.peer_host
 
     def parsed_json(self) -> Any:

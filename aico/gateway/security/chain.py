@@ -142,11 +142,42 @@ class SecurityChain:
             raise RateLimited(f"too many requests; retry in {decision.retry_after} s",
                               headers=headers)
 
+    def _charge_refusal(self, request: Request, error: ApiError) -> None:
+        """A refused request still costs the client one request of the route's tier, so
+        bad tokens or malformed bodies cannot be sent without limit."""
+        config = self.config()
+        if not config.ratelimit.enabled or request.route is None:
+            return
+        decision = self.limiter.check(request.client_key, request.route.tier)
+        request.response_headers.update(decision.headers())
+        if not decision.allowed:
+            headers = {"Retry-After": str(decision.retry_after)}
+            if decision.blocked:
+                raise TemporarilyBlocked(
+                    f"too many requests; blocked for {decision.retry_after} s", headers=headers
+                ) from error
+            raise RateLimited(f"too many requests; retry in {decision.retry_after} s",
+                              headers=headers) from error
+
+    def _counted(self, step: Callable[[Request], None]) -> Step:
+        def run(request: Request) -> None:
+            try:
+                step(request)
+            except ApiError as error:
+                self._charge_refusal(request, error)
+                raise
+
+        run.__name__ = getattr(step, "__name__", "step")
+        return run
+
     def steps(self) -> list[Step]:
-        """authenticate → authorize → validate → rate-limit (then the route's handler)."""
+        """authenticate → authorize → validate → rate-limit (then the route's handler).
+
+        A request refused by one of the first three is counted by the rate limiter too.
+        """
         return [
-            self.authenticate,
-            self.authorize,
-            validate.make_step(lambda: self.config().limits),
+            self._counted(self.authenticate),
+            self._counted(self.authorize),
+            self._counted(validate.make_step(lambda: self.config().limits)),
             self.rate_limit,
         ]
