@@ -1,0 +1,161 @@
+"""Every WebSocket frame type and error against the real gateway with an independent
+client: the ``websockets`` package (Autobahn's client is used in test_websocket.py)."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import websockets.sync.client as ws_client
+from twisted.internet import threads
+from twisted.internet.defer import ensureDeferred
+from twisted.trial.unittest import TestCase
+from websockets.exceptions import ConnectionClosed
+
+from aico.gateway.testing.harness import RunningGateway, http_client, login, start_gateway
+from aico.proto import ApiRequest
+from aico.proto.aico.gateway.v1.gateway_pb2 import Auth, Heartbeat, SocketFrame, Topic
+
+
+class IndependentClientTests(TestCase):
+    timeout = 60
+    extra = "[websocket]\nauth_timeout = 0.5\nidle_timeout = 1.0\nmax_message_size = 4096\n"
+
+    def setUp(self) -> Any:
+        async def go() -> None:
+            self.gw: RunningGateway = await start_gateway(self, self.extra)
+            self.tokens = await login(http_client(self), self.gw.base, "admin", self.gw.admin_password)
+            self.url = self.gw.base.replace("http://", "ws://") + "/ws"
+
+        return ensureDeferred(go())
+
+    def run_client(self, client: Any, check: Any) -> Any:
+        return threads.deferToThread(client).addCallback(check)
+
+    def test_json_frames_heartbeat_subscribe_unsubscribe_and_errors(self) -> Any:
+        token = self.tokens["access_token"]
+
+        def client() -> list[Any]:
+            out = []
+            with ws_client.connect(self.url) as ws:
+                def ask(frame: Any) -> Any:
+                    ws.send(frame if isinstance(frame, str | bytes) else json.dumps(frame))
+                    return json.loads(ws.recv(timeout=5))
+
+                out.append(json.loads(ws.recv(timeout=5)))                              # welcome
+                out.append(ask({"type": "auth", "token": token}))                       # auth_success
+                out.append(ask({"type": "heartbeat", "id": "h"}))                       # heartbeat_ack
+                out.append(ask({"type": "subscribe", "topic": "conversation/", "id": 1}))
+                out.append(ask({"type": "unsubscribe", "topic": "conversation/", "id": 2}))
+                out.append(ask("this is not json"))
+                out.append(ask({"id": 4}))                                                # no type
+                out.append(ask({"type": "dance", "id": 5}))                               # unknown type
+                out.append(ask({"type": "heartbeat", "pad": "x" * 8000}))                 # too large
+                out.append(ask({"type": "request", "id": 6, "method": "GET", "path": "/api/v1/nope"}))
+                out.append(ask({"type": "heartbeat", "id": "still-open"}))
+            return out
+
+        def check(out: list[Any]) -> None:
+            (welcome, auth, ack, sub, unsub, not_json, no_type, unknown, too_large,
+             not_found, alive) = out
+            self.assertEqual(welcome["type"], "welcome")
+            self.assertEqual((auth["type"], auth["subject"], auth["roles"]), ("auth_success", "admin", ["admin"]))
+            self.assertEqual((ack["type"], ack["id"]), ("heartbeat_ack", "h"))
+            self.assertEqual((sub["type"], sub["topic"]), ("subscribed", "conversation/"))
+            self.assertEqual((unsub["type"], unsub["topic"]), ("unsubscribed", "conversation/"))
+            for frame, code in [(not_json, "malformed_json"), (no_type, "bad_request"),
+                                (unknown, "bad_request"), (too_large, "payload_too_large")]:
+                self.assertEqual(frame["type"], "error", frame)
+                self.assertEqual(frame["problem"]["code"], code)
+            self.assertEqual((not_found["type"], not_found["status"], not_found["body"]["code"]),
+                             ("response", 404, "not_found"))
+            self.assertEqual(alive["type"], "heartbeat_ack")
+
+        return self.run_client(client, check)
+
+    def test_user_cannot_subscribe_to_system_or_another_users_topics(self) -> Any:
+        async def go() -> str:
+            admin = http_client(self, token=self.tokens["access_token"])
+            r = await admin.post(self.gw.base + "/api/v1/users",
+                                 json={"username": "ursula", "password": "a-long-password-1", "roles": ["user"]})
+            self.assertEqual(r.code, 201)
+            await r.content()
+            tokens = await login(http_client(self), self.gw.base, "ursula", "a-long-password-1")
+            return str(tokens["access_token"])
+
+        def client(token: str) -> list[Any]:
+            with ws_client.connect(self.url, additional_headers={"Authorization": f"Bearer {token}"}) as ws:
+                ws.recv(timeout=5)
+                ws.recv(timeout=5)
+                out = []
+                for topic in ("system/", "user/someone-else/", "user/ursula/", "conversation/"):
+                    ws.send(json.dumps({"type": "subscribe", "topic": topic}))
+                    out.append(json.loads(ws.recv(timeout=5)))
+                return out
+
+        def check(out: list[Any]) -> None:
+            self.assertEqual([f["type"] for f in out], ["error", "error", "subscribed", "subscribed"])
+            self.assertEqual(out[0]["problem"]["code"], "forbidden")
+
+        d = ensureDeferred(go())
+        d.addCallback(lambda token: threads.deferToThread(client, token))
+        return d.addCallback(check)
+
+    def test_binary_protobuf_subprotocol(self) -> Any:
+        token = self.tokens["access_token"]
+
+        def client() -> list[SocketFrame]:
+            out = []
+            with ws_client.connect(self.url, subprotocols=["aico.v1.proto"]) as ws:  # type: ignore[list-item]
+                assert ws.subprotocol == "aico.v1.proto"
+
+                def ask(frame: SocketFrame) -> SocketFrame:
+                    ws.send(frame.SerializeToString())
+                    return SocketFrame.FromString(ws.recv(timeout=5))
+
+                out.append(SocketFrame.FromString(ws.recv(timeout=5)))
+                out.append(ask(SocketFrame(auth=Auth(token=token))))
+                out.append(ask(SocketFrame(heartbeat=Heartbeat(id="p"))))
+                out.append(ask(SocketFrame(request=ApiRequest(
+                    request_id="r1", method="POST", path="/api/v1/conversations/messages",
+                    body=b'{"message": "binary"}'))))
+                out.append(ask(SocketFrame(subscribe=Topic(topic="conversation/", id="s"))))
+                ws.send(b"\xff\x00 not protobuf")
+                out.append(SocketFrame.FromString(ws.recv(timeout=5)))
+            return out
+
+        def check(out: list[SocketFrame]) -> None:
+            kinds = [f.WhichOneof("frame") for f in out]
+            self.assertEqual(kinds, ["welcome", "auth_success", "heartbeat_ack", "response", "subscribed", "error"])
+            self.assertEqual(out[1].auth_success.subject, "admin")
+            self.assertEqual((out[3].response.status, json.loads(out[3].response.body)["reply"]), (200, "binary"))
+            self.assertEqual(json.loads(out[5].error.problem)["status"], 400)
+
+        return self.run_client(client, check)
+
+    def test_auth_and_idle_timeouts_close_with_their_codes(self) -> Any:
+        token = self.tokens["access_token"]
+
+        def client() -> tuple[int | None, int | None]:
+            codes = []
+            with ws_client.connect(self.url) as ws:  # never authenticates
+                ws.recv(timeout=5)
+                try:
+                    while True:
+                        ws.recv(timeout=5)
+                except ConnectionClosed as e:
+                    codes.append(e.rcvd.code if e.rcvd else None)
+            with ws_client.connect(self.url, additional_headers={"Authorization": f"Bearer {token}"}) as ws:
+                ws.recv(timeout=5)
+                ws.recv(timeout=5)
+                try:  # authenticated but silent
+                    while True:
+                        ws.recv(timeout=5)
+                except ConnectionClosed as e:
+                    codes.append(e.rcvd.code if e.rcvd else None)
+            return codes[0], codes[1]
+
+        def check(codes: tuple[int | None, int | None]) -> None:
+            self.assertEqual(codes, (4001, 4002))
+
+        return self.run_client(client, check)
