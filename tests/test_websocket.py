@@ -147,7 +147,7 @@ class FrameTests:
             self.assertEqual((r["status"], r["body"]["code"]), (404, "not_found"))
             await c.send({"type": "request", "id": "m", "method": "DELETE", "path": "/api/v1/ping"})
             r = await c.recv()
-            self.assertEqual((r["status"], r["headers"]["Allow"]), (405, "GET"))
+            self.assertEqual((r["status"], r["headers"]["Allow"]), (405, "GET, HEAD"))
 
         return ensureDeferred(go())
 
