@@ -117,10 +117,11 @@ class RealtimeGatewayTests(TestCase):
 
         return ensureDeferred(go())
 
-    def _dealer(self, endpoint: str, server_key: bytes | None) -> zmq.Socket[bytes]:
+    def _dealer(self, endpoint: str, server_key: bytes | None, rcvhwm: int = 1000) -> zmq.Socket[bytes]:
         ctx = zmq.Context.instance()
         sock = ctx.socket(zmq.DEALER)
         sock.linger = 0
+        sock.rcvhwm = rcvhwm  # before connect: it applies to new connections only
         public, secret = zmq.curve_keypair()
         if server_key is not None:
             sock.curve_publickey, sock.curve_secretkey, sock.curve_serverkey = public, secret, server_key
@@ -290,3 +291,55 @@ class RealtimeGatewayTests(TestCase):
 
         d = threads.deferToThread(talk).addCallback(check)
         return d.addCallback(lambda _: ensureDeferred(plain_get()))
+
+    def test_ipc_slow_consumer_loses_its_subscriptions_while_a_fast_one_keeps_receiving(self) -> Any:
+        token = self.tokens["access_token"]
+        server_key, _ = zmq.auth.load_certificate(self.gw.state_dir / "curve" / "gateway.key")
+        endpoint = self.gw.ports["ipc"]["fallback"]
+        events = 15_000  # more than the ROUTER's 10,000-message queue per peer
+        state: dict[str, Any] = {}
+
+        def subscribe(name: str) -> zmq.Socket[bytes]:
+            # The slow one never reads, so the gateway's queue for it fills.
+            sock = self._dealer(endpoint, server_key, rcvhwm=10 if name == "slow" else 1000)
+            sock.send(wrap(ApiRequest(method="SUBSCRIBE", path="conversation/",
+                                      headers={"authorization": f"Bearer {token}"}), "t",
+                           {"correlation_id": name}).SerializeToString())
+            assert sock.poll(5000)
+            reply = unpack(AicoMessage.FromString(sock.recv()), ApiResponse)
+            assert reply.status == 200, reply
+            return sock
+
+        def setup() -> None:
+            state["slow"] = subscribe("slow")
+            state["fast"] = subscribe("fast")
+
+        def read_fast() -> int:
+            fast = state["fast"]
+            got = 0
+            while fast.poll(3000):
+                message = AicoMessage.FromString(fast.recv())
+                if message.any_payload.TypeName() == "aico.gateway.v1.ApiEvent":
+                    got += 1
+            return got
+
+        async def go() -> None:
+            await threads.deferToThread(setup)
+            bus = self.gw.service.bus
+            assert bus is not None
+            await bus.wait_subscribed(["conversation/"], timeout=5.0)
+            reader = threads.deferToThread(read_fast)
+            body = b'{"pad": "' + b"x" * 256 + b'"}'
+            for i in range(events):
+                bus.publish("conversation/load", wrap(ApiEvent(topic="conversation/load", body=body), "t"))
+                if i % 500 == 499:
+                    await deferLater(reactor, 0.01, lambda: None)
+            got = await reader
+            listener = self.gw.service.gateway.ipc  # type: ignore[union-attr]
+            self.assertGreaterEqual(listener.slow_consumers, 1)
+            self.assertEqual(got, events)
+            # the slow peer holds no subscription any more
+            subscribers = self.gw.service.gateway.connections.snapshot()  # type: ignore[union-attr]
+            self.assertEqual(sum(1 for c in subscribers if c.get("subscriptions")), 1, subscribers)
+
+        return ensureDeferred(go())
