@@ -1,14 +1,21 @@
 """``make bench``: the gateway's hot paths as ratios to floors measured in the same run.
 
-* **REST full chain** — ``POST /api/v1/conversations/messages`` with a bearer token: JWT
-  check (cached), RBAC, JSON Schema validation, rate limit, bus round trip to the
-  conversation module and back — against a bare ``twisted.web`` resource serving the
-  same bytes (``aico.bench.bare``). Load from ``wrk`` (64 connections, 2 threads) in
-  another process; requests/s and p50/p99 latency.
-* **Bus round trip** — ``aico.bench.bus_roundtrip``: request → module reply through the
-  embedded broker with Curve, against blocking pyzmq through the same broker.
+Paths (SPEC §9), each against a floor that serves the same bytes with nothing else:
 
-Needs ``wrk`` (Debian package ``wrk``; the Makefile installs it where missing).
+* **REST full chain** — ``POST /api/v1/conversations/messages`` with a bearer token (JWT
+  check, RBAC, JSON Schema validation, rate limit, bus round trip to the conversation
+  module) vs a bare ``twisted.web`` resource; load from ``wrk``.
+* **WebSocket request/response** — the same request as a ``request`` frame on ``/ws`` vs a
+  bare Autobahn WebSocket on ``twisted.web``; load from ``aico.bench.loadgen`` (asyncio,
+  ``websockets``).
+* **IPC request/response** — the same request as an ``ApiRequest`` over the ZeroMQ TCP
+  fallback with Curve vs a raw pyzmq ROUTER with Curve (the DEALER↔ROUTER round trip).
+* **Idle WebSocket memory** — the gateway's resident memory per open, authenticated,
+  idle socket, over 10,000 sockets.
+* **Bus round trip** — ``aico.bench.bus_roundtrip``.
+
+Every load runs in its own process with 64 connections, one request in flight each;
+latencies are p50/p99 in milliseconds. Needs ``wrk`` (the Makefile installs it).
 """
 
 from __future__ import annotations
@@ -23,9 +30,11 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 CONNECTIONS = 64
-DURATION = "5s"
+SECONDS = 5
+IDLE_SOCKETS = 10_000
 BENCH_CONFIG = """
 [http]
 port = 0
@@ -34,15 +43,19 @@ pub = "tcp://127.0.0.1:*"
 sub = "tcp://127.0.0.1:*"
 [ipc]
 fallback = "tcp://127.0.0.1:*"
+[websocket]
+auth_timeout = 600
+idle_timeout = 600
 [ratelimit.tiers.standard]
 requests = 100000000
 per_seconds = 1
 burst = 100000000
 """
 _UNITS = {"us": 1e-3, "ms": 1.0, "s": 1000.0}
+Result = dict[str, float]
 
 
-def _wait(path: Path, proc: subprocess.Popen[bytes], what: str) -> None:
+def _wait(path: Path, proc: subprocess.Popen[Any], what: str) -> None:
     for _ in range(600):
         if path.exists() and path.stat().st_size:
             return
@@ -52,78 +65,148 @@ def _wait(path: Path, proc: subprocess.Popen[bytes], what: str) -> None:
     raise SystemExit(f"{what} did not start")
 
 
-def wrk(url: str, script: Path | None = None) -> dict[str, float]:
-    cmd = ["wrk", "-t2", f"-c{CONNECTIONS}", f"-d{DURATION}", "--latency", url]
-    if script is not None:
-        cmd[1:1] = ["-s", str(script)]
+def wrk(url: str, script: Path) -> Result:
+    cmd = ["wrk", "-t2", f"-c{CONNECTIONS}", f"-d{SECONDS}s", "--latency", "-s", str(script), url]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout  # noqa: S603
     result = {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))}  # type: ignore[union-attr]
     for pct in ("50", "99"):
         m = re.search(rf"^\s+{pct}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
-        if m:
-            result[f"p{pct}"] = float(m.group(1)) * _UNITS[m.group(2)]
+        result[f"p{pct}"] = float(m.group(1)) * _UNITS[m.group(2)] if m else 0.0
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     result["errors"] = float(errors.group(1)) if errors else 0.0
     return result
 
 
-def _script(tmp: Path, token: str, body: str) -> Path:
-    path = tmp / "post.lua"
-    path.write_text(
-        'wrk.method = "POST"\n'
-        f"wrk.body = {json.dumps(body)}\n"
-        'wrk.headers["Content-Type"] = "application/json"\n'
-        f'wrk.headers["Authorization"] = "Bearer {token}"\n'
-    )
-    return path
+def loadgen(*args: str) -> Result:
+    out = subprocess.run([sys.executable, "-m", "aico.bench.loadgen", *args],  # noqa: S603
+                         capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])  # type: ignore[no-any-return]
 
 
-def rest(tmp: Path) -> list[tuple[str, dict[str, float], dict[str, float]]]:
-    bin_dir = Path(sys.executable).parent
-    body = json.dumps({"message": "hello there"})
-    floor_port = tmp / "bare.port"
-    bare = subprocess.Popen([sys.executable, "-m", "aico.bench.bare", str(floor_port)])  # noqa: S603
-    config = tmp / "bench.toml"
-    config.write_text(BENCH_CONFIG)
-    state = tmp / "state"
-    gateway = subprocess.Popen(  # noqa: S603
-        [str(bin_dir / "twistd"), "-n", "--pidfile=", "--logfile=" + str(tmp / "gw.log"),
-         "aico-gateway", "--config", str(config), "--state-dir", str(state)])
+def _rss(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def idle_memory(pid: int, url: str, token: str) -> tuple[float, int]:
+    """Bytes of gateway memory per idle authenticated WebSocket, and how many opened."""
+    before = _rss(pid)
+    holder = subprocess.Popen(  # noqa: S603
+        [sys.executable, "-m", "aico.bench.loadgen", "idle", url, token, str(IDLE_SOCKETS)],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
-        _wait(floor_port, bare, "the bare twisted.web server")
-        _wait(state / "ports.json", gateway, "the gateway")
-        port = json.loads((state / "ports.json").read_text())["http"]["port"]
-        base = f"http://127.0.0.1:{port}"
-        password = (state / "initial-admin-password").read_text().strip()
-        login = urllib.request.Request(  # noqa: S310
-            base + "/api/v1/users/authenticate",
-            data=json.dumps({"username": "admin", "password": password}).encode(),
-            headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(login) as r:  # noqa: S310
-            token = json.loads(r.read())["access_token"]
-        script = _script(tmp, token, body)
-        floor = wrk(f"http://127.0.0.1:{floor_port.read_text()}/", script)
-        full = wrk(base + "/api/v1/conversations/messages", script)
-        return [("REST full chain (JWT+RBAC+schema+limit+bus)", full, floor)]
+        assert holder.stdout is not None
+        ready = json.loads(holder.stdout.readline())
+        time.sleep(2)
+        after = _rss(pid)
     finally:
-        for proc in (bare, gateway):
+        if holder.stdin is not None:
+            holder.stdin.close()
+        holder.wait(60)
+    opened = int(ready["ready"])
+    return ((after - before) / opened if opened else 0.0), opened
+
+
+class Processes:
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.procs: list[subprocess.Popen[Any]] = []
+
+    def floor(self, kind: str, *extra: str) -> str:
+        port_file = self.tmp / f"{kind}.port"
+        proc = subprocess.Popen([sys.executable, "-m", "aico.bench.bare", kind,  # noqa: S603
+                                 str(port_file), *extra])
+        self.procs.append(proc)
+        _wait(port_file, proc, f"the {kind} floor")
+        return port_file.read_text()
+
+    def gateway(self) -> tuple[subprocess.Popen[Any], dict[str, Any], Path]:
+        config = self.tmp / "bench.toml"
+        config.write_text(BENCH_CONFIG)
+        state = self.tmp / "state"
+        proc = subprocess.Popen(  # noqa: S603
+            [str(Path(sys.executable).parent / "twistd"), "-n", "--pidfile=",
+             "--logfile=" + str(self.tmp / "gateway.log"),
+             "aico-gateway", "--config", str(config), "--state-dir", str(state)])
+        self.procs.append(proc)
+        _wait(state / "ports.json", proc, "the gateway")
+        return proc, json.loads((state / "ports.json").read_text()), state
+
+    def stop(self) -> None:
+        for proc in self.procs:
             proc.send_signal(signal.SIGTERM)
-            proc.wait(15)
+        for proc in self.procs:
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def _token(base: str, state: Path) -> str:
+    password = (state / "initial-admin-password").read_text().strip()
+    login = urllib.request.Request(  # noqa: S310
+        base + "/api/v1/users/authenticate",
+        data=json.dumps({"username": "admin", "password": password}).encode(),
+        headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(login) as r:  # noqa: S310
+        return str(json.loads(r.read())["access_token"])
+
+
+def run(tmp: Path) -> tuple[list[tuple[str, Result, Result]], tuple[float, int]]:
+    import zmq.auth
+
+    procs = Processes(tmp)
+    try:
+        keys = tmp / "keys"
+        keys.mkdir()
+        zmq.auth.create_certificates(keys, "server")
+        floor_key = zmq.auth.load_certificate(keys / "server.key")[0].decode()
+        http_floor = procs.floor("http")
+        ws_floor = procs.floor("ws")
+        zmq_floor = procs.floor("zmq", str(keys))
+        gateway, ports, state = procs.gateway()
+        base = f"http://127.0.0.1:{ports['http']['port']}"
+        token = _token(base, state)
+        gateway_key = zmq.auth.load_certificate(state / "curve" / "gateway.key")[0].decode()
+        script = tmp / "post.lua"
+        script.write_text(
+            'wrk.method = "POST"\nwrk.body = \'{"message": "hello there"}\'\n'
+            'wrk.headers["Content-Type"] = "application/json"\n'
+            f'wrk.headers["Authorization"] = "Bearer {token}"\n')
+        n, s = str(CONNECTIONS), str(SECONDS)
+        rows = [
+            ("REST full chain (JWT+RBAC+schema+limit+bus)",
+             wrk(base + "/api/v1/conversations/messages", script),
+             wrk(f"http://127.0.0.1:{http_floor}/", script)),
+            ("WebSocket request/response",
+             loadgen("ws", base.replace("http", "ws") + "/ws", token, n, s),
+             loadgen("ws", f"ws://127.0.0.1:{ws_floor}/ws", "", n, s)),
+            ("IPC request/response (TCP fallback, Curve)",
+             loadgen("ipc", ports["ipc"]["fallback"], gateway_key, token, n, s),
+             loadgen("ipc", zmq_floor, floor_key, token, n, s)),
+        ]
+        memory = idle_memory(gateway.pid, base.replace("http", "ws") + "/ws", token)
+        return rows, memory
+    finally:
+        procs.stop()
 
 
 def main() -> None:
     if shutil.which("wrk") is None:
         raise SystemExit("make bench needs wrk (apt-get install wrk)")
     with tempfile.TemporaryDirectory() as tmp:
-        rows = rest(Path(tmp))
-    print(f"\n{'path':48} {'req/s':>9} {'ratio':>7} {'p50 ms':>8} {'p99 ms':>8}   floor: bare twisted.web")
+        rows, (per_socket, opened) = run(Path(tmp))
+    print(f"\n{CONNECTIONS} connections, {SECONDS} s each; ratio = gateway / floor (same bytes)\n")
+    print(f"{'path':45} {'req/s':>8} {'ratio':>6} {'p50 ms':>7} {'p99 ms':>7}   floor req/s  p50   p99")
     for name, got, floor in rows:
-        print(f"{name:48} {got['rps']:9.0f} {got['rps'] / floor['rps']:7.2f} "
-              f"{got.get('p50', 0):8.2f} {got.get('p99', 0):8.2f}   "
-              f"({floor['rps']:.0f} req/s, p50 {floor.get('p50', 0):.2f} ms, "
-              f"p99 {floor.get('p99', 0):.2f} ms)")
+        print(f"{name:45} {got['rps']:8.0f} {got['rps'] / floor['rps']:6.2f} {got['p50']:7.2f} "
+              f"{got['p99']:7.2f}   {floor['rps']:9.0f} {floor['p50']:5.2f} {floor['p99']:5.2f}")
         if got["errors"]:
-            print(f"  warning: {got['errors']:.0f} non-2xx responses")
+            print(f"  warning: {got['errors']:.0f} failed responses")
+    print(f"\nidle WebSocket memory: {per_socket / 1024:.1f} KiB per authenticated socket "
+          f"({opened} sockets open)")
     print("\nbus round trip (request → module reply through the broker, Curve):", flush=True)
     from aico.bench.bus_roundtrip import main as bus_main
 
