@@ -172,10 +172,15 @@ class GatewayService(MultiService):
         ports = self.port_map()
         write_ports(self.paths.ports_json, ports)
         http = ports.get("http")
+        url = f"http://{http['host']}:{http['port']}" if http else ""
+        ipc = ports.get("ipc") or {}
         self.log.info(
-            "aico-gateway ready: REST {url}api/v1/health, OpenAPI {url}openapi.json; "
-            "state in {state}; the bootstrap admin password is in {password_file}",
-            url=f"http://{http['host']}:{http['port']}/" if http else "(http off) ",
+            "aico-gateway ready: REST {url}/api/v1/health, OpenAPI {url}/openapi.json, "
+            "WebSocket {ws}/ws, IPC {ipc}; state in {state}; the bootstrap admin password "
+            "is in {password_file}",
+            url=url or "(http off)",
+            ws=url.replace("http://", "ws://") or "(http off)",
+            ipc=" and ".join(v for v in (ipc.get("endpoint"), ipc.get("fallback")) if v) or "off",
             state=str(self.paths.root),
             password_file=str(self.paths.admin_password),
         )
