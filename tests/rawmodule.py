@@ -170,6 +170,11 @@ class RawModule(threading.Thread):
                     self.release.get(timeout=10)
             self.reply(pub, msg, ApiResponse(request_id=req.request_id, status=200, body=b""), "end")
             return
+        if self.mode == "hold":  # answer once the test releases it
+            self.events.put("held")
+            self.release.get(timeout=10)
+            self.reply(pub, msg, self.answer(req))
+            return
         if self.mode == "crash":
             self.reply(pub, msg, ApiResponse(request_id=req.request_id, status=500, body=b"oops"))
             return

@@ -343,3 +343,42 @@ class RealtimeGatewayTests(TestCase):
             self.assertEqual(sum(1 for c in subscribers if c.get("subscriptions")), 1, subscribers)
 
         return ensureDeferred(go())
+
+    def test_stopping_waits_for_an_ipc_request_in_flight(self) -> Any:
+        from aico.proto.aico.gateway.v1.gateway_pb2 import Route
+        from tests.rawmodule import RawModule
+
+        token = self.tokens["access_token"]
+        server_key, _ = zmq.auth.load_certificate(self.gw.state_dir / "curve" / "gateway.key")
+        module = RawModule(self.gw.state_dir, self.gw.bus_pub, self.gw.bus_sub,
+                           routes=[Route(method="GET", path="/api/v1/slow", topic="slow", public=True)])
+        module.authorize(self.gw.state_dir)
+        module.start()
+        self.addCleanup(module.stop)
+
+        async def go() -> None:
+            for _ in range(100):
+                r = await self.http.get(self.gw.base + "/api/v1/slow")
+                await r.content()
+                if r.code == 200:
+                    break
+                await deferLater(reactor, 0.05, lambda: None)
+            module.mode = "hold"
+            sock = self._dealer(self.gw.ports["ipc"]["fallback"], server_key)
+            sock.send(wrap(ApiRequest(method="GET", path="/api/v1/slow",
+                                      headers={"authorization": f"Bearer {token}"}), "t",
+                           {"correlation_id": "slow"}).SerializeToString())
+            held = await threads.deferToThread(module.events.get, True, 5)
+            while held != "held":
+                held = await threads.deferToThread(module.events.get, True, 5)
+            stopping = self.gw.service.stopService()
+            await deferLater(reactor, 0.3, lambda: None)
+            self.assertFalse(stopping.called, "the gateway stopped with an IPC request in flight")
+            module.release.put(None)
+            got = await threads.deferToThread(sock.poll, 5000)
+            self.assertTrue(got)
+            reply = unpack(AicoMessage.FromString(sock.recv()), ApiResponse)
+            self.assertEqual(reply.status, 200)
+            await stopping
+
+        return ensureDeferred(go())

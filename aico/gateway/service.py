@@ -82,6 +82,7 @@ class GatewayService(MultiService):
         self.ready: Deferred[None] = Deferred()
         self._hooks: list[SignalHook] = []
         self._stopping = False
+        self._stopped: Deferred[None] | None = None
 
     # ------------------------------------------------------------------ start
 
@@ -234,11 +235,23 @@ class GatewayService(MultiService):
     # ------------------------------------------------------------------ stop
 
     def stopService(self) -> Deferred[None]:
+        # Idempotent: a second call (twistd's shutdown after a test or an operator already
+        # stopped it) waits for the same stop.
+        if self._stopped is not None:
+            waiter: Deferred[None] = Deferred()
+
+            def release(result: object) -> object:
+                waiter.callback(None)
+                return result
+
+            self._stopped.addBoth(release)
+            return waiter
         self._stopping = True
         for hook in self._hooks:
             hook.remove()
         self._hooks.clear()
-        return ensureDeferred(self._stop_async())
+        self._stopped = ensureDeferred(self._stop_async())
+        return self._stopped
 
     async def _stop_async(self) -> None:
         await DeferredList([maybeDeferred(p.stopListening) for p in self.ports.values()])

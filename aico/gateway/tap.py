@@ -109,7 +109,8 @@ class Gateway:
         self.bound: dict[str, dict[str, Any]] = {}
         self.ipc = IpcListener(self.dispatcher, self._authenticate, topics.may_subscribe,
                                self.connections, paths.curve, self._ipc_endpoint(config, paths),
-                               config.ipc.fallback, config.ipc.curve, reactor)
+                               config.ipc.fallback, config.ipc.curve, reactor,
+                               inflight=self.inflight)
         transport = TransportDeps(
             ipc_endpoints=lambda: self.ipc.endpoints,
             curve_server_key=lambda: load_public(paths.curve.gateway_public).decode(),

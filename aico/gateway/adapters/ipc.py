@@ -47,6 +47,7 @@ from aico.gateway.errors import (
     Unauthenticated,
     problem_body,
 )
+from aico.gateway.lifecycle import InFlight
 from aico.gateway.routing.dispatch import Dispatcher
 from aico.gateway.routing.messages import Principal, Request, Response, request_id_from
 from aico.proto import AicoMessage, ApiEvent, ApiRequest, ApiResponse, EnvelopeError, unpack, wrap
@@ -152,6 +153,7 @@ class IpcListener:
         reactor: Any = None,
         *,
         peer_idle: float = PEER_IDLE,
+        inflight: InFlight | None = None,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor as global_reactor
@@ -169,6 +171,8 @@ class IpcListener:
         self.curve_on_ipc = curve_on_ipc
         self.reactor = reactor
         self.peer_idle = peer_idle
+        #: Requests in progress (SIGTERM waits for them before the sockets close).
+        self.inflight = inflight or InFlight()
         self._factory: Any = None
         self._routers: list[Any] = []
         self._peers: dict[tuple[int, bytes], IpcPeer] = {}
@@ -451,8 +455,10 @@ class IpcListener:
             accepts_stream=query.get("stream") == "true" and (stream_ok or correlation is not None),
             connection_id=peer.info.id,
         )
+        self.inflight.enter()
         d = self.dispatcher.handle(request)
         d.addCallback(self._respond, peer, correlation, request)
+        d.addBoth(self.inflight.leave)
         d.addErrback(self._respond_failed, peer, correlation, request)
 
     def _respond(self, response: Response, peer: IpcPeer, correlation: str | None,
