@@ -142,6 +142,24 @@ class ErrorTests(GatewayCase):
 
         return ensureDeferred(go())
 
+    def test_paths_werkzeug_cannot_match_still_get_problem_json(self) -> Any:
+        async def go() -> None:
+            r = await self.http.get(self.base + "/api/v1/a%0Ab%0B")
+            self.assertEqual(r.code, 404)
+            self.assertEqual(r.headers.getRawHeaders("content-type"), ["application/problem+json"])
+            self._problem(json.loads(await r.content()), 404, "not_found")
+
+        return ensureDeferred(go())
+
+    def test_stream_parameter_is_true_or_false(self) -> Any:
+        async def go() -> None:
+            status, body, _ = await post_json(self.http, self.base + "/api/v1/conversations/messages?stream=maybe",
+                                              {"message": "hi"})
+            self.assertEqual((status, body["code"], body["errors"][0]["parameter"]),
+                             (400, "validation_failed", "stream"))
+
+        return ensureDeferred(go())
+
     def test_request_id_kept_when_well_formed_and_replaced_otherwise(self) -> Any:
         async def go() -> None:
             _, body, headers = await get_json(self.http, self.base + "/api/v1/nope", headers={"X-Request-ID": "abc.123"})

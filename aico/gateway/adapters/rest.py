@@ -22,6 +22,7 @@ from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
 from twisted.web.server import Request as WebRequest
 from twisted.web.server import Site
+from werkzeug.exceptions import HTTPException
 
 from aico.gateway.errors import ApiError, BadRequest, PayloadTooLarge, problem_body
 from aico.gateway.lifecycle import InFlight
@@ -216,6 +217,12 @@ class RestAdapter:
 
     @app.route("/", branch=True)
     def everything(self, request: IRequest) -> Any:
+        return self._handle(request)
+
+    @app.handle_errors(HTTPException)
+    def unrouted(self, request: IRequest, failure: Failure) -> Any:
+        """Paths Werkzeug's matcher cannot take (a newline in a segment, say) still get
+        the dispatcher's problem+json answer, never Werkzeug's HTML page."""
         return self._handle(request)
 
     def _handle(self, web: IRequest) -> Deferred[bytes] | bytes:

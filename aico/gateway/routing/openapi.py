@@ -116,7 +116,11 @@ def document(table: RouteTable, version: str,
             "title": "AICO API gateway",
             "version": version,
             "description": "Every route of the gateway and of the backend modules that are "
-                           "registered right now. Errors are RFC 9457 problem details.",
+                           "registered right now. Errors are RFC 9457 problem details. "
+                           "Beyond each schema, every JSON body is held to the gateway's "
+                           "limits: nesting depth, string length, no control characters or "
+                           "unpaired surrogates, no duplicate members, NaN or Infinity; "
+                           "strings are NFC-normalised (docs/security.md).",
         },
         "servers": [{"url": "/"}],
         "paths": paths,

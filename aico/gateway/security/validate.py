@@ -222,6 +222,10 @@ def make_step(limits: Callable[[], LimitsSection]) -> Callable[[Request], None]:
         # for every transport alike.
         if len(request.body) > limits().body_max:
             raise PayloadTooLarge(f"the request body is larger than {limits().body_max} bytes")
+        stream = request.query.get("stream")
+        if stream is not None and stream not in ("true", "false"):
+            raise ValidationFailed([{"pointer": "", "parameter": "stream",
+                                     "detail": "the query parameter stream is true or false"}])
         has_body = bool(request.body)
         validator: Draft202012Validator | None = entry.extra.get("validator")
         if validator is None:

@@ -171,6 +171,9 @@ def routes(deps: UsersDeps) -> list[RouteEntry]:
     def jwks(request: Request) -> Response:
         return json_response(tokens.jwks(), headers={"Cache-Control": "max-age=300"})
 
+    minimum = deps.config().auth.password_min_length
+    create_schema = schemas.with_password_minimum(schemas.CREATE_USER, minimum)
+    update_schema = schemas.with_password_minimum(schemas.UPDATE_USER, minimum)
     base = "/api/v1/users"
     return [
         RouteEntry("POST", f"{base}/authenticate", authenticate, public=True, tier="auth",
@@ -187,10 +190,10 @@ def routes(deps: UsersDeps) -> list[RouteEntry]:
         RouteEntry("GET", base, list_users, capability="admin:users", tier="admin",
                    response_schema=schemas.USER_LIST, summary="Every user (admin)"),
         RouteEntry("POST", base, create_user, capability="admin:users", tier="admin",
-                   request_schema=schemas.CREATE_USER, response_schema=schemas.USER,
+                   request_schema=create_schema, response_schema=schemas.USER,
                    success_status=201, summary="Create a user (admin)"),
         RouteEntry("PATCH", f"{base}/{{username}}", update_user, capability="admin:users",
-                   tier="admin", request_schema=schemas.UPDATE_USER,
+                   tier="admin", request_schema=update_schema,
                    response_schema=schemas.USER, summary="Change a user (admin)"),
         RouteEntry("DELETE", f"{base}/{{username}}", delete_user, capability="admin:users",
                    tier="admin", success_status=204, summary="Delete a user (admin)"),

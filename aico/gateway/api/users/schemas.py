@@ -99,3 +99,10 @@ JWKS: dict[str, Any] = {
     }}},
     "required": ["keys"],
 }
+
+
+def with_password_minimum(schema: dict[str, Any], minimum: int) -> dict[str, Any]:
+    """*schema* whose ``password`` has ``minLength`` *minimum* (``auth.password_min_length``)."""
+    properties = dict(schema["properties"])
+    properties["password"] = {**PASSWORD, "minLength": minimum}
+    return {**schema, "properties": properties}
