@@ -251,7 +251,8 @@ class RestAdapter:
         set_header = web.responseHeaders.setRawHeaders
         for name, value in response.headers.items():
             set_header(name.encode("latin-1"), [value.encode("latin-1")])
-        set_header(b"content-type", [response.content_type.encode("latin-1")])
+        if response.status != 204:  # 204 No Content has no body, so no body type either
+            set_header(b"content-type", [response.content_type.encode("latin-1")])
         set_header(b"x-request-id", [request.request_id.encode("ascii")])
         if not web.responseHeaders.hasHeader(b"cache-control"):
             set_header(b"cache-control", [b"no-store"])
