@@ -17,6 +17,7 @@ from typing import Any, Protocol
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, DeferredList, ensureDeferred, maybeDeferred
 from twisted.internet.error import CannotListenError
+from twisted.internet.threads import deferToThreadPool
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -158,6 +159,9 @@ class GatewayService(MultiService):
                 await module.start(start_bus=False)
         assert self.gateway is not None
         await self.gateway.start()
+        # File I/O off the reactor thread: ports.json says "ready" only once written.
+        await deferToThreadPool(self.reactor, self.reactor.getThreadPool(), write_ports,
+                                self.paths.ports_json, self.port_map())
 
     def port_map(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
@@ -171,7 +175,6 @@ class GatewayService(MultiService):
 
     def _started(self, _: object) -> None:
         ports = self.port_map()
-        write_ports(self.paths.ports_json, ports)
         http = ports.get("http")
         url = f"http://{http['host']}:{http['port']}" if http else ""
         ipc = ports.get("ipc") or {}
@@ -210,8 +213,6 @@ class GatewayService(MultiService):
             if self.gateway is not None:
                 self.gateway.reconfigure(self.config)
             return Deferred.fromCoroutine(_noop())
-        from twisted.internet.threads import deferToThreadPool
-
         path = self.config_path
         d: Deferred[Config] = deferToThreadPool(self.reactor, self.reactor.getThreadPool(), load, path)
 
@@ -267,9 +268,7 @@ class GatewayService(MultiService):
             await self.bus.stop()
         if self.broker is not None:
             broker = self.broker
-            from twisted.internet.threads import deferToThreadPool
-
-            await deferToThreadPool(self.reactor, self.reactor.getThreadPool(), broker.stop)
+                await deferToThreadPool(self.reactor, self.reactor.getThreadPool(), broker.stop)
         await maybeDeferred(super().stopService)
 
 

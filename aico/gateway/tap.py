@@ -111,9 +111,11 @@ class Gateway:
                                self.connections, paths.curve, self._ipc_endpoint(config, paths),
                                config.ipc.fallback, config.ipc.curve, reactor,
                                inflight=self.inflight)
+        # Read once, before the reactor runs: never a file read on the hot path.
+        gateway_key = load_public(paths.curve.gateway_public).decode()
         transport = TransportDeps(
             ipc_endpoints=lambda: self.ipc.endpoints,
-            curve_server_key=lambda: load_public(paths.curve.gateway_public).decode(),
+            curve_server_key=lambda: gateway_key,
             ipc_curve=lambda: self.config.ipc.curve,
             http_bases=self._http_bases,
             version=_version(),
