@@ -268,7 +268,7 @@ class GatewayService(MultiService):
             await self.bus.stop()
         if self.broker is not None:
             broker = self.broker
-                await deferToThreadPool(self.reactor, self.reactor.getThreadPool(), broker.stop)
+            await deferToThreadPool(self.reactor, self.reactor.getThreadPool(), broker.stop)
         await maybeDeferred(super().stopService)
 
 
