@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred, DeferredList, ensureDeferred, maybeDeferred
+from twisted.internet.defer import Deferred, DeferredList, ensureDeferred, maybeDeferred, succeed
 from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort, IProtocolFactory
 from twisted.internet.threads import deferToThreadPool
@@ -212,7 +212,7 @@ class GatewayService(MultiService):
             self.log.info("SIGHUP: no config file to reload (running on defaults)")
             if self.gateway is not None:
                 self.gateway.reconfigure(self.config)
-            return Deferred.fromCoroutine(_noop())
+            return succeed(None)
         path = self.config_path
         d: Deferred[Config] = deferToThreadPool(self.reactor, self.reactor.getThreadPool(), load, path)
 
@@ -270,10 +270,6 @@ class GatewayService(MultiService):
             broker = self.broker
             await deferToThreadPool(self.reactor, self.reactor.getThreadPool(), broker.stop)
         await maybeDeferred(super().stopService)
-
-
-async def _noop() -> None:
-    return None
 
 
 def _merge_reloadable(old: Config, new: Config) -> Config:
