@@ -1,6 +1,8 @@
-"""``aico-module NAME --state-dir DIR [--pub ENDPOINT --sub ENDPOINT]``.
+"""``aico-module NAME|PACKAGE.MODULE:CLASS --state-dir DIR [--pub ENDPOINT --sub ENDPOINT]``.
 
-Runs one built-in backend module as a process of its own: the bus endpoints come from
+Runs one backend module — a built-in one by name, or your own
+:class:`~aico.bus.module.BackendModule` subclass by its import path — as a process of
+its own: the bus endpoints come from
 ``STATE_DIR/ports.json`` (written by the gateway once its listeners are up) unless given,
 the Curve key pair from ``STATE_DIR/curve/private/NAME.key_secret`` (created, with its
 public half in ``curve/modules/``, if missing). SIGTERM or SIGINT stops it cleanly.
@@ -9,9 +11,10 @@ public half in ``curve/modules/``, if missing). SIGTERM or SIGINT stops it clean
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +24,7 @@ from twisted.logger import Logger, globalLogBeginner, textFileLogObserver
 from aico.bus.builtin import BUILTIN_MODULES
 from aico.bus.client import BusClient
 from aico.bus.curve import CurveLayout, ensure_client
+from aico.bus.module import BackendModule
 
 log = Logger(namespace="aico.bus.runner")
 
@@ -31,9 +35,13 @@ class RunnerError(Exception):
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="aico-module", description="Run a built-in AICO backend module on the bus."
+        prog="aico-module", description="Run an AICO backend module on the bus."
     )
-    parser.add_argument("name", choices=sorted(BUILTIN_MODULES), help="the module to run")
+    parser.add_argument(
+        "name",
+        help=f"a built-in module ({', '.join(sorted(BUILTIN_MODULES))}) or the import path "
+        "of a BackendModule subclass, package.module:Class",
+    )
     parser.add_argument("--state-dir", required=True, type=Path, help="the gateway's state dir")
     parser.add_argument("--pub", help="the broker's XSUB endpoint (default: from ports.json)")
     parser.add_argument("--sub", help="the broker's XPUB endpoint (default: from ports.json)")
@@ -61,16 +69,34 @@ def bus_endpoints(state_dir: Path, pub: str | None, sub: str | None) -> tuple[st
         raise RunnerError(f"{ports_file} has no bus endpoints: give --pub/--sub") from e
 
 
+def module_factory(spec: str) -> tuple[str, Callable[[Any, Any], BackendModule]]:
+    """(bus name, factory) of a built-in module name or a ``package.module:Class`` path."""
+    if spec in BUILTIN_MODULES:
+        return spec, BUILTIN_MODULES[spec]
+    if ":" not in spec:
+        raise RunnerError(f"unknown module {spec!r}: a built-in name "
+                          f"({', '.join(sorted(BUILTIN_MODULES))}) or package.module:Class")
+    path, _, attr = spec.partition(":")
+    try:
+        cls = getattr(importlib.import_module(path), attr)
+    except (ImportError, AttributeError) as e:
+        raise RunnerError(f"cannot import {spec}: {e}") from e
+    if not (isinstance(cls, type) and issubclass(cls, BackendModule)):
+        raise RunnerError(f"{spec} is not a BackendModule subclass")
+    return str(cls.name), cls
+
+
 async def run(reactor: Any, args: argparse.Namespace) -> None:
     """Start the module and wait until the reactor shuts down (then stop it cleanly)."""
+    name, factory = module_factory(args.name)
     layout = CurveLayout(args.state_dir)
     if not layout.broker_public.exists():
         raise RunnerError(f"{layout.broker_public} does not exist: initialise the state dir")
     pub, sub = bus_endpoints(args.state_dir, args.pub, args.sub)
-    if ensure_client(layout, args.name):
-        log.info("created the Curve key pair of module {name}", name=args.name)
-    bus = BusClient.from_layout(reactor, layout, args.name, pub, sub, start_timeout=args.start_timeout)
-    module = BUILTIN_MODULES[args.name](bus, reactor)
+    if ensure_client(layout, name):
+        log.info("created the Curve key pair of module {name}", name=name)
+    bus = BusClient.from_layout(reactor, layout, name, pub, sub, start_timeout=args.start_timeout)
+    module = factory(bus, reactor)
     done: Deferred[None] = Deferred()
 
     def shutdown() -> Deferred[None]:
@@ -79,7 +105,7 @@ async def run(reactor: Any, args: argparse.Namespace) -> None:
         return d
 
     reactor.addSystemEventTrigger("before", "shutdown", shutdown)
-    log.info("module {name}: connecting to {pub} / {sub}", name=args.name, pub=pub, sub=sub)
+    log.info("module {name}: connecting to {pub} / {sub}", name=name, pub=pub, sub=sub)
     await module.start()
     await done
 
