@@ -24,8 +24,10 @@ ROOT = Path(__file__).resolve().parent.parent
 class FactoryTests(SynchronousTestCase):
     def test_builtin_names_and_import_paths(self) -> None:
         self.assertEqual(module_factory("health")[0], "health")
+        from tests.echomodule import Echo
+
         name, factory = module_factory("tests.echomodule:Echo")
-        self.assertEqual(name, "echo")
+        self.assertEqual((name, factory), ("echo", Echo))
 
     def test_bad_specs_are_refused_with_a_reason(self) -> None:
         for spec in ("nope", "tests.echomodule:Missing", "no.such.module:X", "tests.echomodule:NotAModule"):
