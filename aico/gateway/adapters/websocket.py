@@ -9,12 +9,15 @@ Two framings share everything but the codec: JSON text frames (the default, or t
 subprotocol ``aico.v1.json``) and protobuf binary frames (``aico.v1.proto``, each frame a
 ``SocketFrame``).
 
-Session states::
+Session states (:data:`SessionMachine`, an Automat machine, declares them and their
+transitions in one place; the session only asks it questions, see :class:`SessionInputs`)::
 
-    anonymous --auth ok--> authenticated --token expired/revoked--> auth_lost
-        ^                     |   ^                                    |
-        |                     |   +--------------auth ok---------------+
-        +-- auth timeout closes an anonymous or auth_lost socket (4001)
+    connecting --opened--> anonymous --token accepted--> authenticated --token ended--> auth_lost
+                                                          ^      |  ^                     |
+                                            token accepted+------+  +---token accepted----+
+    connecting / anonymous / authenticated / auth_lost --closed--> closed (final)
+
+    the auth timeout closes an anonymous or auth_lost socket (4001)
 
 Every socket closes after ``idle_timeout`` without a frame from the client (4002).
 Outgoing frames go straight to the TCP transport while it keeps up; when the transport
@@ -30,12 +33,13 @@ import uuid
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 from urllib.parse import parse_qsl
 
 from autobahn.twisted.resource import WebSocketResource
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
+from automat import TypeMachine, TypeMachineBuilder
 from google.protobuf.message import DecodeError
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
@@ -386,6 +390,102 @@ def _bearer(header: str) -> str:
     return token.strip()
 
 
+class SessionInputs(Protocol):
+    """What happens to a WebSocket session, and what the session asks of its state.
+
+    The first four are events (they may change the state); the rest are questions, which
+    every state answers without changing. An event a state does not declare is refused
+    with :class:`automat.NoTransition` (a bug in the caller: e.g. ``opened`` twice, or
+    ``token_ended`` on a socket that holds no token). Once ``closed``, the late events a
+    closing socket can still meet (an auth check answering, a token expiring, a second
+    close) are ignored and answered ``False``.
+    """
+
+    def opened(self) -> None:
+        """The handshake finished: connecting → anonymous."""
+
+    def token_accepted(self) -> bool:
+        """A token was accepted: anonymous / authenticated / auth_lost → authenticated.
+
+        ``True`` if the session now acts on it; ``False`` (ignored) once closed.
+        """
+
+    def token_ended(self) -> bool:
+        """The token expired or was revoked: authenticated → auth_lost.
+
+        ``True`` if the session lost its authentication; ``False`` (ignored) once closed.
+        """
+
+    def closed(self) -> bool:
+        """The socket closed: any state → closed.
+
+        ``True`` if the session had opened (the connection manager knows it), ``False``
+        if it never opened or was closed already.
+        """
+
+    def may_handle_frames(self) -> bool:
+        """Is a client frame acted on (anonymous, authenticated, auth_lost)?"""
+
+    def is_closed(self) -> bool:
+        """Has the socket closed?"""
+
+    def auth_timer_applies(self) -> bool:
+        """Does the auth timeout close the socket now (anonymous, auth_lost)?"""
+
+    def state_name(self) -> str:
+        """The state's name (``connecting``, ``anonymous``, ``authenticated``, …)."""
+
+
+class _NoCore:
+    """The machine only decides; the session acts on its answers, so it needs no core."""
+
+
+def _build_session_machine() -> TypeMachine[SessionInputs, _NoCore]:
+    builder = TypeMachineBuilder(SessionInputs, _NoCore)
+    connecting = builder.state("connecting")  # the first state is the initial one
+    anonymous = builder.state("anonymous")
+    authenticated = builder.state("authenticated")
+    auth_lost = builder.state("auth_lost")
+    closed = builder.state("closed")
+    live = (anonymous, authenticated, auth_lost)
+
+    # -- events (docs/protocols.md §1.3) --
+    connecting.upon(SessionInputs.opened).to(anonymous).returns(None)
+    for state in live:
+        state.upon(SessionInputs.token_accepted).to(authenticated).returns(True)
+    authenticated.upon(SessionInputs.token_ended).to(auth_lost).returns(True)
+    connecting.upon(SessionInputs.closed).to(closed).returns(False)
+    for state in live:
+        state.upon(SessionInputs.closed).to(closed).returns(True)
+    closed.upon(SessionInputs.token_accepted).loop().returns(False)
+    closed.upon(SessionInputs.token_ended).loop().returns(False)
+    closed.upon(SessionInputs.closed).loop().returns(False)
+
+    # -- questions: name, may handle frames, is closed, auth timer applies --
+    answers = (
+        (connecting, "connecting", False, False, False),
+        (anonymous, "anonymous", True, False, True),
+        (authenticated, "authenticated", True, False, False),
+        (auth_lost, "auth_lost", True, False, True),
+        (closed, "closed", False, True, False),
+    )
+    for state, name, frames, is_closed, auth_timer in answers:
+        state.upon(SessionInputs.state_name).loop().returns(name)
+        state.upon(SessionInputs.may_handle_frames).loop().returns(frames)
+        state.upon(SessionInputs.is_closed).loop().returns(is_closed)
+        state.upon(SessionInputs.auth_timer_applies).loop().returns(auth_timer)
+    return builder.build()
+
+
+#: The session state machine's factory (see :class:`SessionInputs`).
+SessionMachine = _build_session_machine()
+
+
+def session_machine() -> SessionInputs:
+    """A new session state machine, in ``connecting``."""
+    return SessionMachine(_NoCore())
+
+
 @implementer(IConnection, IPushProducer)
 class WebSocketSession(WebSocketServerProtocol):
     """One WebSocket connection (see the module docstring for its states)."""
@@ -399,7 +499,11 @@ class WebSocketSession(WebSocketServerProtocol):
         super().__init__()
         self.codec: Codec = JsonCodec()
         self.info = ConnectionInfo(transport="websocket", peer="", since=0.0)
-        self.session_state = "connecting"
+        self._machine = session_machine()
+        #: Mirrors the machine's ``closed`` state for the per-frame send path, where asking
+        #: the machine (an Automat call, ~4 µs) on every frame would cost too much; set only
+        #: where the machine makes that transition (:meth:`_closed`).
+        self._ended = False
         self.token = ""
         self.lost: ApiError | None = None
         self.close_code: int | None = None
@@ -417,6 +521,12 @@ class WebSocketSession(WebSocketServerProtocol):
         self._loopback = False
         #: The upgrade request's Host, which every request on the socket inherits.
         self._host = ""
+
+    @property
+    def session_state(self) -> str:
+        """The state's name (``connecting``, ``anonymous``, ``authenticated``, ``auth_lost``,
+        ``closed``), for tests and listings; the machine itself decides."""
+        return self._machine.state_name()
 
     # -- handshake ---------------------------------------------------------------------
 
@@ -450,7 +560,7 @@ class WebSocketSession(WebSocketServerProtocol):
         if f.device_id_of is not None:
             self.info.device_id = f.device_id_of(self.transport)
         self._take_producer()
-        self.session_state = "anonymous"
+        self._machine.opened()
         f.connections.add(self)
         settings = f.settings()
         self._emit(self.codec.welcome(self.info.id, settings, self._upgrade_principal is not None))
@@ -478,7 +588,7 @@ class WebSocketSession(WebSocketServerProtocol):
     def resumeProducing(self) -> None:
         self._paused = False
         binary = self.codec.binary
-        while self._queue and not self._paused and self.session_state != "closed":
+        while self._queue and not self._paused and not self._ended:
             payload = self._queue.popleft()
             self._queued -= len(payload)
             self.sendMessage(payload, isBinary=binary)  # type: ignore[no-untyped-call]
@@ -489,7 +599,7 @@ class WebSocketSession(WebSocketServerProtocol):
     # -- sending -----------------------------------------------------------------------
 
     def _emit(self, payload: bytes) -> None:
-        if self.session_state == "closed" or self.close_code is not None:
+        if self._ended or self.close_code is not None:
             return
         self.info.bytes_out += len(payload)
         self.info.messages_out += 1
@@ -557,7 +667,7 @@ class WebSocketSession(WebSocketServerProtocol):
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         self._touch(len(payload))
-        if self.session_state not in ("anonymous", "authenticated", "auth_lost"):
+        if not self._machine.may_handle_frames():
             return
         try:
             frame = self.codec.decode(payload, isBinary)
@@ -591,7 +701,7 @@ class WebSocketSession(WebSocketServerProtocol):
         d = maybeDeferred(self.factory.authenticate, frame.token)
 
         def ok(principal: Principal) -> None:
-            if self.session_state == "closed":
+            if self._machine.is_closed():
                 return
             current = self.info.principal
             if current is not None and current.subject != principal.subject:
@@ -611,7 +721,8 @@ class WebSocketSession(WebSocketServerProtocol):
 
     def _authenticated(self, principal: Principal, frame_id: Any) -> None:
         f = self.factory
-        self.session_state = "authenticated"
+        if not self._machine.token_accepted():
+            return
         self.lost = None
         self._cancel_auth_timer()
         f.connections.authenticated(self, principal)
@@ -624,9 +735,8 @@ class WebSocketSession(WebSocketServerProtocol):
 
     def auth_ended(self, error: ApiError) -> None:
         """IConnection: the token expired or was revoked (the manager forgot it already)."""
-        if self.session_state == "closed":
+        if not self._machine.token_ended():
             return
-        self.session_state = "auth_lost"
         self.token = ""
         self.lost = error
         kind = "auth_expired" if error.code == "token_expired" else "auth_revoked"
@@ -645,7 +755,7 @@ class WebSocketSession(WebSocketServerProtocol):
 
     def _auth_timeout(self) -> None:
         self._auth_timer = None
-        if self.session_state in ("anonymous", "auth_lost"):
+        if self._machine.auth_timer_applies():
             self.close(CLOSE_AUTH_TIMEOUT, "authentication timeout")
 
     def _idle(self) -> None:
@@ -756,7 +866,7 @@ class WebSocketSession(WebSocketServerProtocol):
 
     def close(self, code: int, reason: str) -> None:
         """IConnection: close with *code* (see the module's ``CLOSE_*``)."""
-        if self.session_state == "closed" or self.close_code is not None:
+        if self._machine.is_closed() or self.close_code is not None:
             return
         self.close_code = code
         self._queue.clear()
@@ -769,10 +879,10 @@ class WebSocketSession(WebSocketServerProtocol):
         self._closed()
 
     def _closed(self) -> None:
-        if self.session_state == "closed":
+        if self._machine.is_closed():
             return
-        was_open = self.session_state != "connecting"
-        self.session_state = "closed"
+        was_open = self._machine.closed()
+        self._ended = True
         self._cancel_auth_timer()
         if self._idle_timer is not None and self._idle_timer.active():
             self._idle_timer.cancel()
