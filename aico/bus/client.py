@@ -28,7 +28,7 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IDelayedCall, IReadDescriptor
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from zope.interface import Attribute, Interface, implementer
+from zope.interface import implementer
 
 from aico.bus.curve import CurveLayout, load_pair, load_public
 from aico.bus.errors import BusError, BusStopped, BusTimeout
@@ -36,6 +36,7 @@ from aico.bus.interfaces import (
     ATTR_CORRELATION_ID,
     ATTR_REPLY_TO,
     ATTR_STREAM,
+    IBusControl,
     IMessageBus,
     MessageHandler,
 )
@@ -69,22 +70,6 @@ class BusReactor(Protocol):
     def addReader(self, reader: IReadDescriptor) -> None: ...
 
     def removeReader(self, reader: IReadDescriptor) -> None: ...
-
-
-class IBusControl(Interface):
-    """What a real bus client offers beyond :class:`IMessageBus` (duck-typed by the SDK)."""
-
-    running = Attribute("True between a successful start() and stop().")
-
-    def wait_subscribed(prefixes: Sequence[str], timeout: float | None = None) -> Deferred[None]:
-        """Fire once a message published on each prefix (subscribed here) comes back.
-
-        ZeroMQ subscriptions propagate asynchronously (SUB → broker → every PUB); this is
-        the barrier to use after subscribing on a running client and before announcing
-        that you listen (a module registering its routes, the gateway asking for
-        registrations). The probes carry the ``probe`` attribute; bus clients never hand
-        such messages to handlers.
-        """
 
 
 @dataclass(frozen=True)

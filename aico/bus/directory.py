@@ -16,12 +16,12 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
-from aico.bus.client import IBusControl
 from aico.bus.errors import BusTimeout
 from aico.bus.interfaces import (
     TOPIC_DISCOVER,
     TOPIC_HEARTBEAT,
     TOPIC_REGISTERED,
+    IBusControl,
     IMessageBus,
 )
 from aico.proto import (

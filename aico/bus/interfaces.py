@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from twisted.internet.defer import Deferred
 from zope.interface import Attribute, Interface
@@ -64,3 +64,19 @@ class IMessageBus(Interface):
 
     def reply(request: AicoMessage, response: AicoMessage, stream: str | None = None) -> None:
         """Publish *response* on the request's ``reply_to`` with its ``correlation_id``."""
+
+
+class IBusControl(Interface):
+    """What a real bus client offers beyond :class:`IMessageBus` (duck-typed by the SDK)."""
+
+    running = Attribute("True between a successful start() and stop().")
+
+    def wait_subscribed(prefixes: Sequence[str], timeout: float | None = None) -> Deferred[None]:
+        """Fire once a message published on each prefix (subscribed here) comes back.
+
+        ZeroMQ subscriptions propagate asynchronously (SUB → broker → every PUB); this is
+        the barrier to use after subscribing on a running client and before announcing
+        that you listen (a module registering its routes, the gateway asking for
+        registrations). The probes carry the ``probe`` attribute; bus clients never hand
+        such messages to handlers.
+        """

@@ -40,7 +40,6 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from aico.bus.client import IBusControl
 from aico.bus.errors import BusError, BusTimeout
 from aico.bus.interfaces import (
     ATTR_CORRELATION_ID,
@@ -49,6 +48,7 @@ from aico.bus.interfaces import (
     TOPIC_DISCOVER,
     TOPIC_HEARTBEAT,
     TOPIC_REGISTERED,
+    IBusControl,
     IMessageBus,
 )
 from aico.proto import (
