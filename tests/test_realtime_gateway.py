@@ -382,3 +382,35 @@ class RealtimeGatewayTests(TestCase):
             await stopping
 
         return ensureDeferred(go())
+
+    def test_disabling_a_user_tells_their_open_sockets(self) -> Any:
+        async def go() -> None:
+            admin = http_client(self, token=self.tokens["access_token"])
+            r = await admin.post(self.gw.base + "/api/v1/users",
+                                 json={"username": "hank", "password": "a-long-password-1", "roles": ["user"]})
+            await r.content()
+            user = await login(self.http, self.gw.base, "hank", "a-long-password-1")
+            frames: list[dict[str, Any]] = []
+            opened = threading.Event()
+
+            def client() -> None:
+                with ws_client.connect(self.ws_url, additional_headers={
+                        "Authorization": f"Bearer {user['access_token']}"}) as ws:
+                    frames.append(json.loads(ws.recv(timeout=5)))
+                    frames.append(json.loads(ws.recv(timeout=5)))
+                    opened.set()
+                    frames.append(json.loads(ws.recv(timeout=5)))
+
+            done = threads.deferToThread(client)
+            for _ in range(250):
+                if opened.is_set():
+                    break
+                await deferLater(reactor, 0.02, lambda: None)
+            r = await admin.patch(self.gw.base + "/api/v1/users/hank", json={"disabled": True})
+            self.assertEqual(r.code, 200)
+            await r.content()
+            await done
+            self.assertEqual([f["type"] for f in frames], ["welcome", "auth_success", "auth_revoked"])
+            self.assertEqual(frames[2]["problem"]["code"], "token_revoked")
+
+        return ensureDeferred(go())

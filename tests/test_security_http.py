@@ -292,6 +292,34 @@ class RoleTests(GatewayCase):
         return ensureDeferred(go())
 
 
+class SessionEndTests(GatewayCase):
+    def test_password_change_disable_or_delete_ends_the_users_sessions_at_once(self) -> Any:
+        async def go() -> None:
+            admin = self.tokens["access_token"]
+            for change in ({"password": "another-long-password"}, {"disabled": True}, {"roles": ["device"]}, None):
+                password = await self.make_user("gina", ["user"])
+                tokens = await login(self.anon, self.base, "gina", password)
+                status, _, _ = await self.call("GET", "/api/v1/users/me", tokens["access_token"])
+                self.assertEqual(status, 200)  # verified, and now in the token cache
+                if change is None:
+                    status, _, _ = await self.call("DELETE", "/api/v1/users/gina", admin)
+                else:
+                    status, _, _ = await self.call("PATCH", "/api/v1/users/gina", admin, change)
+                self.assertIn(status, (200, 204))
+                status, body, _ = await self.call("GET", "/api/v1/users/me", tokens["access_token"])
+                self.assertEqual((status, body["code"]), (401, "token_revoked"), change)
+                status, body, _ = await self.call("POST", "/api/v1/users/refresh",
+                                                  body={"refresh_token": tokens["refresh_token"]})
+                self.assertEqual(status, 401, change)
+                if change is not None:
+                    await self.call("DELETE", "/api/v1/users/gina", admin)
+            # the admin's own session is untouched
+            status, _, _ = await self.call("GET", "/api/v1/users/me", admin)
+            self.assertEqual(status, 200)
+
+        return ensureDeferred(go())
+
+
 class ContextTests(TestCase):
     """Admin capabilities are narrowed by context (unit level: a non-loopback peer)."""
 

@@ -218,6 +218,16 @@ class ConnectionManager:
                           count=len(holders))
         return len(holders)
 
+    def revoke_subject(self, subject: str) -> int:
+        """Every session of *subject* was revoked: each connection authenticated as it is
+        told and loses its authentication; their count."""
+        holders = [cid for cid, c in self._connections.items()
+                   if c.info.principal is not None and c.info.principal.subject == subject]
+        for cid in holders:
+            self._end_auth(cid, TokenRevoked("the account's sessions were revoked; "
+                                             "authenticate again"))
+        return len(holders)
+
     def close_device(self, device_id: str, reason: str = "device revoked") -> int:
         """Close every connection of *device_id*; their count."""
         closing = [c for c in self._connections.values()

@@ -105,7 +105,8 @@ class Gateway:
         self.connections = ConnectionManager(reactor, bus)
         users = UsersDeps(store=UserStore(self.db, reactor), passwords=self.passwords,
                           tokens=self.tokens, chain=self.chain, audit=self.audit, clock=reactor,
-                          config=lambda: self.config, on_revoke=self.connections.revoke_token)
+                          config=lambda: self.config, on_revoke=self.connections.revoke_token,
+                          on_revoke_subject=self.connections.revoke_subject)
         self.bound: dict[str, dict[str, Any]] = {}
         self.ipc = IpcListener(self.dispatcher, self._authenticate, topics.may_subscribe,
                                self.connections, paths.curve, self._ipc_endpoint(config, paths),

@@ -169,6 +169,9 @@ class IRevocationStore(Interface):
     def use_refresh(jti: str) -> RefreshUse:
         """Mark a refresh token used: OK the first time, then REUSED; UNKNOWN if never seen."""
 
+    def families_of(username: str) -> set[str]:
+        """The session families that still hold a refresh token of *username*."""
+
     def revoke_family(family: str, expires_at: float) -> Deferred[None]:
         """Revoke the family marker and every refresh token of *family*."""
 
@@ -221,6 +224,9 @@ class MemoryRevocationStore:
             return RefreshUse.REUSED
         entry.used = True
         return RefreshUse.OK
+
+    def families_of(self, username: str) -> set[str]:
+        return {r.family for r in self.refresh.values() if r.username == username}
 
     def _family_jtis(self, family: str) -> list[tuple[str, float]]:
         return [(j, self.refresh[j].expires_at) for j in self.families.get(family, ())]
@@ -722,6 +728,14 @@ class TokenService:
         """Revoke every token of a session family."""
         until = self._clock.seconds() + self._auth.refresh_ttl + self._auth.leeway
         return self._revocations.revoke_family(family, until)
+
+    def revoke_subject(self, subject: str) -> Deferred[None]:
+        """End every session of *subject* (password changed, disabled, roles changed,
+        deleted): all its token families, access tokens included."""
+        families = sorted(self._revocations.families_of(subject))
+        self._cache.clear()
+        ds = [self.revoke_family(f) for f in families]
+        return gatherResults(ds, consumeErrors=True).addCallback(lambda _: None)
 
     def logout(
         self, access_claims: Claims, refresh_token: str | bytes | None = None

@@ -130,5 +130,7 @@ class UsersDeps:
     audit: AuditLog
     clock: IReactorTime
     config: Callable[[], Config]
-    #: Told the ``jti`` of every token revoked here (open sockets holding it are closed).
+    #: Told the ``jti`` of every token revoked here (open sockets holding it are told).
     on_revoke: Callable[[str], object] = lambda jti: None
+    #: Told the subject whose every session was revoked (its open sockets are told).
+    on_revoke_subject: Callable[[str], object] = lambda subject: None

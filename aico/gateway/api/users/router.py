@@ -136,6 +136,11 @@ def routes(deps: UsersDeps) -> list[RouteEntry]:
         if not others:
             raise LastAdmin()
 
+    async def end_sessions(username: str) -> None:
+        await tokens.revoke_subject(username)
+        deps.on_revoke_subject(username)
+        await audit.append("sessions_revoked", username, {"tokens_revoked": True})
+
     async def update_user(request: Request) -> Response:
         username = request.path_params["username"]
         body: dict[str, Any] = request.json
@@ -151,6 +156,10 @@ def routes(deps: UsersDeps) -> list[RouteEntry]:
             hashed = await passwords.hash(body["password"])
         await store.update(username, password_hash=hashed, roles=roles, disabled=disabled)
         changed = sorted(body)
+        if hashed is not None or disabled or (roles is not None and roles != target.roles):
+            # A new password, a disabled account or other roles: its sessions end now,
+            # not when their tokens expire.
+            await end_sessions(username)
         actor = request.principal.subject if request.principal else "?"
         await audit.append("user_updated", actor, {"username": username, "changed": changed})
         user = await store.get(username)
@@ -164,6 +173,7 @@ def routes(deps: UsersDeps) -> list[RouteEntry]:
             raise UserNotFound(username)
         await ensure_admin_left(target, None, None, deleting=True)
         await store.delete(username)
+        await end_sessions(username)
         actor = request.principal.subject if request.principal else "?"
         await audit.append("user_deleted", actor, {"username": username})
         return Response(status=204)
