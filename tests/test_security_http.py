@@ -457,6 +457,56 @@ class LimitTests(GatewayCase):
         return ensureDeferred(go())
 
 
+class LoginRaceTests(GatewayCase):
+    extra = "[auth]\nlockout_threshold = 3\nlockout_base = 60.0\n"
+
+    def test_concurrent_wrong_passwords_cannot_clear_the_lock(self) -> Any:
+        async def go() -> None:
+            from twisted.internet.defer import gatherResults
+
+            password = await self.make_user("ivy", ["user"])
+
+            async def guess() -> int:
+                status, _, _ = await self.call("POST", "/api/v1/users/authenticate",
+                                               body={"username": "ivy", "password": "wrong-guess"})
+                return status
+
+            statuses = await gatherResults([ensureDeferred(guess()) for _ in range(12)])
+            self.assertEqual(set(statuses), {401})
+            status, _, _ = await self.call("POST", "/api/v1/users/authenticate",
+                                           body={"username": "ivy", "password": password})
+            self.assertEqual(status, 401)  # still locked
+
+        return ensureDeferred(go())
+
+    def test_password_changed_during_a_login_refuses_that_login(self) -> Any:
+        async def go() -> None:
+            password = await self.make_user("jack", ["user"])
+            passwords = self.gw.service.gateway.passwords  # type: ignore[union-attr]
+            real_verify = passwords.verify
+            gate: Any = None
+
+            def slow_verify(encoded: Any, pw: str) -> Any:
+                nonlocal gate
+                d = real_verify(encoded, pw)
+                gate = deferLater(reactor, 0.5, lambda: None)
+                return gate.addCallback(lambda _: d)
+
+            self.patch(passwords, "verify", slow_verify)
+            login_d = ensureDeferred(self.call("POST", "/api/v1/users/authenticate",
+                                               body={"username": "jack", "password": password}))
+            while gate is None:
+                await deferLater(reactor, 0.01, lambda: None)
+            self.patch(passwords, "verify", real_verify)
+            status, _, _ = await self.call("PATCH", "/api/v1/users/jack", self.tokens["access_token"],
+                                           {"password": "a-brand-new-password"})
+            self.assertEqual(status, 200)
+            status, body, _ = await login_d
+            self.assertEqual((status, body["code"]), (401, "invalid_credentials"))
+
+        return ensureDeferred(go())
+
+
 class RateLimitTests(GatewayCase):
     extra = """
 [ratelimit]

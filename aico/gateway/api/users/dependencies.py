@@ -98,21 +98,30 @@ class UserStore:
 
     async def record_failure(self, username: str, threshold: int, base: float,
                              longest: float) -> float:
-        """Count a failed login; returns the lock's end (0 when not locked now)."""
-        user = await self.get(username)
-        if user is None:
-            return 0.0
-        failures = user.failed_logins + 1
-        locked_until, lockouts = 0.0, user.lockouts
-        if failures >= threshold:
-            locked_until = self._now() + min(base * 2 ** user.lockouts, longest)
-            lockouts += 1
-            failures = 0
-        await self.db.run_operation(
-            "UPDATE users SET failed_logins = ?, locked_until = ?, lockouts = ? WHERE username = ?",
-            (failures, locked_until, lockouts, username),
-        )
-        return locked_until
+        """Count a failed login; returns the lock's end when this failure set one, else 0.
+
+        One interaction (the registry runs them one at a time): concurrent failures are
+        all counted, and a lock is never shortened by a failure that raced it.
+        """
+        now = self._now()
+
+        def count(cursor: Any) -> float:
+            cursor.execute("UPDATE users SET failed_logins = failed_logins + 1 "
+                           "WHERE username = ? RETURNING failed_logins, lockouts, locked_until",
+                           (username,))
+            row = cursor.fetchone()
+            if row is None:
+                return 0.0
+            failures, lockouts, locked_until = int(row[0]), int(row[1]), float(row[2])
+            if failures < threshold:
+                return 0.0
+            until = float(max(locked_until, now + min(base * 2.0 ** lockouts, longest)))
+            cursor.execute("UPDATE users SET failed_logins = 0, locked_until = ?, "
+                           "lockouts = lockouts + 1 WHERE username = ?", (until, username))
+            return until
+
+        result: float = await self.db.run_interaction(count)
+        return result
 
     async def record_success(self, username: str) -> None:
         await self.db.run_operation(

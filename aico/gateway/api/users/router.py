@@ -60,8 +60,17 @@ def routes(deps: UsersDeps) -> list[RouteEntry]:
             log.info("login refused for {username} from {peer}: wrong password",
                      username=username, peer=request.peer_host)
             raise LoginFailed()
+        # The Argon2 check took a while: an admin may have changed the password, disabled
+        # the account, or concurrent failures may have locked it meanwhile. Decide on the
+        # row as it is now, and issue tokens for its current roles.
+        fresh = await store.get(username)
+        if (fresh is None or fresh.disabled or fresh.password_hash != user.password_hash
+                or fresh.locked_until > deps.clock.seconds()):
+            await audit.append("login_failed", username, {"reason": "changed during login",
+                                                          "peer": request.peer_host})
+            raise LoginFailed()
         await store.record_success(username)
-        pair = await tokens.issue_pair_durable(username, user.roles, caps_of(user.roles))
+        pair = await tokens.issue_pair_durable(username, fresh.roles, caps_of(fresh.roles))
         await audit.append("login_succeeded", username, {"peer": request.peer_host,
                                                          "transport": request.transport})
         log.info("login for {username} from {peer} over {transport}", username=username,
