@@ -414,3 +414,33 @@ class RealtimeGatewayTests(TestCase):
             self.assertEqual(frames[2]["problem"]["code"], "token_revoked")
 
         return ensureDeferred(go())
+
+    def test_logout_with_a_newer_token_of_the_session_tells_sockets_holding_an_older_one(self) -> Any:
+        async def go() -> None:
+            first = await login(self.http, self.gw.base, "admin", self.gw.admin_password)
+            frames: list[dict[str, Any]] = []
+            opened = threading.Event()
+
+            def client() -> None:
+                with ws_client.connect(self.ws_url, additional_headers={
+                        "Authorization": f"Bearer {first['access_token']}"}) as ws:
+                    frames.append(json.loads(ws.recv(timeout=5)))
+                    frames.append(json.loads(ws.recv(timeout=5)))
+                    opened.set()
+                    frames.append(json.loads(ws.recv(timeout=5)))
+
+            done = threads.deferToThread(client)
+            for _ in range(250):
+                if opened.is_set():
+                    break
+                await deferLater(reactor, 0.02, lambda: None)
+            r = await self.http.post(self.gw.base + "/api/v1/users/refresh",
+                                     json={"refresh_token": first["refresh_token"]})
+            second = json.loads(await r.content())
+            r = await self.http.post(self.gw.base + "/api/v1/users/logout", json={},
+                                     headers={"Authorization": f"Bearer {second['access_token']}"})
+            self.assertEqual(r.code, 204)
+            await done
+            self.assertEqual([f["type"] for f in frames], ["welcome", "auth_success", "auth_revoked"])
+
+        return ensureDeferred(go())

@@ -218,6 +218,17 @@ class ConnectionManager:
                           count=len(holders))
         return len(holders)
 
+    def revoke_family(self, family: str) -> int:
+        """A session family was revoked (logout, refresh-token reuse): every connection
+        authenticated with any token of it is told; their count."""
+        if not family:
+            return 0
+        holders = [cid for cid, c in self._connections.items()
+                   if c.info.principal is not None and c.info.principal.family == family]
+        for cid in holders:
+            self._end_auth(cid, TokenRevoked("the session was revoked; authenticate again"))
+        return len(holders)
+
     def revoke_subject(self, subject: str) -> int:
         """Every session of *subject* was revoked: each connection authenticated as it is
         told and loses its authentication; their count."""

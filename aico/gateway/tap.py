@@ -106,7 +106,8 @@ class Gateway:
         users = UsersDeps(store=UserStore(self.db, reactor), passwords=self.passwords,
                           tokens=self.tokens, chain=self.chain, audit=self.audit, clock=reactor,
                           config=lambda: self.config, on_revoke=self.connections.revoke_token,
-                          on_revoke_subject=self.connections.revoke_subject)
+                          on_revoke_subject=self.connections.revoke_subject,
+                          on_revoke_family=self.connections.revoke_family)
         self.bound: dict[str, dict[str, Any]] = {}
         self.ipc = IpcListener(self.dispatcher, self._authenticate, topics.may_subscribe,
                                self.connections, paths.curve, self._ipc_endpoint(config, paths),

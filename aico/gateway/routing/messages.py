@@ -38,6 +38,8 @@ class Principal:
     #: The token's ``jti`` and ``exp`` when the principal came from a token.
     token_id: str = ""
     expires_at: float = 0.0
+    #: The token's session family (``fam``): logout and refresh-token reuse end it whole.
+    family: str = ""
 
 
 @dataclass(slots=True)

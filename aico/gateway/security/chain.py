@@ -93,6 +93,7 @@ class SecurityChain:
             device_id=str(claims.extra.get("device_id", "")),
             token_id=claims.jti,
             expires_at=claims.exp,
+            family=claims.fam,
         )
         return principal, claims
 

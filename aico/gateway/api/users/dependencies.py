@@ -143,3 +143,5 @@ class UsersDeps:
     on_revoke: Callable[[str], object] = lambda jti: None
     #: Told the subject whose every session was revoked (its open sockets are told).
     on_revoke_subject: Callable[[str], object] = lambda subject: None
+    #: Told each session family revoked here (logout, refresh-token reuse).
+    on_revoke_family: Callable[[str], object] = lambda family: None

@@ -90,6 +90,7 @@ def routes(deps: UsersDeps) -> list[RouteEntry]:
         try:
             pair = await tokens.refresh(token, roles=user.roles, caps=caps_of(user.roles))
         except tk.TokenRevoked:
+            deps.on_revoke_family(claims.fam)
             await audit.append("refresh_reuse", claims.sub, {"family_revoked": True})
             raise TokenRevoked("refresh token already used; the session is revoked") from None
         except tk.TokenError as e:
@@ -101,6 +102,7 @@ def routes(deps: UsersDeps) -> list[RouteEntry]:
         refresh_token = (request.json or {}).get("refresh_token")
         await tokens.logout(claims, refresh_token)
         deps.on_revoke(claims.jti)
+        deps.on_revoke_family(claims.fam)
         await audit.append("logout", claims.sub, {"tokens_revoked": True})
         log.info("logout for {username}: session revoked", username=claims.sub)
         return Response(status=204, content_type="application/json")
