@@ -73,6 +73,10 @@ class LoadTests(SynchronousTestCase):
     def test_syntax_error_names_file(self) -> None:
         self.assertIn("gw.toml", str(self._error("[http\n")))
 
+    def test_nan_and_infinity_are_refused(self) -> None:
+        self.assertEqual(self._error("[websocket]\nauth_timeout = nan\n").key, "websocket.auth_timeout")
+        self.assertEqual(self._error("[bus]\nrequest_timeout = inf\n").key, "bus.request_timeout")
+
     def test_positive_numbers(self) -> None:
         self.assertEqual(self._error("[bus]\nrequest_timeout = 0\n").key, "bus.request_timeout")
 

@@ -151,6 +151,17 @@ class ErrorTests(GatewayCase):
 
         return ensureDeferred(go())
 
+    def test_a_body_on_any_method_is_checked(self) -> Any:
+        async def go() -> None:
+            r = await self.http.delete(self.base + "/api/v1/users/nobody", data=b"\x01\x02not json\xff",
+                                       headers={"Content-Type": "text/plain"})
+            self._problem(json.loads(await r.content()), 415, "unsupported_media_type")
+            r = await self.http.request("GET", self.base + "/api/v1/health", data=b"{nope",
+                                        headers={"Content-Type": "application/json"})
+            self._problem(json.loads(await r.content()), 400, "malformed_json")
+
+        return ensureDeferred(go())
+
     def test_stream_parameter_is_true_or_false(self) -> Any:
         async def go() -> None:
             status, body, _ = await post_json(self.http, self.base + "/api/v1/conversations/messages?stream=maybe",

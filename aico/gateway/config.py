@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import math
 import tomllib
 import types
 import typing
@@ -292,6 +293,8 @@ def _convert(tp: Any, value: Any, key: str, source: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ConfigError(key, f"expected a number, got {value!r}", source)
+        if not math.isfinite(value):
+            raise ConfigError(key, f"expected a finite number, got {value!r}", source)
         return float(value)
     if tp is str:
         if not isinstance(value, str):

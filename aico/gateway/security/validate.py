@@ -229,7 +229,8 @@ def make_step(limits: Callable[[], LimitsSection]) -> Callable[[Request], None]:
         has_body = bool(request.body)
         validator: Draft202012Validator | None = entry.extra.get("validator")
         if validator is None:
-            if has_body and not entry.raw_body and request.method in _BODY_METHODS:
+            # Whatever the method, a body that travels on is JSON within the limits.
+            if has_body and not entry.raw_body:
                 request.json = parse_json(request, limits())
             return
         if not has_body:
