@@ -159,3 +159,29 @@ class IndependentClientTests(TestCase):
             self.assertEqual(codes, (4001, 4002))
 
         return self.run_client(client, check)
+
+
+class AuthTierAcrossConnectionsTests(TestCase):
+    timeout = 60
+    extra = "[ratelimit.tiers.auth]\nrequests = 3\nper_seconds = 60\nburst = 3\n"
+
+    def test_new_connections_do_not_reset_the_login_budget(self) -> Any:
+        async def go() -> None:
+            self.gw = await start_gateway(self, self.extra)
+            url = self.gw.base.replace("http://", "ws://") + "/ws"
+
+            def logins() -> list[int]:
+                statuses = []
+                for _ in range(5):  # a fresh socket for every attempt
+                    with ws_client.connect(url) as ws:
+                        ws.recv(timeout=5)
+                        ws.send(json.dumps({"type": "request", "id": 1, "method": "POST",
+                                            "path": "/api/v1/users/authenticate",
+                                            "body": {"username": "admin", "password": "wrong-guess"}}))
+                        statuses.append(json.loads(ws.recv(timeout=5))["status"])
+                return statuses
+
+            statuses = await threads.deferToThread(logins)
+            self.assertEqual(statuses, [401, 401, 401, 429, 429])
+
+        return ensureDeferred(go())

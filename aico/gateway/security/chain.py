@@ -59,6 +59,16 @@ def bearer_token(header: str | None) -> str | None:
     return token.strip()
 
 
+def limit_key(request: Request) -> str:
+    """Whose budget a request spends. Anonymous logins and refreshes (tier ``auth``) count
+    per peer address even over WebSocket and IPC, so a new connection is not a fresh
+    budget for password guessing; everything else per user, device or connection."""
+    route = request.route
+    if route is not None and route.tier == "auth" and request.principal is None:
+        return "addr:" + request.peer_host
+    return request.client_key
+
+
 class SecurityChain:
     """The steps every request passes, built once from the gateway's parts."""
 
@@ -133,7 +143,7 @@ class SecurityChain:
             return
         route = request.route
         assert route is not None
-        decision = self.limiter.check(request.client_key, route.tier)
+        decision = self.limiter.check(limit_key(request), route.tier)
         request.response_headers.update(decision.headers())
         if not decision.allowed:
             headers = {"Retry-After": str(decision.retry_after)}
@@ -149,7 +159,7 @@ class SecurityChain:
         config = self.config()
         if not config.ratelimit.enabled or request.route is None:
             return
-        decision = self.limiter.check(request.client_key, request.route.tier)
+        decision = self.limiter.check(limit_key(request), request.route.tier)
         request.response_headers.update(decision.headers())
         if not decision.allowed:
             headers = {"Retry-After": str(decision.retry_after)}
