@@ -97,6 +97,16 @@ class ConnectionInfo:
         }
 
 
+def _bus_key(prefix: str) -> str:
+    """The bus subscription that covers *prefix*: its first segment and the slash.
+
+    ZeroMQ keeps a trie per subscription (tens of KiB for a long one), so the bus holds one
+    subscription per first segment, not one per socket prefix (the topic rules require a
+    slash after the first segment)."""
+    segment, slash, _ = prefix.partition("/")
+    return segment + slash
+
+
 class IConnection(Interface):
     """A live connection as the manager sees it (WebSocket session, IPC peer)."""
 
@@ -134,6 +144,8 @@ class ConnectionManager:
         #: prefix -> ids of the connections subscribed to it.
         self._subscribers: dict[str, set[str]] = {}
         self._handlers: dict[str, Callable[[str, AicoMessage], None]] = {}
+        #: Distinct subscribed prefixes under each bus subscription (first segment + "/").
+        self._segment_refs: dict[str, int] = {}
         self._last_message: AicoMessage | None = None
         self.events_relayed = 0
 
@@ -258,10 +270,12 @@ class ConnectionManager:
         ids = self._subscribers.get(prefix)
         if ids is None:
             ids = self._subscribers[prefix] = set()
-            if self.bus is not None:
-                handler = self._handler(prefix)
-                self._handlers[prefix] = handler
-                self.bus.subscribe(prefix, handler)
+            segment = _bus_key(prefix)
+            self._segment_refs[segment] = self._segment_refs.get(segment, 0) + 1
+            if self._segment_refs[segment] == 1 and self.bus is not None:
+                handler = self._handler(segment)
+                self._handlers[segment] = handler
+                self.bus.subscribe(segment, handler)
         ids.add(conn.info.id)
         return True
 
@@ -275,9 +289,13 @@ class ConnectionManager:
             ids.discard(conn.info.id)
             if not ids:
                 del self._subscribers[prefix]
-                handler = self._handlers.pop(prefix, None)
-                if handler is not None and self.bus is not None:
-                    self.bus.unsubscribe(prefix, handler)
+                segment = _bus_key(prefix)
+                self._segment_refs[segment] -= 1
+                if not self._segment_refs[segment]:
+                    del self._segment_refs[segment]
+                    handler = self._handlers.pop(segment, None)
+                    if handler is not None and self.bus is not None:
+                        self.bus.unsubscribe(segment, handler)
         return True
 
     def unsubscribe_all(self, conn: IConnection) -> None:
@@ -286,7 +304,9 @@ class ConnectionManager:
 
     @property
     def bus_prefixes(self) -> frozenset[str]:
-        """The prefixes the manager currently holds on the bus."""
+        """The prefixes the manager currently holds on the bus: one per first topic
+        segment, however many (and however long) the sockets' prefixes below it are;
+        events are matched to each socket's own prefix here."""
         return frozenset(self._handlers)
 
     def _handler(self, prefix: str) -> Callable[[str, AicoMessage], None]:
