@@ -611,3 +611,51 @@ class NoSecretsInLogsTests(GatewayCase):
                 self.assertNotIn(secret, text)
 
         return ensureDeferred(go())
+
+
+class SlowlorisTests(GatewayCase):
+    extra = "[limits]\nhead_timeout = 0.5\n"
+
+    def test_a_request_head_sent_too_slowly_is_dropped_but_websockets_live_on(self) -> Any:
+        async def go() -> None:
+            import socket
+            import time as _time
+
+            from twisted.internet import threads
+
+            port = self.gw.ports["http"]["port"]
+
+            def trickle() -> float:
+                s = socket.create_connection(("127.0.0.1", port))
+                s.settimeout(5)
+                start = _time.monotonic()
+                s.sendall(b"GET /api/v1/health HTTP/1.1\r\nHost: x\r\n")
+                try:
+                    for _ in range(10):  # one header line every 0.2 s: never a complete head
+                        _time.sleep(0.2)
+                        s.sendall(b"X-Slow: 1\r\n")
+                    data = s.recv(100)
+                except OSError:
+                    data = b""
+                s.close()
+                return _time.monotonic() - start if not data else -1.0
+
+            elapsed = await threads.deferToThread(trickle)
+            self.assertGreater(elapsed, 0.0, "the server answered a head that never completed")
+            self.assertLess(elapsed, 3.0)
+
+            def websocket() -> str:
+                import websockets.sync.client as ws_client
+
+                url = self.base.replace("http://", "ws://") + "/ws"
+                with ws_client.connect(url, additional_headers={
+                        "Authorization": f"Bearer {self.tokens['access_token']}"}) as ws:
+                    ws.recv(timeout=5)
+                    ws.recv(timeout=5)
+                    _time.sleep(1.2)  # longer than head_timeout
+                    ws.send(json.dumps({"type": "heartbeat", "id": "alive"}))
+                    return str(json.loads(ws.recv(timeout=5))["type"])
+
+            self.assertEqual(await threads.deferToThread(websocket), "heartbeat_ack")
+
+        return ensureDeferred(go())

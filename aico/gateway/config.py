@@ -131,6 +131,9 @@ class LimitsSection:
     string_max: int = _reloadable(65_536)
     header_count: int = _reloadable(100)
     header_size: int = _reloadable(16_384)
+    #: Seconds a client has to send a complete request head (slowloris guard); also how
+    #: long a keep-alive connection may wait for its next request.
+    head_timeout: float = _reloadable(10.0)
 
 
 @dataclass(frozen=True)
@@ -359,6 +362,7 @@ def _check(c: Config) -> None:
         "limits.string_max": c.limits.string_max,
         "limits.header_count": c.limits.header_count,
         "limits.header_size": c.limits.header_size,
+        "limits.head_timeout": c.limits.head_timeout,
         "ratelimit.block_base": c.ratelimit.block_base,
         "ratelimit.block_max": c.ratelimit.block_max,
         "ratelimit.block_after": c.ratelimit.block_after,

@@ -143,6 +143,7 @@ class Gateway:
             self.rest.resource(),
             body_limit=lambda: self.config.limits.body_max,
             header_limits=lambda: (self.config.limits.header_count, self.config.limits.header_size),
+            head_timeout=lambda: self.config.limits.head_timeout,
         )
 
     def _ipc_endpoint(self, config: Config, paths: StatePaths) -> str:

@@ -15,6 +15,7 @@ from typing import Any
 
 from klein import Klein
 from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionDone
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel
@@ -85,6 +86,9 @@ class LimitedRequest(WebRequest):
         content.write(data)
 
 
+_CONNECTION_DONE = Failure(ConnectionDone())
+
+
 class LimitedChannel(HTTPChannel):
     """An HTTP channel whose header count and size limits come from the config."""
 
@@ -97,6 +101,42 @@ class LimitedChannel(HTTPChannel):
             self.totalHeadersSize = size
             self.MAX_LENGTH = size
         super().connectionMade()  # type: ignore[no-untyped-call]
+        self._arm_head_deadline()
+
+    # A client has head_timeout seconds for a complete request head, from the connection
+    # (or from the end of its previous request): trickling header lines keeps the idle
+    # timer alive, not this one (slowloris).
+    _head_deadline: Any = None
+
+    def _arm_head_deadline(self) -> None:
+        self._cancel_head_deadline()
+        get: Callable[[], float] | None = getattr(getattr(self, "site", None), "head_timeout", None)
+        self._head_deadline = self.callLater(  # type: ignore[no-untyped-call]
+            get() if get is not None else 10.0, self._head_timed_out)
+
+    def _cancel_head_deadline(self) -> None:
+        if self._head_deadline is not None and self._head_deadline.active():
+            self._head_deadline.cancel()
+        self._head_deadline = None
+
+    def _head_timed_out(self) -> None:
+        self._head_deadline = None
+        transport: Any = self.transport
+        if transport is not None:
+            transport.abortConnection()
+
+    def allHeadersReceived(self) -> None:
+        self._cancel_head_deadline()
+        super().allHeadersReceived()  # type: ignore[no-untyped-call]
+
+    def requestDone(self, request: Any) -> None:
+        super().requestDone(request)  # type: ignore[no-untyped-call]
+        if self.transport is not None and self.persistent:
+            self._arm_head_deadline()
+
+    def connectionLost(self, reason: Failure = _CONNECTION_DONE) -> None:
+        self._cancel_head_deadline()
+        super().connectionLost(reason)  # type: ignore[no-untyped-call]
 
     def lineLengthExceeded(self, line: bytes) -> None:
         self._respondToBadRequestAndDisconnect()
@@ -130,6 +170,7 @@ class GatewaySite(Site):
         resource: IResource,
         body_limit: Callable[[], int],
         header_limits: Callable[[], tuple[int, int]],
+        head_timeout: Callable[[], float] = lambda: 10.0,
     ) -> None:
         # A JSON API never parses form bodies: that saves Twisted's costly e-mail-style
         # parsing of Content-Type on every POST and keeps multipart parsing away from
@@ -138,6 +179,7 @@ class GatewaySite(Site):
                          parsePOSTFormSubmission=False)
         self.body_limit = body_limit
         self.header_limits = header_limits
+        self.head_timeout = head_timeout
         self.displayTracebacks = False
         self.noisy = False
 
