@@ -87,6 +87,7 @@ class HealthTests(GatewayCase):
                 self.assertEqual(module["status"], "ok")
                 self.assertIsInstance(module["latency_ms"], float)
             self.assertTrue(headers.getRawHeaders("x-request-id"))
+            self.assertEqual(headers.getRawHeaders("server"), ["aico-gateway"])
 
         return ensureDeferred(go())
 

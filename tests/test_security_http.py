@@ -276,6 +276,10 @@ class RoleTests(GatewayCase):
             status, body, _ = await self.call("POST", "/api/v1/users", admin,
                                               {"username": "eve", "password": "short", "roles": ["user"]})
             self.assertEqual((status, body["errors"][0]["pointer"]), (400, "/password"))
+            for dots in (".", ".."):
+                status, body, _ = await self.call("POST", "/api/v1/users", admin,
+                                                  {"username": dots, "password": "0123456789ab", "roles": []})
+                self.assertEqual((status, body["errors"][0]["pointer"]), (400, "/username"))
             status, body, _ = await self.call("GET", "/api/v1/users", admin)
             self.assertEqual(sorted(u["username"] for u in body["users"]), ["admin", "dave"])
             self.assertNotIn("password_hash", json.dumps(body))

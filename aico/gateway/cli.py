@@ -209,8 +209,8 @@ def _cmd_user_add(args: argparse.Namespace, ctx: Context) -> int:
     from aico.gateway.store import connect_sync
 
     paths, config = state_paths(args, ctx.env)
-    if not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", args.username):
-        raise _Exit(EXIT_USAGE, "username: 1-64 characters from A-Z a-z 0-9 . _ -")
+    if not re.fullmatch(r"(?!\.+$)[A-Za-z0-9._-]{1,64}", args.username):
+        raise _Exit(EXIT_USAGE, "username: 1-64 characters from A-Z a-z 0-9 . _ -, not only dots")
     if args.password_file:
         with open(args.password_file, encoding="utf-8") as f:
             password = f.read().strip("\r\n")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import quote
 
 from twisted.logger import Logger
 
@@ -134,7 +135,7 @@ def routes(deps: UsersDeps) -> list[RouteEntry]:
         user = await store.get(body["username"])
         assert user is not None
         return json_response(user.public(), status=201,
-                             headers={"Location": f"/api/v1/users/{user.username}"})
+                             headers={"Location": f"/api/v1/users/{quote(user.username)}"})
 
     async def ensure_admin_left(target: User, roles: tuple[str, ...] | None,
                                 disabled: bool | None, deleting: bool = False) -> None:

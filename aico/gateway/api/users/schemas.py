@@ -5,7 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 _DIALECT = "https://json-schema.org/draft/2020-12/schema"
-USERNAME: dict[str, Any] = {"type": "string", "pattern": "^[A-Za-z0-9._-]{1,64}$"}
+#: Letters, digits, ".", "_" and "-"; not only dots ("." and ".." are path segments).
+USERNAME: dict[str, Any] = {"type": "string", "pattern": "^(?!\\.+$)[A-Za-z0-9._-]{1,64}$"}
 PASSWORD: dict[str, Any] = {"type": "string", "minLength": 1, "maxLength": 1024}
 ROLES: dict[str, Any] = {
     "type": "array",
