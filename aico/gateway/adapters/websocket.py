@@ -58,6 +58,7 @@ from aico.gateway.errors import (
     MalformedJson,
     PayloadTooLarge,
     RateLimited,
+    TokenInvalid,
     Unauthenticated,
 )
 from aico.gateway.lifecycle import InFlight
@@ -696,7 +697,7 @@ class WebSocketSession(WebSocketServerProtocol):
 
     def _auth(self, frame: ClientFrame) -> None:
         if len(frame.token) > _MAX_TOKEN:
-            self._error(frame.id, Unauthenticated("the token is too long"))
+            self._error(frame.id, TokenInvalid("the token is longer than 8 KiB"))
             return
         d = maybeDeferred(self.factory.authenticate, frame.token)
 
