@@ -58,7 +58,7 @@ class MemoryBus:
         timeout: float | None = None,
         on_chunk: Callable[[AicoMessage], None] | None = None,
     ) -> Deferred[AicoMessage]:
-        raise NotImplementedError
+        raise AssertionError("the module directory never sends bus requests")
 
     def reply(self, request: AicoMessage, response: AicoMessage, stream: str | None = None) -> None:
         out = AicoMessage()

@@ -58,7 +58,7 @@ class FrameTests:
     timeout = 20
 
     async def client(self, headers: dict[str, str] | None = None) -> Any:
-        raise NotImplementedError
+        raise AssertionError("each FrameTests subclass connects with its own client library")
 
     async def connected(self, token: str | None = None) -> Any:
         c = await self.client()
