@@ -383,6 +383,28 @@ class RealtimeGatewayTests(TestCase):
 
         return ensureDeferred(go())
 
+    async def frames_around(self, token: str, act: Any) -> list[dict[str, Any]]:
+        """Open a socket authenticated with *token*, run *act* once it is authenticated, and
+        return the socket's first three frames."""
+        frames: list[dict[str, Any]] = []
+        opened = threading.Event()
+
+        def client() -> None:
+            with ws_client.connect(self.ws_url, additional_headers={"Authorization": f"Bearer {token}"}) as ws:
+                frames.append(json.loads(ws.recv(timeout=5)))
+                frames.append(json.loads(ws.recv(timeout=5)))
+                opened.set()
+                frames.append(json.loads(ws.recv(timeout=5)))
+
+        done = threads.deferToThread(client)
+        for _ in range(250):
+            if opened.is_set():
+                break
+            await deferLater(reactor, 0.02, lambda: None)
+        await act()
+        await done
+        return frames
+
     def test_disabling_a_user_tells_their_open_sockets(self) -> Any:
         async def go() -> None:
             admin = http_client(self, token=self.tokens["access_token"])
@@ -390,26 +412,13 @@ class RealtimeGatewayTests(TestCase):
                                  json={"username": "hank", "password": "a-long-password-1", "roles": ["user"]})
             await r.content()
             user = await login(self.http, self.gw.base, "hank", "a-long-password-1")
-            frames: list[dict[str, Any]] = []
-            opened = threading.Event()
 
-            def client() -> None:
-                with ws_client.connect(self.ws_url, additional_headers={
-                        "Authorization": f"Bearer {user['access_token']}"}) as ws:
-                    frames.append(json.loads(ws.recv(timeout=5)))
-                    frames.append(json.loads(ws.recv(timeout=5)))
-                    opened.set()
-                    frames.append(json.loads(ws.recv(timeout=5)))
+            async def disable() -> None:
+                r = await admin.patch(self.gw.base + "/api/v1/users/hank", json={"disabled": True})
+                self.assertEqual(r.code, 200)
+                await r.content()
 
-            done = threads.deferToThread(client)
-            for _ in range(250):
-                if opened.is_set():
-                    break
-                await deferLater(reactor, 0.02, lambda: None)
-            r = await admin.patch(self.gw.base + "/api/v1/users/hank", json={"disabled": True})
-            self.assertEqual(r.code, 200)
-            await r.content()
-            await done
+            frames = await self.frames_around(user["access_token"], disable)
             self.assertEqual([f["type"] for f in frames], ["welcome", "auth_success", "auth_revoked"])
             self.assertEqual(frames[2]["problem"]["code"], "token_revoked")
 
@@ -418,29 +427,16 @@ class RealtimeGatewayTests(TestCase):
     def test_logout_with_a_newer_token_of_the_session_tells_sockets_holding_an_older_one(self) -> Any:
         async def go() -> None:
             first = await login(self.http, self.gw.base, "admin", self.gw.admin_password)
-            frames: list[dict[str, Any]] = []
-            opened = threading.Event()
 
-            def client() -> None:
-                with ws_client.connect(self.ws_url, additional_headers={
-                        "Authorization": f"Bearer {first['access_token']}"}) as ws:
-                    frames.append(json.loads(ws.recv(timeout=5)))
-                    frames.append(json.loads(ws.recv(timeout=5)))
-                    opened.set()
-                    frames.append(json.loads(ws.recv(timeout=5)))
+            async def refresh_then_logout() -> None:
+                r = await self.http.post(self.gw.base + "/api/v1/users/refresh",
+                                         json={"refresh_token": first["refresh_token"]})
+                second = json.loads(await r.content())
+                r = await self.http.post(self.gw.base + "/api/v1/users/logout", json={},
+                                         headers={"Authorization": f"Bearer {second['access_token']}"})
+                self.assertEqual(r.code, 204)
 
-            done = threads.deferToThread(client)
-            for _ in range(250):
-                if opened.is_set():
-                    break
-                await deferLater(reactor, 0.02, lambda: None)
-            r = await self.http.post(self.gw.base + "/api/v1/users/refresh",
-                                     json={"refresh_token": first["refresh_token"]})
-            second = json.loads(await r.content())
-            r = await self.http.post(self.gw.base + "/api/v1/users/logout", json={},
-                                     headers={"Authorization": f"Bearer {second['access_token']}"})
-            self.assertEqual(r.code, 204)
-            await done
+            frames = await self.frames_around(first["access_token"], refresh_then_logout)
             self.assertEqual([f["type"] for f in frames], ["welcome", "auth_success", "auth_revoked"])
 
         return ensureDeferred(go())
