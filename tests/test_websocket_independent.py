@@ -133,6 +133,24 @@ class IndependentClientTests(TestCase):
 
         return self.run_client(client, check)
 
+    def test_a_socket_is_closed_after_five_refused_tokens(self) -> Any:
+        def client() -> tuple[list[str], int | None]:
+            kinds = []
+            with ws_client.connect(self.url) as ws:
+                ws.recv(timeout=5)
+                try:
+                    for _ in range(6):
+                        ws.send(json.dumps({"type": "auth", "token": "not.a.token"}))
+                        kinds.append(json.loads(ws.recv(timeout=5))["type"])
+                except ConnectionClosed as e:
+                    return kinds, e.rcvd.code if e.rcvd else None
+            return kinds, None
+
+        def check(result: tuple[list[str], int | None]) -> None:
+            self.assertEqual(result, (["error"] * 5, 1008))
+
+        return self.run_client(client, check)
+
     def test_auth_and_idle_timeouts_close_with_their_codes(self) -> Any:
         token = self.tokens["access_token"]
 

@@ -79,6 +79,11 @@ CLOSE_AUTH_TIMEOUT = 4001
 CLOSE_IDLE_TIMEOUT = 4002
 CLOSE_DEVICE_REVOKED = 4003
 CLOSE_SLOW_CONSUMER = 4004
+#: Too many refused tokens on one socket (RFC 6455 policy violation).
+CLOSE_POLICY = 1008
+#: Refused ``auth`` frames one socket may send before it is closed: each costs a
+#: signature check, so a socket is no free oracle or CPU sink.
+MAX_AUTH_REFUSALS = 5
 
 #: Requests one socket may have in flight at once.
 MAX_IN_FLIGHT = 1024
@@ -505,6 +510,7 @@ class WebSocketSession(WebSocketServerProtocol):
         #: the machine (an Automat call, ~4 µs) on every frame would cost too much; set only
         #: where the machine makes that transition (:meth:`_closed`).
         self._ended = False
+        self._auth_refusals = 0
         self.token = ""
         self.lost: ApiError | None = None
         self.close_code: int | None = None
@@ -717,6 +723,9 @@ class WebSocketSession(WebSocketServerProtocol):
             else:
                 self._log.failure("authenticating websocket {id} failed", failure, id=self.info.id)
                 self._error(frame.id, Unauthenticated("the token could not be checked"))
+            self._auth_refusals += 1
+            if self._auth_refusals >= MAX_AUTH_REFUSALS:
+                self.close(CLOSE_POLICY, "too many refused tokens")
 
         d.addCallbacks(ok, refused)
 
