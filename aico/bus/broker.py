@@ -9,9 +9,7 @@ ask the :class:`~aico.bus.zap.ZapHandler` about every client. The proxy runs in 
 
 from __future__ import annotations
 
-import ipaddress
 import threading
-from urllib.parse import urlsplit
 
 import zmq
 from twisted.logger import Logger
@@ -19,29 +17,10 @@ from twisted.logger import Logger
 from aico.bus.curve import CurveLayout, load_pair
 from aico.bus.errors import BrokerBindError
 from aico.bus.zap import ModuleKeyStore, ZapHandler
+from aico.net import is_loopback_endpoint
 
 #: Messages a broker socket queues per peer before it drops (PUB semantics).
 HIGH_WATER_MARK = 100_000
-
-
-def is_loopback_endpoint(endpoint: str) -> bool:
-    """True for ``ipc://``, ``inproc://`` and ``tcp://`` endpoints on a loopback host."""
-    if endpoint.startswith(("ipc://", "inproc://")):
-        return True
-    if not endpoint.startswith("tcp://"):
-        return False
-    try:
-        host = urlsplit(endpoint.replace(":*", ":0")).hostname
-    except ValueError:
-        return False
-    if host is None:
-        return False
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 class EmbeddedBroker:

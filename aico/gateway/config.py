@@ -9,7 +9,6 @@ the types here *are* the schema. Every error names the key and the file. Keys ma
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
 import math
 import tomllib
 import types
@@ -18,6 +17,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar
+
+from aico.net import is_loopback
 
 T = TypeVar("T")
 
@@ -309,15 +310,6 @@ def _convert(tp: Any, value: Any, key: str, source: str) -> Any:
 _LISTENERS = ("http", "tls", "admin", "pairing")
 
 
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
 def _check(c: Config) -> None:
     """Rules that span keys or ranges; types were checked while building."""
     src = c.source
@@ -329,7 +321,7 @@ def _check(c: Config) -> None:
             raise ConfigError(f"{name}.host", "must not be empty", src)
     for name in ("http", "admin"):
         section = getattr(c, name)
-        if section.enabled and not _is_loopback(section.host) and not section.allow_remote:
+        if section.enabled and not is_loopback(section.host) and not section.allow_remote:
             raise ConfigError(
                 f"{name}.host",
                 f"{section.host!r} is not a loopback address; set {name}.allow_remote = true "
@@ -342,7 +334,7 @@ def _check(c: Config) -> None:
             raise ConfigError(f"bus.{key}", f"expected a ZeroMQ endpoint, got {value!r}", src)
         if c.bus.embedded_broker and value.startswith("tcp://"):
             host = value[len("tcp://") :].rsplit(":", 1)[0]
-            if not _is_loopback(host):
+            if not is_loopback(host):
                 raise ConfigError(f"bus.{key}", "the embedded broker binds loopback only", src)
     if c.ipc.endpoint not in ("", "default") and not c.ipc.endpoint.startswith("ipc://"):
         raise ConfigError("ipc.endpoint", f"expected ipc://PATH, got {c.ipc.endpoint!r}", src)

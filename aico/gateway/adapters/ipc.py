@@ -23,11 +23,10 @@ queue (``ROUTER_MANDATORY``) instead of dropping silently.
 
 from __future__ import annotations
 
-import ipaddress
 import json
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl
 
 import zmq
 from google.protobuf.message import DecodeError
@@ -50,6 +49,7 @@ from aico.gateway.errors import (
 from aico.gateway.lifecycle import InFlight
 from aico.gateway.routing.dispatch import Dispatcher
 from aico.gateway.routing.messages import Principal, Request, Response, request_id_from
+from aico.net import is_loopback_endpoint
 from aico.proto import AicoMessage, ApiEvent, ApiRequest, ApiResponse, EnvelopeError, unpack, wrap
 
 #: Attributes of the IPC envelope (docs/protocols.md).
@@ -77,16 +77,6 @@ class IpcBindError(RuntimeError):
     def __init__(self, address: str, reason: str) -> None:
         self.address = address
         super().__init__(f"cannot bind the IPC endpoint {address}: {reason}")
-
-
-def _is_loopback_tcp(endpoint: str) -> bool:
-    host = urlsplit(endpoint.replace(":*", ":0")).hostname or ""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 @implementer(IConnection)
@@ -249,7 +239,7 @@ class IpcListener:
                     raise IpcBindError(address, e.strerror) from e
                 bound = sock.getsockopt_string(zmq.LAST_ENDPOINT)
                 router.address = bound
-                router.loopback = transport == "ipc" or _is_loopback_tcp(bound)
+                router.loopback = transport == "ipc" or is_loopback_endpoint(bound)
                 self._bound[key] = bound
                 # The FD is edge-triggered: look for messages that raced the bind.
                 if router.read_scheduled is None:

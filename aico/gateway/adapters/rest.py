@@ -9,7 +9,6 @@ writes streamed bodies chunk by chunk as they arrive.
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Callable
 from typing import Any
 
@@ -29,6 +28,7 @@ from aico.gateway.errors import ApiError, BadRequest, PayloadTooLarge, problem_b
 from aico.gateway.lifecycle import InFlight
 from aico.gateway.routing.dispatch import Dispatcher, error_response
 from aico.gateway.routing.messages import Request, Response, request_id_from
+from aico.net import is_loopback
 
 
 class _Discard:
@@ -187,13 +187,6 @@ class GatewaySite(Site):
         """Access logging is the dispatcher's job (it knows the request ID)."""
 
 
-def _is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
-
-
 def normalize(request: IRequest, transport: str) -> Request:
     """The router's form of a ``twisted.web`` request."""
     headers: dict[str, str] = {}
@@ -214,7 +207,7 @@ def normalize(request: IRequest, transport: str) -> Request:
         request_id=request_id_from(headers.get("x-request-id")),
         transport=transport,
         peer_host=host,
-        loopback=_is_loopback(host),
+        loopback=is_loopback(host),
         headers=headers,
         query=query,
         body=body,

@@ -65,6 +65,7 @@ from aico.gateway.lifecycle import InFlight
 from aico.gateway.routing.dispatch import Dispatcher
 from aico.gateway.routing.messages import Principal, Request, Response, request_id_from
 from aico.gateway.security.validate import loads as strict_json
+from aico.net import is_loopback
 from aico.proto import ApiEvent, ApiResponse
 from aico.proto.aico.gateway.v1.gateway_pb2 import SocketFrame
 
@@ -560,7 +561,7 @@ class WebSocketSession(WebSocketServerProtocol):
         f = self.factory
         peer = self.transport.getPeer()  # type: ignore[union-attr]
         self._peer_host = getattr(peer, "host", "") or ""
-        self._loopback = _is_loopback(self._peer_host)
+        self._loopback = is_loopback(self._peer_host)
         self.info.transport = f.transport_name
         self.info.peer = f"{self._peer_host}:{getattr(peer, 'port', '')}"
         self.info.since = f.clock.seconds()
@@ -904,15 +905,6 @@ class WebSocketSession(WebSocketServerProtocol):
         self._streams.clear()
         if was_open:
             self.factory.connections.remove(self)
-
-
-def _is_loopback(host: str) -> bool:
-    import ipaddress
-
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
 
 
 class GatewayWebSocketFactory(WebSocketServerFactory):
