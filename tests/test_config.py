@@ -98,6 +98,18 @@ class ReloadTests(SynchronousTestCase):
         self.assertEqual(restart, ["http.port"])
 
 
+    def test_reload_takes_live_keys_and_keeps_restart_keys_running(self) -> None:
+        old = c.from_string("[http]\nport = 1000\n")
+        new = c.from_string("[http]\nport = 2000\n[bus]\nrequest_timeout = 9\n"
+                            "[roles]\nuser = [\"users:self\"]\n")
+        result = c.reload(old, new)
+        self.assertEqual(result.config.http.port, 1000)
+        self.assertEqual(result.config.bus.request_timeout, 9.0)
+        self.assertEqual(result.config.roles["user"], ("users:self",))
+        self.assertEqual(sorted(result.live), ["bus.request_timeout", "roles"])
+        self.assertEqual(result.restart, ["http.port"])
+
+
 class DocsTests(SynchronousTestCase):
     def test_every_key_is_documented(self) -> None:
         doc = (Path(__file__).parent.parent / "docs" / "configuration.md").read_text()

@@ -383,10 +383,23 @@ def _check(c: Config) -> None:
             raise ConfigError(f"modules.builtin[{i}]", f"unknown built-in module {name!r}", src)
 
 
-def reloadable_changes(old: Config, new: Config) -> tuple[list[str], list[str]]:
-    """Compare two configs: (keys that changed and reload live, keys that need a restart)."""
+@dataclasses.dataclass(frozen=True)
+class Reload:
+    """What a reload does: the config to run with, and what changed."""
+
+    #: *old* with every reloadable key taken from the new file.
+    config: Config
+    #: Keys that changed and apply now.
+    live: list[str]
+    #: Keys that changed but keep their running value until a restart.
+    restart: list[str]
+
+
+def reload(old: Config, new: Config) -> Reload:
+    """Compare a running config with a re-read one, section by section, once."""
     live: list[str] = []
     restart: list[str] = []
+    changes: dict[str, Any] = {}
     for f in dataclasses.fields(Config):
         if f.metadata.get("internal"):
             continue
@@ -394,13 +407,30 @@ def reloadable_changes(old: Config, new: Config) -> tuple[list[str], list[str]]:
         if a == b:
             continue
         if f.metadata.get("table"):
-            (live if f.metadata.get("reloadable") else restart).append(f.name)
+            if f.metadata.get("reloadable"):
+                live.append(f.name)
+                changes[f.name] = b
+            else:
+                restart.append(f.name)
             continue
+        taken: dict[str, Any] = {}
         for sub in dataclasses.fields(a):
             if getattr(a, sub.name) != getattr(b, sub.name):
                 key = f"{f.name}.{sub.name}"
-                (live if sub.metadata.get("reloadable") else restart).append(key)
-    return live, restart
+                if sub.metadata.get("reloadable"):
+                    live.append(key)
+                    taken[sub.name] = getattr(b, sub.name)
+                else:
+                    restart.append(key)
+        if taken:
+            changes[f.name] = dataclasses.replace(a, **taken)
+    return Reload(dataclasses.replace(old, **changes), live, restart)
+
+
+def reloadable_changes(old: Config, new: Config) -> tuple[list[str], list[str]]:
+    """Compare two configs: (keys that changed and reload live, keys that need a restart)."""
+    result = reload(old, new)
+    return result.live, result.restart
 
 
 def iter_keys() -> typing.Iterator[tuple[str, Any, bool]]:

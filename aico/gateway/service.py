@@ -27,7 +27,8 @@ from aico.bus.builtin import BUILTIN_MODULES
 from aico.bus.client import BusClient, CurveClientKeys
 from aico.bus.directory import ModuleDirectory
 from aico.bus.errors import BrokerBindError
-from aico.gateway.config import Config, ConfigError, load, reloadable_changes
+from aico.gateway.config import Config, ConfigError, load
+from aico.gateway.config import reload as reload_config
 from aico.gateway.lifecycle import SignalHook, write_ports
 from aico.gateway.state import StatePaths
 
@@ -217,10 +218,11 @@ class GatewayService(MultiService):
         d: Deferred[Config] = deferToThreadPool(self.reactor, self.reactor.getThreadPool(), load, path)
 
         def apply(new: Config) -> None:
-            live, restart = reloadable_changes(self.config, new)
+            result = reload_config(self.config, new)
+            live, restart = result.live, result.restart
             if restart:
                 self.log.warn("config reload: {keys} change only on restart", keys=", ".join(restart))
-            self.config = _merge_reloadable(self.config, new)
+            self.config = result.config
             if self.gateway is not None:
                 self.gateway.reconfigure(self.config)
             self.log.info("config reloaded from {path}: {keys}", path=path,
@@ -270,25 +272,3 @@ class GatewayService(MultiService):
             broker = self.broker
             await deferToThreadPool(self.reactor, self.reactor.getThreadPool(), broker.stop)
         await maybeDeferred(super().stopService)
-
-
-def _merge_reloadable(old: Config, new: Config) -> Config:
-    """*old* with every reloadable key taken from *new*."""
-    import dataclasses
-
-    changes: dict[str, Any] = {}
-    for f in dataclasses.fields(Config):
-        if f.metadata.get("internal"):
-            continue
-        a, b = getattr(old, f.name), getattr(new, f.name)
-        if a == b:
-            continue
-        if f.metadata.get("table"):
-            if f.metadata.get("reloadable"):
-                changes[f.name] = b
-            continue
-        live = {sub.name: getattr(b, sub.name) for sub in dataclasses.fields(a)
-                if sub.metadata.get("reloadable")}
-        changes[f.name] = dataclasses.replace(a, **live)
-    return dataclasses.replace(old, **changes)
-
