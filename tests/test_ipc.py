@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 import zmq
@@ -279,3 +280,16 @@ class IpcOptionsTests(TestCase):
             second.start()
         self.assertIn(taken, str(caught.exception))
         self.assertEqual(second.endpoints, {})
+
+    def test_default_ipc_path_too_long_for_a_unix_socket_leaves_the_tcp_fallback(self) -> None:
+        from aico.bus.curve import CurveLayout
+
+        deep = CurveLayout(self.rt.layout.state_dir / ("x" * 120))
+        listener = IpcListener(self.rt.dispatcher, self.rt.tokens.authenticate, may_subscribe,
+                               self.rt.connections, deep, "default", "tcp://127.0.0.1:*",
+                               reactor=None)
+        self.assertEqual(listener.ipc_endpoint, "")
+        short = IpcListener(self.rt.dispatcher, self.rt.tokens.authenticate, may_subscribe,
+                            self.rt.connections, CurveLayout(Path("/tmp/s")), "default", "",
+                            reactor=None)
+        self.assertEqual(short.ipc_endpoint, "ipc:///tmp/s/gateway.ipc")

@@ -12,7 +12,6 @@ import os
 from pathlib import Path
 from typing import Any
 
-import zmq
 from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.interfaces import IProtocolFactory
 from twisted.internet.task import LoopingCall
@@ -110,7 +109,7 @@ class Gateway:
                           on_revoke_family=self.connections.revoke_family)
         self.bound: dict[str, dict[str, Any]] = {}
         self.ipc = IpcListener(self.dispatcher, self._authenticate, topics.may_subscribe,
-                               self.connections, paths.curve, self._ipc_endpoint(config, paths),
+                               self.connections, paths.curve, config.ipc.endpoint,
                                config.ipc.fallback, config.ipc.curve, reactor,
                                inflight=self.inflight)
         # Read once, before the reactor runs: never a file read on the hot path.
@@ -145,19 +144,6 @@ class Gateway:
             header_limits=lambda: (self.config.limits.header_count, self.config.limits.header_size),
             head_timeout=lambda: self.config.limits.head_timeout,
         )
-
-    def _ipc_endpoint(self, config: Config, paths: StatePaths) -> str:
-        """The ``ipc://`` endpoint; the default one is skipped (clients use the TCP fallback)
-        when the state directory's path is too long for a Unix socket."""
-        if config.ipc.endpoint != "default":
-            return config.ipc.endpoint
-        path = str(paths.ipc_socket)
-        limit = getattr(zmq, "IPC_PATH_MAX_LEN", 107) or 107
-        if len(path) > limit:
-            self.log.warn("ipc:// is off: {path} is longer than a Unix socket path may be "
-                          "({limit} bytes); clients use the TCP fallback", path=path, limit=limit)
-            return ""
-        return "ipc://" + path
 
     def _authenticate(self, token: str) -> Any:
         """A bearer token → its principal (for the WebSocket ``auth`` frame and IPC)."""

@@ -155,7 +155,16 @@ class IpcListener:
         self.connections = connections
         self.layout = layout
         if ipc_endpoint == "default":
-            ipc_endpoint = f"ipc://{layout.state_dir / 'gateway.ipc'}"
+            path = str(layout.state_dir / "gateway.ipc")
+            limit = getattr(zmq, "IPC_PATH_MAX_LEN", 107) or 107
+            if len(path) > limit:
+                # Clients then use the TCP fallback (the design's "falls back to TCP").
+                self.log.warn("ipc:// is off: {path} is longer than a Unix socket path may "
+                              "be ({limit} bytes); clients use the TCP fallback",
+                              path=path, limit=limit)
+                ipc_endpoint = ""
+            else:
+                ipc_endpoint = "ipc://" + path
         self.ipc_endpoint = ipc_endpoint
         self.fallback = fallback
         self.curve_on_ipc = curve_on_ipc
