@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sqlite3
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -19,34 +18,9 @@ from aico.gateway.security.audit import (
     AuditSecretError,
     VerifyResult,
 )
+from tests.fakes import SyncSqlite
 
 T = TypeVar("T")
-
-
-class SyncSqlite:
-    """A synchronous stand-in for ``aico.gateway.store.Database`` over sqlite3."""
-
-    def __init__(self, path: str = ":memory:") -> None:
-        self.conn = sqlite3.connect(path)
-
-    def run_query(self, sql: str, params: Any = ()) -> Deferred[list[tuple[Any, ...]]]:
-        rows = self.conn.execute(sql, params).fetchall()
-        return succeed(rows)
-
-    def run_operation(self, sql: str, params: Any = ()) -> Deferred[None]:
-        self.conn.execute(sql, params)
-        self.conn.commit()
-        return succeed(None)
-
-    def run_interaction(self, fn: Callable[..., T], *args: Any) -> Deferred[T]:
-        cursor = self.conn.cursor()
-        try:
-            result = fn(cursor, *args)
-        except Exception:
-            self.conn.rollback()
-            return fail()
-        self.conn.commit()
-        return succeed(result)
 
 
 class ManualSqlite(SyncSqlite):

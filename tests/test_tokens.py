@@ -6,9 +6,7 @@ import base64
 import hashlib
 import hmac
 import json
-import sqlite3
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -17,7 +15,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
@@ -36,39 +34,10 @@ from aico.gateway.security.tokens import (
     TokenRevoked,
     TokenService,
 )
+from tests.fakes import SyncSqlite
 
 T = TypeVar("T")
 START = 1_700_000_000.0
-
-
-class SyncSqlite:
-    """A synchronous stand-in for ``aico.gateway.store.Database`` over a real sqlite file."""
-
-    def __init__(self, path: str) -> None:
-        self.conn = sqlite3.connect(path)
-
-    def run_query(self, sql: str, params: Any = ()) -> Deferred[list[tuple[Any, ...]]]:
-        rows = self.conn.execute(sql, params).fetchall()
-        self.conn.commit()
-        return succeed(rows)
-
-    def run_operation(self, sql: str, params: Any = ()) -> Deferred[None]:
-        self.conn.execute(sql, params)
-        self.conn.commit()
-        return succeed(None)
-
-    def run_interaction(self, fn: Callable[..., T], *args: Any) -> Deferred[T]:
-        cursor = self.conn.cursor()
-        try:
-            result = fn(cursor, *args)
-        except Exception:
-            self.conn.rollback()
-            return fail()
-        self.conn.commit()
-        return succeed(result)
-
-    def close(self) -> None:
-        self.conn.close()
 
 
 def b64(data: bytes) -> str:
