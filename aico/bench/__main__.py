@@ -32,17 +32,12 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from aico.gateway.testing.harness import FREE_LISTENERS
+
 CONNECTIONS = 64
 SECONDS = 5
 IDLE_SOCKETS = 10_000
-BENCH_CONFIG = """
-[http]
-port = 0
-[bus]
-pub = "tcp://127.0.0.1:*"
-sub = "tcp://127.0.0.1:*"
-[ipc]
-fallback = "tcp://127.0.0.1:*"
+BENCH_CONFIG = FREE_LISTENERS + """
 [websocket]
 auth_timeout = 600
 idle_timeout = 600

@@ -15,8 +15,8 @@ from aico.gateway import config as configuration
 from aico.gateway.service import GatewayService
 from aico.gateway.tap import build_service
 
-#: Every listener on a free port, so tests run side by side.
-FREE_PORTS = """
+#: Every listener on a free port (TOML), so gateways run side by side.
+FREE_LISTENERS = """
 [http]
 port = 0
 [bus]
@@ -24,7 +24,10 @@ pub = "tcp://127.0.0.1:*"
 sub = "tcp://127.0.0.1:*"
 [ipc]
 fallback = "tcp://127.0.0.1:*"
-# Generous limits: tests that exercise rate limiting set their own tiers.
+"""
+
+#: Free ports and generous limits: tests that exercise rate limiting set their own tiers.
+FREE_PORTS = FREE_LISTENERS + """
 [ratelimit.tiers.public]
 requests = 100000
 per_seconds = 60
