@@ -14,7 +14,7 @@ import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from twisted.internet import reactor
-from twisted.internet.defer import ensureDeferred
+from twisted.internet.defer import Deferred, ensureDeferred
 from twisted.internet.task import deferLater
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
@@ -488,23 +488,25 @@ class LoginRaceTests(GatewayCase):
             password = await self.make_user("jack", ["user"])
             passwords = self.gw.service.gateway.passwords  # type: ignore[union-attr]
             real_verify = passwords.verify
-            gate: Any = None
+            # The login's password check is held on an explicit gate, released only once
+            # the password change has been answered: no race against the wall clock.
+            gate: Deferred[None] = Deferred()
+            entered: Deferred[None] = Deferred()
 
-            def slow_verify(encoded: Any, pw: str) -> Any:
-                nonlocal gate
+            def held_verify(encoded: Any, pw: str) -> Any:
                 d = real_verify(encoded, pw)
-                gate = deferLater(reactor, 0.5, lambda: None)
+                entered.callback(None)
                 return gate.addCallback(lambda _: d)
 
-            self.patch(passwords, "verify", slow_verify)
+            self.patch(passwords, "verify", held_verify)
             login_d = ensureDeferred(self.call("POST", "/api/v1/users/authenticate",
                                                body={"username": "jack", "password": password}))
-            while gate is None:
-                await deferLater(reactor, 0.01, lambda: None)
+            await entered
             self.patch(passwords, "verify", real_verify)
             status, _, _ = await self.call("PATCH", "/api/v1/users/jack", self.tokens["access_token"],
                                            {"password": "a-brand-new-password"})
             self.assertEqual(status, 200)
+            gate.callback(None)
             status, body, _ = await login_d
             self.assertEqual((status, body["code"]), (401, "invalid_credentials"))
 
