@@ -6,10 +6,8 @@ from __future__ import annotations
 import io
 import json
 from pathlib import Path
-from typing import Any
 
 import jwt
-from twisted.internet.defer import ensureDeferred
 from twisted.trial.unittest import TestCase
 
 from aico.gateway.cli import main
@@ -56,25 +54,22 @@ class UserCommandTests(TestCase):
 class KeyRotationTests(TestCase):
     timeout = 60
 
-    def test_rotated_key_signs_after_sighup_and_old_tokens_stay_valid(self) -> Any:
-        async def go() -> None:
-            gw = await start_gateway(self)
-            anon = http_client(self)
-            old = await login(anon, gw.base, "admin", gw.admin_password)
-            old_kid = jwt.get_unverified_header(old["access_token"])["kid"]
-            code, out, _ = run("keys", "rotate", "--state-dir", str(gw.state_dir))
-            self.assertEqual(code, 0, out)
-            await gw.service.reload()  # what SIGHUP does
-            await gw.service.gateway.reload_keys()  # type: ignore[union-attr]
-            new = await login(anon, gw.base, "admin", gw.admin_password)
-            new_kid = jwt.get_unverified_header(new["access_token"])["kid"]
-            self.assertNotEqual(new_kid, old_kid)
-            for token in (old["access_token"], new["access_token"]):
-                r = await anon.get(gw.base + "/api/v1/users/me", headers={"Authorization": f"Bearer {token}"})
-                self.assertEqual(r.code, 200)
-                await r.content()
-            r = await anon.get(gw.base + "/.well-known/jwks.json")
-            kids = {k["kid"] for k in json.loads(await r.content())["keys"]}
-            self.assertEqual(kids, {old_kid, new_kid})
-
-        return ensureDeferred(go())
+    async def test_rotated_key_signs_after_sighup_and_old_tokens_stay_valid(self) -> None:
+        gw = await start_gateway(self)
+        anon = http_client(self)
+        old = await login(anon, gw.base, "admin", gw.admin_password)
+        old_kid = jwt.get_unverified_header(old["access_token"])["kid"]
+        code, out, _ = run("keys", "rotate", "--state-dir", str(gw.state_dir))
+        self.assertEqual(code, 0, out)
+        await gw.service.reload()  # what SIGHUP does
+        await gw.service.gateway.reload_keys()  # type: ignore[union-attr]
+        new = await login(anon, gw.base, "admin", gw.admin_password)
+        new_kid = jwt.get_unverified_header(new["access_token"])["kid"]
+        self.assertNotEqual(new_kid, old_kid)
+        for token in (old["access_token"], new["access_token"]):
+            r = await anon.get(gw.base + "/api/v1/users/me", headers={"Authorization": f"Bearer {token}"})
+            self.assertEqual(r.code, 200)
+            await r.content()
+        r = await anon.get(gw.base + "/.well-known/jwks.json")
+        kids = {k["kid"] for k in json.loads(await r.content())["keys"]}
+        self.assertEqual(kids, {old_kid, new_kid})

@@ -53,15 +53,12 @@ class GatewayCase(TestCase):
     timeout = 30
     extra = ""
 
-    def setUp(self) -> Any:
-        async def go() -> None:
-            self.gw: RunningGateway = await start_gateway(self, self.extra)
-            self.base = self.gw.base
-            anonymous = http_client(self)
-            tokens = await login(anonymous, self.base, "admin", self.gw.admin_password)
-            self.http = http_client(self, token=tokens["access_token"])
-
-        return ensureDeferred(go())
+    async def setUp(self) -> None:
+        self.gw: RunningGateway = await start_gateway(self, self.extra)
+        self.base = self.gw.base
+        anonymous = http_client(self)
+        tokens = await login(anonymous, self.base, "admin", self.gw.admin_password)
+        self.http = http_client(self, token=tokens["access_token"])
 
     def raw_module(self, routes: list[Route], **kw: Any) -> RawModule:
         module = RawModule(self.gw.state_dir, self.gw.bus_pub, self.gw.bus_sub, routes=routes, **kw)
@@ -77,37 +74,31 @@ class GatewayCase(TestCase):
 
 
 class HealthTests(GatewayCase):
-    def test_health_lists_every_builtin_module(self) -> Any:
-        async def go() -> None:
-            status, body, headers = await get_json(self.http, self.base + "/api/v1/health")
-            self.assertEqual(status, 200)
-            self.assertEqual(body["status"], "ok")
-            self.assertEqual(sorted(body["modules"]), ["conversation", "health"])
-            for module in body["modules"].values():
-                self.assertEqual(module["status"], "ok")
-                self.assertIsInstance(module["latency_ms"], float)
-            self.assertTrue(headers.getRawHeaders("x-request-id"))
-            self.assertEqual(headers.getRawHeaders("server"), ["aico-gateway"])
+    async def test_health_lists_every_builtin_module(self) -> None:
+        status, body, headers = await get_json(self.http, self.base + "/api/v1/health")
+        self.assertEqual(status, 200)
+        self.assertEqual(body["status"], "ok")
+        self.assertEqual(sorted(body["modules"]), ["conversation", "health"])
+        for module in body["modules"].values():
+            self.assertEqual(module["status"], "ok")
+            self.assertIsInstance(module["latency_ms"], float)
+        self.assertTrue(headers.getRawHeaders("x-request-id"))
+        self.assertEqual(headers.getRawHeaders("server"), ["aico-gateway"])
 
-        return ensureDeferred(go())
-
-    def test_silent_module_reported_as_timeout_within_two_seconds(self) -> Any:
-        async def go() -> None:
-            module = self.raw_module([Route(method="GET", path="/api/v1/raw", topic="raw/x", public=True)],
-                                     health_topic="raw/health")
-            await eventually(lambda: _has_module(self.http, self.base, "raw"))
-            _, body, _ = await get_json(self.http, self.base + "/api/v1/health")
-            self.assertEqual(body["modules"]["raw"]["status"], "ok")
-            module.mode = "silent"
-            start = reactor.seconds()
-            status, body, _ = await get_json(self.http, self.base + "/api/v1/health")
-            self.assertLess(reactor.seconds() - start, 2.0)
-            self.assertEqual((status, body["status"]), (200, "degraded"))
-            self.assertEqual(body["modules"]["raw"]["status"], "timeout")
-            self.assertEqual(body["partial"], ["raw"])
-            self.assertEqual(body["modules"]["conversation"]["status"], "ok")
-
-        return ensureDeferred(go())
+    async def test_silent_module_reported_as_timeout_within_two_seconds(self) -> None:
+        module = self.raw_module([Route(method="GET", path="/api/v1/raw", topic="raw/x", public=True)],
+                                 health_topic="raw/health")
+        await eventually(lambda: _has_module(self.http, self.base, "raw"))
+        _, body, _ = await get_json(self.http, self.base + "/api/v1/health")
+        self.assertEqual(body["modules"]["raw"]["status"], "ok")
+        module.mode = "silent"
+        start = reactor.seconds()
+        status, body, _ = await get_json(self.http, self.base + "/api/v1/health")
+        self.assertLess(reactor.seconds() - start, 2.0)
+        self.assertEqual((status, body["status"]), (200, "degraded"))
+        self.assertEqual(body["modules"]["raw"]["status"], "timeout")
+        self.assertEqual(body["partial"], ["raw"])
+        self.assertEqual(body["modules"]["conversation"]["status"], "ok")
 
 
 async def _has_module(http: Any, base: str, name: str) -> bool:
@@ -122,159 +113,114 @@ class ErrorTests(GatewayCase):
         for key in ("type", "title", "detail", "request_id"):
             self.assertIn(key, body)
 
-    def test_unknown_path_is_404_problem(self) -> Any:
-        async def go() -> None:
-            r = await self.http.get(self.base + "/api/v1/nope")
-            self.assertEqual(r.code, 404)
-            self.assertEqual(r.headers.getRawHeaders("content-type"), ["application/problem+json"])
-            self._problem(json.loads(await r.content()), 404, "not_found")
+    async def test_unknown_path_is_404_problem(self) -> None:
+        r = await self.http.get(self.base + "/api/v1/nope")
+        self.assertEqual(r.code, 404)
+        self.assertEqual(r.headers.getRawHeaders("content-type"), ["application/problem+json"])
+        self._problem(json.loads(await r.content()), 404, "not_found")
 
-        return ensureDeferred(go())
+    async def test_wrong_method_is_405_with_allow(self) -> None:
+        r = await self.http.delete(self.base + "/api/v1/health")
+        self.assertEqual(r.code, 405)
+        self.assertEqual(r.headers.getRawHeaders("allow"), ["GET, HEAD"])
+        self._problem(json.loads(await r.content()), 405, "method_not_allowed")
+        r = await self.http.head(self.base + "/api/v1/health")
+        self.assertEqual(r.code, 200)
+        self.assertEqual(await r.content(), b"")
 
-    def test_wrong_method_is_405_with_allow(self) -> Any:
-        async def go() -> None:
-            r = await self.http.delete(self.base + "/api/v1/health")
-            self.assertEqual(r.code, 405)
-            self.assertEqual(r.headers.getRawHeaders("allow"), ["GET, HEAD"])
-            self._problem(json.loads(await r.content()), 405, "method_not_allowed")
-            r = await self.http.head(self.base + "/api/v1/health")
-            self.assertEqual(r.code, 200)
-            self.assertEqual(await r.content(), b"")
+    async def test_paths_werkzeug_cannot_match_still_get_problem_json(self) -> None:
+        r = await self.http.get(self.base + "/api/v1/a%0Ab%0B")
+        self.assertEqual(r.code, 404)
+        self.assertEqual(r.headers.getRawHeaders("content-type"), ["application/problem+json"])
+        self._problem(json.loads(await r.content()), 404, "not_found")
 
-        return ensureDeferred(go())
+    async def test_a_body_on_any_method_is_checked(self) -> None:
+        r = await self.http.delete(self.base + "/api/v1/users/nobody", data=b"\x01\x02not json\xff",
+                                   headers={"Content-Type": "text/plain"})
+        self._problem(json.loads(await r.content()), 415, "unsupported_media_type")
+        r = await self.http.request("GET", self.base + "/api/v1/health", data=b"{nope",
+                                    headers={"Content-Type": "application/json"})
+        self._problem(json.loads(await r.content()), 400, "malformed_json")
 
-    def test_paths_werkzeug_cannot_match_still_get_problem_json(self) -> Any:
-        async def go() -> None:
-            r = await self.http.get(self.base + "/api/v1/a%0Ab%0B")
-            self.assertEqual(r.code, 404)
-            self.assertEqual(r.headers.getRawHeaders("content-type"), ["application/problem+json"])
-            self._problem(json.loads(await r.content()), 404, "not_found")
+    async def test_stream_parameter_is_true_or_false(self) -> None:
+        status, body, _ = await post_json(self.http, self.base + "/api/v1/conversations/messages?stream=maybe",
+                                          {"message": "hi"})
+        self.assertEqual((status, body["code"], body["errors"][0]["parameter"]),
+                         (400, "validation_failed", "stream"))
 
-        return ensureDeferred(go())
+    async def test_request_id_kept_when_well_formed_and_replaced_otherwise(self) -> None:
+        _, body, headers = await get_json(self.http, self.base + "/api/v1/nope", headers={"X-Request-ID": "abc.123"})
+        self.assertEqual(headers.getRawHeaders("x-request-id"), ["abc.123"])
+        self.assertEqual(body["request_id"], "abc.123")
+        _, body, headers = await get_json(self.http, self.base + "/api/v1/nope", headers={"X-Request-ID": "bad id!"})
+        self.assertNotEqual(headers.getRawHeaders("x-request-id"), ["bad id!"])
+        self.assertEqual(body["request_id"], headers.getRawHeaders("x-request-id")[0])
 
-    def test_a_body_on_any_method_is_checked(self) -> Any:
-        async def go() -> None:
-            r = await self.http.delete(self.base + "/api/v1/users/nobody", data=b"\x01\x02not json\xff",
-                                       headers={"Content-Type": "text/plain"})
-            self._problem(json.loads(await r.content()), 415, "unsupported_media_type")
-            r = await self.http.request("GET", self.base + "/api/v1/health", data=b"{nope",
-                                        headers={"Content-Type": "application/json"})
-            self._problem(json.loads(await r.content()), 400, "malformed_json")
+    async def test_malformed_json_is_400(self) -> None:
+        r = await self.http.post(self.base + "/api/v1/conversations/messages", data=b"{nope",
+                            headers={"Content-Type": "application/json"})
+        self.assertEqual(r.code, 400)
+        self._problem(json.loads(await r.content()), 400, "malformed_json")
 
-        return ensureDeferred(go())
+    async def test_schema_violation_lists_pointers(self) -> None:
+        status, body, _ = await post_json(self.http, self.base + "/api/v1/conversations/messages",
+                                          {"message": 5, "extra": True})
+        self.assertEqual(status, 400)
+        self._problem(body, 400, "validation_failed")
+        pointers = sorted(e["pointer"] for e in body["errors"])
+        self.assertEqual(pointers, ["/extra", "/message"])
 
-    def test_stream_parameter_is_true_or_false(self) -> Any:
-        async def go() -> None:
-            status, body, _ = await post_json(self.http, self.base + "/api/v1/conversations/messages?stream=maybe",
-                                              {"message": "hi"})
-            self.assertEqual((status, body["code"], body["errors"][0]["parameter"]),
-                             (400, "validation_failed", "stream"))
+    async def test_wrong_content_type_is_415(self) -> None:
+        r = await self.http.post(self.base + "/api/v1/conversations/messages", data=b"message=hi",
+                            headers={"Content-Type": "application/x-www-form-urlencoded"})
+        self.assertEqual(r.code, 415)
+        self._problem(json.loads(await r.content()), 415, "unsupported_media_type")
 
-        return ensureDeferred(go())
-
-    def test_request_id_kept_when_well_formed_and_replaced_otherwise(self) -> Any:
-        async def go() -> None:
-            _, body, headers = await get_json(self.http, self.base + "/api/v1/nope", headers={"X-Request-ID": "abc.123"})
-            self.assertEqual(headers.getRawHeaders("x-request-id"), ["abc.123"])
-            self.assertEqual(body["request_id"], "abc.123")
-            _, body, headers = await get_json(self.http, self.base + "/api/v1/nope", headers={"X-Request-ID": "bad id!"})
-            self.assertNotEqual(headers.getRawHeaders("x-request-id"), ["bad id!"])
-            self.assertEqual(body["request_id"], headers.getRawHeaders("x-request-id")[0])
-
-        return ensureDeferred(go())
-
-    def test_malformed_json_is_400(self) -> Any:
-        async def go() -> None:
-            r = await self.http.post(self.base + "/api/v1/conversations/messages", data=b"{nope",
-                                headers={"Content-Type": "application/json"})
-            self.assertEqual(r.code, 400)
-            self._problem(json.loads(await r.content()), 400, "malformed_json")
-
-        return ensureDeferred(go())
-
-    def test_schema_violation_lists_pointers(self) -> Any:
-        async def go() -> None:
-            status, body, _ = await post_json(self.http, self.base + "/api/v1/conversations/messages",
-                                              {"message": 5, "extra": True})
-            self.assertEqual(status, 400)
-            self._problem(body, 400, "validation_failed")
-            pointers = sorted(e["pointer"] for e in body["errors"])
-            self.assertEqual(pointers, ["/extra", "/message"])
-
-        return ensureDeferred(go())
-
-    def test_wrong_content_type_is_415(self) -> Any:
-        async def go() -> None:
-            r = await self.http.post(self.base + "/api/v1/conversations/messages", data=b"message=hi",
-                                headers={"Content-Type": "application/x-www-form-urlencoded"})
-            self.assertEqual(r.code, 415)
-            self._problem(json.loads(await r.content()), 415, "unsupported_media_type")
-
-        return ensureDeferred(go())
-
-    def test_body_over_limit_is_413(self) -> Any:
-        async def go() -> None:
-            big = json.dumps({"message": "x" * (1024 * 1024 + 10)}).encode()
-            r = await self.http.post(self.base + "/api/v1/conversations/messages", data=big,
-                                headers={"Content-Type": "application/json"})
-            self.assertEqual(r.code, 413)
-            self._problem(json.loads(await r.content()), 413, "payload_too_large")
-
-        return ensureDeferred(go())
+    async def test_body_over_limit_is_413(self) -> None:
+        big = json.dumps({"message": "x" * (1024 * 1024 + 10)}).encode()
+        r = await self.http.post(self.base + "/api/v1/conversations/messages", data=big,
+                            headers={"Content-Type": "application/json"})
+        self.assertEqual(r.code, 413)
+        self._problem(json.loads(await r.content()), 413, "payload_too_large")
 
 
 class ConversationTests(GatewayCase):
-    def test_message_is_answered_by_the_conversation_module(self) -> Any:
-        async def go() -> None:
-            status, body, _ = await post_json(self.http, self.base + "/api/v1/conversations/messages",
-                                              {"message": "hello there", "conversation_id": "c1"})
-            self.assertEqual(status, 200)
-            self.assertEqual((body["reply"], body["conversation_id"]), ("hello there", "c1"))
+    async def test_message_is_answered_by_the_conversation_module(self) -> None:
+        status, body, _ = await post_json(self.http, self.base + "/api/v1/conversations/messages",
+                                          {"message": "hello there", "conversation_id": "c1"})
+        self.assertEqual(status, 200)
+        self.assertEqual((body["reply"], body["conversation_id"]), ("hello there", "c1"))
 
-        return ensureDeferred(go())
-
-    def test_streamed_message_is_ndjson(self) -> Any:
-        async def go() -> None:
-            r = await self.http.post(self.base + "/api/v1/conversations/messages?stream=true",
-                                json={"message": "one two three"})
-            self.assertEqual(r.code, 200)
-            self.assertEqual(r.headers.getRawHeaders("content-type"), ["application/x-ndjson"])
-            lines = [json.loads(line) for line in (await r.content()).splitlines() if line]
-            self.assertEqual("".join(line.get("delta", "") for line in lines), "one two three")
-            self.assertTrue(lines[-1]["done"])
-
-        return ensureDeferred(go())
+    async def test_streamed_message_is_ndjson(self) -> None:
+        r = await self.http.post(self.base + "/api/v1/conversations/messages?stream=true",
+                            json={"message": "one two three"})
+        self.assertEqual(r.code, 200)
+        self.assertEqual(r.headers.getRawHeaders("content-type"), ["application/x-ndjson"])
+        lines = [json.loads(line) for line in (await r.content()).splitlines() if line]
+        self.assertEqual("".join(line.get("delta", "") for line in lines), "one two three")
+        self.assertTrue(lines[-1]["done"])
 
 
 class SchemaCoverageTests(GatewayCase):
-    def test_every_gateway_route_has_schemas_for_its_bodies(self) -> Any:
-        async def go() -> None:
-            for entry in self.gw.service.gateway.own_routes:  # type: ignore[union-attr]
-                where = f"{entry.method} {entry.path}"
-                if entry.method in ("POST", "PUT", "PATCH"):
-                    self.assertIsNotNone(entry.request_schema, where)
-                if entry.success_status != 204:
-                    self.assertIsNotNone(entry.response_schema, where)
-
-        return ensureDeferred(go())
+    async def test_every_gateway_route_has_schemas_for_its_bodies(self) -> None:
+        for entry in self.gw.service.gateway.own_routes:  # type: ignore[union-attr]
+            where = f"{entry.method} {entry.path}"
+            if entry.method in ("POST", "PUT", "PATCH"):
+                self.assertIsNotNone(entry.request_schema, where)
+            if entry.success_status != 204:
+                self.assertIsNotNone(entry.response_schema, where)
 
 
 class NoModuleTests(GatewayCase):
     extra = "[modules]\nbuiltin = []\n"
 
-    def test_route_without_module_is_503(self) -> Any:
-        async def go() -> None:
-            status, body, _ = await post_json(self.http, self.base + "/api/v1/conversations/messages", {"message": "hi"})
-            self.assertEqual((status, body["code"]), (503, "backend_unavailable"))
+    async def test_route_without_module_is_503(self) -> None:
+        status, body, _ = await post_json(self.http, self.base + "/api/v1/conversations/messages", {"message": "hi"})
+        self.assertEqual((status, body["code"]), (503, "backend_unavailable"))
 
-        return ensureDeferred(go())
-
-    def test_health_without_modules_is_down_503(self) -> Any:
-        async def go() -> None:
-            status, body, _ = await get_json(self.http, self.base + "/api/v1/health")
-            self.assertEqual((status, body["status"]), (503, "down"))
-
-        return ensureDeferred(go())
+    async def test_health_without_modules_is_down_503(self) -> None:
+        status, body, _ = await get_json(self.http, self.base + "/api/v1/health")
+        self.assertEqual((status, body["status"]), (503, "down"))
 
 
 class ModuleRouteTests(GatewayCase):
@@ -292,123 +238,99 @@ class ModuleRouteTests(GatewayCase):
     async def registered(self, module: RawModule) -> None:
         await eventually(lambda: self.served("POST", "/api/v1/raw/items/x", {"n": 1}))
 
-    def test_registered_route_is_served_within_a_second(self) -> Any:
-        async def go() -> None:
-            module = self.raw_module(self.routes())
-            module.events.get(timeout=5)
-            start = reactor.seconds()
-            await self.registered(module)
-            self.assertLess(reactor.seconds() - start, 1.0)
-            status, body, _ = await post_json(self.http, self.base + "/api/v1/raw/items/a%20b", {"n": 3, "text": "é"},
-                                              headers={"X-Request-ID": "req-1"})
+    async def test_registered_route_is_served_within_a_second(self) -> None:
+        module = self.raw_module(self.routes())
+        module.events.get(timeout=5)
+        start = reactor.seconds()
+        await self.registered(module)
+        self.assertLess(reactor.seconds() - start, 1.0)
+        status, body, _ = await post_json(self.http, self.base + "/api/v1/raw/items/a%20b", {"n": 3, "text": "é"},
+                                          headers={"X-Request-ID": "req-1"})
+        self.assertEqual(status, 200)
+        self.assertEqual(body["params"], {"item": "a b"})
+        self.assertEqual(body["body"], {"n": 3, "text": "é"})
+        self.assertEqual(body["request_id"], "req-1")
+        self.assertEqual(body["transport"], "http")
+
+    async def test_module_schema_is_enforced_with_unknown_fields_rejected(self) -> None:
+        module = self.raw_module(self.routes())
+        await self.registered(module)
+        before = module.received
+        status, body, _ = await post_json(self.http, self.base + "/api/v1/raw/items/x", {"n": "no", "zzz": 1})
+        self.assertEqual(status, 400)
+        self.assertEqual(sorted(e["pointer"] for e in body["errors"]), ["/n", "/zzz"])
+        self.assertEqual(module.received, before)
+
+    async def test_hundred_concurrent_requests_answered_shuffled_each_gets_its_own(self) -> None:
+        module = self.raw_module(self.routes())
+        await self.registered(module)
+        module.mode = "batch:100"
+
+        async def one(i: int) -> None:
+            status, body, _ = await post_json(self.http, self.base + f"/api/v1/raw/items/{i}", {"n": i})
             self.assertEqual(status, 200)
-            self.assertEqual(body["params"], {"item": "a b"})
-            self.assertEqual(body["body"], {"n": 3, "text": "é"})
-            self.assertEqual(body["request_id"], "req-1")
-            self.assertEqual(body["transport"], "http")
+            self.assertEqual((body["params"]["item"], body["body"]["n"]), (str(i), i))
 
-        return ensureDeferred(go())
+        await gatherResults([ensureDeferred(one(i)) for i in range(100)])
 
-    def test_module_schema_is_enforced_with_unknown_fields_rejected(self) -> Any:
-        async def go() -> None:
-            module = self.raw_module(self.routes())
-            await self.registered(module)
-            before = module.received
-            status, body, _ = await post_json(self.http, self.base + "/api/v1/raw/items/x", {"n": "no", "zzz": 1})
-            self.assertEqual(status, 400)
-            self.assertEqual(sorted(e["pointer"] for e in body["errors"]), ["/n", "/zzz"])
-            self.assertEqual(module.received, before)
+    async def test_first_chunk_reaches_client_before_module_produces_last(self) -> None:
+        module = self.raw_module(self.routes())
+        await self.registered(module)
+        module.mode = "stream"
+        r = await self.http.get(self.base + "/api/v1/raw/stream?stream=true", unbuffered=True)
+        self.assertEqual(r.code, 200)
+        lines: list[bytes] = []
+        done = treq.collect(r, lines.append)
+        await eventually(lambda: _true(bool(lines)))
+        self.assertIn(b'"chunk": 0', b"".join(lines))
+        self.assertNotIn(b'"chunk": 2', b"".join(lines))  # the module has not produced it yet
+        module.release.put(None)
+        module.release.put(None)
+        await done
+        got = [json.loads(x) for x in b"".join(lines).splitlines() if x]
+        self.assertEqual(got, [{"chunk": 0}, {"chunk": 1}, {"chunk": 2}])
 
-        return ensureDeferred(go())
+    async def test_silent_module_is_504(self) -> None:
+        module = self.raw_module(self.routes())
+        await self.registered(module)
+        module.mode = "silent"
+        status, body, _ = await post_json(self.http, self.base + "/api/v1/raw/items/x", {"n": 1})
+        self.assertEqual((status, body["code"]), (504, "backend_timeout"))
 
-    def test_hundred_concurrent_requests_answered_shuffled_each_gets_its_own(self) -> Any:
-        async def go() -> None:
-            module = self.raw_module(self.routes())
-            await self.registered(module)
-            module.mode = "batch:100"
+    async def test_module_5xx_is_502(self) -> None:
+        module = self.raw_module(self.routes())
+        await self.registered(module)
+        module.mode = "crash"
+        status, body, _ = await post_json(self.http, self.base + "/api/v1/raw/items/x", {"n": 1})
+        self.assertEqual((status, body["code"]), (502, "backend_error"))
 
-            async def one(i: int) -> None:
-                status, body, _ = await post_json(self.http, self.base + f"/api/v1/raw/items/{i}", {"n": i})
-                self.assertEqual(status, 200)
-                self.assertEqual((body["params"]["item"], body["body"]["n"]), (str(i), i))
+    async def test_heartbeats_stop_then_503_until_it_registers_again(self) -> None:
+        module = self.raw_module(self.routes(), heartbeat_ms=100)
+        await self.registered(module)
+        module.beating.clear()
 
-            await gatherResults([ensureDeferred(one(i)) for i in range(100)])
-
-        return ensureDeferred(go())
-
-    def test_first_chunk_reaches_client_before_module_produces_last(self) -> Any:
-        async def go() -> None:
-            module = self.raw_module(self.routes())
-            await self.registered(module)
-            module.mode = "stream"
-            r = await self.http.get(self.base + "/api/v1/raw/stream?stream=true", unbuffered=True)
-            self.assertEqual(r.code, 200)
-            lines: list[bytes] = []
-            done = treq.collect(r, lines.append)
-            await eventually(lambda: _true(bool(lines)))
-            self.assertIn(b'"chunk": 0', b"".join(lines))
-            self.assertNotIn(b'"chunk": 2', b"".join(lines))  # the module has not produced it yet
-            module.release.put(None)
-            module.release.put(None)
-            await done
-            got = [json.loads(x) for x in b"".join(lines).splitlines() if x]
-            self.assertEqual(got, [{"chunk": 0}, {"chunk": 1}, {"chunk": 2}])
-
-        return ensureDeferred(go())
-
-    def test_silent_module_is_504(self) -> Any:
-        async def go() -> None:
-            module = self.raw_module(self.routes())
-            await self.registered(module)
-            module.mode = "silent"
+        async def unavailable() -> bool:
             status, body, _ = await post_json(self.http, self.base + "/api/v1/raw/items/x", {"n": 1})
-            self.assertEqual((status, body["code"]), (504, "backend_timeout"))
+            return status == 503 and body["code"] == "backend_unavailable"
 
-        return ensureDeferred(go())
+        await eventually(unavailable, timeout=3)
+        module.beating.set()
+        module.mode = "reregister"
+        await self.registered(module)
 
-    def test_module_5xx_is_502(self) -> Any:
-        async def go() -> None:
-            module = self.raw_module(self.routes())
-            await self.registered(module)
-            module.mode = "crash"
-            status, body, _ = await post_json(self.http, self.base + "/api/v1/raw/items/x", {"n": 1})
-            self.assertEqual((status, body["code"]), (502, "backend_error"))
-
-        return ensureDeferred(go())
-
-    def test_heartbeats_stop_then_503_until_it_registers_again(self) -> Any:
-        async def go() -> None:
-            module = self.raw_module(self.routes(), heartbeat_ms=100)
-            await self.registered(module)
-            module.beating.clear()
-
-            async def unavailable() -> bool:
-                status, body, _ = await post_json(self.http, self.base + "/api/v1/raw/items/x", {"n": 1})
-                return status == 503 and body["code"] == "backend_unavailable"
-
-            await eventually(unavailable, timeout=3)
-            module.beating.set()
-            module.mode = "reregister"
-            await self.registered(module)
-
-        return ensureDeferred(go())
-
-    def test_openapi_valid_before_and_after_a_module_registers(self) -> Any:
-        async def go() -> None:
-            status, before, _ = await get_json(self.http, self.base + "/openapi.json")
-            self.assertEqual(status, 200)
-            validate_openapi(before)
-            self.assertNotIn("/api/v1/raw/items/{item}", before["paths"])
-            self.assertIn("/api/v1/conversations/messages", before["paths"])
-            module = self.raw_module(self.routes())
-            await self.registered(module)
-            _, after, _ = await get_json(self.http, self.base + "/openapi.json")
-            validate_openapi(after)
-            op = after["paths"]["/api/v1/raw/items/{item}"]["post"]
-            self.assertEqual(op["requestBody"]["content"]["application/json"]["schema"]["required"], ["n"])
-            self.assertEqual(op["parameters"][0]["name"], "item")
-
-        return ensureDeferred(go())
+    async def test_openapi_valid_before_and_after_a_module_registers(self) -> None:
+        status, before, _ = await get_json(self.http, self.base + "/openapi.json")
+        self.assertEqual(status, 200)
+        validate_openapi(before)
+        self.assertNotIn("/api/v1/raw/items/{item}", before["paths"])
+        self.assertIn("/api/v1/conversations/messages", before["paths"])
+        module = self.raw_module(self.routes())
+        await self.registered(module)
+        _, after, _ = await get_json(self.http, self.base + "/openapi.json")
+        validate_openapi(after)
+        op = after["paths"]["/api/v1/raw/items/{item}"]["post"]
+        self.assertEqual(op["requestBody"]["content"]["application/json"]["schema"]["required"], ["n"])
+        self.assertEqual(op["parameters"][0]["name"], "item")
 
 
 async def _true(value: bool) -> bool:
@@ -417,39 +339,33 @@ async def _true(value: bool) -> bool:
 
 class FanOutAndInternalErrorTests(GatewayCase):
     extra = "[bus]\nrequest_timeout = 1.0\n"
-    def test_route_naming_several_topics_answers_every_part_marking_the_late_one(self) -> Any:
-        async def go() -> None:
-            answering = self.raw_module([Route(method="GET", path="/api/v1/raw/both", topic="fan/a,fan/b", public=True)],
-                                        name="fan")
-            answering.silent_topics.add("fan/b")
-            await eventually(lambda: self.served("GET", "/api/v1/raw/both"))
-            status, body, _ = await get_json(self.http, self.base + "/api/v1/raw/both")
-            self.assertEqual(status, 200)
-            self.assertEqual(body["parts"]["fan/a"]["status"], "ok")
-            self.assertEqual(body["parts"]["fan/a"]["body"]["path"], "/api/v1/raw/both")
-            self.assertEqual(body["parts"]["fan/b"]["status"], "timeout")
-            self.assertEqual(body["partial"], ["fan/b"])
-            answering.mode = "silent"
-            status, body, _ = await get_json(self.http, self.base + "/api/v1/raw/both")
-            self.assertEqual((status, body["code"]), (503, "backend_unavailable"))
+    async def test_route_naming_several_topics_answers_every_part_marking_the_late_one(self) -> None:
+        answering = self.raw_module([Route(method="GET", path="/api/v1/raw/both", topic="fan/a,fan/b", public=True)],
+                                    name="fan")
+        answering.silent_topics.add("fan/b")
+        await eventually(lambda: self.served("GET", "/api/v1/raw/both"))
+        status, body, _ = await get_json(self.http, self.base + "/api/v1/raw/both")
+        self.assertEqual(status, 200)
+        self.assertEqual(body["parts"]["fan/a"]["status"], "ok")
+        self.assertEqual(body["parts"]["fan/a"]["body"]["path"], "/api/v1/raw/both")
+        self.assertEqual(body["parts"]["fan/b"]["status"], "timeout")
+        self.assertEqual(body["partial"], ["fan/b"])
+        answering.mode = "silent"
+        status, body, _ = await get_json(self.http, self.base + "/api/v1/raw/both")
+        self.assertEqual((status, body["code"]), (503, "backend_unavailable"))
 
-        return ensureDeferred(go())
+    async def test_unexpected_exception_is_500_with_request_id_and_no_internals(self) -> None:
+        from aico.gateway.routing.table import RouteEntry
 
-    def test_unexpected_exception_is_500_with_request_id_and_no_internals(self) -> Any:
-        async def go() -> None:
-            from aico.gateway.routing.table import RouteEntry
+        def broken(request: Any) -> Any:
+            raise RuntimeError("database password is hunter2")
 
-            def broken(request: Any) -> Any:
-                raise RuntimeError("database password is hunter2")
-
-            gateway = self.gw.service.gateway
-            table = gateway.dispatcher.table.with_routes(  # type: ignore[union-attr]
-                "test", [RouteEntry("GET", "/api/v1/broken", broken, owner="test", public=True)])
-            gateway.dispatcher.set_table(table)  # type: ignore[union-attr]
-            r = await self.http.get(self.base + "/api/v1/broken", headers={"X-Request-ID": "boom-1"})
-            body = json.loads(await r.content())
-            self.assertEqual((r.code, body["code"], body["request_id"]), (500, "internal_error", "boom-1"))
-            self.assertNotIn("hunter2", json.dumps(body))
-            self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
-
-        return ensureDeferred(go())
+        gateway = self.gw.service.gateway
+        table = gateway.dispatcher.table.with_routes(  # type: ignore[union-attr]
+            "test", [RouteEntry("GET", "/api/v1/broken", broken, owner="test", public=True)])
+        gateway.dispatcher.set_table(table)  # type: ignore[union-attr]
+        r = await self.http.get(self.base + "/api/v1/broken", headers={"X-Request-ID": "boom-1"})
+        body = json.loads(await r.content())
+        self.assertEqual((r.code, body["code"], body["request_id"]), (500, "internal_error", "boom-1"))
+        self.assertNotIn("hunter2", json.dumps(body))
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)

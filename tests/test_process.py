@@ -14,7 +14,7 @@ from typing import Any
 
 from twisted.application.service import IServiceMaker
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.defer import Deferred
 from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import deferLater
@@ -108,166 +108,145 @@ class ProcessTests(TestCase):
         r = await http.get(f"http://127.0.0.1:{ports['http']['port']}/api/v1/health")
         return r.code, json.loads(await r.content())
 
-    def test_sigterm_exits_zero_after_serving(self) -> Any:
-        async def go() -> None:
-            state = Path(os.path.abspath(self.mktemp()))
-            proto = self.spawn(["-n", "--pidfile=", "aico-gateway", "--config", str(self.config()),
-                                "--state-dir", str(state)])
-            ports = await self.wait_ports(state, proto)
-            code, body = await self.health(ports)
-            self.assertEqual((code, sorted(body["modules"])), (200, ["conversation", "health"]))
-            self.transport.signalProcess("TERM")
-            self.assertEqual(await proto.ended, 0, proto.output.decode(errors="replace"))
-            self.assertNotIn(b"Traceback", proto.output)
+    async def test_sigterm_exits_zero_after_serving(self) -> None:
+        state = Path(os.path.abspath(self.mktemp()))
+        proto = self.spawn(["-n", "--pidfile=", "aico-gateway", "--config", str(self.config()),
+                            "--state-dir", str(state)])
+        ports = await self.wait_ports(state, proto)
+        code, body = await self.health(ports)
+        self.assertEqual((code, sorted(body["modules"])), (200, ["conversation", "health"]))
+        self.transport.signalProcess("TERM")
+        self.assertEqual(await proto.ended, 0, proto.output.decode(errors="replace"))
+        self.assertNotIn(b"Traceback", proto.output)
 
-        return ensureDeferred(go())
+    async def test_sigterm_finishes_in_flight_request(self) -> None:
+        from aico.proto.aico.gateway.v1.gateway_pb2 import Route
+        from tests.rawmodule import RawModule
 
-    def test_sigterm_finishes_in_flight_request(self) -> Any:
-        async def go() -> None:
-            from aico.proto.aico.gateway.v1.gateway_pb2 import Route
-            from tests.rawmodule import RawModule
+        state = Path(os.path.abspath(self.mktemp()))
+        proto = self.spawn(["-n", "--pidfile=", "aico-gateway", "--config", str(self.config()),
+                            "--state-dir", str(state)])
+        ports = await self.wait_ports(state, proto)
+        module = RawModule(state, ports["bus"]["pub"], ports["bus"]["sub"],
+                           routes=[Route(method="GET", path="/api/v1/slow", topic="slow", public=True)])
+        module.authorize(state)
+        module.start()
+        self.addCleanup(module.stop)
+        http = http_client(self)
+        url = f"http://127.0.0.1:{ports['http']['port']}/api/v1/slow"
+        for _ in range(100):
+            r = await http.get(url)
+            await r.content()
+            if r.code == 200:
+                break
+            await deferLater(reactor, 0.05, lambda: None)
+        module.mode = "stream"
+        r = await http.get(url + "?stream=true", unbuffered=True)
+        chunks: list[bytes] = []
+        import treq
 
-            state = Path(os.path.abspath(self.mktemp()))
-            proto = self.spawn(["-n", "--pidfile=", "aico-gateway", "--config", str(self.config()),
-                                "--state-dir", str(state)])
-            ports = await self.wait_ports(state, proto)
-            module = RawModule(state, ports["bus"]["pub"], ports["bus"]["sub"],
-                               routes=[Route(method="GET", path="/api/v1/slow", topic="slow", public=True)])
-            module.authorize(state)
-            module.start()
-            self.addCleanup(module.stop)
-            http = http_client(self)
-            url = f"http://127.0.0.1:{ports['http']['port']}/api/v1/slow"
-            for _ in range(100):
-                r = await http.get(url)
-                await r.content()
-                if r.code == 200:
-                    break
-                await deferLater(reactor, 0.05, lambda: None)
-            module.mode = "stream"
-            r = await http.get(url + "?stream=true", unbuffered=True)
-            chunks: list[bytes] = []
-            import treq
+        done = treq.collect(r, chunks.append)
+        while not chunks:
+            await deferLater(reactor, 0.02, lambda: None)
+        self.transport.signalProcess("TERM")
+        await deferLater(reactor, 0.3, lambda: None)
+        self.assertFalse(proto.ended.called, "the gateway exited with a request in flight")
+        module.release.put(None)
+        module.release.put(None)
+        await done
+        lines = [json.loads(x) for x in b"".join(chunks).splitlines() if x]
+        self.assertEqual(lines, [{"chunk": 0}, {"chunk": 1}, {"chunk": 2}])
+        self.assertEqual(await proto.ended, 0, proto.output.decode(errors="replace"))
 
-            done = treq.collect(r, chunks.append)
-            while not chunks:
-                await deferLater(reactor, 0.02, lambda: None)
-            self.transport.signalProcess("TERM")
-            await deferLater(reactor, 0.3, lambda: None)
-            self.assertFalse(proto.ended.called, "the gateway exited with a request in flight")
-            module.release.put(None)
-            module.release.put(None)
-            await done
-            lines = [json.loads(x) for x in b"".join(chunks).splitlines() if x]
-            self.assertEqual(lines, [{"chunk": 0}, {"chunk": 1}, {"chunk": 2}])
-            self.assertEqual(await proto.ended, 0, proto.output.decode(errors="replace"))
+    async def test_bind_conflict_exits_nonzero_naming_the_address(self) -> None:
+        busy = socket.socket()
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        self.addCleanup(busy.close)
+        port = busy.getsockname()[1]
+        state = Path(os.path.abspath(self.mktemp()))
+        proto = self.spawn(["-n", "--pidfile=", "aico-gateway", "--config",
+                            str(self.config(http=port)), "--state-dir", str(state)])
+        code = await proto.ended
+        self.assertNotEqual(code, 0)
+        self.assertIn(f"127.0.0.1:{port}".encode(), proto.output)
+        self.assertFalse((state / "ports.json").exists())
 
-        return ensureDeferred(go())
+    async def test_tac_file_starts_the_same_service(self) -> None:
+        state = Path(os.path.abspath(self.mktemp()))
+        proto = self.spawn(["-ny", "tac/aico-gateway.tac", "--pidfile="],
+                           env={"AICO_STATE_DIR": str(state), "AICO_GATEWAY_CONFIG": str(self.config())})
+        ports = await self.wait_ports(state, proto)
+        code, body = await self.health(ports)
+        self.assertEqual(code, 200)
+        self.assertIn("conversation", body["modules"])
+        self.transport.signalProcess("TERM")
+        self.assertEqual(await proto.ended, 0)
 
-    def test_bind_conflict_exits_nonzero_naming_the_address(self) -> Any:
-        async def go() -> None:
-            busy = socket.socket()
-            busy.bind(("127.0.0.1", 0))
-            busy.listen()
-            self.addCleanup(busy.close)
-            port = busy.getsockname()[1]
-            state = Path(os.path.abspath(self.mktemp()))
-            proto = self.spawn(["-n", "--pidfile=", "aico-gateway", "--config",
-                                str(self.config(http=port)), "--state-dir", str(state)])
-            code = await proto.ended
-            self.assertNotEqual(code, 0)
-            self.assertIn(f"127.0.0.1:{port}".encode(), proto.output)
-            self.assertFalse((state / "ports.json").exists())
+    async def test_sighup_reloads_reloadable_keys(self) -> None:
+        state = Path(os.path.abspath(self.mktemp()))
+        config = self.config(timeout=5.0)
+        proto = self.spawn(["-n", "--pidfile=", "aico-gateway", "--config", str(config),
+                            "--state-dir", str(state)])
+        await self.wait_ports(state, proto)
+        config.write_text(FREE.format(http=0, timeout=2.5) + "\n[limits]\nbody_max = 10\n")
+        self.transport.signalProcess("HUP")
+        for _ in range(100):
+            if b"config reloaded" in proto.output:
+                break
+            await deferLater(reactor, 0.05, lambda: None)
+        self.assertIn(b"bus.request_timeout", proto.output)
+        self.assertIn(b"limits.body_max", proto.output)
+        config.write_text("[http]\nport = 'bad'\n")
+        self.transport.signalProcess("HUP")
+        for _ in range(100):
+            if b"reload refused" in proto.output:
+                break
+            await deferLater(reactor, 0.05, lambda: None)
+        self.assertIn(b"http.port", proto.output)
+        self.transport.signalProcess("TERM")
+        self.assertEqual(await proto.ended, 0)
 
-        return ensureDeferred(go())
+    async def test_builtin_module_as_a_separate_process_serves_the_gateway(self) -> None:
+        state = Path(os.path.abspath(self.mktemp()))
+        config = self.config()
+        config.write_text(config.read_text() + "\n[modules]\nin_process = false\n")
+        proto = self.spawn(["-n", "--pidfile=", "aico-gateway", "--config", str(config),
+                            "--state-dir", str(state)])
+        ports = await self.wait_ports(state, proto)
+        module = Twistd()
+        module_process = reactor.spawnProcess(
+            module, sys.executable,
+            [sys.executable, "-m", "aico.bus.runner", "conversation", "--state-dir", str(state)],
+            env=dict(os.environ), path=str(ROOT))
+        http = http_client(self)
+        base = f"http://127.0.0.1:{ports['http']['port']}"
+        from aico.gateway.testing.harness import login
 
-    def test_tac_file_starts_the_same_service(self) -> Any:
-        async def go() -> None:
-            state = Path(os.path.abspath(self.mktemp()))
-            proto = self.spawn(["-ny", "tac/aico-gateway.tac", "--pidfile="],
-                               env={"AICO_STATE_DIR": str(state), "AICO_GATEWAY_CONFIG": str(self.config())})
-            ports = await self.wait_ports(state, proto)
-            code, body = await self.health(ports)
-            self.assertEqual(code, 200)
-            self.assertIn("conversation", body["modules"])
-            self.transport.signalProcess("TERM")
-            self.assertEqual(await proto.ended, 0)
+        tokens = await login(http, base, "admin", (state / "initial-admin-password").read_text().strip())
+        auth = {"Authorization": f"Bearer {tokens['access_token']}"}
+        for _ in range(200):
+            r = await http.post(base + "/api/v1/conversations/messages", json={"message": "out of process"},
+                                headers=auth)
+            body = json.loads(await r.content())
+            if r.code == 200:
+                break
+            await deferLater(reactor, 0.05, lambda: None)
+        self.assertEqual((r.code, body.get("reply")), (200, "out of process"))
+        _, health = await self.health(ports)
+        self.assertEqual(health["modules"]["conversation"]["status"], "ok")
+        module_process.signalProcess("TERM")
+        self.assertEqual(await module.ended, 0, module.output.decode(errors="replace"))
+        self.transport.signalProcess("TERM")
+        self.assertEqual(await proto.ended, 0)
 
-        return ensureDeferred(go())
-
-    def test_sighup_reloads_reloadable_keys(self) -> Any:
-        async def go() -> None:
-            state = Path(os.path.abspath(self.mktemp()))
-            config = self.config(timeout=5.0)
-            proto = self.spawn(["-n", "--pidfile=", "aico-gateway", "--config", str(config),
-                                "--state-dir", str(state)])
-            await self.wait_ports(state, proto)
-            config.write_text(FREE.format(http=0, timeout=2.5) + "\n[limits]\nbody_max = 10\n")
-            self.transport.signalProcess("HUP")
-            for _ in range(100):
-                if b"config reloaded" in proto.output:
-                    break
-                await deferLater(reactor, 0.05, lambda: None)
-            self.assertIn(b"bus.request_timeout", proto.output)
-            self.assertIn(b"limits.body_max", proto.output)
-            config.write_text("[http]\nport = 'bad'\n")
-            self.transport.signalProcess("HUP")
-            for _ in range(100):
-                if b"reload refused" in proto.output:
-                    break
-                await deferLater(reactor, 0.05, lambda: None)
-            self.assertIn(b"http.port", proto.output)
-            self.transport.signalProcess("TERM")
-            self.assertEqual(await proto.ended, 0)
-
-        return ensureDeferred(go())
-
-    def test_builtin_module_as_a_separate_process_serves_the_gateway(self) -> Any:
-        async def go() -> None:
-            state = Path(os.path.abspath(self.mktemp()))
-            config = self.config()
-            config.write_text(config.read_text() + "\n[modules]\nin_process = false\n")
-            proto = self.spawn(["-n", "--pidfile=", "aico-gateway", "--config", str(config),
-                                "--state-dir", str(state)])
-            ports = await self.wait_ports(state, proto)
-            module = Twistd()
-            module_process = reactor.spawnProcess(
-                module, sys.executable,
-                [sys.executable, "-m", "aico.bus.runner", "conversation", "--state-dir", str(state)],
-                env=dict(os.environ), path=str(ROOT))
-            http = http_client(self)
-            base = f"http://127.0.0.1:{ports['http']['port']}"
-            from aico.gateway.testing.harness import login
-
-            tokens = await login(http, base, "admin", (state / "initial-admin-password").read_text().strip())
-            auth = {"Authorization": f"Bearer {tokens['access_token']}"}
-            for _ in range(200):
-                r = await http.post(base + "/api/v1/conversations/messages", json={"message": "out of process"},
-                                    headers=auth)
-                body = json.loads(await r.content())
-                if r.code == 200:
-                    break
-                await deferLater(reactor, 0.05, lambda: None)
-            self.assertEqual((r.code, body.get("reply")), (200, "out of process"))
-            _, health = await self.health(ports)
-            self.assertEqual(health["modules"]["conversation"]["status"], "ok")
-            module_process.signalProcess("TERM")
-            self.assertEqual(await module.ended, 0, module.output.decode(errors="replace"))
-            self.transport.signalProcess("TERM")
-            self.assertEqual(await proto.ended, 0)
-
-        return ensureDeferred(go())
-
-    def test_invalid_config_refused_before_anything_starts(self) -> Any:
-        async def go() -> None:
-            bad = Path(os.path.abspath(self.mktemp() + ".toml"))
-            bad.write_text("[http]\nprot = 1\n")
-            state = Path(os.path.abspath(self.mktemp()))
-            proto = self.spawn(["-n", "--pidfile=", "aico-gateway", "--config", str(bad),
-                                "--state-dir", str(state)])
-            self.assertNotEqual(await proto.ended, 0)
-            self.assertIn(b"http.prot", proto.output)
-            self.assertIn(str(bad).encode(), proto.output)
-            self.assertFalse(state.exists())
-
-        return ensureDeferred(go())
+    async def test_invalid_config_refused_before_anything_starts(self) -> None:
+        bad = Path(os.path.abspath(self.mktemp() + ".toml"))
+        bad.write_text("[http]\nprot = 1\n")
+        state = Path(os.path.abspath(self.mktemp()))
+        proto = self.spawn(["-n", "--pidfile=", "aico-gateway", "--config", str(bad),
+                            "--state-dir", str(state)])
+        self.assertNotEqual(await proto.ended, 0)
+        self.assertIn(b"http.prot", proto.output)
+        self.assertIn(str(bad).encode(), proto.output)
+        self.assertFalse(state.exists())

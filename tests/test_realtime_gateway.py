@@ -24,13 +24,10 @@ from aico.proto import AicoMessage, ApiEvent, ApiRequest, ApiResponse, unpack, w
 class RealtimeGatewayTests(TestCase):
     timeout = 60
 
-    def setUp(self) -> Any:
-        async def go() -> None:
-            self.gw: RunningGateway = await start_gateway(self)
-            self.http = http_client(self)
-            self.tokens = await login(self.http, self.gw.base, "admin", self.gw.admin_password)
-
-        return ensureDeferred(go())
+    async def setUp(self) -> None:
+        self.gw: RunningGateway = await start_gateway(self)
+        self.http = http_client(self)
+        self.tokens = await login(self.http, self.gw.base, "admin", self.gw.admin_password)
 
     @property
     def ws_url(self) -> str:
@@ -65,57 +62,54 @@ class RealtimeGatewayTests(TestCase):
 
         return threads.deferToThread(client).addCallback(check)
 
-    def test_websocket_subscriber_receives_module_events_and_is_told_of_logout(self) -> Any:
-        async def go() -> None:
-            tokens = await login(self.http, self.gw.base, "admin", self.gw.admin_password)
-            frames: list[dict[str, Any]] = []
-            subscribed = threading.Event()
-            go_on = threading.Event()
+    async def test_websocket_subscriber_receives_module_events_and_is_told_of_logout(self) -> None:
+        tokens = await login(self.http, self.gw.base, "admin", self.gw.admin_password)
+        frames: list[dict[str, Any]] = []
+        subscribed = threading.Event()
+        go_on = threading.Event()
 
-            def client() -> None:
-                with ws_client.connect(self.ws_url, additional_headers={
-                        "Authorization": f"Bearer {tokens['access_token']}"}) as ws:
-                    ws.recv(timeout=5)  # welcome
-                    frames.append(json.loads(ws.recv(timeout=5)))  # auth_success from the upgrade header
-                    ws.send(json.dumps({"type": "subscribe", "topic": "conversation/"}))
-                    frames.append(json.loads(ws.recv(timeout=5)))
-                    subscribed.set()
-                    frames.append(json.loads(ws.recv(timeout=5)))  # the event
-                    go_on.wait(10)
-                    frames.append(json.loads(ws.recv(timeout=5)))  # auth_revoked
-                    ws.send(json.dumps({"type": "request", "id": 9, "method": "GET", "path": "/api/v1/users/me"}))
-                    frames.append(json.loads(ws.recv(timeout=5)))
+        def client() -> None:
+            with ws_client.connect(self.ws_url, additional_headers={
+                    "Authorization": f"Bearer {tokens['access_token']}"}) as ws:
+                ws.recv(timeout=5)  # welcome
+                frames.append(json.loads(ws.recv(timeout=5)))  # auth_success from the upgrade header
+                ws.send(json.dumps({"type": "subscribe", "topic": "conversation/"}))
+                frames.append(json.loads(ws.recv(timeout=5)))
+                subscribed.set()
+                frames.append(json.loads(ws.recv(timeout=5)))  # the event
+                go_on.wait(10)
+                frames.append(json.loads(ws.recv(timeout=5)))  # auth_revoked
+                ws.send(json.dumps({"type": "request", "id": 9, "method": "GET", "path": "/api/v1/users/me"}))
+                frames.append(json.loads(ws.recv(timeout=5)))
 
-            done = threads.deferToThread(client)
-            for _ in range(250):
-                if subscribed.is_set():
-                    break
-                await deferLater(reactor, 0.02, lambda: None)
-            bus = self.gw.service.bus
-            assert bus is not None
-            # The gateway's own PUB socket publishes the event: wait until it has learnt of
-            # the subscription the socket caused (ZeroMQ's slow joiner).
-            await bus.wait_subscribed(["conversation/"], timeout=5.0)
-            bus.publish("conversation/events/v1",
-                        wrap(ApiEvent(topic="conversation/events/v1", body=b'{"typing": true}'), "test"))
-            for _ in range(250):
-                if len(frames) >= 3:
-                    break
-                await deferLater(reactor, 0.02, lambda: None)
-            self.assertEqual(len(frames), 3, frames)
-            r = await self.http.post(self.gw.base + "/api/v1/users/logout", json={},
-                                     headers={"Authorization": f"Bearer {tokens['access_token']}"})
-            self.assertEqual(r.code, 204)
-            go_on.set()
-            await done
-            auth, sub, event, revoked, after = frames
-            self.assertEqual((auth["type"], auth["subject"]), ("auth_success", "admin"))
-            self.assertEqual(sub["type"], "subscribed")
-            self.assertEqual((event["type"], event["topic"], event["body"]), ("event", "conversation/events/v1", {"typing": True}))
-            self.assertEqual(revoked["type"], "auth_revoked")
-            self.assertEqual(after["body"]["code"] if "body" in after else after["problem"]["code"], "token_revoked")
-
-        return ensureDeferred(go())
+        done = threads.deferToThread(client)
+        for _ in range(250):
+            if subscribed.is_set():
+                break
+            await deferLater(reactor, 0.02, lambda: None)
+        bus = self.gw.service.bus
+        assert bus is not None
+        # The gateway's own PUB socket publishes the event: wait until it has learnt of
+        # the subscription the socket caused (ZeroMQ's slow joiner).
+        await bus.wait_subscribed(["conversation/"], timeout=5.0)
+        bus.publish("conversation/events/v1",
+                    wrap(ApiEvent(topic="conversation/events/v1", body=b'{"typing": true}'), "test"))
+        for _ in range(250):
+            if len(frames) >= 3:
+                break
+            await deferLater(reactor, 0.02, lambda: None)
+        self.assertEqual(len(frames), 3, frames)
+        r = await self.http.post(self.gw.base + "/api/v1/users/logout", json={},
+                                 headers={"Authorization": f"Bearer {tokens['access_token']}"})
+        self.assertEqual(r.code, 204)
+        go_on.set()
+        await done
+        auth, sub, event, revoked, after = frames
+        self.assertEqual((auth["type"], auth["subject"]), ("auth_success", "admin"))
+        self.assertEqual(sub["type"], "subscribed")
+        self.assertEqual((event["type"], event["topic"], event["body"]), ("event", "conversation/events/v1", {"typing": True}))
+        self.assertEqual(revoked["type"], "auth_revoked")
+        self.assertEqual(after["body"]["code"] if "body" in after else after["problem"]["code"], "token_revoked")
 
     def _dealer(self, endpoint: str, server_key: bytes | None, rcvhwm: int = 1000) -> zmq.Socket[bytes]:
         ctx = zmq.Context.instance()
@@ -158,33 +152,27 @@ class RealtimeGatewayTests(TestCase):
 
         return threads.deferToThread(run).addCallback(check)
 
-    def test_client_library_prefers_ipc_and_falls_back_to_websocket(self) -> Any:
-        async def go() -> None:
-            token = self.tokens["access_token"]
-            client = await connect(reactor, self.gw.state_dir, token=token)
-            self.addCleanup(client.close)
-            self.assertEqual(client.transport_name, "ipc")
-            response = await client.request("GET", "/api/v1/users/me")
-            self.assertEqual((response.status, response.json()["username"]), (200, "admin"))
-            ws_only = await connect(reactor, self.gw.state_dir, token=token, order=("websocket",))
-            self.addCleanup(ws_only.close)
-            self.assertEqual(ws_only.transport_name, "websocket")
-            response = await ws_only.request("POST", "/api/v1/conversations/messages", {"message": "x"})
-            self.assertEqual((response.status, response.json()["reply"]), (200, "x"))
+    async def test_client_library_prefers_ipc_and_falls_back_to_websocket(self) -> None:
+        token = self.tokens["access_token"]
+        client = await connect(reactor, self.gw.state_dir, token=token)
+        self.addCleanup(client.close)
+        self.assertEqual(client.transport_name, "ipc")
+        response = await client.request("GET", "/api/v1/users/me")
+        self.assertEqual((response.status, response.json()["username"]), (200, "admin"))
+        ws_only = await connect(reactor, self.gw.state_dir, token=token, order=("websocket",))
+        self.addCleanup(ws_only.close)
+        self.assertEqual(ws_only.transport_name, "websocket")
+        response = await ws_only.request("POST", "/api/v1/conversations/messages", {"message": "x"})
+        self.assertEqual((response.status, response.json()["reply"]), (200, "x"))
 
-        return ensureDeferred(go())
-
-    def test_transport_negotiation_lists_this_gateways_endpoints(self) -> Any:
-        async def go() -> None:
-            r = await self.http.get(self.gw.base + "/api/v1/transport")
-            body = json.loads(await r.content())
-            self.assertEqual(r.code, 200)
-            text = json.dumps(body)
-            self.assertIn(self.gw.ports["ipc"]["endpoint"], text)
-            self.assertIn(self.gw.ports["ipc"]["fallback"], text)
-            self.assertIn("/ws", text)
-
-        return ensureDeferred(go())
+    async def test_transport_negotiation_lists_this_gateways_endpoints(self) -> None:
+        r = await self.http.get(self.gw.base + "/api/v1/transport")
+        body = json.loads(await r.content())
+        self.assertEqual(r.code, 200)
+        text = json.dumps(body)
+        self.assertIn(self.gw.ports["ipc"]["endpoint"], text)
+        self.assertIn(self.gw.ports["ipc"]["fallback"], text)
+        self.assertIn("/ws", text)
 
 
 
@@ -405,38 +393,32 @@ class RealtimeGatewayTests(TestCase):
         await done
         return frames
 
-    def test_disabling_a_user_tells_their_open_sockets(self) -> Any:
-        async def go() -> None:
-            admin = http_client(self, token=self.tokens["access_token"])
-            r = await admin.post(self.gw.base + "/api/v1/users",
-                                 json={"username": "hank", "password": "a-long-password-1", "roles": ["user"]})
+    async def test_disabling_a_user_tells_their_open_sockets(self) -> None:
+        admin = http_client(self, token=self.tokens["access_token"])
+        r = await admin.post(self.gw.base + "/api/v1/users",
+                             json={"username": "hank", "password": "a-long-password-1", "roles": ["user"]})
+        await r.content()
+        user = await login(self.http, self.gw.base, "hank", "a-long-password-1")
+
+        async def disable() -> None:
+            r = await admin.patch(self.gw.base + "/api/v1/users/hank", json={"disabled": True})
+            self.assertEqual(r.code, 200)
             await r.content()
-            user = await login(self.http, self.gw.base, "hank", "a-long-password-1")
 
-            async def disable() -> None:
-                r = await admin.patch(self.gw.base + "/api/v1/users/hank", json={"disabled": True})
-                self.assertEqual(r.code, 200)
-                await r.content()
+        frames = await self.frames_around(user["access_token"], disable)
+        self.assertEqual([f["type"] for f in frames], ["welcome", "auth_success", "auth_revoked"])
+        self.assertEqual(frames[2]["problem"]["code"], "token_revoked")
 
-            frames = await self.frames_around(user["access_token"], disable)
-            self.assertEqual([f["type"] for f in frames], ["welcome", "auth_success", "auth_revoked"])
-            self.assertEqual(frames[2]["problem"]["code"], "token_revoked")
+    async def test_logout_with_a_newer_token_of_the_session_tells_sockets_holding_an_older_one(self) -> None:
+        first = await login(self.http, self.gw.base, "admin", self.gw.admin_password)
 
-        return ensureDeferred(go())
+        async def refresh_then_logout() -> None:
+            r = await self.http.post(self.gw.base + "/api/v1/users/refresh",
+                                     json={"refresh_token": first["refresh_token"]})
+            second = json.loads(await r.content())
+            r = await self.http.post(self.gw.base + "/api/v1/users/logout", json={},
+                                     headers={"Authorization": f"Bearer {second['access_token']}"})
+            self.assertEqual(r.code, 204)
 
-    def test_logout_with_a_newer_token_of_the_session_tells_sockets_holding_an_older_one(self) -> Any:
-        async def go() -> None:
-            first = await login(self.http, self.gw.base, "admin", self.gw.admin_password)
-
-            async def refresh_then_logout() -> None:
-                r = await self.http.post(self.gw.base + "/api/v1/users/refresh",
-                                         json={"refresh_token": first["refresh_token"]})
-                second = json.loads(await r.content())
-                r = await self.http.post(self.gw.base + "/api/v1/users/logout", json={},
-                                         headers={"Authorization": f"Bearer {second['access_token']}"})
-                self.assertEqual(r.code, 204)
-
-            frames = await self.frames_around(first["access_token"], refresh_then_logout)
-            self.assertEqual([f["type"] for f in frames], ["welcome", "auth_success", "auth_revoked"])
-
-        return ensureDeferred(go())
+        frames = await self.frames_around(first["access_token"], refresh_then_logout)
+        self.assertEqual([f["type"] for f in frames], ["welcome", "auth_success", "auth_revoked"])

@@ -35,15 +35,12 @@ class GatewayCase(TestCase):
     timeout = 60
     extra = ""
 
-    def setUp(self) -> Any:
-        async def go() -> None:
-            self.gw: RunningGateway = await start_gateway(self, self.extra)
-            self.base = self.gw.base
-            self.anon = http_client(self)
-            self.tokens = await login(self.anon, self.base, "admin", self.gw.admin_password)
-            self.admin = http_client(self, token=self.tokens["access_token"])
-
-        return ensureDeferred(go())
+    async def setUp(self) -> None:
+        self.gw: RunningGateway = await start_gateway(self, self.extra)
+        self.base = self.gw.base
+        self.anon = http_client(self)
+        self.tokens = await login(self.anon, self.base, "admin", self.gw.admin_password)
+        self.admin = http_client(self, token=self.tokens["access_token"])
 
     async def call(self, method: str, path: str, token: str | None = None, body: Any = None,
                    headers: dict[str, str] | None = None) -> tuple[int, Any, Any]:
@@ -91,23 +88,17 @@ class HostileTokenTests(GatewayCase):
         self.assertEqual((status, body["code"]), (401, code), body)
         self.assertTrue(headers.getRawHeaders("www-authenticate")[0].startswith("Bearer"))
 
-    def test_forged_token_with_the_real_key_is_accepted(self) -> Any:
-        async def go() -> None:
-            status, body, _ = await self.call("GET", "/api/v1/users/me", self.forge())
-            self.assertEqual((status, body["username"]), (200, "admin"))
-
-        return ensureDeferred(go())
+    async def test_forged_token_with_the_real_key_is_accepted(self) -> None:
+        status, body, _ = await self.call("GET", "/api/v1/users/me", self.forge())
+        self.assertEqual((status, body["username"]), (200, "admin"))
 
     def test_no_token(self) -> Any:
         return ensureDeferred(self.refused(None, "unauthenticated"))
 
-    def test_not_a_bearer_header(self) -> Any:
-        async def go() -> None:
-            status, body, _ = await self.call("GET", "/api/v1/users/me",
-                                              headers={"Authorization": "Basic YWRtaW46eA=="})
-            self.assertEqual((status, body["code"]), (401, "token_invalid"))
-
-        return ensureDeferred(go())
+    async def test_not_a_bearer_header(self) -> None:
+        status, body, _ = await self.call("GET", "/api/v1/users/me",
+                                          headers={"Authorization": "Basic YWRtaW46eA=="})
+        self.assertEqual((status, body["code"]), (401, "token_invalid"))
 
     def test_alg_none(self) -> Any:
         header = b64(json.dumps({"alg": "none", "typ": "JWT"}).encode())
@@ -183,145 +174,124 @@ class HostileTokenTests(GatewayCase):
     def test_refresh_token_as_access_token(self) -> Any:
         return ensureDeferred(self.refused(self.tokens["refresh_token"], "token_invalid"))
 
-    def test_access_token_as_refresh_token(self) -> Any:
-        async def go() -> None:
-            status, body, _ = await self.call("POST", "/api/v1/users/refresh",
-                                              body={"refresh_token": self.tokens["access_token"]})
-            self.assertEqual((status, body["code"]), (401, "token_invalid"))
+    async def test_access_token_as_refresh_token(self) -> None:
+        status, body, _ = await self.call("POST", "/api/v1/users/refresh",
+                                          body={"refresh_token": self.tokens["access_token"]})
+        self.assertEqual((status, body["code"]), (401, "token_invalid"))
 
-        return ensureDeferred(go())
-
-    def test_revoked_jti_after_logout(self) -> Any:
-        async def go() -> None:
-            tokens = await login(self.anon, self.base, "admin", self.gw.admin_password)
-            status, _, _ = await self.call("GET", "/api/v1/users/me", tokens["access_token"])
-            self.assertEqual(status, 200)  # and now it is in the verified-token cache
-            status, _, _ = await self.call("POST", "/api/v1/users/logout", tokens["access_token"],
-                                           body={"refresh_token": tokens["refresh_token"]})
-            self.assertEqual(status, 204)
-            await self.refused(tokens["access_token"], "token_revoked")
-            status, body, _ = await self.call("POST", "/api/v1/users/refresh",
-                                              body={"refresh_token": tokens["refresh_token"]})
-            self.assertEqual((status, body["code"]), (401, "token_revoked"))
-
-        return ensureDeferred(go())
+    async def test_revoked_jti_after_logout(self) -> None:
+        tokens = await login(self.anon, self.base, "admin", self.gw.admin_password)
+        status, _, _ = await self.call("GET", "/api/v1/users/me", tokens["access_token"])
+        self.assertEqual(status, 200)  # and now it is in the verified-token cache
+        status, _, _ = await self.call("POST", "/api/v1/users/logout", tokens["access_token"],
+                                       body={"refresh_token": tokens["refresh_token"]})
+        self.assertEqual(status, 204)
+        await self.refused(tokens["access_token"], "token_revoked")
+        status, body, _ = await self.call("POST", "/api/v1/users/refresh",
+                                          body={"refresh_token": tokens["refresh_token"]})
+        self.assertEqual((status, body["code"]), (401, "token_revoked"))
 
 
 class TokenLifecycleTests(GatewayCase):
-    def test_issued_tokens_verify_with_pyjwt_against_jwks(self) -> Any:
-        async def go() -> None:
-            status, jwks, _ = await self.call("GET", "/.well-known/jwks.json")
-            self.assertEqual(status, 200)
-            token = self.tokens["access_token"]
-            kid = jwt.get_unverified_header(token)["kid"]
-            (jwk,) = [k for k in jwks["keys"] if k["kid"] == kid]
-            key = jwt.PyJWK(jwk)
-            claims = jwt.decode(token, key.key, algorithms=["EdDSA"], audience="aico",
-                                issuer="aico-gateway")
-            self.assertEqual((claims["sub"], claims["typ"], claims["roles"]), ("admin", "access", ["admin"]))
-            for name in ("sub", "iss", "aud", "iat", "nbf", "exp", "jti", "roles", "caps", "typ"):
-                self.assertIn(name, claims)
+    async def test_issued_tokens_verify_with_pyjwt_against_jwks(self) -> None:
+        status, jwks, _ = await self.call("GET", "/.well-known/jwks.json")
+        self.assertEqual(status, 200)
+        token = self.tokens["access_token"]
+        kid = jwt.get_unverified_header(token)["kid"]
+        (jwk,) = [k for k in jwks["keys"] if k["kid"] == kid]
+        key = jwt.PyJWK(jwk)
+        claims = jwt.decode(token, key.key, algorithms=["EdDSA"], audience="aico",
+                            issuer="aico-gateway")
+        self.assertEqual((claims["sub"], claims["typ"], claims["roles"]), ("admin", "access", ["admin"]))
+        for name in ("sub", "iss", "aud", "iat", "nbf", "exp", "jti", "roles", "caps", "typ"):
+            self.assertIn(name, claims)
 
-        return ensureDeferred(go())
-
-    def test_refresh_rotates_and_reuse_revokes_the_family(self) -> Any:
-        async def go() -> None:
-            first = await login(self.anon, self.base, "admin", self.gw.admin_password)
-            status, second, _ = await self.call("POST", "/api/v1/users/refresh",
-                                                body={"refresh_token": first["refresh_token"]})
-            self.assertEqual(status, 200)
-            self.assertNotEqual(second["refresh_token"], first["refresh_token"])
-            status, _, _ = await self.call("GET", "/api/v1/users/me", second["access_token"])
-            self.assertEqual(status, 200)
-            # The old refresh token again: the whole family goes.
-            status, body, _ = await self.call("POST", "/api/v1/users/refresh",
-                                              body={"refresh_token": first["refresh_token"]})
-            self.assertEqual((status, body["code"]), (401, "token_revoked"))
-            status, body, _ = await self.call("GET", "/api/v1/users/me", second["access_token"])
-            self.assertEqual((status, body["code"]), (401, "token_revoked"))
-            status, body, _ = await self.call("POST", "/api/v1/users/refresh",
-                                              body={"refresh_token": second["refresh_token"]})
-            self.assertEqual(status, 401)
-
-        return ensureDeferred(go())
+    async def test_refresh_rotates_and_reuse_revokes_the_family(self) -> None:
+        first = await login(self.anon, self.base, "admin", self.gw.admin_password)
+        status, second, _ = await self.call("POST", "/api/v1/users/refresh",
+                                            body={"refresh_token": first["refresh_token"]})
+        self.assertEqual(status, 200)
+        self.assertNotEqual(second["refresh_token"], first["refresh_token"])
+        status, _, _ = await self.call("GET", "/api/v1/users/me", second["access_token"])
+        self.assertEqual(status, 200)
+        # The old refresh token again: the whole family goes.
+        status, body, _ = await self.call("POST", "/api/v1/users/refresh",
+                                          body={"refresh_token": first["refresh_token"]})
+        self.assertEqual((status, body["code"]), (401, "token_revoked"))
+        status, body, _ = await self.call("GET", "/api/v1/users/me", second["access_token"])
+        self.assertEqual((status, body["code"]), (401, "token_revoked"))
+        status, body, _ = await self.call("POST", "/api/v1/users/refresh",
+                                          body={"refresh_token": second["refresh_token"]})
+        self.assertEqual(status, 401)
 
 
 class RoleTests(GatewayCase):
-    def test_user_token_refused_on_admin_routes_accepted_on_its_own(self) -> Any:
-        async def go() -> None:
-            password = await self.make_user("carol", ["user"])
-            tokens = await login(self.anon, self.base, "carol", password)
-            t = tokens["access_token"]
-            status, body, _ = await self.call("GET", "/api/v1/users/me", t)
-            self.assertEqual((status, body["username"], body["roles"]), (200, "carol", ["user"]))
-            self.assertNotIn("admin:users", body["capabilities"])
-            for method, path, payload in [("GET", "/api/v1/users", None),
-                                          ("POST", "/api/v1/users", {"username": "x", "password": "0123456789", "roles": []}),
-                                          ("PATCH", "/api/v1/users/admin", {"disabled": True}),
-                                          ("DELETE", "/api/v1/users/admin", None)]:
-                status, body, _ = await self.call(method, path, t, payload)
-                self.assertEqual((status, body["code"]), (403, "forbidden"), (method, path))
-            status, body, _ = await self.call("POST", "/api/v1/conversations/messages", t, {"message": "hi"})
-            self.assertEqual((status, body["reply"]), (200, "hi"))
+    async def test_user_token_refused_on_admin_routes_accepted_on_its_own(self) -> None:
+        password = await self.make_user("carol", ["user"])
+        tokens = await login(self.anon, self.base, "carol", password)
+        t = tokens["access_token"]
+        status, body, _ = await self.call("GET", "/api/v1/users/me", t)
+        self.assertEqual((status, body["username"], body["roles"]), (200, "carol", ["user"]))
+        self.assertNotIn("admin:users", body["capabilities"])
+        for method, path, payload in [("GET", "/api/v1/users", None),
+                                      ("POST", "/api/v1/users", {"username": "x", "password": "0123456789", "roles": []}),
+                                      ("PATCH", "/api/v1/users/admin", {"disabled": True}),
+                                      ("DELETE", "/api/v1/users/admin", None)]:
+            status, body, _ = await self.call(method, path, t, payload)
+            self.assertEqual((status, body["code"]), (403, "forbidden"), (method, path))
+        status, body, _ = await self.call("POST", "/api/v1/conversations/messages", t, {"message": "hi"})
+        self.assertEqual((status, body["reply"]), (200, "hi"))
 
-        return ensureDeferred(go())
-
-    def test_admin_manages_users(self) -> Any:
-        async def go() -> None:
-            admin = self.tokens["access_token"]
-            await self.make_user("dave", ["user"])
+    async def test_admin_manages_users(self) -> None:
+        admin = self.tokens["access_token"]
+        await self.make_user("dave", ["user"])
+        status, body, _ = await self.call("POST", "/api/v1/users", admin,
+                                          {"username": "dave", "password": "0123456789ab", "roles": ["user"]})
+        self.assertEqual((status, body["code"]), (409, "conflict"))
+        status, body, _ = await self.call("POST", "/api/v1/users", admin,
+                                          {"username": "eve", "password": "short", "roles": ["user"]})
+        self.assertEqual((status, body["errors"][0]["pointer"]), (400, "/password"))
+        for dots in (".", ".."):
             status, body, _ = await self.call("POST", "/api/v1/users", admin,
-                                              {"username": "dave", "password": "0123456789ab", "roles": ["user"]})
-            self.assertEqual((status, body["code"]), (409, "conflict"))
-            status, body, _ = await self.call("POST", "/api/v1/users", admin,
-                                              {"username": "eve", "password": "short", "roles": ["user"]})
-            self.assertEqual((status, body["errors"][0]["pointer"]), (400, "/password"))
-            for dots in (".", ".."):
-                status, body, _ = await self.call("POST", "/api/v1/users", admin,
-                                                  {"username": dots, "password": "0123456789ab", "roles": []})
-                self.assertEqual((status, body["errors"][0]["pointer"]), (400, "/username"))
-            status, body, _ = await self.call("GET", "/api/v1/users", admin)
-            self.assertEqual(sorted(u["username"] for u in body["users"]), ["admin", "dave"])
-            self.assertNotIn("password_hash", json.dumps(body))
-            status, body, _ = await self.call("PATCH", "/api/v1/users/dave", admin, {"roles": ["user", "device"]})
-            self.assertEqual((status, body["roles"]), (200, ["user", "device"]))
-            status, body, headers = await self.call("DELETE", "/api/v1/users/dave", admin)
-            self.assertEqual((status, body), (204, None))
-            self.assertIsNone(headers.getRawHeaders("content-type"))
-            status, body, _ = await self.call("DELETE", "/api/v1/users/dave", admin)
-            self.assertEqual((status, body["code"]), (404, "not_found"))
-            status, body, _ = await self.call("DELETE", "/api/v1/users/admin", admin)
-            self.assertEqual((status, body["code"]), (409, "conflict"))  # the last admin stays
-
-        return ensureDeferred(go())
+                                              {"username": dots, "password": "0123456789ab", "roles": []})
+            self.assertEqual((status, body["errors"][0]["pointer"]), (400, "/username"))
+        status, body, _ = await self.call("GET", "/api/v1/users", admin)
+        self.assertEqual(sorted(u["username"] for u in body["users"]), ["admin", "dave"])
+        self.assertNotIn("password_hash", json.dumps(body))
+        status, body, _ = await self.call("PATCH", "/api/v1/users/dave", admin, {"roles": ["user", "device"]})
+        self.assertEqual((status, body["roles"]), (200, ["user", "device"]))
+        status, body, headers = await self.call("DELETE", "/api/v1/users/dave", admin)
+        self.assertEqual((status, body), (204, None))
+        self.assertIsNone(headers.getRawHeaders("content-type"))
+        status, body, _ = await self.call("DELETE", "/api/v1/users/dave", admin)
+        self.assertEqual((status, body["code"]), (404, "not_found"))
+        status, body, _ = await self.call("DELETE", "/api/v1/users/admin", admin)
+        self.assertEqual((status, body["code"]), (409, "conflict"))  # the last admin stays
 
 
 class SessionEndTests(GatewayCase):
-    def test_password_change_disable_or_delete_ends_the_users_sessions_at_once(self) -> Any:
-        async def go() -> None:
-            admin = self.tokens["access_token"]
-            for change in ({"password": "another-long-password"}, {"disabled": True}, {"roles": ["device"]}, None):
-                password = await self.make_user("gina", ["user"])
-                tokens = await login(self.anon, self.base, "gina", password)
-                status, _, _ = await self.call("GET", "/api/v1/users/me", tokens["access_token"])
-                self.assertEqual(status, 200)  # verified, and now in the token cache
-                if change is None:
-                    status, _, _ = await self.call("DELETE", "/api/v1/users/gina", admin)
-                else:
-                    status, _, _ = await self.call("PATCH", "/api/v1/users/gina", admin, change)
-                self.assertIn(status, (200, 204))
-                status, body, _ = await self.call("GET", "/api/v1/users/me", tokens["access_token"])
-                self.assertEqual((status, body["code"]), (401, "token_revoked"), change)
-                status, body, _ = await self.call("POST", "/api/v1/users/refresh",
-                                                  body={"refresh_token": tokens["refresh_token"]})
-                self.assertEqual(status, 401, change)
-                if change is not None:
-                    await self.call("DELETE", "/api/v1/users/gina", admin)
-            # the admin's own session is untouched
-            status, _, _ = await self.call("GET", "/api/v1/users/me", admin)
-            self.assertEqual(status, 200)
-
-        return ensureDeferred(go())
+    async def test_password_change_disable_or_delete_ends_the_users_sessions_at_once(self) -> None:
+        admin = self.tokens["access_token"]
+        for change in ({"password": "another-long-password"}, {"disabled": True}, {"roles": ["device"]}, None):
+            password = await self.make_user("gina", ["user"])
+            tokens = await login(self.anon, self.base, "gina", password)
+            status, _, _ = await self.call("GET", "/api/v1/users/me", tokens["access_token"])
+            self.assertEqual(status, 200)  # verified, and now in the token cache
+            if change is None:
+                status, _, _ = await self.call("DELETE", "/api/v1/users/gina", admin)
+            else:
+                status, _, _ = await self.call("PATCH", "/api/v1/users/gina", admin, change)
+            self.assertIn(status, (200, 204))
+            status, body, _ = await self.call("GET", "/api/v1/users/me", tokens["access_token"])
+            self.assertEqual((status, body["code"]), (401, "token_revoked"), change)
+            status, body, _ = await self.call("POST", "/api/v1/users/refresh",
+                                              body={"refresh_token": tokens["refresh_token"]})
+            self.assertEqual(status, 401, change)
+            if change is not None:
+                await self.call("DELETE", "/api/v1/users/gina", admin)
+        # the admin's own session is untouched
+        status, _, _ = await self.call("GET", "/api/v1/users/me", admin)
+        self.assertEqual(status, 200)
 
 
 class ContextTests(TestCase):
@@ -348,169 +318,148 @@ class ContextTests(TestCase):
 class LockoutTests(GatewayCase):
     extra = "[auth]\nlockout_threshold = 3\nlockout_base = 1.0\n"
 
-    def test_failed_logins_lock_the_account_for_a_growing_time_without_revealing_users(self) -> Any:
-        async def go() -> None:
-            password = await self.make_user("frank", ["user"])
+    async def test_failed_logins_lock_the_account_for_a_growing_time_without_revealing_users(self) -> None:
+        password = await self.make_user("frank", ["user"])
 
-            async def attempt(user: str, pw: str) -> tuple[int, Any]:
-                status, body, _ = await self.call("POST", "/api/v1/users/authenticate",
-                                                  body={"username": user, "password": pw})
-                return status, body
+        async def attempt(user: str, pw: str) -> tuple[int, Any]:
+            status, body, _ = await self.call("POST", "/api/v1/users/authenticate",
+                                              body={"username": user, "password": pw})
+            return status, body
 
-            for _ in range(3):
-                status, body = await attempt("frank", "wrong-password")
-                self.assertEqual((status, body["code"]), (401, "invalid_credentials"))
-            # Locked: even the right password gets the very same answer.
-            status, locked = await attempt("frank", password)
-            status2, unknown = await attempt("nobody-here", "whatever")
-            self.assertEqual((status, status2), (401, 401))
-            for key in ("type", "title", "detail", "code"):
-                self.assertEqual(locked[key], unknown[key])
-            await deferLater(reactor, 1.1, lambda: None)
-            status, _ = await attempt("frank", password)
-            self.assertEqual(status, 200)
-
-        return ensureDeferred(go())
+        for _ in range(3):
+            status, body = await attempt("frank", "wrong-password")
+            self.assertEqual((status, body["code"]), (401, "invalid_credentials"))
+        # Locked: even the right password gets the very same answer.
+        status, locked = await attempt("frank", password)
+        status2, unknown = await attempt("nobody-here", "whatever")
+        self.assertEqual((status, status2), (401, 401))
+        for key in ("type", "title", "detail", "code"):
+            self.assertEqual(locked[key], unknown[key])
+        await deferLater(reactor, 1.1, lambda: None)
+        status, _ = await attempt("frank", password)
+        self.assertEqual(status, 200)
 
 
 class LimitTests(GatewayCase):
-    def test_refusals_are_clear_4xx(self) -> Any:
-        async def go() -> None:
-            admin = self.tokens["access_token"]
-            deep: Any = "x"
-            for _ in range(40):
-                deep = {"message": deep}
-            cases = [
-                (deep, 400, "validation_failed"),
-                ({"message": "x" * 70000}, 400, "validation_failed"),
-                ({"message": "bell\u0007"}, 400, "validation_failed"),
-            ]
-            for body, status, code in cases:
-                got, problem, _ = await self.call("POST", "/api/v1/conversations/messages", admin, body)
-                self.assertEqual((got, problem["code"]), (status, code))
+    async def test_refusals_are_clear_4xx(self) -> None:
+        admin = self.tokens["access_token"]
+        deep: Any = "x"
+        for _ in range(40):
+            deep = {"message": deep}
+        cases = [
+            (deep, 400, "validation_failed"),
+            ({"message": "x" * 70000}, 400, "validation_failed"),
+            ({"message": "bell\u0007"}, 400, "validation_failed"),
+        ]
+        for body, status, code in cases:
+            got, problem, _ = await self.call("POST", "/api/v1/conversations/messages", admin, body)
+            self.assertEqual((got, problem["code"]), (status, code))
 
-        return ensureDeferred(go())
+    async def test_hostile_json_is_refused_with_4xx_never_500(self) -> None:
+        admin = self.tokens["access_token"]
+        cases = [
+            (b"[" * 100_000 + b"]" * 100_000, 400, "validation_failed"),  # RecursionError inside json
+            (b'{"message": "a\\ud800b"}', 400, "validation_failed"),  # a lone surrogate
+            (b'{"message": "x", "message": "y"}', 400, "malformed_json"),  # duplicate member
+            (b'{"message": NaN}', 400, "malformed_json"),
+            (b'{"message": 1e999}', 400, "malformed_json"),
+            (b'{"message": ' + b"1" * 5000 + b"}", 400, "malformed_json"),  # int digits limit
+        ]
+        for raw, status, code in cases:
+            r = await self.anon.post(self.base + "/api/v1/conversations/messages", data=raw,
+                                     headers={"Content-Type": "application/json",
+                                              "Authorization": f"Bearer {admin}"})
+            problem = json.loads(await r.content())
+            self.assertEqual((r.code, problem["code"]), (status, code), raw[:40])
+            self.assertNotIn("sys.", problem["detail"])
 
-    def test_hostile_json_is_refused_with_4xx_never_500(self) -> Any:
-        async def go() -> None:
-            admin = self.tokens["access_token"]
-            cases = [
-                (b"[" * 100_000 + b"]" * 100_000, 400, "validation_failed"),  # RecursionError inside json
-                (b'{"message": "a\\ud800b"}', 400, "validation_failed"),  # a lone surrogate
-                (b'{"message": "x", "message": "y"}', 400, "malformed_json"),  # duplicate member
-                (b'{"message": NaN}', 400, "malformed_json"),
-                (b'{"message": 1e999}', 400, "malformed_json"),
-                (b'{"message": ' + b"1" * 5000 + b"}", 400, "malformed_json"),  # int digits limit
-            ]
-            for raw, status, code in cases:
-                r = await self.anon.post(self.base + "/api/v1/conversations/messages", data=raw,
-                                         headers={"Content-Type": "application/json",
-                                                  "Authorization": f"Bearer {admin}"})
-                problem = json.loads(await r.content())
-                self.assertEqual((r.code, problem["code"]), (status, code), raw[:40])
-                self.assertNotIn("sys.", problem["detail"])
+    async def test_strings_are_nfc_normalised(self) -> None:
+        status, body, _ = await self.call("POST", "/api/v1/conversations/messages",
+                                          self.tokens["access_token"], {"message": "cafe\u0301"})
+        self.assertEqual((status, body["reply"]), (200, "caf\u00e9"))
 
-        return ensureDeferred(go())
+    async def test_too_many_or_too_large_header_fields_are_400_problems(self) -> None:
+        from twisted.internet.defer import Deferred
+        from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+        from twisted.internet.protocol import Protocol
 
-    def test_strings_are_nfc_normalised(self) -> Any:
-        async def go() -> None:
-            status, body, _ = await self.call("POST", "/api/v1/conversations/messages",
-                                              self.tokens["access_token"], {"message": "cafe\u0301"})
-            self.assertEqual((status, body["reply"]), (200, "caf\u00e9"))
+        class Raw(Protocol):
+            def __init__(self) -> None:
+                self.data = b""
+                self.done: Deferred[bytes] = Deferred()
 
-        return ensureDeferred(go())
+            def dataReceived(self, data: bytes) -> None:
+                self.data += data
 
-    def test_too_many_or_too_large_header_fields_are_400_problems(self) -> Any:
-        async def go() -> None:
-            from twisted.internet.defer import Deferred
-            from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
-            from twisted.internet.protocol import Protocol
+            def connectionLost(self, reason: Any) -> None:
+                self.done.callback(self.data)
 
-            class Raw(Protocol):
-                def __init__(self) -> None:
-                    self.data = b""
-                    self.done: Deferred[bytes] = Deferred()
-
-                def dataReceived(self, data: bytes) -> None:
-                    self.data += data
-
-                def connectionLost(self, reason: Any) -> None:
-                    self.done.callback(self.data)
-
-            port = self.gw.ports["http"]["port"]
-            for headers in ["".join(f"X-H{i}: v\r\n" for i in range(150)), f"X-Big: {'v' * 17000}\r\n"]:
-                proto = Raw()
-                await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), proto)
-                proto.transport.write(f"GET /api/v1/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{headers}\r\n".encode())
-                data = await proto.done
-                head, _, body = data.partition(b"\r\n\r\n")
-                self.assertTrue(head.startswith(b"HTTP/1.1 400"), head)
-                self.assertIn(b"application/problem+json", head)
-                self.assertEqual(json.loads(body)["code"], "bad_request")
-                self.assertIn(b"X-Request-ID: " + json.loads(body)["request_id"].encode(), head)
-            # A declared body over the limit is refused at once, before any of it is sent.
+        port = self.gw.ports["http"]["port"]
+        for headers in ["".join(f"X-H{i}: v\r\n" for i in range(150)), f"X-Big: {'v' * 17000}\r\n"]:
             proto = Raw()
             await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), proto)
-            proto.transport.write(b"POST /api/v1/conversations/messages HTTP/1.1\r\nHost: x\r\n"
-                                  b"Content-Type: application/json\r\nContent-Length: 99999999999\r\n\r\n")
+            proto.transport.write(f"GET /api/v1/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{headers}\r\n".encode())
             data = await proto.done
             head, _, body = data.partition(b"\r\n\r\n")
-            self.assertTrue(head.startswith(b"HTTP/1.1 413"), head)
-            self.assertEqual(json.loads(body)["code"], "payload_too_large")
-
-        return ensureDeferred(go())
+            self.assertTrue(head.startswith(b"HTTP/1.1 400"), head)
+            self.assertIn(b"application/problem+json", head)
+            self.assertEqual(json.loads(body)["code"], "bad_request")
+            self.assertIn(b"X-Request-ID: " + json.loads(body)["request_id"].encode(), head)
+        # A declared body over the limit is refused at once, before any of it is sent.
+        proto = Raw()
+        await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), proto)
+        proto.transport.write(b"POST /api/v1/conversations/messages HTTP/1.1\r\nHost: x\r\n"
+                              b"Content-Type: application/json\r\nContent-Length: 99999999999\r\n\r\n")
+        data = await proto.done
+        head, _, body = data.partition(b"\r\n\r\n")
+        self.assertTrue(head.startswith(b"HTTP/1.1 413"), head)
+        self.assertEqual(json.loads(body)["code"], "payload_too_large")
 
 
 class LoginRaceTests(GatewayCase):
     extra = "[auth]\nlockout_threshold = 3\nlockout_base = 60.0\n"
 
-    def test_concurrent_wrong_passwords_cannot_clear_the_lock(self) -> Any:
-        async def go() -> None:
-            from twisted.internet.defer import gatherResults
+    async def test_concurrent_wrong_passwords_cannot_clear_the_lock(self) -> None:
+        from twisted.internet.defer import gatherResults
 
-            password = await self.make_user("ivy", ["user"])
+        password = await self.make_user("ivy", ["user"])
 
-            async def guess() -> int:
-                status, _, _ = await self.call("POST", "/api/v1/users/authenticate",
-                                               body={"username": "ivy", "password": "wrong-guess"})
-                return status
-
-            statuses = await gatherResults([ensureDeferred(guess()) for _ in range(12)])
-            self.assertEqual(set(statuses), {401})
+        async def guess() -> int:
             status, _, _ = await self.call("POST", "/api/v1/users/authenticate",
-                                           body={"username": "ivy", "password": password})
-            self.assertEqual(status, 401)  # still locked
+                                           body={"username": "ivy", "password": "wrong-guess"})
+            return status
 
-        return ensureDeferred(go())
+        statuses = await gatherResults([ensureDeferred(guess()) for _ in range(12)])
+        self.assertEqual(set(statuses), {401})
+        status, _, _ = await self.call("POST", "/api/v1/users/authenticate",
+                                       body={"username": "ivy", "password": password})
+        self.assertEqual(status, 401)  # still locked
 
-    def test_password_changed_during_a_login_refuses_that_login(self) -> Any:
-        async def go() -> None:
-            password = await self.make_user("jack", ["user"])
-            passwords = self.gw.service.gateway.passwords  # type: ignore[union-attr]
-            real_verify = passwords.verify
-            # The login's password check is held on an explicit gate, released only once
-            # the password change has been answered: no race against the wall clock.
-            gate: Deferred[None] = Deferred()
-            entered: Deferred[None] = Deferred()
+    async def test_password_changed_during_a_login_refuses_that_login(self) -> None:
+        password = await self.make_user("jack", ["user"])
+        passwords = self.gw.service.gateway.passwords  # type: ignore[union-attr]
+        real_verify = passwords.verify
+        # The login's password check is held on an explicit gate, released only once
+        # the password change has been answered: no race against the wall clock.
+        gate: Deferred[None] = Deferred()
+        entered: Deferred[None] = Deferred()
 
-            def held_verify(encoded: Any, pw: str) -> Any:
-                d = real_verify(encoded, pw)
-                entered.callback(None)
-                return gate.addCallback(lambda _: d)
+        def held_verify(encoded: Any, pw: str) -> Any:
+            d = real_verify(encoded, pw)
+            entered.callback(None)
+            return gate.addCallback(lambda _: d)
 
-            self.patch(passwords, "verify", held_verify)
-            login_d = ensureDeferred(self.call("POST", "/api/v1/users/authenticate",
-                                               body={"username": "jack", "password": password}))
-            await entered
-            self.patch(passwords, "verify", real_verify)
-            status, _, _ = await self.call("PATCH", "/api/v1/users/jack", self.tokens["access_token"],
-                                           {"password": "a-brand-new-password"})
-            self.assertEqual(status, 200)
-            gate.callback(None)
-            status, body, _ = await login_d
-            self.assertEqual((status, body["code"]), (401, "invalid_credentials"))
-
-        return ensureDeferred(go())
+        self.patch(passwords, "verify", held_verify)
+        login_d = ensureDeferred(self.call("POST", "/api/v1/users/authenticate",
+                                           body={"username": "jack", "password": password}))
+        await entered
+        self.patch(passwords, "verify", real_verify)
+        status, _, _ = await self.call("PATCH", "/api/v1/users/jack", self.tokens["access_token"],
+                                       {"password": "a-brand-new-password"})
+        self.assertEqual(status, 200)
+        gate.callback(None)
+        status, body, _ = await login_d
+        self.assertEqual((status, body["code"]), (401, "invalid_credentials"))
 
 
 class RateLimitTests(GatewayCase):
@@ -528,140 +477,124 @@ per_seconds = 60
 burst = 3
 """
 
-    def test_limit_headers_429_then_temporarily_blocked_and_audited(self) -> Any:
-        async def go() -> None:
-            # setUp's login used one of the two "auth" requests of this address.
-            status, _, headers = await self.call("POST", "/api/v1/users/authenticate",
-                                                 body={"username": "admin", "password": "nope"})
-            self.assertEqual(status, 401)
-            self.assertEqual(headers.getRawHeaders("ratelimit-policy"), ['"auth";q=2;w=60'])
-            self.assertTrue(headers.getRawHeaders("ratelimit")[0].startswith('"auth";r=0'))
-            status, body, headers = await self.call("POST", "/api/v1/users/authenticate",
-                                                    body={"username": "admin", "password": "nope"})
-            self.assertEqual((status, body["code"]), (429, "rate_limited"))
-            retry = int(headers.getRawHeaders("retry-after")[0])
-            self.assertTrue(1 <= retry <= 30, retry)
-            codes = []
-            for _ in range(4):
-                status, body, _ = await self.call("POST", "/api/v1/users/authenticate",
-                                                  body={"username": "admin", "password": "nope"})
-                codes.append(body["code"])
-            self.assertEqual(codes[-1], "temporarily_blocked")
-            rows = await self.gw.service.gateway.audit.list(limit=100)  # type: ignore[union-attr]
-            self.assertIn("client_blocked", [e.event for e in rows])
+    async def test_limit_headers_429_then_temporarily_blocked_and_audited(self) -> None:
+        status, _, headers = await self.call("POST", "/api/v1/users/authenticate",
+                                             body={"username": "admin", "password": "nope"})
+        self.assertEqual(status, 401)
+        self.assertEqual(headers.getRawHeaders("ratelimit-policy"), ['"auth";q=2;w=60'])
+        self.assertTrue(headers.getRawHeaders("ratelimit")[0].startswith('"auth";r=0'))
+        status, body, headers = await self.call("POST", "/api/v1/users/authenticate",
+                                                body={"username": "admin", "password": "nope"})
+        self.assertEqual((status, body["code"]), (429, "rate_limited"))
+        retry = int(headers.getRawHeaders("retry-after")[0])
+        self.assertTrue(1 <= retry <= 30, retry)
+        codes = []
+        for _ in range(4):
+            status, body, _ = await self.call("POST", "/api/v1/users/authenticate",
+                                              body={"username": "admin", "password": "nope"})
+            codes.append(body["code"])
+        self.assertEqual(codes[-1], "temporarily_blocked")
+        rows = await self.gw.service.gateway.audit.list(limit=100)  # type: ignore[union-attr]
+        self.assertIn("client_blocked", [e.event for e in rows])
 
-        return ensureDeferred(go())
+    async def test_refused_requests_count_against_the_limit(self) -> None:
+        codes = []
+        for _ in range(4):
+            status, body, headers = await self.call("GET", "/api/v1/users/me", "not-a-token")
+            codes.append((status, body["code"]))
+            self.assertTrue(headers.getRawHeaders("ratelimit-policy"))
+        self.assertEqual(codes, [(401, "token_invalid")] * 3 + [(429, "rate_limited")])
 
-    def test_refused_requests_count_against_the_limit(self) -> Any:
-        async def go() -> None:
-            codes = []
-            for _ in range(4):
-                status, body, headers = await self.call("GET", "/api/v1/users/me", "not-a-token")
-                codes.append((status, body["code"]))
-                self.assertTrue(headers.getRawHeaders("ratelimit-policy"))
-            self.assertEqual(codes, [(401, "token_invalid")] * 3 + [(429, "rate_limited")])
-
-        return ensureDeferred(go())
-
-    def test_one_client_never_affects_another(self) -> Any:
-        async def go() -> None:
-            admin = self.tokens["access_token"]
-            for _ in range(3):
-                status, _, _ = await self.call("GET", "/api/v1/users/me", admin)
-                self.assertEqual(status, 200)
-            status, body, _ = await self.call("GET", "/api/v1/users/me", admin)
-            self.assertEqual((status, body["code"]), (429, "rate_limited"))
-            # Another user from the same address has a budget of their own.
-            token = self.gw.service.gateway.tokens.issue_pair("other", ["user"], ["users:self"]).access_token  # type: ignore[union-attr]
-            status, _, _ = await self.call("GET", "/api/v1/users/me", token)
+    async def test_one_client_never_affects_another(self) -> None:
+        admin = self.tokens["access_token"]
+        for _ in range(3):
+            status, _, _ = await self.call("GET", "/api/v1/users/me", admin)
             self.assertEqual(status, 200)
-
-        return ensureDeferred(go())
+        status, body, _ = await self.call("GET", "/api/v1/users/me", admin)
+        self.assertEqual((status, body["code"]), (429, "rate_limited"))
+        # Another user from the same address has a budget of their own.
+        token = self.gw.service.gateway.tokens.issue_pair("other", ["user"], ["users:self"]).access_token  # type: ignore[union-attr]
+        status, _, _ = await self.call("GET", "/api/v1/users/me", token)
+        self.assertEqual(status, 200)
 
 
 class NoSecretsInLogsTests(GatewayCase):
-    def test_login_refresh_logout_session_logs_no_password_token_or_key(self) -> Any:
-        async def go() -> None:
-            events: list[dict[str, Any]] = []
-            globalLogPublisher.addObserver(events.append)
-            self.addCleanup(globalLogPublisher.removeObserver, events.append)
-            password = self.gw.admin_password
-            tokens = await login(self.anon, self.base, "admin", password)
-            _, second, _ = await self.call("POST", "/api/v1/users/refresh",
-                                           body={"refresh_token": tokens["refresh_token"]})
-            await self.call("POST", "/api/v1/users/authenticate", body={"username": "admin", "password": "wrong-guess-123"})
-            # Reusing the first refresh token revokes the family (and logs a warning).
-            await self.call("POST", "/api/v1/users/refresh", body={"refresh_token": tokens["refresh_token"]})
-            tokens2 = await login(self.anon, self.base, "admin", password)
-            _, second, _ = await self.call("POST", "/api/v1/users/refresh",
-                                           body={"refresh_token": tokens2["refresh_token"]})
-            await self.call("GET", "/api/v1/users/me", "garbage." + tokens["access_token"])
-            await self.call("POST", "/api/v1/users/logout", second["access_token"],
-                            body={"refresh_token": second["refresh_token"]})
-            await self.call("GET", "/api/v1/users/me", second["access_token"])
-            secrets = [password, "wrong-guess-123", tokens["access_token"], tokens["refresh_token"],
-                       tokens2["access_token"], tokens2["refresh_token"],
-                       second["access_token"], second["refresh_token"]]
-            jwt_dir = self.gw.state_dir / "jwt"
-            kid = (jwt_dir / "current").read_text().strip()
-            pem = (jwt_dir / f"{kid}.pem").read_text()
-            secrets.append(pem.splitlines()[1])
-            for part in tokens["access_token"].split("."):
-                secrets.append(part)
-            text = "\n".join(formatEvent(e) + " " + repr(e) for e in events)
-            logged = "\n".join(formatEvent(e) for e in events)
-            self.assertIn("login for admin", logged)
-            self.assertIn("logout for admin", logged)
-            self.assertIn("refresh token reuse", logged)
-            for secret in secrets:
-                self.assertNotIn(secret, text)
-
-        return ensureDeferred(go())
+    async def test_login_refresh_logout_session_logs_no_password_token_or_key(self) -> None:
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        password = self.gw.admin_password
+        tokens = await login(self.anon, self.base, "admin", password)
+        _, second, _ = await self.call("POST", "/api/v1/users/refresh",
+                                       body={"refresh_token": tokens["refresh_token"]})
+        await self.call("POST", "/api/v1/users/authenticate", body={"username": "admin", "password": "wrong-guess-123"})
+        # Reusing the first refresh token revokes the family (and logs a warning).
+        await self.call("POST", "/api/v1/users/refresh", body={"refresh_token": tokens["refresh_token"]})
+        tokens2 = await login(self.anon, self.base, "admin", password)
+        _, second, _ = await self.call("POST", "/api/v1/users/refresh",
+                                       body={"refresh_token": tokens2["refresh_token"]})
+        await self.call("GET", "/api/v1/users/me", "garbage." + tokens["access_token"])
+        await self.call("POST", "/api/v1/users/logout", second["access_token"],
+                        body={"refresh_token": second["refresh_token"]})
+        await self.call("GET", "/api/v1/users/me", second["access_token"])
+        secrets = [password, "wrong-guess-123", tokens["access_token"], tokens["refresh_token"],
+                   tokens2["access_token"], tokens2["refresh_token"],
+                   second["access_token"], second["refresh_token"]]
+        jwt_dir = self.gw.state_dir / "jwt"
+        kid = (jwt_dir / "current").read_text().strip()
+        pem = (jwt_dir / f"{kid}.pem").read_text()
+        secrets.append(pem.splitlines()[1])
+        for part in tokens["access_token"].split("."):
+            secrets.append(part)
+        text = "\n".join(formatEvent(e) + " " + repr(e) for e in events)
+        logged = "\n".join(formatEvent(e) for e in events)
+        self.assertIn("login for admin", logged)
+        self.assertIn("logout for admin", logged)
+        self.assertIn("refresh token reuse", logged)
+        for secret in secrets:
+            self.assertNotIn(secret, text)
 
 
 class SlowlorisTests(GatewayCase):
     extra = "[limits]\nhead_timeout = 0.5\n"
 
-    def test_a_request_head_sent_too_slowly_is_dropped_but_websockets_live_on(self) -> Any:
-        async def go() -> None:
-            import socket
-            import time as _time
+    async def test_a_request_head_sent_too_slowly_is_dropped_but_websockets_live_on(self) -> None:
+        import socket
+        import time as _time
 
-            from twisted.internet import threads
+        from twisted.internet import threads
 
-            port = self.gw.ports["http"]["port"]
+        port = self.gw.ports["http"]["port"]
 
-            def trickle() -> float:
-                s = socket.create_connection(("127.0.0.1", port))
-                s.settimeout(5)
-                start = _time.monotonic()
-                s.sendall(b"GET /api/v1/health HTTP/1.1\r\nHost: x\r\n")
-                try:
-                    for _ in range(10):  # one header line every 0.2 s: never a complete head
-                        _time.sleep(0.2)
-                        s.sendall(b"X-Slow: 1\r\n")
-                    data = s.recv(100)
-                except OSError:
-                    data = b""
-                s.close()
-                return _time.monotonic() - start if not data else -1.0
+        def trickle() -> float:
+            s = socket.create_connection(("127.0.0.1", port))
+            s.settimeout(5)
+            start = _time.monotonic()
+            s.sendall(b"GET /api/v1/health HTTP/1.1\r\nHost: x\r\n")
+            try:
+                for _ in range(10):  # one header line every 0.2 s: never a complete head
+                    _time.sleep(0.2)
+                    s.sendall(b"X-Slow: 1\r\n")
+                data = s.recv(100)
+            except OSError:
+                data = b""
+            s.close()
+            return _time.monotonic() - start if not data else -1.0
 
-            elapsed = await threads.deferToThread(trickle)
-            self.assertGreater(elapsed, 0.0, "the server answered a head that never completed")
-            self.assertLess(elapsed, 3.0)
+        elapsed = await threads.deferToThread(trickle)
+        self.assertGreater(elapsed, 0.0, "the server answered a head that never completed")
+        self.assertLess(elapsed, 3.0)
 
-            def websocket() -> str:
-                import websockets.sync.client as ws_client
+        def websocket() -> str:
+            import websockets.sync.client as ws_client
 
-                url = self.base.replace("http://", "ws://") + "/ws"
-                with ws_client.connect(url, additional_headers={
-                        "Authorization": f"Bearer {self.tokens['access_token']}"}) as ws:
-                    ws.recv(timeout=5)
-                    ws.recv(timeout=5)
-                    _time.sleep(1.2)  # longer than head_timeout
-                    ws.send(json.dumps({"type": "heartbeat", "id": "alive"}))
-                    return str(json.loads(ws.recv(timeout=5))["type"])
+            url = self.base.replace("http://", "ws://") + "/ws"
+            with ws_client.connect(url, additional_headers={
+                    "Authorization": f"Bearer {self.tokens['access_token']}"}) as ws:
+                ws.recv(timeout=5)
+                ws.recv(timeout=5)
+                _time.sleep(1.2)  # longer than head_timeout
+                ws.send(json.dumps({"type": "heartbeat", "id": "alive"}))
+                return str(json.loads(ws.recv(timeout=5))["type"])
 
-            self.assertEqual(await threads.deferToThread(websocket), "heartbeat_ack")
-
-        return ensureDeferred(go())
+        self.assertEqual(await threads.deferToThread(websocket), "heartbeat_ack")

@@ -7,10 +7,8 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any
 
 from twisted.internet import reactor
-from twisted.internet.defer import ensureDeferred
 from twisted.internet.task import deferLater
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
@@ -37,33 +35,30 @@ class FactoryTests(SynchronousTestCase):
 class UserModuleProcessTests(TestCase):
     timeout = 60
 
-    def test_user_module_runs_as_a_process_and_is_served(self) -> Any:
-        async def go() -> None:
-            gw = await start_gateway(self)
-            proto = Twistd()
-            process = reactor.spawnProcess(
-                proto, sys.executable,
-                [sys.executable, "-m", "aico.bus.runner", "tests.echomodule:Echo",
-                 "--state-dir", str(gw.state_dir.resolve())],
-                env={**os.environ, "PYTHONPATH": str(ROOT)}, path=str(ROOT))
-            self.addCleanup(lambda: None if proto.ended.called else process.signalProcess("KILL"))
-            tokens = await login(http_client(self), gw.base, "admin", gw.admin_password)
-            http = http_client(self, token=tokens["access_token"])
-            for _ in range(200):
-                r = await http.post(gw.base + "/api/v1/echo", json={"text": "hi"})
-                body = json.loads(await r.content())
-                if r.code == 200:
-                    break
-                await deferLater(reactor, 0.05, lambda: None)
-            self.assertEqual((r.code, body), (200, {"echo": "hi", "by": "admin"}),
-                             proto.output.decode(errors="replace")[-3000:])
-            r = await http.post(gw.base + "/api/v1/echo", json={"txt": "typo"})
-            self.assertEqual(r.code, 400)
-            await r.content()
-            r = await http.get(gw.base + "/api/v1/health")
-            health = json.loads(await r.content())
-            self.assertEqual(health["modules"]["echo"]["status"], "ok")
-            process.signalProcess("TERM")
-            self.assertEqual(await proto.ended, 0, proto.output.decode(errors="replace"))
-
-        return ensureDeferred(go())
+    async def test_user_module_runs_as_a_process_and_is_served(self) -> None:
+        gw = await start_gateway(self)
+        proto = Twistd()
+        process = reactor.spawnProcess(
+            proto, sys.executable,
+            [sys.executable, "-m", "aico.bus.runner", "tests.echomodule:Echo",
+             "--state-dir", str(gw.state_dir.resolve())],
+            env={**os.environ, "PYTHONPATH": str(ROOT)}, path=str(ROOT))
+        self.addCleanup(lambda: None if proto.ended.called else process.signalProcess("KILL"))
+        tokens = await login(http_client(self), gw.base, "admin", gw.admin_password)
+        http = http_client(self, token=tokens["access_token"])
+        for _ in range(200):
+            r = await http.post(gw.base + "/api/v1/echo", json={"text": "hi"})
+            body = json.loads(await r.content())
+            if r.code == 200:
+                break
+            await deferLater(reactor, 0.05, lambda: None)
+        self.assertEqual((r.code, body), (200, {"echo": "hi", "by": "admin"}),
+                         proto.output.decode(errors="replace")[-3000:])
+        r = await http.post(gw.base + "/api/v1/echo", json={"txt": "typo"})
+        self.assertEqual(r.code, 400)
+        await r.content()
+        r = await http.get(gw.base + "/api/v1/health")
+        health = json.loads(await r.content())
+        self.assertEqual(health["modules"]["echo"]["status"], "ok")
+        process.signalProcess("TERM")
+        self.assertEqual(await proto.ended, 0, proto.output.decode(errors="replace"))

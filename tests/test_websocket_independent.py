@@ -21,13 +21,10 @@ class IndependentClientTests(TestCase):
     timeout = 60
     extra = "[websocket]\nauth_timeout = 0.5\nidle_timeout = 1.0\nmax_message_size = 4096\n"
 
-    def setUp(self) -> Any:
-        async def go() -> None:
-            self.gw: RunningGateway = await start_gateway(self, self.extra)
-            self.tokens = await login(http_client(self), self.gw.base, "admin", self.gw.admin_password)
-            self.url = self.gw.base.replace("http://", "ws://") + "/ws"
-
-        return ensureDeferred(go())
+    async def setUp(self) -> None:
+        self.gw: RunningGateway = await start_gateway(self, self.extra)
+        self.tokens = await login(http_client(self), self.gw.base, "admin", self.gw.admin_password)
+        self.url = self.gw.base.replace("http://", "ws://") + "/ws"
 
     def run_client(self, client: Any, check: Any) -> Any:
         return threads.deferToThread(client).addCallback(check)
@@ -183,23 +180,20 @@ class AuthTierAcrossConnectionsTests(TestCase):
     timeout = 60
     extra = "[ratelimit.tiers.auth]\nrequests = 3\nper_seconds = 60\nburst = 3\n"
 
-    def test_new_connections_do_not_reset_the_login_budget(self) -> Any:
-        async def go() -> None:
-            self.gw = await start_gateway(self, self.extra)
-            url = self.gw.base.replace("http://", "ws://") + "/ws"
+    async def test_new_connections_do_not_reset_the_login_budget(self) -> None:
+        self.gw = await start_gateway(self, self.extra)
+        url = self.gw.base.replace("http://", "ws://") + "/ws"
 
-            def logins() -> list[int]:
-                statuses = []
-                for _ in range(5):  # a fresh socket for every attempt
-                    with ws_client.connect(url) as ws:
-                        ws.recv(timeout=5)
-                        ws.send(json.dumps({"type": "request", "id": 1, "method": "POST",
-                                            "path": "/api/v1/users/authenticate",
-                                            "body": {"username": "admin", "password": "wrong-guess"}}))
-                        statuses.append(json.loads(ws.recv(timeout=5))["status"])
-                return statuses
+        def logins() -> list[int]:
+            statuses = []
+            for _ in range(5):  # a fresh socket for every attempt
+                with ws_client.connect(url) as ws:
+                    ws.recv(timeout=5)
+                    ws.send(json.dumps({"type": "request", "id": 1, "method": "POST",
+                                        "path": "/api/v1/users/authenticate",
+                                        "body": {"username": "admin", "password": "wrong-guess"}}))
+                    statuses.append(json.loads(ws.recv(timeout=5))["status"])
+            return statuses
 
-            statuses = await threads.deferToThread(logins)
-            self.assertEqual(statuses, [401, 401, 401, 429, 429])
-
-        return ensureDeferred(go())
+        statuses = await threads.deferToThread(logins)
+        self.assertEqual(statuses, [401, 401, 401, 429, 429])
