@@ -30,6 +30,7 @@ from aico.bus.client import BusClient, BusReactor, CurveClientKeys
 from aico.bus.curve import CurveLayout, create_keypair, ensure_client, load_public
 from aico.gateway.adapters.ipc import IpcListener
 from aico.gateway.adapters.rest import GatewaySite, RestAdapter
+from aico.gateway.adapters.session import SessionServices
 from aico.gateway.adapters.websocket import GatewayWebSocketFactory, websocket_resource
 from aico.gateway.api.transport.dependencies import TransportDeps
 from aico.gateway.api.transport.router import routes as transport_routes
@@ -42,6 +43,7 @@ from aico.gateway.errors import (
     TokenRevoked,
     Unauthenticated,
 )
+from aico.gateway.lifecycle import InFlight
 from aico.gateway.routing.dispatch import Dispatcher
 from aico.gateway.routing.messages import Principal, Request, Response, StreamBody, json_response
 from aico.gateway.routing.table import RouteEntry, RouteTable
@@ -99,6 +101,26 @@ class Tokens:
         header = request.headers.get("authorization", "")
         if header.startswith("Bearer "):
             request.principal = self.authenticate(header[7:])
+
+    def required(self, request: Request) -> None:
+        self.step(request)
+        if request.principal is None:
+            raise Unauthenticated("this route needs a bearer token")
+
+    @staticmethod
+    def authorize_topic(request: Request) -> None:
+        if not may_subscribe(request.principal, request.path):
+            raise Forbidden(f"not allowed to subscribe to {request.path[:256]!r}")
+
+    # The session layer's control steps (what SecurityChain provides in the gateway).
+    def token_steps(self) -> list[Any]:
+        return [self.required]
+
+    def subscription_steps(self) -> list[Any]:
+        return [self.required, self.authorize_topic]
+
+    def unsubscription_steps(self) -> list[Any]:
+        return [self.step]
 
     @staticmethod
     def authorize(request: Request) -> None:
@@ -209,9 +231,10 @@ class Realtime:
         routes = [*test_routes(), *validate.prepare(transport_routes(deps))]
         self.dispatcher = Dispatcher(RouteTable(routes), [
             self.tokens.step, self.tokens.authorize, validate.make_step(lambda: limits)])
-        resource, self.ws_factory = websocket_resource(
-            self.dispatcher, self.tokens.authenticate, may_subscribe, self.connections,
-            lambda: self.settings, self.clock)
+        self.limits = limits
+        self.sessions = SessionServices(self.dispatcher, self.tokens, self.connections, InFlight(),
+                                        lambda: self.limits, self.clock)
+        resource, self.ws_factory = websocket_resource(self.sessions, lambda: self.settings)
         site = GatewaySite(RestAdapter(self.dispatcher, websocket=resource).resource(),
                            body_limit=lambda: limits.body_max,
                            header_limits=lambda: (limits.header_count, limits.header_size))
@@ -230,10 +253,8 @@ class Realtime:
                   curve_on_ipc: bool = True) -> IpcListener:
         if endpoint is None:
             endpoint = f"ipc://{self.root}/gateway.ipc"
-        self.ipc = IpcListener(self.dispatcher, self.tokens.authenticate, may_subscribe,
-                               self.connections, self.layout, endpoint, fallback,
-                               curve_on_ipc=curve_on_ipc, reactor=reactor)
-        self.ipc.start()
+        self.ipc = IpcListener(self.sessions, self.layout, endpoint, fallback, curve_on_ipc, reactor)
+        self.ipc.listen()
         self.case.addCleanup(self.ipc.stop)
         return self.ipc
 

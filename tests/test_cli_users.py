@@ -62,7 +62,7 @@ class KeyRotationTests(TestCase):
         code, out, _ = run("keys", "rotate", "--state-dir", str(gw.state_dir))
         self.assertEqual(code, 0, out)
         await gw.service.reload()  # what SIGHUP does
-        await gw.service.gateway.reload_keys()  # type: ignore[union-attr]
+        await gw.parts.reload_keys()  # type: ignore[union-attr]
         new = await login(anon, gw.base, "admin", gw.admin_password)
         new_kid = jwt.get_unverified_header(new["access_token"])["kid"]
         self.assertNotEqual(new_kid, old_kid)

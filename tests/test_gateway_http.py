@@ -203,7 +203,7 @@ class ConversationTests(GatewayCase):
 
 class SchemaCoverageTests(GatewayCase):
     async def test_every_gateway_route_has_schemas_for_its_bodies(self) -> None:
-        for entry in self.gw.service.gateway.own_routes:  # type: ignore[union-attr]
+        for entry in self.gw.parts.own_routes:  # type: ignore[union-attr]
             where = f"{entry.method} {entry.path}"
             if entry.method in ("POST", "PUT", "PATCH"):
                 self.assertIsNotNone(entry.request_schema, where)
@@ -360,7 +360,7 @@ class FanOutAndInternalErrorTests(GatewayCase):
         def broken(request: Any) -> Any:
             raise RuntimeError("database password is hunter2")
 
-        gateway = self.gw.service.gateway
+        gateway = self.gw.parts
         table = gateway.dispatcher.table.with_routes(  # type: ignore[union-attr]
             "test", [RouteEntry("GET", "/api/v1/broken", broken, owner="test", public=True)])
         gateway.dispatcher.set_table(table)  # type: ignore[union-attr]

@@ -13,9 +13,8 @@ from twisted.trial.unittest import TestCase
 
 from aico.bus.curve import load_public
 from aico.gateway.adapters.ipc import IpcBindError, IpcListener
-from aico.gateway.security.topics import may_subscribe
 from aico.proto import AicoMessage, ApiEvent, ApiRequest, ApiResponse, unpack, wrap
-from tests.realtime import NOTES, USER_CAPS, Realtime, eventually, sleep
+from tests.realtime import NOTES, USER_CAPS, Realtime, eventually, reactor, sleep
 
 
 class Dealer:
@@ -237,10 +236,9 @@ class IpcOptionsTests(TestCase):
     def test_an_address_in_use_is_an_error_naming_it(self) -> None:
         first = self.rt.start_ipc(endpoint="")
         taken = first.endpoints["fallback"]
-        second = IpcListener(self.rt.dispatcher, self.rt.tokens.authenticate, may_subscribe,
-                             self.rt.connections, self.rt.layout, "", taken, reactor=None)
+        second = IpcListener(self.rt.sessions, self.rt.layout, "", taken, True, reactor)
         with self.assertRaises(IpcBindError) as caught:
-            second.start()
+            second.listen()
         self.assertIn(taken, str(caught.exception))
         self.assertEqual(second.endpoints, {})
 
@@ -248,11 +246,9 @@ class IpcOptionsTests(TestCase):
         from aico.bus.curve import CurveLayout
 
         deep = CurveLayout(self.rt.layout.state_dir / ("x" * 120))
-        listener = IpcListener(self.rt.dispatcher, self.rt.tokens.authenticate, may_subscribe,
-                               self.rt.connections, deep, "default", "tcp://127.0.0.1:*",
-                               reactor=None)
+        listener = IpcListener(self.rt.sessions, deep, "default", "tcp://127.0.0.1:*", True,
+                               reactor)
         self.assertEqual(listener.ipc_endpoint, "")
-        short = IpcListener(self.rt.dispatcher, self.rt.tokens.authenticate, may_subscribe,
-                            self.rt.connections, CurveLayout(Path("/tmp/s")), "default", "",
-                            reactor=None)
+        short = IpcListener(self.rt.sessions, CurveLayout(Path("/tmp/s")), "default", "", True,
+                            reactor)
         self.assertEqual(short.ipc_endpoint, "ipc:///tmp/s/gateway.ipc")

@@ -87,7 +87,7 @@ class RealtimeGatewayTests(TestCase):
             if subscribed.is_set():
                 break
             await deferLater(reactor, 0.02, lambda: None)
-        bus = self.gw.service.bus
+        bus = self.gw.parts.bus
         assert bus is not None
         # The gateway's own PUB socket publishes the event: wait until it has learnt of
         # the subscription the socket caused (ZeroMQ's slow joiner).
@@ -313,7 +313,7 @@ class RealtimeGatewayTests(TestCase):
 
         async def go() -> None:
             await threads.deferToThread(setup)
-            bus = self.gw.service.bus
+            bus = self.gw.parts.bus
             assert bus is not None
             await bus.wait_subscribed(["conversation/"], timeout=5.0)
             reader = threads.deferToThread(read_fast)
@@ -323,11 +323,11 @@ class RealtimeGatewayTests(TestCase):
                 if i % 500 == 499:
                     await deferLater(reactor, 0.01, lambda: None)
             got = await reader
-            listener = self.gw.service.gateway.ipc  # type: ignore[union-attr]
+            listener = self.gw.parts.ipc  # type: ignore[union-attr]
             self.assertGreaterEqual(listener.slow_consumers, 1)
             self.assertEqual(got, events)
             # the slow peer holds no subscription any more
-            subscribers = self.gw.service.gateway.connections.snapshot()  # type: ignore[union-attr]
+            subscribers = self.gw.parts.connections.snapshot()  # type: ignore[union-attr]
             self.assertEqual(sum(1 for c in subscribers if c.get("subscriptions")), 1, subscribers)
 
         return ensureDeferred(go())

@@ -437,7 +437,7 @@ class LoginRaceTests(GatewayCase):
 
     async def test_password_changed_during_a_login_refuses_that_login(self) -> None:
         password = await self.make_user("jack", ["user"])
-        passwords = self.gw.service.gateway.passwords  # type: ignore[union-attr]
+        passwords = self.gw.parts.passwords  # type: ignore[union-attr]
         real_verify = passwords.verify
         # The login's password check is held on an explicit gate, released only once
         # the password change has been answered: no race against the wall clock.
@@ -494,7 +494,7 @@ burst = 3
                                               body={"username": "admin", "password": "nope"})
             codes.append(body["code"])
         self.assertEqual(codes[-1], "temporarily_blocked")
-        rows = await self.gw.service.gateway.audit.list(limit=100)  # type: ignore[union-attr]
+        rows = await self.gw.parts.audit.list(limit=100)  # type: ignore[union-attr]
         self.assertIn("client_blocked", [e.event for e in rows])
 
     async def test_refused_requests_count_against_the_limit(self) -> None:
@@ -513,7 +513,7 @@ burst = 3
         status, body, _ = await self.call("GET", "/api/v1/users/me", admin)
         self.assertEqual((status, body["code"]), (429, "rate_limited"))
         # Another user from the same address has a budget of their own.
-        token = self.gw.service.gateway.tokens.issue_pair("other", ["user"], ["users:self"]).access_token  # type: ignore[union-attr]
+        token = self.gw.parts.tokens.issue_pair("other", ["user"], ["users:self"]).access_token  # type: ignore[union-attr]
         status, _, _ = await self.call("GET", "/api/v1/users/me", token)
         self.assertEqual(status, 200)
 

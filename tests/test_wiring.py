@@ -25,9 +25,38 @@ class MakeServiceTests(SynchronousTestCase):
         service = tap.makeService(options)
         self.assertIsInstance(service, GatewayService)
         self.assertTrue(IService.providedBy(service))
-        self.assertEqual(service.config.http.port, 0)
-        self.assertEqual(service.config_path, str(cfg))
+        self.assertEqual(service.parts.config.http.port, 0)
+        self.assertEqual(service.reload.config_path, str(cfg))
         self.assertTrue((state / "initial-admin-password").exists())
+
+    def test_the_service_tree_holds_every_part_in_start_order(self) -> None:
+        state = Path(os.path.abspath(self.mktemp()))
+        options = tap.Options()
+        options.parseOptions(["--state-dir", str(state)])
+        service = tap.makeService(options)
+        self.assertEqual([c.name for c in service], [
+            "cpu-pool", "broker", "bus", "directory", "modules", "security", "connections",
+            "listeners", "jobs", "ready"])
+        self.assertEqual([c.name for c in service.child("modules")], ["conversation", "health"])
+        self.assertEqual([c.name for c in service.child("modules", "conversation")],
+                         ["module", "heartbeat"])
+        self.assertEqual([c.name for c in service.child("listeners")], ["http", "ipc"])
+        self.assertEqual(sorted(c.name for c in service.child("jobs")),
+                         ["ipc-peer-sweep", "ratelimit-sweep", "token-prune"])
+
+    def test_listeners_and_modules_follow_the_config(self) -> None:
+        cfg = Path(self.mktemp() + ".toml")
+        cfg.write_text('[http]\nenabled = false\n[ipc]\nendpoint = ""\n[bus]\n'
+                       'embedded_broker = false\n[modules]\nin_process = false\n')
+        options = tap.Options()
+        options.parseOptions(["--config", str(cfg), "--state-dir",
+                              str(Path(os.path.abspath(self.mktemp())))])
+        service = tap.makeService(options)
+        names = [c.name for c in service]
+        self.assertNotIn("broker", names)
+        self.assertEqual([c.name for c in service.child("modules")], [])
+        self.assertEqual([c.name for c in service.child("listeners")], ["ipc"])
+        self.assertEqual(service.child("listeners", "ipc").listener.endpoints, {})
 
     def test_bad_config_is_a_usage_error_naming_key_and_file(self) -> None:
         cfg = Path(self.mktemp() + ".toml")

@@ -304,13 +304,13 @@ class BackendModule:
 
     # -- lifecycle ---------------------------------------------------------------------
 
-    def start(self, start_bus: bool | None = None) -> Deferred[None]:
+    def start(self, start_bus: bool | None = None, heartbeat: bool = True) -> Deferred[None]:
         """Subscribe, start the bus, wait for the subscriptions, register, heartbeat.
 
         *start_bus*: ``None`` starts the bus unless it is a client that already runs
         (a bus shared with the gateway); the module stops the bus only if it started it.
         """
-        return Deferred.fromCoroutine(self._start(start_bus))
+        return Deferred.fromCoroutine(self._start(start_bus, heartbeat))
 
     def _topics_listened(self) -> list[str]:
         topics = list(self._topics)
@@ -318,7 +318,7 @@ class BackendModule:
             topics.append(self.health_topic)
         return [*topics, TOPIC_DISCOVER]
 
-    async def _start(self, start_bus: bool | None) -> None:
+    async def _start(self, start_bus: bool | None, heartbeat: bool = True) -> None:
         if self._running:
             return
         control = cast(IBusControl, self.bus) if IBusControl.providedBy(self.bus) else None
@@ -341,11 +341,11 @@ class BackendModule:
                 self.log.warn("module {name}: subscriptions not confirmed in time", name=self.name)
         self._running = True
         self.register()
-        if self.heartbeat_interval > 0:
-            heartbeat = LoopingCall(self._beat)
-            heartbeat.clock = self.clock
-            heartbeat.start(self.heartbeat_interval, now=False)
-            self._heartbeat = heartbeat
+        if heartbeat and self.heartbeat_interval > 0:
+            loop = LoopingCall(self.beat)
+            loop.clock = self.clock
+            loop.start(self.heartbeat_interval, now=False)
+            self._heartbeat = loop
         self.log.info(
             "module {name} {version} started with {count} routes",
             name=self.name,
@@ -374,7 +374,7 @@ class BackendModule:
         """Publish the registration (again)."""
         self.bus.publish(TOPIC_REGISTERED, wrap(self.registration(), self.name))
 
-    def _beat(self) -> None:
+    def beat(self) -> None:
         try:
             self.bus.publish(TOPIC_HEARTBEAT, wrap(ModuleHeartbeat(name=self.name), self.name))
         except BusError:

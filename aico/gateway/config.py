@@ -83,6 +83,8 @@ class BusSection:
     request_timeout: float = _reloadable(5.0)
     #: Seconds ``GET /api/v1/health`` waits for module health answers.
     health_deadline: float = _reloadable(1.5)
+    #: Seconds the gateway waits at start for the broker to answer (then exits, status 1).
+    start_timeout: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -135,6 +137,18 @@ class LimitsSection:
     #: Seconds a client has to send a complete request head (slowloris guard); also how
     #: long a keep-alive connection may wait for its next request.
     head_timeout: float = _reloadable(10.0)
+    #: Requests one WebSocket or IPC connection may have in flight at once (fair share:
+    #: past it the gateway stops reading that WebSocket; IPC requests wait in a queue).
+    max_inflight: int = _reloadable(64)
+    #: Requests of one IPC peer that may wait behind ``max_inflight``; more are refused
+    #: at once with 429.
+    inflight_queue: int = _reloadable(64)
+
+
+@dataclass(frozen=True)
+class LoggingSection:
+    #: One access-log line per finished request, on every transport.
+    access: bool = _reloadable(True)
 
 
 @dataclass(frozen=True)
@@ -206,6 +220,7 @@ class Config:
     auth: AuthSection = field(default_factory=AuthSection)
     websocket: WebSocketSection = field(default_factory=WebSocketSection)
     limits: LimitsSection = field(default_factory=LimitsSection)
+    logging: LoggingSection = field(default_factory=LoggingSection)
     ratelimit: RateLimitSection = field(default_factory=RateLimitSection)
     sync: SyncSection = field(default_factory=SyncSection)
     #: Role → capabilities (``[roles]``); a partial table keeps the other defaults.
@@ -359,6 +374,9 @@ def _check(c: Config) -> None:
         "ratelimit.block_max": c.ratelimit.block_max,
         "ratelimit.block_after": c.ratelimit.block_after,
         "gateway.shutdown_grace": c.gateway.shutdown_grace,
+        "bus.start_timeout": c.bus.start_timeout,
+        "limits.max_inflight": c.limits.max_inflight,
+        "limits.inflight_queue": c.limits.inflight_queue,
     }
     for key, value in positive.items():
         if value <= 0:

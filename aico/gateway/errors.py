@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 from typing import Any, ClassVar
 
+from twisted.python.failure import Failure
+
 PROBLEM_TYPE_BASE = "https://aico.dev/problems/"
 PROBLEM_CONTENT_TYPE = "application/problem+json"
 
@@ -155,3 +157,30 @@ class InternalError(ApiError):
 
 def problem_body(error: ApiError, request_id: str) -> bytes:
     return json.dumps(error.problem(request_id), separators=(",", ":")).encode()
+
+
+_TOKEN_ERRORS: dict[str, type[ApiError]] = {
+    "token_invalid": TokenInvalid,
+    "token_expired": TokenExpired,
+    "token_revoked": TokenRevoked,
+}
+
+
+def to_api_error(failure: Failure | BaseException) -> ApiError:
+    """The problem an exception is, on every transport: an :class:`ApiError` as it is; a
+    refused token as its 401 (the reason stays in the logs); a bus timeout 504, a bus
+    that stopped 503; anything else 500 ``internal_error`` (no internals in ``detail``).
+    """
+    error = failure.value if isinstance(failure, Failure) else failure
+    if isinstance(error, ApiError):
+        return error
+    from aico.bus.errors import BusStopped, BusTimeout
+    from aico.gateway.security.tokens import TokenError
+
+    if isinstance(error, TokenError):
+        return _TOKEN_ERRORS.get(error.code, TokenInvalid)()
+    if isinstance(error, BusTimeout):
+        return BackendTimeout("the backend module did not answer in time")
+    if isinstance(error, BusStopped):
+        return BackendUnavailable("the message bus is shutting down")
+    return InternalError()

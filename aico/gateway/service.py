@@ -1,111 +1,279 @@
-"""The gateway process: one ``MultiService`` that owns every listener and the bus.
+"""The gateway process's service tree: its root, the listener group, how it fails and ends.
 
-``startService`` binds every listener synchronously — a listener that cannot bind
-stops the process with a message naming the address and exit status 3 — then starts
-the bus client, the module directory and the built-in modules, and finally writes
-``STATE_DIR/ports.json``. ``stopService`` stops accepting, lets in-flight requests
-finish (``gateway.shutdown_grace``), then closes the bus and the broker.
+Nothing here builds gateway parts (that is :mod:`aico.gateway.composition`, the
+composition root); these classes only order their lifecycle:
+
+* :class:`GatewayService` is the root, a :class:`~aico.services.SequentialMultiService`:
+  ``privilegedStartService`` binds (the embedded broker, every listener) before the
+  reactor runs — a bind failure stops the process with a message naming the address and
+  exit status 3 — then ``startService`` starts the children in order, each once the one
+  before it is up. It handles ``SIGHUP`` (reload) and ``SIGTERM`` (orderly stop, exit 0).
+  Any failure after binding is fatal (:class:`ProcessExit`): one line naming what
+  failed, the traceback at debug level, exit status 1.
+* :class:`ListenerGroup` holds one :class:`ListenerService` per listener and stops them
+  together: every listener stops accepting, in-flight requests get
+  ``gateway.shutdown_grace`` seconds, then the connections still open are closed.
 """
 
 from __future__ import annotations
 
+import atexit
+import os
 import signal
-from collections.abc import Callable
-from pathlib import Path
-from typing import Any, Protocol
+import sys
+from collections.abc import Callable, Iterable
+from typing import Any
 
-from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred, DeferredList, ensureDeferred, maybeDeferred, succeed
-from twisted.internet.error import CannotListenError
-from twisted.internet.interfaces import IListeningPort, IProtocolFactory
-from twisted.internet.threads import deferToThreadPool
-from twisted.logger import Logger
+from twisted.application.service import IService, MultiService, Service
+from twisted.internet.defer import Deferred, DeferredList, fail, maybeDeferred, succeed
+from twisted.internet.interfaces import IReactorCore, IReactorTime
+from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
-from aico.bus.broker import EmbeddedBroker
-from aico.bus.builtin import BUILTIN_MODULES
-from aico.bus.client import BusClient, CurveClientKeys
-from aico.bus.directory import ModuleDirectory
-from aico.bus.errors import BrokerBindError
-from aico.gateway.config import Config, ConfigError, load
-from aico.gateway.config import reload as reload_config
-from aico.gateway.lifecycle import SignalHook, write_ports
-from aico.gateway.state import StatePaths
+from aico.gateway.lifecycle import InFlight, SignalHook
+from aico.gateway.listeners import IListener, ListenerError
+from aico.services import SequentialMultiService
 
+__all__ = [
+    "EXIT_BIND",
+    "EXIT_FAILED",
+    "GatewayService",
+    "ListenerGroup",
+    "ListenerService",
+    "ProcessExit",
+    "StartupError",
+]
 
-class ListenerError(Exception):
-    """A listener that is not a TCP port (e.g. IPC) could not bind; names the address."""
-
-
-class Wiring(Protocol):
-    """What the service needs from the assembled gateway (built in ``tap.py``)."""
-
-    def listeners(self) -> dict[str, tuple[str, int, IProtocolFactory]]: ...
-    def bind(self, tcp: dict[str, dict[str, Any]]) -> dict[str, Any]: ...
-    def start(self) -> Deferred[None]: ...
-    def drain(self, grace: float) -> Deferred[None]: ...
-    def stop(self) -> Deferred[None]: ...
-    def reconfigure(self, config: Config) -> None: ...
-
-
-#: Builds the gateway's routes, security chain and adapters around a started bus.
-WireFactory = Callable[[Config, StatePaths, Any, BusClient, ModuleDirectory], Wiring]
+#: Exit status when a listener (or the embedded broker) cannot bind.
+EXIT_BIND = 3
+#: Exit status when anything fails after binding.
+EXIT_FAILED = 1
 
 
 class StartupError(SystemExit):
-    """Ends twistd with a non-zero status before the reactor runs."""
+    """Ends twistd with a non-zero status before the reactor runs; ``message`` says why."""
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, status: int = EXIT_BIND) -> None:
         self.message = message
-        super().__init__(3)
+        super().__init__(status)
 
 
-class GatewayService(MultiService):
-    """Everything one ``twistd aico-gateway`` process runs."""
+class ProcessExit:
+    """How a fatal error ends the process: the reactor stops (so every service's
+    ``stopService`` runs and twistd cleans up), then the process exits with *status*.
+
+    twistd itself always exits 0 once the reactor has stopped, and an exception raised
+    inside the reactor never reaches it, so the status is set by an ``atexit`` hook that
+    runs after twistd's own clean-up (as Synapse does with ``os._exit``).
+    """
+
+    def __init__(self, reactor: IReactorCore) -> None:
+        self.reactor = reactor
+        self.status: int | None = None
+
+    def __call__(self, status: int) -> None:
+        if self.status is None:
+            self.status = status
+            atexit.register(self._exit, status)
+        if getattr(self.reactor, "running", False):
+            self.reactor.stop()
+
+    @staticmethod
+    def _exit(status: int) -> None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+
+
+class ListenerService(Service):
+    """One listener as a child service; :class:`ListenerGroup` drives its steps."""
+
+    def __init__(self, listener: IListener) -> None:
+        self.setName(listener.name)  # type: ignore[no-untyped-call]
+        self.listener = listener
+        self.bound = False
+        self._binding: Deferred[None] | None = None
+
+    def privilegedStartService(self) -> None:
+        Service.privilegedStartService(self)
+        result = self.listener.listen()
+        if isinstance(result, Deferred):
+            self._binding = result
+        self.bound = True
+
+    def startService(self) -> Deferred[None]:
+        Service.startService(self)
+        return self._binding if self._binding is not None else succeed(None)
+
+    def address(self) -> dict[str, Any]:
+        return self.listener.address()
+
+
+class ListenerGroup(MultiService):
+    """Every listener; they bind together, start together and stop together."""
 
     log = Logger()
 
-    def __init__(self, config: Config, state_dir: Path, reactor: Any, wire: WireFactory,
-                 config_path: str | None = None) -> None:
+    def __init__(self, listeners: Iterable[IListener], inflight: InFlight, clock: IReactorTime,
+                 grace: Callable[[], float]) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
-        self.wire = wire
-        self.config = config
-        self.paths = StatePaths(state_dir)
+        self.setName("listeners")  # type: ignore[no-untyped-call]
+        self.inflight = inflight
+        self.clock = clock
+        self.grace = grace
+        for listener in listeners:
+            ListenerService(listener).setServiceParent(self)  # type: ignore[no-untyped-call]
+
+    @property
+    def listeners(self) -> list[ListenerService]:
+        return [child for child in self if isinstance(child, ListenerService)]
+
+    def privilegedStartService(self) -> None:
+        try:
+            for child in self.listeners:
+                child.privilegedStartService()
+        except ListenerError:
+            self.abort()
+            raise
+
+    def startService(self) -> Deferred[None]:
+        Service.startService(self)
+        waits = [child.startService() for child in self.listeners]
+        return DeferredList(waits, fireOnOneErrback=True, consumeErrors=True).addCallback(
+            lambda _: None)
+
+    def abort(self) -> None:
+        """Unbind whatever bound (start-up failed)."""
+        for child in self.listeners:
+            if child.bound:
+                child.listener.stop_accepting()
+                child.bound = False
+
+    def addresses(self) -> dict[str, dict[str, Any]]:
+        """``ports.json`` entries of every listener that bound something."""
+        out: dict[str, dict[str, Any]] = {}
+        for child in self.listeners:
+            address = child.address()
+            if address:
+                out[str(child.name)] = address
+        return out
+
+    def stopService(self) -> Deferred[None]:
+        Service.stopService(self)
+        return Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
+        bound = [child for child in self.listeners if child.bound]
+        await self._each(bound, lambda c: c.listener.stop_accepting(), "stop accepting")
+        if self.inflight.count:
+            self.log.info("waiting up to {grace} s for {count} request(s) in flight",
+                          grace=self.grace(), count=self.inflight.count)
+        await self.inflight.drained(self.clock, self.grace())
+        await self._each(bound, lambda c: c.listener.close_connections(), "close connections")
+        for child in bound:
+            child.bound = False
+            Service.stopService(child)
+
+    async def _each(self, children: list[ListenerService], step: Callable[[ListenerService], Any],
+                    what: str) -> None:
+        results = await DeferredList([maybeDeferred(step, c) for c in children], consumeErrors=True)
+        for child, (ok, result) in zip(children, results, strict=True):
+            if not ok:
+                self.log.failure("listener {name}: could not {what}", result, name=child.name,
+                                 what=what)
+
+
+Fatal = Callable[[int], None]
+
+
+class GatewayService(SequentialMultiService):
+    """The root of the tree: everything one ``twistd aico-gateway`` process runs.
+
+    *reload* is called on ``SIGHUP``; *on_fatal* (normally a :class:`ProcessExit`) is
+    called with the exit status when a child fails to start; :meth:`when_ready` fires
+    once every child has started.
+    """
+
+    log = Logger()
+
+    def __init__(self, reactor: Any, *, reload: Callable[[], object] | None = None,
+                 on_fatal: Fatal | None = None, signals: bool = True) -> None:
+        super().__init__()
+        self.setName("gateway")  # type: ignore[no-untyped-call]
         self.reactor = reactor
-        self.config_path = config_path
-        self.broker: EmbeddedBroker | None = None
-        self.bus: BusClient | None = None
-        self.directory: ModuleDirectory | None = None
-        self.modules: list[Any] = []
-        self.gateway: Wiring | None = None
-        self.ports: dict[str, IListeningPort] = {}
-        #: ports.json entries of the listeners that are not TCP ports (``ipc``).
-        self.extra_ports: dict[str, Any] = {}
-        self.ready: Deferred[None] = Deferred()
+        self.on_fatal = on_fatal
+        self._signals = signals
         self._hooks: list[SignalHook] = []
-        self._stopping = False
-        self._stopped: Deferred[None] | None = None
+        self._stopping_now = False
+        #: The line logged when start-up failed (for tests and the operator).
+        self.failure_line: str | None = None
+        self._outcome: Failure | bool | None = None
+        self._waiters: list[Deferred[None]] = []
+        #: The composition's parts (set by the composition root; tests and tools read it).
+        self.parts: Any = None
+        #: What SIGHUP calls.
+        self.reload = reload
+
+    def when_ready(self) -> Deferred[None]:
+        """Fires once every child has started (fails with the start-up failure)."""
+        if self._outcome is not None:
+            if isinstance(self._outcome, Failure):
+                return fail(self._outcome)
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._waiters.append(d)
+        return d
+
+    def child(self, *path: str) -> IService:
+        """The service at *path* below the root (``child("listeners", "http")``)."""
+        node: Any = self
+        for name in path:
+            node = node.getServiceNamed(name)
+        return node  # type: ignore[no-any-return]
 
     # ------------------------------------------------------------------ start
 
-    def startService(self) -> None:
-        super().startService()  # type: ignore[no-untyped-call]
+    def privilegedStartService(self) -> None:
+        Service.privilegedStartService(self)
+        done: list[IService] = []
         try:
-            self._bind()
-        except StartupError as e:
-            self.log.critical("{message}", message=e.message)
-            self._abort()
-            raise
-        self._hooks.append(SignalHook(self.reactor, signal.SIGHUP, self.reload))
-        # SPEC §1: SIGTERM is an orderly stop with exit status 0. twistd's own handler
-        # would re-raise the signal after shutdown (death by signal, status -15), so ours
-        # replaces it once the reactor runs.
-        self.reactor.callWhenRunning(self._take_sigterm)
-        d = ensureDeferred(self._start_async())
+            for child in self:
+                child.privilegedStartService()
+                done.append(child)
+        except Exception as e:
+            for child in reversed(done):
+                abort = getattr(child, "abort", None)
+                if abort is not None:
+                    abort()
+            message = str(e) if isinstance(e, ListenerError) else f"cannot start: {e}"
+            self.log.critical("{message}", message=message)
+            raise StartupError(message) from e
+
+    def startService(self) -> Deferred[None]:
+        d = super().startService()
+        if self._signals:
+            self._hooks.append(SignalHook(self.reactor, signal.SIGHUP, self._sighup))
+            # SPEC §1: SIGTERM is an orderly stop with exit status 0. twistd's own handler
+            # re-raises the signal after shutdown (death by signal), so ours replaces it
+            # once the reactor runs.
+            self.reactor.callWhenRunning(self._take_sigterm)
         d.addCallbacks(self._started, self._start_failed)
+        return succeed(None)
+
+    def _settle(self, outcome: Failure | bool) -> None:
+        self._outcome = outcome
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            if isinstance(outcome, Failure):
+                waiter.errback(outcome)
+            else:
+                waiter.callback(None)
+
+    def _started(self, _: object) -> None:
+        self._settle(True)
 
     def _take_sigterm(self) -> None:
-        if not self._stopping:
+        if not self._stopping_now:
             self._hooks.append(SignalHook(self.reactor, signal.SIGTERM, self._terminate))
 
     def _terminate(self) -> None:
@@ -113,162 +281,42 @@ class GatewayService(MultiService):
         if getattr(self.reactor, "running", False):
             self.reactor.stop()
 
-    def _bind(self) -> None:
-        c = self.config
-        pub, sub = c.bus.pub, c.bus.sub
-        if c.bus.embedded_broker:
-            self.broker = EmbeddedBroker(self.paths.curve, pub, sub)
-            try:
-                self.broker.start()
-            except BrokerBindError as e:
-                raise StartupError(f"cannot start the message bus: {e}") from e
-            pub, sub = self.broker.pub_endpoint, self.broker.sub_endpoint
-        keys = CurveClientKeys.from_layout(self.paths.curve, "gateway")
-        self.bus = BusClient(self.reactor, "gateway", pub, sub, keys,
-                             default_timeout=c.bus.request_timeout, start_timeout=30.0)
-        self.directory = ModuleDirectory(self.bus, self.reactor)
-        self.gateway = self.wire(self.config, self.paths, self.reactor, self.bus, self.directory)
-        for name, (host, port, factory) in self.gateway.listeners().items():
-            try:
-                self.ports[name] = self.reactor.listenTCP(port, factory, interface=host)
-            except CannotListenError as e:
-                raise StartupError(
-                    f"cannot listen on {host}:{port} for the {name!r} listener: "
-                    f"{getattr(e.socketError, 'strerror', e.socketError)}"
-                ) from e
-        tcp = {}
-        for name, listening in self.ports.items():
-            address = listening.getHost()
-            tcp[name] = {"host": address.host, "port": address.port}  # type: ignore[attr-defined]
-        try:
-            self.extra_ports = self.gateway.bind(tcp)
-        except ListenerError as e:
-            raise StartupError(str(e)) from e
-
-    async def _start_async(self) -> None:
-        assert self.bus is not None and self.directory is not None
-        # Subscriptions made before the bus starts are in place once start() fires.
-        self.directory.subscribe()
-        await self.bus.start()
-        await self.directory.start()
-        if self.config.modules.in_process:
-            # In-process built-in modules share the gateway's bus client; their requests
-            # still make the full round trip through the broker.
-            for name in self.config.modules.builtin:
-                module = BUILTIN_MODULES[name](self.bus, self.reactor)
-                self.modules.append(module)
-                await module.start(start_bus=False)
-        assert self.gateway is not None
-        await self.gateway.start()
-        # File I/O off the reactor thread: ports.json says "ready" only once written.
-        await deferToThreadPool(self.reactor, self.reactor.getThreadPool(), write_ports,
-                                self.paths.ports_json, self.port_map())
-
-    def port_map(self) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for name, port in self.ports.items():
-            address = port.getHost()
-            out[name] = {"host": address.host, "port": address.port}  # type: ignore[attr-defined]
-        out.update(self.extra_ports)
-        assert self.bus is not None
-        out["bus"] = {"pub": self.bus.pub_endpoint, "sub": self.bus.sub_endpoint}
-        return out
-
-    def _started(self, _: object) -> None:
-        ports = self.port_map()
-        http = ports.get("http")
-        url = f"http://{http['host']}:{http['port']}" if http else ""
-        ipc = ports.get("ipc") or {}
-        self.log.info(
-            "aico-gateway ready: REST {url}/api/v1/health, OpenAPI {url}/openapi.json, "
-            "WebSocket {ws}/ws, IPC {ipc}; state in {state}; the bootstrap admin password "
-            "is in {password_file}",
-            url=url or "(http off)",
-            ws=url.replace("http://", "ws://") or "(http off)",
-            ipc=" and ".join(v for v in (ipc.get("endpoint"), ipc.get("fallback")) if v) or "off",
-            state=str(self.paths.root),
-            password_file=str(self.paths.admin_password),
-        )
-        self.ready.callback(None)
+    def _sighup(self) -> None:
+        if self.reload is not None:
+            d = maybeDeferred(self.reload)
+            d.addErrback(lambda f: self.log.failure("reload failed", f))
 
     def _start_failed(self, failure: Failure) -> None:
-        self.log.failure("the gateway could not start", failure)
-        self.ready.errback(failure)
-        if getattr(self.reactor, "running", False):
-            self.reactor.stop()
-
-    def _abort(self) -> None:
-        for port in self.ports.values():
-            port.stopListening()
-        if self.gateway is not None:
-            self.gateway.stop()
-        if self.broker is not None:
-            self.broker.stop()
-
-    # ------------------------------------------------------------------ reload
-
-    def reload(self) -> Deferred[None]:
-        """SIGHUP: re-read the config file and apply the keys marked reloadable."""
-        if self.config_path is None:
-            self.log.info("SIGHUP: no config file to reload (running on defaults)")
-            if self.gateway is not None:
-                self.gateway.reconfigure(self.config)
-            return succeed(None)
-        path = self.config_path
-        d: Deferred[Config] = deferToThreadPool(self.reactor, self.reactor.getThreadPool(), load, path)
-
-        def apply(new: Config) -> None:
-            result = reload_config(self.config, new)
-            live, restart = result.live, result.restart
-            if restart:
-                self.log.warn("config reload: {keys} change only on restart", keys=", ".join(restart))
-            self.config = result.config
-            if self.gateway is not None:
-                self.gateway.reconfigure(self.config)
-            self.log.info("config reloaded from {path}: {keys}", path=path,
-                          keys=", ".join(live) or "no live changes")
-
-        def refused(failure: Failure) -> None:
-            failure.trap(ConfigError)
-            self.log.error("config reload refused, keeping the running config: {error}",
-                           error=str(failure.value))
-
-        return d.addCallback(apply).addErrback(refused)
+        if self.stopping:
+            # Stopped while starting (SIGTERM during start-up): not a failure.
+            self.log.info("stopped before start-up finished")
+            self._settle(failure)
+            return
+        names = []
+        node: Any = self.failed_child
+        while node is not None:  # down to the innermost child that failed
+            names.append(getattr(node, "name", None) or type(node).__name__)
+            node = getattr(node, "failed_child", None)
+        name = "/".join(names) or "gateway"
+        self.failure_line = f"aico-gateway could not start: {name}: {_describe(failure)}"
+        self.log.critical("{line}", line=self.failure_line)
+        self.log.failure("start-up failure of {name}", failure, level=LogLevel.debug, name=name)
+        self._settle(failure)
+        if self.on_fatal is not None:
+            self.on_fatal(EXIT_FAILED)
 
     # ------------------------------------------------------------------ stop
 
     def stopService(self) -> Deferred[None]:
-        # Idempotent: a second call (twistd's shutdown after a test or an operator already
-        # stopped it) waits for the same stop.
-        if self._stopped is not None:
-            waiter: Deferred[None] = Deferred()
-
-            def release(result: object) -> object:
-                waiter.callback(None)
-                return result
-
-            self._stopped.addBoth(release)
-            return waiter
-        self._stopping = True
+        self._stopping_now = True
         for hook in self._hooks:
             hook.remove()
         self._hooks.clear()
-        self._stopped = ensureDeferred(self._stop_async())
-        return self._stopped
+        return super().stopService()
 
-    async def _stop_async(self) -> None:
-        await DeferredList([maybeDeferred(p.stopListening) for p in self.ports.values()])
-        if self.gateway is not None:
-            await self.gateway.drain(self.config.gateway.shutdown_grace)
-        for module in reversed(self.modules):
-            await maybeDeferred(module.stop)
-        if self.directory is not None:
-            self.directory.stop()
-        if self.gateway is not None:
-            await self.gateway.stop()
-        if self.bus is not None:
-            await self.bus.stop()
-        if self.broker is not None:
-            broker = self.broker
-            await deferToThreadPool(self.reactor, self.reactor.getThreadPool(), broker.stop)
-        await maybeDeferred(super().stopService)
+
+def _describe(failure: Failure) -> str:
+    error = failure.value
+    text = str(error).strip()
+    kind = type(error).__name__
+    return f"{kind}: {text}" if text else kind

@@ -6,7 +6,7 @@ CurveZMQ servers with the gateway's key pair (``curve/gateway.key_secret``; clie
 the public ``curve/gateway.key``); ``curve_on_ipc=False`` turns Curve off on ``ipc://``
 only. There is no ZAP handler on these sockets: any client that knows the server key
 may connect, and every request is authenticated by its bearer token, through the same
-:class:`Dispatcher` (and security chain) as REST.
+dispatcher and security chain as REST.
 
 A client's DEALER sends one frame: an ``AicoMessage`` holding an ``ApiRequest``. The
 reply is one frame: an ``AicoMessage`` holding an ``ApiResponse``, with the request's
@@ -16,9 +16,15 @@ same socket) and ``HEARTBEAT``. Attribute ``oneway = "1"`` asks for no reply at 
 (fire and forget). Whatever arrives that is not such a frame is answered with a 400
 ``ApiResponse`` — never a crash.
 
-The sockets are driven by txZMQ (wrapped here: nothing else imports it), with its
-``send`` replaced so that it never touches the global reactor and reports a full peer
-queue (``ROUTER_MANDATORY``) instead of dropping silently.
+Each peer (a routing id on one socket) owns a :class:`~aico.gateway.adapters.session.
+Session`: requests, subscriptions and fair share are the session layer's. One ROUTER
+socket serves every peer, so a peer cannot be "not read": its requests beyond
+``limits.max_inflight`` wait in a queue of ``limits.inflight_queue`` and past it are
+refused at once with 429.
+
+The sockets are plain pyzmq sockets read by :class:`~aico.zmqreactor.SocketReader` (the
+reactor watches their edge-triggered ``ZMQ_FD``), as the bus client's are; a full peer
+queue (``ROUTER_MANDATORY``) is reported instead of dropped silently.
 """
 
 from __future__ import annotations
@@ -26,52 +32,46 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from typing import Any
-from urllib.parse import parse_qsl
 
 import zmq
 from google.protobuf.message import DecodeError
-from twisted.internet.defer import Deferred, maybeDeferred, succeed
-from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from aico.bus.curve import CurveLayout, load_pair
-from aico.gateway.connections import ConnectionInfo, ConnectionManager, Event, IConnection
+from aico.bus.interfaces import ATTR_CORRELATION_ID, ATTR_STREAM
+from aico.gateway.adapters.session import Session, SessionServices, relay_stream
+from aico.gateway.connections import ConnectionInfo, Event, IConnection
 from aico.gateway.errors import (
     PROBLEM_CONTENT_TYPE,
     ApiError,
+    BackendUnavailable,
     BadRequest,
-    Forbidden,
-    Unauthenticated,
     problem_body,
 )
-from aico.gateway.lifecycle import InFlight
-from aico.gateway.routing.dispatch import Dispatcher
-from aico.gateway.routing.messages import Principal, Request, Response, request_id_from
+from aico.gateway.listeners import IListener, ListenerError
+from aico.gateway.routing.messages import Request, Response, request_id_from
 from aico.net import is_loopback_endpoint
 from aico.proto import AicoMessage, ApiEvent, ApiRequest, ApiResponse, EnvelopeError, unpack, wrap
+from aico.zmqreactor import SocketReader
 
-#: Attributes of the IPC envelope (docs/protocols.md).
-ATTR_CORRELATION_ID = "correlation_id"
+__all__ = ["IpcBindError", "IpcListener", "IpcPeer"]
+
+#: Attributes of the IPC envelope (docs/protocols.md); the bus's own where they match.
 ATTR_ONEWAY = "oneway"
-ATTR_STREAM = "stream"
 ATTR_NOTICE = "notice"
 
 #: Messages queued per peer before a send fails (then the peer is a slow consumer).
 HIGH_WATER_MARK = 10_000
 #: Largest frame accepted; libzmq disconnects a peer that sends more.
 MAX_MESSAGE_SIZE = 4 * 1024 * 1024
-#: Subscriptions one peer may hold.
-MAX_SUBSCRIPTIONS = 64
 #: Seconds after which a silent peer without subscriptions is forgotten.
 PEER_IDLE = 300.0
 
-Authenticate = Callable[[str], Principal]
-MaySubscribe = Callable[[Principal | None, str], bool]
 
-
-class IpcBindError(RuntimeError):
+class IpcBindError(ListenerError):
     """An IPC endpoint could not be bound; the message names the address."""
 
     def __init__(self, address: str, reason: str) -> None:
@@ -79,12 +79,24 @@ class IpcBindError(RuntimeError):
         super().__init__(f"cannot bind the IPC endpoint {address}: {reason}")
 
 
+class _Router:
+    """One bound ROUTER socket and its reader."""
+
+    def __init__(self, sock: zmq.Socket[bytes], transport_name: str) -> None:
+        self.sock = sock
+        self.transport_name = transport_name
+        self.address = ""
+        self.loopback = True
+        self.reader: SocketReader | None = None
+        self.closed = False
+
+
 @implementer(IConnection)
 class IpcPeer:
     """One DEALER (or REQ) peer of a ROUTER socket, known by its routing id."""
 
-    def __init__(self, listener: IpcListener, router: Any, identity: bytes, envelope: list[bytes],
-                 since: float) -> None:
+    def __init__(self, listener: IpcListener, router: _Router, identity: bytes,
+                 envelope: list[bytes], since: float) -> None:
         self.listener = listener
         self.router = router
         self.identity = identity
@@ -92,19 +104,30 @@ class IpcPeer:
         self.info = ConnectionInfo(transport=router.transport_name,
                                    peer=f"{router.address}#{identity.hex()}", since=since)
         self.last_seen = since
+        self.core = Session(listener.services, self, self, name=router.transport_name,
+                            peer_host="127.0.0.1" if router.loopback else "",
+                            loopback=router.loopback,
+                            queue_limit=listener.services.limits().inflight_queue)
 
+    # SessionTransport: one ROUTER socket serves every peer; a peer is never "not read".
+    def pause_reading(self) -> None:
+        pass
+
+    def resume_reading(self) -> None:
+        pass
+
+    # IConnection
     def deliver(self, event: Event) -> None:
-        frame = event.frame("ipc", _event_frame)
-        self.listener._push(self, frame, event=True)
+        self.listener.push(self, event.frame("ipc", _event_frame), event=True)
 
     def auth_ended(self, error: ApiError) -> None:
         kind = "auth_expired" if error.code == "token_expired" else "auth_revoked"
         response = _problem_response(error, "")
-        self.listener._push(self, wrap(response, source="gateway",
-                                       attributes={ATTR_NOTICE: kind}).SerializeToString())
+        self.listener.push(self, wrap(response, source="gateway",
+                                      attributes={ATTR_NOTICE: kind}).SerializeToString())
 
     def close(self, code: int, reason: str) -> None:
-        self.listener._forget(self)
+        self.listener.forget(self)
 
 
 def _event_frame(event: Event) -> bytes:
@@ -125,34 +148,27 @@ def _to_api_response(response: Response, request_id: str) -> ApiResponse:
     return out
 
 
+@implementer(IListener)
 class IpcListener:
-    """The IPC ROUTER endpoints; ``start()`` binds, ``stop()`` closes (see module doc)."""
+    """The IPC ROUTER endpoints as one listener (see the module docstring)."""
 
     log = Logger()
+    name = "ipc"
 
     def __init__(
         self,
-        dispatcher: Dispatcher,
-        authenticate: Authenticate,
-        may_subscribe: MaySubscribe,
-        connections: ConnectionManager,
+        services: SessionServices,
         layout: CurveLayout,
         ipc_endpoint: str,
         fallback: str,
-        curve_on_ipc: bool = True,
-        reactor: Any = None,
+        curve_on_ipc: bool,
+        reactor: Any,
         *,
         peer_idle: float = PEER_IDLE,
-        inflight: InFlight | None = None,
+        context: zmq.Context[zmq.Socket[bytes]] | None = None,
     ) -> None:
-        if reactor is None:
-            from twisted.internet import reactor as global_reactor
-
-            reactor = global_reactor
-        self.dispatcher = dispatcher
-        self.authenticate = authenticate
-        self.may_subscribe = may_subscribe
-        self.connections = connections
+        self.services = services
+        self.connections = services.connections
         self.layout = layout
         if ipc_endpoint == "default":
             path = str(layout.state_dir / "gateway.ipc")
@@ -170,16 +186,16 @@ class IpcListener:
         self.curve_on_ipc = curve_on_ipc
         self.reactor = reactor
         self.peer_idle = peer_idle
-        #: Requests in progress (SIGTERM waits for them before the sockets close).
-        self.inflight = inflight or InFlight()
-        self._factory: Any = None
-        self._routers: list[Any] = []
+        self._context = context
+        self._routers: list[_Router] = []
         self._peers: dict[tuple[int, bytes], IpcPeer] = {}
-        self._sweep_call: IDelayedCall | None = None
         self._bound: dict[str, str] = {}
+        #: False once the listener stops accepting (new requests are refused with 503).
+        self.accepting = True
         #: Counters for tests and metrics.
         self.dropped_replies = 0
         self.slow_consumers = 0
+        self.overloaded = 0
 
     @property
     def endpoints(self) -> dict[str, str]:
@@ -190,41 +206,17 @@ class IpcListener:
     def peers(self) -> int:
         return len(self._peers)
 
-    # -- start / stop ------------------------------------------------------------------
+    @property
+    def sweep_interval(self) -> float:
+        """Seconds between sweeps of idle peers (a periodic job calls :meth:`sweep`)."""
+        return min(60.0, self.peer_idle)
 
-    def start(self) -> None:
+    # -- IListener ---------------------------------------------------------------------
+
+    def listen(self) -> None:
         """Bind every enabled endpoint now; raise :class:`IpcBindError` naming the address."""
-        import txzmq
-
         public, secret = load_pair(self.layout.gateway_secret)
-        factory = txzmq.ZmqFactory()
-        factory.reactor = self.reactor
-        factory.lingerPeriod = 0
-        self._factory = factory
-        listener = self
-        reactor = self.reactor
-
-        class Router(txzmq.ZmqRouterConnection):  # type: ignore[misc]
-            highWaterMark = HIGH_WATER_MARK
-            transport_name = "ipc"
-            address = ""
-            loopback = True
-            read_scheduled: Any = None
-
-            def messageReceived(self, message: list[bytes]) -> None:
-                listener._received(self, message)
-
-            def send(self, message: list[bytes]) -> None:
-                # Never the global reactor; let ZMQError (EAGAIN, EHOSTUNREACH) through.
-                self.socket.send_multipart(message, zmq.NOBLOCK)
-                if self.read_scheduled is None:
-                    self.read_scheduled = reactor.callLater(0, self._scheduled_read)
-
-            def _scheduled_read(self) -> None:
-                self.read_scheduled = None
-                if self.factory is not None:
-                    self.doRead()
-
+        context = self._context if self._context is not None else zmq.Context.instance()
         try:
             for key, address, transport, curve in (
                 ("endpoint", self.ipc_endpoint, "ipc", self.curve_on_ipc),
@@ -232,67 +224,71 @@ class IpcListener:
             ):
                 if not address:
                     continue
-                router: Any = Router(factory)
-                router.transport_name = transport
-                sock = router.socket
+                sock = context.socket(zmq.ROUTER)
+                router = _Router(sock, transport)
+                self._routers.append(router)
+                sock.linger = 0
+                sock.sndhwm = HIGH_WATER_MARK
+                sock.rcvhwm = HIGH_WATER_MARK
                 sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
                 sock.setsockopt(zmq.MAXMSGSIZE, MAX_MESSAGE_SIZE)
                 if curve:
                     sock.curve_secretkey = secret
                     sock.curve_publickey = public
                     sock.curve_server = True
-                self._routers.append(router)
                 try:
-                    router.addEndpoints([txzmq.ZmqEndpoint(txzmq.ZmqEndpointType.bind, address)])
+                    sock.bind(address)
                 except zmq.ZMQError as e:
                     raise IpcBindError(address, e.strerror) from e
                 bound = sock.getsockopt_string(zmq.LAST_ENDPOINT)
                 router.address = bound
                 router.loopback = transport == "ipc" or is_loopback_endpoint(bound)
                 self._bound[key] = bound
-                # The FD is edge-triggered: look for messages that raced the bind.
-                if router.read_scheduled is None:
-                    router.read_scheduled = reactor.callLater(0, router._scheduled_read)
+                router.reader = SocketReader(self.reactor, sock, self._receiver(router),
+                                             f"aico-ipc-{key}")
         except BaseException:
             self._close_sockets()
             raise
-        self._schedule_sweep()
         self.log.info("IPC listening on {endpoints}", endpoints=", ".join(self._bound.values()))
+
+    def address(self) -> dict[str, Any]:
+        return self.endpoints
+
+    def stop_accepting(self) -> None:
+        """New requests are refused with 503; those in flight finish (SIGTERM's drain)."""
+        self.accepting = False
+
+    def close_connections(self) -> Deferred[None]:
+        return self.stop()
 
     def stop(self) -> Deferred[None]:
         """Close both sockets and forget every peer."""
-        if self._sweep_call is not None and self._sweep_call.active():
-            self._sweep_call.cancel()
-        self._sweep_call = None
+        self.accepting = False
         for peer in list(self._peers.values()):
-            self._forget(peer)
+            self.forget(peer)
         self._close_sockets()
         return succeed(None)
 
     def _close_sockets(self) -> None:
         for router in self._routers:
-            if router.read_scheduled is not None and router.read_scheduled.active():
-                router.read_scheduled.cancel()
-            router.read_scheduled = None
+            router.closed = True
+            if router.reader is not None:
+                router.reader.close()
+            router.sock.close(0)
         self._routers = []
-        if self._factory is not None:
-            factory, self._factory = self._factory, None
-            factory.shutdown()
         self._bound.clear()
 
-    def _schedule_sweep(self) -> None:
-        self._sweep_call = self.reactor.callLater(min(60.0, self.peer_idle), self._sweep)
-
-    def _sweep(self) -> None:
+    def sweep(self) -> None:
+        """Forget peers without subscriptions that have been silent for ``peer_idle``."""
         now = self.reactor.seconds()
         for peer in list(self._peers.values()):
-            if not peer.info.subscriptions and now - peer.last_seen > self.peer_idle:
-                self._forget(peer)
-        self._schedule_sweep()
+            if (not peer.info.subscriptions and not peer.core.in_flight
+                    and now - peer.last_seen > self.peer_idle):
+                self.forget(peer)
 
     # -- peers -------------------------------------------------------------------------
 
-    def _peer(self, router: Any, identity: bytes, envelope: list[bytes]) -> IpcPeer:
+    def _peer(self, router: _Router, identity: bytes, envelope: list[bytes]) -> IpcPeer:
         key = (id(router), identity)
         peer = self._peers.get(key)
         now = self.reactor.seconds()
@@ -303,17 +299,19 @@ class IpcListener:
         peer.last_seen = now
         return peer
 
-    def _forget(self, peer: IpcPeer) -> None:
+    def forget(self, peer: IpcPeer) -> None:
+        """Forget *peer*: its subscriptions, its session's queued requests."""
         if self._peers.pop((id(peer.router), peer.identity), None) is not None:
+            peer.core.close()
             self.connections.remove(peer)
 
-    def _push(self, peer: IpcPeer, frame: bytes, event: bool = False) -> bool:
+    def push(self, peer: IpcPeer, frame: bytes, event: bool = False) -> bool:
         """Send *frame* to *peer*; False (and the peer handled) when it cannot take it."""
         router = peer.router
-        if router.factory is None:
+        if router.closed:
             return False
         try:
-            router.send([peer.identity, *peer.envelope, frame])
+            router.sock.send_multipart([peer.identity, *peer.envelope, frame], zmq.NOBLOCK)
         except zmq.Again:
             if event:
                 self.slow_consumers += 1
@@ -325,16 +323,26 @@ class IpcListener:
             return False
         except zmq.ZMQError as e:
             if e.errno == zmq.EHOSTUNREACH:
-                self._forget(peer)  # the peer went away
+                self.forget(peer)  # the peer went away
                 return False
             raise
+        finally:
+            # A send may consume the FD's edge: look for messages on the next turn.
+            if router.reader is not None:
+                router.reader.kick()
         peer.info.bytes_out += len(frame)
         peer.info.messages_out += 1
         return True
 
     # -- receiving ---------------------------------------------------------------------
 
-    def _received(self, router: Any, frames: list[bytes]) -> None:
+    def _receiver(self, router: _Router) -> Callable[[list[bytes]], None]:
+        def receive(frames: list[bytes]) -> None:
+            self._received(router, frames)
+
+        return receive
+
+    def _received(self, router: _Router, frames: list[bytes]) -> None:
         identity, parts = frames[0], frames[1:]
         envelope: list[bytes] = []
         if len(parts) == 2 and parts[0] == b"":
@@ -356,21 +364,26 @@ class IpcListener:
             return
         attributes = message.metadata.attributes
         correlation: str | None = attributes.get(ATTR_CORRELATION_ID, "")
-        if attributes.get(ATTR_ONEWAY) == "1":
+        if attributes.get("oneway") == "1":
             correlation = None
         method = api.method.upper()
         request_id = request_id_from(api.request_id or api.headers.get("x-request-id"))
+        if not self.accepting:
+            self._error(peer, correlation, request_id,
+                        BackendUnavailable("the gateway is shutting down"))
+            return
         try:
             if method == "SUBSCRIBE":
-                self._subscribe(peer, api, correlation, request_id)
+                self._control(peer, correlation, request_id, peer.core.subscribe(
+                    api.path, _authorization(api), request_id))
             elif method == "UNSUBSCRIBE":
-                self.connections.unsubscribe(peer, api.path)
-                self._json(peer, correlation, request_id, {"topic": api.path, "subscribed": False})
+                self._control(peer, correlation, request_id, peer.core.unsubscribe(
+                    api.path, _authorization(api), request_id))
             elif method == "HEARTBEAT":
                 self._json(peer, correlation, request_id,
                            {"subscriptions": sorted(peer.info.subscriptions)})
             else:
-                self._dispatch(peer, router, api, method, correlation, request_id,
+                self._dispatch(peer, api, correlation, request_id,
                                attributes.get(ATTR_STREAM) == "1")
         except ApiError as e:
             self._error(peer, correlation, request_id, e)
@@ -382,7 +395,7 @@ class IpcListener:
         attributes = {ATTR_CORRELATION_ID: correlation} if correlation else {}
         if stream:
             attributes[ATTR_STREAM] = stream
-        self._push(peer, wrap(response, source="gateway", attributes=attributes).SerializeToString())
+        self.push(peer, wrap(response, source="gateway", attributes=attributes).SerializeToString())
 
     def _error(self, peer: IpcPeer, correlation: str | None, request_id: str, error: ApiError) -> None:
         self._reply(peer, correlation, _problem_response(error, request_id or ""))
@@ -393,72 +406,29 @@ class IpcListener:
         out.headers["content-type"] = "application/json"
         self._reply(peer, correlation, out)
 
-    # -- control methods ---------------------------------------------------------------
+    def _control(self, peer: IpcPeer, correlation: str | None, request_id: str,
+                 d: Deferred[Response]) -> None:
+        def answered(response: Response) -> None:
+            self._reply(peer, correlation, _to_api_response(response, request_id))
+            peer.core.refused(response)
 
-    def _subscribe(self, peer: IpcPeer, api: ApiRequest, correlation: str | None,
-                   request_id: str) -> None:
-        topic = api.path
-        header = api.headers.get("authorization", "") or api.headers.get("Authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
-            raise Unauthenticated("SUBSCRIBE needs 'authorization: Bearer <token>'")
-        d = maybeDeferred(self.authenticate, token.strip())
-
-        def ok(principal: Principal) -> None:
-            current = peer.info.principal
-            if peer.info.subscriptions and current is not None and current.subject != principal.subject:
-                raise Forbidden("a peer cannot change its subject while subscribed")
-            if not self.may_subscribe(principal, topic):
-                raise Forbidden(f"not allowed to subscribe to {topic[:256]!r}")
-            if (topic not in peer.info.subscriptions
-                    and len(peer.info.subscriptions) >= MAX_SUBSCRIPTIONS):
-                raise BadRequest(f"at most {MAX_SUBSCRIPTIONS} subscriptions per peer")
-            self.connections.authenticated(peer, principal)
-            self.connections.subscribe(peer, topic)
-            self._json(peer, correlation, request_id, {"topic": topic, "subscribed": True})
-
-        def refused(failure: Failure) -> None:
-            error = failure.value
-            if not isinstance(error, ApiError):
-                self.log.failure("IPC SUBSCRIBE failed", failure)
-                error = Unauthenticated("the token could not be checked")
-            self._error(peer, correlation, request_id, error)
-
-        d.addCallback(ok).addErrback(refused)
+        d.addCallback(answered)
 
     # -- requests ----------------------------------------------------------------------
 
-    def _dispatch(self, peer: IpcPeer, router: Any, api: ApiRequest, method: str,
-                  correlation: str | None, request_id: str, stream_ok: bool) -> None:
-        path = api.path
-        query = dict(api.query)
-        if "?" in path:
-            path, _, qs = path.partition("?")
-            query = {**dict(parse_qsl(qs, keep_blank_values=True)), **query}
-        if not path.startswith("/"):
-            raise BadRequest("a request path starts with '/'")
-        headers = {k.lower(): v for k, v in api.headers.items()
-                   if k.lower() not in ("cookie", "host")}
-        if api.body and "content-type" not in headers:
-            headers["content-type"] = "application/json"
-        request = Request(
-            method=method,
-            path=path,
-            request_id=request_id,
-            transport=router.transport_name,
-            peer_host="127.0.0.1" if router.loopback else "",
-            loopback=router.loopback,
-            headers=headers,
-            query=query,
-            body=api.body,
-            accepts_stream=query.get("stream") == "true" and (stream_ok or correlation is not None),
-            connection_id=peer.info.id,
-        )
-        self.inflight.enter()
-        d = self.dispatcher.handle(request)
-        d.addCallback(self._respond, peer, correlation, request)
-        d.addBoth(self.inflight.leave)
-        d.addErrback(self._respond_failed, peer, correlation, request)
+    def _dispatch(self, peer: IpcPeer, api: ApiRequest, correlation: str | None,
+                  request_id: str, stream_ok: bool) -> None:
+        request = peer.core.build_request(
+            api.method, api.path, headers=dict(api.headers), query=dict(api.query),
+            body=api.body, token=None, request_id=request_id, accepts_stream=False)
+        request.accepts_stream = (request.query.get("stream") == "true"
+                                  and (stream_ok or correlation is not None))
+        if not peer.core.dispatch(
+                request, lambda response: self._respond(response, peer, correlation, request)):
+            self.overloaded += 1
+            error = peer.core.overloaded()
+            self.services.dispatcher.finished(request, error.status, 0)
+            self._error(peer, correlation, request_id, error)
 
     def _respond(self, response: Response, peer: IpcPeer, correlation: str | None,
                  request: Request) -> Deferred[None] | None:
@@ -468,29 +438,24 @@ class IpcListener:
         if response.stream is None:
             self._reply(peer, correlation, _to_api_response(response, request_id))
             return None
-        stream = response.stream
         status, content_type = response.status, response.content_type
 
         def on_chunk(chunk: bytes) -> None:
-            out = ApiResponse(request_id=request_id, status=status, body=chunk.rstrip(b"\n"))
+            out = ApiResponse(request_id=request_id, status=status, body=chunk)
             out.headers["content-type"] = "application/json"
             self._reply(peer, correlation, out, stream="chunk")
 
-        def ended(_: object) -> None:
+        def ended() -> None:
             out = ApiResponse(request_id=request_id, status=status)
             out.headers["content-type"] = content_type
             self._reply(peer, correlation, out, stream="end")
 
         def broke(failure: Failure) -> None:
-            problem = self.dispatcher.convert(failure, request)
+            problem = self.services.dispatcher.convert(failure, request)
             self._reply(peer, correlation, _to_api_response(problem, request_id), stream="end")
 
-        return stream.subscribe(on_chunk).addCallbacks(ended, broke)
-
-    def _respond_failed(self, failure: Failure, peer: IpcPeer, correlation: str | None,
-                        request: Request) -> None:
-        self.log.failure("IPC: answering request {request_id} failed", failure,
-                         request_id=request.request_id)
+        return relay_stream(response, on_chunk, ended, broke)
 
 
-__all__ = ["IpcBindError", "IpcListener", "IpcPeer"]
+def _authorization(api: ApiRequest) -> str | None:
+    return api.headers.get("authorization") or api.headers.get("Authorization") or None

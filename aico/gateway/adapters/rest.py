@@ -171,12 +171,13 @@ class GatewaySite(Site):
         body_limit: Callable[[], int],
         header_limits: Callable[[], tuple[int, int]],
         head_timeout: Callable[[], float] = lambda: 10.0,
+        reactor: Any = None,
     ) -> None:
         # A JSON API never parses form bodies: that saves Twisted's costly e-mail-style
         # parsing of Content-Type on every POST and keeps multipart parsing away from
         # untrusted input.
         super().__init__(resource, requestFactory=LimitedRequest,  # type: ignore[no-untyped-call]
-                         parsePOSTFormSubmission=False)
+                         parsePOSTFormSubmission=False, reactor=reactor)
         self.body_limit = body_limit
         self.header_limits = header_limits
         self.head_timeout = head_timeout
@@ -184,7 +185,8 @@ class GatewaySite(Site):
         self.noisy = False
 
     def log(self, request: Any) -> None:
-        """Access logging is the dispatcher's job (it knows the request ID)."""
+        """The access log is written by the dispatcher's observers (it knows the request
+        ID and the principal), not by ``twisted.web``'s combined log."""
 
 
 def normalize(request: IRequest, transport: str) -> Request:
@@ -246,8 +248,9 @@ class RestAdapter:
             normalized = normalize(request, self.transport)
             error = BadRequest("/ws is a WebSocket endpoint: open it with an Upgrade request",
                                headers={"Upgrade": "websocket"})
-            return self._write_head(request, normalized,
-                                    error_response(error, normalized.request_id))
+            response = error_response(error, normalized.request_id)
+            self.dispatcher.finished(normalized, response.status, len(response.body))
+            return self._write_head(request, normalized, response)
         return self.websocket
 
     @app.route("/", branch=True)
@@ -277,6 +280,7 @@ class RestAdapter:
         if getattr(web, "too_large", False):
             response = error_response(PayloadTooLarge("the request body is too large"),
                                       request.request_id)
+            self.dispatcher.finished(request, response.status, len(response.body))
             return self._write_head(web, request, response)
         d = self.dispatcher.handle(request)
         return d.addCallback(self._respond, web, request)

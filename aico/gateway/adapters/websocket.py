@@ -41,29 +41,28 @@ from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerPr
 from autobahn.websocket.types import ConnectionDeny, ConnectionRequest
 from automat import TypeMachine, TypeMachineBuilder
 from google.protobuf.message import DecodeError
-from twisted.internet.defer import Deferred, maybeDeferred
-from twisted.internet.interfaces import IDelayedCall, IPushProducer, IReactorTime
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall, IPushProducer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.resource import IResource
 from zope.interface import implementer
 
+from aico.gateway import connections as connections_module
+from aico.gateway.adapters import session as session_layer
+from aico.gateway.adapters.session import Session, SessionServices, problem_of, relay_stream
 from aico.gateway.config import WebSocketSection
-from aico.gateway.connections import ConnectionInfo, ConnectionManager, Event, IConnection
+from aico.gateway.connections import ConnectionInfo, Event, IConnection
 from aico.gateway.errors import (
     ApiError,
     BadRequest,
     Forbidden,
-    InternalError,
     MalformedJson,
     PayloadTooLarge,
-    RateLimited,
-    TokenInvalid,
-    Unauthenticated,
+    to_api_error,
 )
-from aico.gateway.lifecycle import InFlight
-from aico.gateway.routing.dispatch import Dispatcher
-from aico.gateway.routing.messages import Principal, Request, Response, request_id_from
+from aico.gateway.routing.messages import Principal, Request, Response
+from aico.gateway.security.topics import may_subscribe
 from aico.gateway.security.validate import loads as strict_json
 from aico.net import is_loopback
 from aico.proto import ApiEvent, ApiResponse
@@ -78,25 +77,16 @@ PROTOCOL_VERSION = 1
 CLOSE_GOING_AWAY = 1001
 CLOSE_AUTH_TIMEOUT = 4001
 CLOSE_IDLE_TIMEOUT = 4002
-CLOSE_DEVICE_REVOKED = 4003
+CLOSE_DEVICE_REVOKED = connections_module.CLOSE_DEVICE_REVOKED
 CLOSE_SLOW_CONSUMER = 4004
 #: Too many refused tokens on one socket (RFC 6455 policy violation).
-CLOSE_POLICY = 1008
-#: Refused ``auth`` frames one socket may send before it is closed: each costs a
-#: signature check, so a socket is no free oracle or CPU sink.
-MAX_AUTH_REFUSALS = 5
-
-#: Requests one socket may have in flight at once.
-MAX_IN_FLIGHT = 1024
-#: Subscriptions one socket may hold.
-MAX_SUBSCRIPTIONS = 64
+CLOSE_POLICY = session_layer.CLOSE_POLICY
+#: Refused tokens one socket may present before it is closed (the session layer's rule).
+MAX_AUTH_REFUSALS = session_layer.MAX_AUTH_REFUSALS
+#: Subscriptions one socket may hold (the session layer's rule).
+MAX_SUBSCRIPTIONS = session_layer.MAX_SUBSCRIPTIONS
 _MAX_ID = 128
-_MAX_PATH = 2048
-_MAX_TOKEN = 8192
 _JSON_TYPES = ("application/json", "application/problem+json")
-
-Authenticate = Callable[[str], Principal]
-MaySubscribe = Callable[[Principal | None, str], bool]
 
 
 class FrameError(Exception):
@@ -157,7 +147,7 @@ def _check_request(frame: ClientFrame) -> ClientFrame:
     method = frame.method.upper()
     if not method or len(method) > 16 or not method.isalpha():
         raise FrameError(BadRequest("a request frame needs a method"), frame.id)
-    if not frame.path.startswith("/") or len(frame.path) > _MAX_PATH:
+    if not frame.path.startswith("/") or len(frame.path) > session_layer.MAX_PATH:
         raise FrameError(BadRequest("a request path starts with '/'"), frame.id)
     frame.method = method
     frame.path, frame.query = _split_path(frame.path, frame.query)
@@ -390,13 +380,6 @@ class ProtoCodec:
 Codec = JsonCodec | ProtoCodec
 
 
-def _bearer(header: str) -> str:
-    scheme, _, token = header.strip().partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        raise Unauthenticated("the Authorization header must be 'Bearer <token>'")
-    return token.strip()
-
-
 class SessionInputs(Protocol):
     """What happens to a WebSocket session, and what the session asks of its state.
 
@@ -495,7 +478,13 @@ def session_machine() -> SessionInputs:
 
 @implementer(IConnection, IPushProducer)
 class WebSocketSession(WebSocketServerProtocol):
-    """One WebSocket connection (see the module docstring for its states)."""
+    """One WebSocket connection (see the module docstring for its states).
+
+    Requests, authentication, subscriptions and fair share are the session layer's
+    (:class:`~aico.gateway.adapters.session.Session`, in :attr:`core`); this class
+    decodes frames, encodes answers, runs the socket's states and timers and its
+    outgoing flow control.
+    """
 
     #: Ours: Autobahn's own ``log`` (txaio, info level) must stay, since its debug lines
     #: include the upgrade request's headers — the bearer token among them.
@@ -511,7 +500,6 @@ class WebSocketSession(WebSocketServerProtocol):
         #: the machine (an Automat call, ~4 µs) on every frame would cost too much; set only
         #: where the machine makes that transition (:meth:`_closed`).
         self._ended = False
-        self._auth_refusals = 0
         self.token = ""
         self.lost: ApiError | None = None
         self.close_code: int | None = None
@@ -523,12 +511,10 @@ class WebSocketSession(WebSocketServerProtocol):
         self._queued = 0
         #: Largest number of bytes ever queued on this socket (for tests and metrics).
         self.max_queued = 0
-        self._in_flight = 0
         self._streams: dict[int, Any] = {}
-        self._peer_host = ""
-        self._loopback = False
-        #: The upgrade request's Host, which every request on the socket inherits.
-        self._host = ""
+        self.core: Session | None = None
+        #: True while the session layer holds reading back (fair share).
+        self.reading_paused = False
 
     @property
     def session_state(self) -> str:
@@ -538,35 +524,47 @@ class WebSocketSession(WebSocketServerProtocol):
 
     # -- handshake ---------------------------------------------------------------------
 
-    def onConnect(self, request: ConnectionRequest) -> tuple[str | None, dict[str, str]]:
+    def _make_core(self, host: str) -> Session:
         f = self.factory
+        peer = self.transport.getPeer()  # type: ignore[union-attr]
+        peer_host = getattr(peer, "host", "") or ""
+        self.info.transport = f.transport_name
+        self.info.peer = f"{peer_host}:{getattr(peer, 'port', '')}"
+        if f.device_id_of is not None:
+            self.info.device_id = f.device_id_of(self.transport)
+        return Session(f.services, self, self, name=f.transport_name, peer_host=peer_host,
+                       loopback=is_loopback(peer_host), host=host)
+
+    def onConnect(self, request: ConnectionRequest) -> Any:
         protocols = list(request.protocols or [])
         chosen: str | None = None
         if SUBPROTOCOL_PROTO in protocols:
             self.codec, chosen = ProtoCodec(), SUBPROTOCOL_PROTO
         elif SUBPROTOCOL_JSON in protocols:
             chosen = SUBPROTOCOL_JSON
-        self._host = str(request.headers.get("host", ""))
+        self.core = core = self._make_core(str(request.headers.get("host", "")))
         header = request.headers.get("authorization")
-        if header:
-            try:
-                token = _bearer(header)
-                self._upgrade_principal = f.authenticate(token)
-            except ApiError as e:
-                raise ConnectionDeny(401, e.detail) from e  # type: ignore[no-untyped-call]
+        if not header:
+            return chosen, {}
+        scheme, _, token = str(header).strip().partition(" ")
+        token = token.strip() if scheme.lower() == "bearer" else ""
+        if not token:
+            raise ConnectionDeny(401, "the Authorization header must be 'Bearer <token>'")  # type: ignore[no-untyped-call]
+
+        def decided(outcome: tuple[Principal | None, Response]) -> tuple[str | None, dict[str, str]]:
+            principal, response = outcome
+            if principal is None:
+                raise ConnectionDeny(response.status, problem_of(response).get("detail", ""))  # type: ignore[no-untyped-call]
+            self._upgrade_principal = principal
             self.token = token
-        return chosen, {}
+            return chosen, {}
+
+        return core.authenticate(token).addCallback(decided)
 
     def onOpen(self) -> None:
         f = self.factory
-        peer = self.transport.getPeer()  # type: ignore[union-attr]
-        self._peer_host = getattr(peer, "host", "") or ""
-        self._loopback = is_loopback(self._peer_host)
-        self.info.transport = f.transport_name
-        self.info.peer = f"{self._peer_host}:{getattr(peer, 'port', '')}"
+        assert self.core is not None
         self.info.since = f.clock.seconds()
-        if f.device_id_of is not None:
-            self.info.device_id = f.device_id_of(self.transport)
         self._take_producer()
         self._machine.opened()
         f.connections.add(self)
@@ -587,6 +585,20 @@ class WebSocketSession(WebSocketServerProtocol):
             transport.registerProducer(self, True)
         except (AttributeError, RuntimeError):
             self._log.warn("websocket {id}: no flow control on this transport", id=self.info.id)
+
+    # -- SessionTransport (fair share: the session layer holds reading back) -------------
+
+    def pause_reading(self) -> None:
+        self.reading_paused = True
+        transport: Any = self.transport
+        if transport is not None:
+            transport.pauseProducing()
+
+    def resume_reading(self) -> None:
+        self.reading_paused = False
+        transport: Any = self.transport
+        if transport is not None and not self._ended:
+            transport.resumeProducing()
 
     # -- IPushProducer (the TCP transport tells us when its buffer is full) -------------
 
@@ -630,6 +642,10 @@ class WebSocketSession(WebSocketServerProtocol):
 
     def _error(self, frame_id: Any, error: ApiError, request_id: str | None = None) -> None:
         self._emit(self.codec.error(frame_id, error.problem(request_id or uuid.uuid4().hex)))
+
+    def _problem(self, frame_id: Any, response: Response) -> None:
+        """An error frame from a problem response of the session layer."""
+        self._emit(self.codec.error(frame_id, problem_of(response)))
 
     # -- receiving ---------------------------------------------------------------------
 
@@ -684,9 +700,11 @@ class WebSocketSession(WebSocketServerProtocol):
             return
         try:
             self._handle_frame(frame)
-        except Exception:  # a bad frame must never end the socket
+        except ApiError as e:
+            self._error(frame.id, e)
+        except Exception as e:  # a bad frame must never end the socket
             self._log.failure("websocket {id}: frame handling failed", id=self.info.id)
-            self._error(frame.id, InternalError())
+            self._error(frame.id, to_api_error(e))
 
     def _handle_frame(self, frame: ClientFrame) -> None:
         if frame.type == "request":
@@ -703,13 +721,16 @@ class WebSocketSession(WebSocketServerProtocol):
     # -- authentication ----------------------------------------------------------------
 
     def _auth(self, frame: ClientFrame) -> None:
-        if len(frame.token) > _MAX_TOKEN:
-            self._error(frame.id, TokenInvalid("the token is longer than 8 KiB"))
-            return
-        d = maybeDeferred(self.factory.authenticate, frame.token)
+        assert self.core is not None
+        core = self.core
 
-        def ok(principal: Principal) -> None:
+        def decided(outcome: tuple[Principal | None, Response]) -> None:
+            principal, response = outcome
             if self._machine.is_closed():
+                return
+            if principal is None:
+                self._problem(frame.id, response)
+                core.refused(response)
                 return
             current = self.info.principal
             if current is not None and current.subject != principal.subject:
@@ -718,17 +739,7 @@ class WebSocketSession(WebSocketServerProtocol):
             self.token = frame.token
             self._authenticated(principal, frame.id)
 
-        def refused(failure: Failure) -> None:
-            if isinstance(failure.value, ApiError):
-                self._error(frame.id, failure.value)
-            else:
-                self._log.failure("authenticating websocket {id} failed", failure, id=self.info.id)
-                self._error(frame.id, Unauthenticated("the token could not be checked"))
-            self._auth_refusals += 1
-            if self._auth_refusals >= MAX_AUTH_REFUSALS:
-                self.close(CLOSE_POLICY, "too many refused tokens")
-
-        d.addCallbacks(ok, refused)
+        core.authenticate(frame.token).addCallback(decided)
 
     def _authenticated(self, principal: Principal, frame_id: Any) -> None:
         f = self.factory
@@ -739,7 +750,7 @@ class WebSocketSession(WebSocketServerProtocol):
         f.connections.authenticated(self, principal)
         # Capabilities may have changed with the new token: keep only what is still allowed.
         for topic in sorted(self.info.subscriptions):
-            if not f.may_subscribe(principal, topic):
+            if not may_subscribe(principal, topic):
                 f.connections.unsubscribe(self, topic)
                 self._emit(self.codec.subscription("unsubscribed", topic, None, "forbidden"))
         self._emit(self.codec.auth_success(principal, self.info.id, frame_id))
@@ -779,95 +790,69 @@ class WebSocketSession(WebSocketServerProtocol):
         if self.lost is not None:
             self._error(frame.id, self.lost)
             return
-        if self._in_flight >= MAX_IN_FLIGHT:
-            self._error(frame.id, RateLimited(
-                f"at most {MAX_IN_FLIGHT} requests may be in flight on one socket"))
-            return
-        f = self.factory
-        headers = {k.lower(): v for k, v in frame.headers.items()
-                   if k.lower() not in ("authorization", "cookie", "host")}
-        if self._host:
-            headers["host"] = self._host
-        if self.token:
-            headers["authorization"] = "Bearer " + self.token
-        if frame.body and "content-type" not in headers:
-            headers["content-type"] = "application/json"
-        request = Request(
-            method=frame.method,
-            path=frame.path,
-            request_id=request_id_from(headers.get("x-request-id")),
-            transport=f.transport_name,
-            peer_host=self._peer_host,
-            loopback=self._loopback,
-            headers=headers,
-            query=frame.query,
-            body=frame.body,
-            accepts_stream=frame.query.get("stream") == "true",
-            device_id=self.info.device_id,
-            connection_id=self.info.id,
-        )
-        self._in_flight += 1
-        f.inflight.enter()
-        d = f.dispatcher.handle(request)
-        d.addCallback(self._respond, frame.id, request)
-        d.addErrback(self._respond_failed, frame.id, request)
-        d.addBoth(self._request_done)
-
-    def _request_done(self, _: object) -> None:
-        self._in_flight -= 1
-        self.factory.inflight.leave()
+        assert self.core is not None
+        request = self.core.build_request(
+            frame.method, frame.path, headers=frame.headers, query=frame.query, body=frame.body,
+            token=self.token)
+        frame_id = frame.id
+        # Never refused: a WebSocket's requests wait while its reading is held back.
+        self.core.dispatch(request, lambda response: self._respond(response, frame_id, request))
 
     def _respond(self, response: Response, frame_id: Any, request: Request) -> Deferred[None] | None:
         if response.stream is None:
             self._emit(self.codec.response(frame_id, request.request_id, response))
             return None
-        stream = response.stream
-        key = id(stream)
-        self._streams[key] = stream
+        key = id(response.stream)
+        self._streams[key] = response.stream
         status = response.status
 
         def on_chunk(chunk: bytes) -> None:
-            self._emit(self.codec.chunk(frame_id, status, chunk.rstrip(b"\n")))
+            self._emit(self.codec.chunk(frame_id, status, chunk))
 
-        def ended(_: object) -> None:
+        def ended() -> None:
             self._emit(self.codec.response(frame_id, request.request_id,
                                            Response(status=status, body=b"")))
 
         def broke(failure: Failure) -> None:
-            problem = self.factory.dispatcher.convert(failure, request)
+            problem = self.factory.services.dispatcher.convert(failure, request)
             self._emit(self.codec.response(frame_id, request.request_id, problem))
 
-        def forget(_: object) -> None:
-            self._streams.pop(key, None)
-
-        return stream.subscribe(on_chunk).addCallbacks(ended, broke).addBoth(forget)
-
-    def _respond_failed(self, failure: Failure, frame_id: Any, request: Request) -> None:
-        self._log.failure("websocket {id}: answering request {request_id} failed", failure,
-                         id=self.info.id, request_id=request.request_id)
+        d = relay_stream(response, on_chunk, ended, broke)
+        return d.addBoth(lambda _: self._streams.pop(key, None) and None)
 
     # -- subscriptions -----------------------------------------------------------------
 
     def _subscribe(self, frame: ClientFrame) -> None:
-        f = self.factory
-        principal = self.info.principal
-        if principal is None:
-            self._error(frame.id, self.lost or Unauthenticated("authenticate before subscribing"))
+        if self.lost is not None:
+            self._error(frame.id, self.lost)
             return
-        if not f.may_subscribe(principal, frame.topic):
-            self._error(frame.id, Forbidden(f"not allowed to subscribe to {frame.topic[:256]!r}"))
-            return
-        if (frame.topic not in self.info.subscriptions
-                and len(self.info.subscriptions) >= MAX_SUBSCRIPTIONS):
-            self._error(frame.id, BadRequest(
-                f"at most {MAX_SUBSCRIPTIONS} subscriptions per socket"))
-            return
-        f.connections.subscribe(self, frame.topic)
-        self._emit(self.codec.subscription("subscribed", frame.topic, frame.id))
+        assert self.core is not None
+        core = self.core
+
+        def answered(response: Response) -> None:
+            if response.status == 200:
+                self._emit(self.codec.subscription("subscribed", frame.topic, frame.id))
+            else:
+                self._problem(frame.id, response)
+                core.refused(response)
+
+        core.subscribe(frame.topic, self._authorization()).addCallback(answered)
 
     def _unsubscribe(self, frame: ClientFrame) -> None:
-        self.factory.connections.unsubscribe(self, frame.topic)
-        self._emit(self.codec.subscription("unsubscribed", frame.topic, frame.id))
+        assert self.core is not None
+        core = self.core
+
+        def answered(response: Response) -> None:
+            if response.status == 200:
+                self._emit(self.codec.subscription("unsubscribed", frame.topic, frame.id))
+            else:
+                self._problem(frame.id, response)
+                core.refused(response)
+
+        core.unsubscribe(frame.topic, self._authorization()).addCallback(answered)
+
+    def _authorization(self) -> str | None:
+        return "Bearer " + self.token if self.token else None
 
     def deliver(self, event: Event) -> None:
         """IConnection: an event on a topic this socket subscribed to."""
@@ -894,6 +879,8 @@ class WebSocketSession(WebSocketServerProtocol):
             return
         was_open = self._machine.closed()
         self._ended = True
+        if self.core is not None:
+            self.core.close()
         self._cancel_auth_timer()
         if self._idle_timer is not None and self._idle_timer.active():
             self._idle_timer.cancel()
@@ -908,32 +895,24 @@ class WebSocketSession(WebSocketServerProtocol):
 
 
 class GatewayWebSocketFactory(WebSocketServerFactory):
-    """Builds :class:`WebSocketSession` s sharing the gateway's dispatcher and managers."""
+    """Builds :class:`WebSocketSession` s sharing the gateway's session services."""
 
     protocol = WebSocketSession  # type: ignore[assignment]
 
     def __init__(
         self,
-        dispatcher: Dispatcher,
-        authenticate: Authenticate,
-        may_subscribe: MaySubscribe,
-        connections: ConnectionManager,
+        services: SessionServices,
         settings: Callable[[], WebSocketSection],
-        clock: IReactorTime,
         *,
         transport_name: str = "websocket",
-        inflight: InFlight | None = None,
         device_id_of: Callable[[Any], str] | None = None,
     ) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
-        self.dispatcher = dispatcher
-        self.authenticate = authenticate
-        self.may_subscribe = may_subscribe
-        self.connections = connections
+        self.services = services
+        self.connections = services.connections
         self.settings = settings
-        self.clock = clock
+        self.clock = services.clock
         self.transport_name = transport_name
-        self.inflight = inflight or InFlight()
         self.device_id_of = device_id_of
         # Sizes are enforced by the session (an oversized frame is answered, not fatal).
         self.setProtocolOptions(  # type: ignore[no-untyped-call]
@@ -958,21 +937,14 @@ class GatewayWebSocketFactory(WebSocketServerFactory):
 
 
 def websocket_resource(
-    dispatcher: Dispatcher,
-    authenticate: Authenticate,
-    may_subscribe: MaySubscribe,
-    connections: ConnectionManager,
+    services: SessionServices,
     settings: Callable[[], WebSocketSection],
-    clock: IReactorTime,
     *,
     transport_name: str = "websocket",
-    inflight: InFlight | None = None,
     device_id_of: Callable[[Any], str] | None = None,
 ) -> tuple[IResource, GatewayWebSocketFactory]:
     """The resource to mount at ``/ws`` (``RestAdapter(websocket=...)``) and its factory."""
-    factory = GatewayWebSocketFactory(
-        dispatcher, authenticate, may_subscribe, connections, settings, clock,
-        transport_name=transport_name, inflight=inflight, device_id_of=device_id_of,
-    )
+    factory = GatewayWebSocketFactory(services, settings, transport_name=transport_name,
+                                      device_id_of=device_id_of)
     resource: IResource = WebSocketResource(factory)  # type: ignore[no-untyped-call]
     return resource, factory

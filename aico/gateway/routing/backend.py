@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
@@ -23,6 +23,9 @@ from aico.gateway.routing.messages import Request, Response, StreamBody, json_re
 from aico.gateway.routing.table import RouteConflict, RouteEntry, RouteTable
 from aico.proto import AicoMessage, ApiRequest, ApiResponse, EnvelopeError, unpack, wrap
 from aico.proto import Route as RouteMsg
+
+if TYPE_CHECKING:
+    from aico.gateway.routing.dispatch import Dispatcher
 
 #: Request headers never forwarded to a module (credentials stay in the gateway).
 _DROP_REQUEST_HEADERS = frozenset(
@@ -221,6 +224,72 @@ def entries_from_registration(
     return entries
 
 
+class ModuleRoutes:
+    """Keeps the dispatcher's route table in step with the module directory.
+
+    A module that registers is served at once (its routes validated and merged with the
+    gateway's own, the table swapped whole); the set of topics that live modules serve is
+    recomputed on every registration and drop, so the forwarder's check on the hot path
+    is one set lookup. A module serving one of the gateway's own domain routes (same
+    method, path and topic) serves it under the gateway's contract: no second route.
+    """
+
+    log = Logger()
+
+    def __init__(self, directory: ModuleDirectoryView, dispatcher: Dispatcher,
+                 own_routes: list[RouteEntry],
+                 prepare: Callable[[list[RouteEntry]], list[RouteEntry]]) -> None:
+        self.directory = directory
+        self.dispatcher = dispatcher
+        self.own_routes = own_routes
+        self.prepare = prepare
+        self.forwarder: BusForwarder | None = None
+        self._served_topics: frozenset[str] = frozenset()
+
+    def attach(self, forwarder: BusForwarder) -> None:
+        """Serve module routes through *forwarder*; start following the directory."""
+        self.forwarder = forwarder
+        self.dispatcher.set_table(RouteTable(self.own_routes))
+        self.directory.add_observer(self.on_module)
+
+    def served(self, topic: str) -> bool:
+        """Whether a live module serves *topic* (one of its routes names it)."""
+        return topic in self._served_topics
+
+    def on_module(self, event: str, info: Any) -> None:
+        self._served_topics = frozenset(
+            t.strip()
+            for module in self.directory.modules.values() if module.alive
+            for r in module.registration.routes
+            for t in r.topic.split(",")
+        )
+        if event != "registered" or self.forwarder is None:
+            return
+        own = {(e.method, e.path): e for e in self.own_routes}
+        try:
+            entries = entries_from_registration(info.name, list(info.registration.routes),
+                                                self.forwarder)
+            entries = [e for e in entries
+                       if not ((e.method, e.path) in own and own[(e.method, e.path)].topics == e.topics)]
+            table = self.dispatcher.table.with_routes(info.name, self.prepare(entries))
+        except (RouteConflict, ValueError) as e:
+            self.log.error("routes of module {module} refused: {error}", module=info.name,
+                           error=str(e))
+            return
+        self.dispatcher.set_table(table)
+        self.log.info("module {module} {version} serves {count} route(s)", module=info.name,
+                      version=info.version, count=len(entries))
+
+
+class ModuleDirectoryView(Protocol):
+    """What :class:`ModuleRoutes` reads of the module directory."""
+
+    @property
+    def modules(self) -> Mapping[str, Any]: ...
+
+    def add_observer(self, observer: Callable[[str, Any], None]) -> None: ...
+
+
 def _schema(text: str, route: RouteMsg, name: str) -> dict[str, Any] | None:
     if not text:
         return None
@@ -235,6 +304,7 @@ def _schema(text: str, route: RouteMsg, name: str) -> dict[str, Any] | None:
 
 __all__ = [
     "BusForwarder",
+    "ModuleRoutes",
     "RouteConflict",
     "RouteTable",
     "entries_from_registration",

@@ -2,7 +2,13 @@
 
 Every adapter calls :meth:`Dispatcher.handle` with a normalized :class:`Request` and
 gets a normalized :class:`Response` back; errors of every kind are turned into
-problem responses here, in one place.
+problem responses here, in one place (:func:`~aico.gateway.errors.to_api_error` decides
+which problem an exception is). The session layer's control requests (subscribe,
+unsubscribe) come in through :meth:`Dispatcher.handle_control`: a route given by the
+caller, its own list of chain steps, the same conversion and the same access log.
+
+Per-request code here uses Deferred callbacks rather than coroutines on purpose (one
+allocation less per step); everything off the hot path uses ``async def``.
 """
 
 from __future__ import annotations
@@ -11,23 +17,18 @@ import inspect
 from collections.abc import Callable, Sequence
 
 from twisted.internet.defer import Deferred, ensureDeferred, succeed
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from aico.bus.errors import BusStopped, BusTimeout
-from aico.gateway.errors import (
-    PROBLEM_CONTENT_TYPE,
-    ApiError,
-    BackendTimeout,
-    BackendUnavailable,
-    InternalError,
-    problem_body,
-)
-from aico.gateway.routing.messages import Request, Response
-from aico.gateway.routing.table import RouteTable
+from aico.gateway.errors import PROBLEM_CONTENT_TYPE, ApiError, InternalError, problem_body, to_api_error
+from aico.gateway.routing.messages import Request, Response, Step
+from aico.gateway.routing.table import RouteEntry, RouteTable
 
-#: A security-chain step: inspects (and may annotate) the request, raises ApiError to refuse.
-Step = Callable[[Request], "Deferred[None] | None"]
+__all__ = ["Dispatcher", "Finished", "Step", "error_response"]
+
+#: Told of every finished request: (request, status, response body bytes).
+Finished = Callable[[Request, int, int], None]
 
 
 def _with_headers(response: Response, request: Request) -> Response:
@@ -51,31 +52,70 @@ class Dispatcher:
 
     log = Logger()
 
-    def __init__(self, table: RouteTable, steps: Sequence[Step] = ()) -> None:
+    def __init__(self, table: RouteTable, steps: Sequence[Step] = (), *,
+                 clock: IReactorTime | None = None,
+                 observers: Sequence[Finished] = ()) -> None:
         self.table = table
         self.steps: tuple[Step, ...] = tuple(steps)
-        #: Called with every finished (request, response), e.g. for metrics.
-        self.observers: list[Callable[[Request, Response], None]] = []
+        self.clock = clock
+        #: Called once per finished request (the access log, metrics).
+        self.observers: list[Finished] = list(observers)
 
     def set_table(self, table: RouteTable) -> None:
         self.table = table
 
     def handle(self, request: Request) -> Deferred[Response]:
         """Answer *request*; the Deferred never fails (errors become problem responses)."""
+        if self.clock is not None and not request.started:
+            request.started = self.clock.seconds()
         try:
             entry, params = self.table.match(request.method, request.path)
             request.route = entry
             request.path_params = params
-            return self._run(request, 0)
+            d = self._run(request, self.steps, 0)
         except Exception as e:
-            return succeed(self.convert(Failure(e), request))
+            d = succeed(self.convert(Failure(e), request))
+        if self.observers:
+            d.addCallback(self._observe, request)
+        return d
 
-    def _run(self, request: Request, start: int) -> Deferred[Response]:
-        steps = self.steps
+    def handle_control(self, request: Request, route: RouteEntry,
+                       steps: Sequence[Step]) -> Deferred[Response]:
+        """Answer a request for *route* (not in the table) through *steps*."""
+        if self.clock is not None and not request.started:
+            request.started = self.clock.seconds()
+        request.route = route
+        d = self._run(request, tuple(steps), 0)
+        if self.observers:
+            d.addCallback(self._observe, request)
+        return d
+
+    def finished(self, request: Request, status: int, body_bytes: int) -> None:
+        """Tell the observers that *request* finished (adapters call this for answers
+        they give without the dispatcher, e.g. a body over the limit)."""
+        for observer in self.observers:
+            try:
+                observer(request, status, body_bytes)
+            except Exception:
+                self.log.failure("request observer failed")
+
+    def _observe(self, response: Response, request: Request) -> Response:
+        stream = response.stream
+        if stream is None:
+            self.finished(request, response.status, len(response.body))
+        else:
+            status = response.status
+            stream.when_finished(lambda sent: self.finished(request, status, sent))
+        return response
+
+    def _run(self, request: Request, steps: tuple[Step, ...], start: int) -> Deferred[Response]:
         for i in range(start, len(steps)):
-            result = steps[i](request)
+            try:
+                result = steps[i](request)
+            except Exception:
+                return succeed(self.convert(Failure(), request))
             if result is not None:
-                return self._after(result, request, i + 1)
+                return self._after(result, request, steps, i + 1)
         assert request.route is not None
         try:
             out = request.route.handler(request)
@@ -89,31 +129,23 @@ class Dispatcher:
             return succeed(_with_headers(out, request))
         return d2.addCallback(_with_headers, request).addErrback(self.convert, request)
 
-    def _after(self, step: Deferred[None], request: Request, resume: int) -> Deferred[Response]:
+    def _after(self, step: Deferred[None], request: Request, steps: tuple[Step, ...],
+               resume: int) -> Deferred[Response]:
         def next_step(_: object) -> Deferred[Response]:
-            return self._run(request, resume)
+            return self._run(request, steps, resume)
 
         d: Deferred[Response] = step.addCallback(next_step)
         return d.addErrback(self.convert, request)
 
     def convert(self, failure: Failure, request: Request) -> Response:
         """The one place where an exception becomes an error response."""
-        error = failure.value
-        if isinstance(error, ApiError):
-            return _with_headers(error_response(error, request.request_id), request)
-        if isinstance(error, BusTimeout):
-            return error_response(BackendTimeout("the backend module did not answer in time"),
-                                  request.request_id)
-        if isinstance(error, BusStopped):
-            return error_response(BackendUnavailable("the message bus is shutting down"),
-                                  request.request_id)
-        self.log.failure(
-            "unexpected error on {method} {path} (request {request_id})",
-            failure,
-            method=request.method,
-            path=request.path,
-            request_id=request.request_id,
-        )
-        return error_response(InternalError(), request.request_id)
-
-
+        error = to_api_error(failure)
+        if isinstance(error, InternalError):
+            self.log.failure(
+                "unexpected error on {method} {path} (request {request_id})",
+                failure,
+                method=request.method,
+                path=request.path,
+                request_id=request.request_id,
+            )
+        return _with_headers(error_response(error, request.request_id), request)

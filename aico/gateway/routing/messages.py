@@ -20,6 +20,10 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 _UNSET: Any = object()
 
 
+#: A security-chain step: inspects (and may annotate) the request, raises ApiError to refuse.
+Step = Callable[["Request"], "Deferred[None] | None"]
+
+
 def request_id_from(candidate: str | None) -> str:
     """Keep a well-formed incoming request ID (SPEC §4), else make a new one."""
     if candidate and _REQUEST_ID.match(candidate):
@@ -75,6 +79,8 @@ class Request:
     claims: Any = None
     #: Header fields the security chain adds to whatever response goes out (rate limits).
     response_headers: dict[str, str] = field(default_factory=dict)
+    #: Clock time the request arrived (set by the adapter or the dispatcher).
+    started: float = 0.0
 
     @property
     def client_key(self) -> str:
@@ -105,11 +111,26 @@ class StreamBody:
         self._consumer: Callable[[bytes], None] | None = None
         self._done: Deferred[None] = Deferred()
         self._ended = False
+        self._error: Failure | BaseException | None = None
         self.on_cancel: Callable[[], None] | None = None
+        #: Body bytes pushed so far.
+        self.sent = 0
+        self._on_finished: list[Callable[[int], None]] = []
+
+    def when_finished(self, observer: Callable[[int], None]) -> None:
+        """Call ``observer(sent)`` once the stream ends, fails or is cancelled (and its
+        consumer has seen the end)."""
+        self._on_finished.append(observer)
+
+    def _finished(self) -> None:
+        observers, self._on_finished = self._on_finished, []
+        for observer in observers:
+            observer(self.sent)
 
     def push(self, chunk: bytes) -> None:
         if self._ended:
             return
+        self.sent += len(chunk)
         if self._consumer is None:
             self._buffer.append(chunk)
         else:
@@ -120,19 +141,22 @@ class StreamBody:
             self._ended = True
             if self._consumer is not None:
                 self._done.callback(None)
+                self._finished()
 
     def fail(self, reason: Failure | BaseException) -> None:
         if not self._ended:
             self._ended = True
-            self._error: Failure | BaseException = reason
+            self._error = reason
             if self._consumer is not None:
                 self._done.errback(reason)
+                self._finished()
 
     def cancel(self) -> None:
         """The consumer went away: stop the producer."""
         self._ended = True
         if self.on_cancel is not None:
             self.on_cancel()
+        self._finished()
 
     def subscribe(self, consumer: Callable[[bytes], None]) -> Deferred[None]:
         self._consumer = consumer
@@ -140,11 +164,11 @@ class StreamBody:
         for chunk in buffered:
             consumer(chunk)
         if self._ended and not self._done.called:
-            error = getattr(self, "_error", None)
-            if error is None:
+            if self._error is None:
                 self._done.callback(None)
             else:
-                self._done.errback(error)
+                self._done.errback(self._error)
+            self._finished()
         return self._done
 
 

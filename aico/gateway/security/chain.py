@@ -18,35 +18,24 @@ from aico.gateway.errors import (
     Forbidden,
     RateLimited,
     TemporarilyBlocked,
-    TokenExpired,
     TokenInvalid,
-    TokenRevoked,
     Unauthenticated,
+    to_api_error,
 )
-from aico.gateway.routing.dispatch import Step
-from aico.gateway.routing.messages import Principal, Request
+from aico.gateway.routing.messages import Principal, Request, Step
 from aico.gateway.security import tokens as tk
 from aico.gateway.security import validate
 from aico.gateway.security.capabilities import capabilities_for, grants
 from aico.gateway.security.ratelimit import IRateLimiter
+from aico.gateway.security.topics import may_subscribe
 
 #: Capabilities with this prefix are narrowed by context: only over loopback, or from a
 #: device trusted for administration.
 ADMIN_PREFIX = "admin:"
 
-_TOKEN_ERRORS: dict[type[tk.TokenError], type[ApiError]] = {
-    tk.TokenExpired: TokenExpired,
-    tk.TokenRevoked: TokenRevoked,
-    tk.TokenInvalid: TokenInvalid,
-}
-
-
 def token_error(error: tk.TokenError) -> ApiError:
     """The 401 problem for a refused token (the reason is for logs, not the client)."""
-    for cls, api in _TOKEN_ERRORS.items():
-        if isinstance(error, cls):
-            return api()
-    return TokenInvalid()
+    return to_api_error(error)
 
 
 def bearer_token(header: str | None) -> str | None:
@@ -113,7 +102,8 @@ class SecurityChain:
         if token is None:
             if request.route is not None and request.route.public:
                 return
-            raise Unauthenticated("this route needs a bearer token")
+            raise Unauthenticated("authenticate before subscribing" if request.method == "SUBSCRIBE"
+                                  else "this route needs a bearer token")
         request.principal, request.claims = self.principal_for_token(token)
 
     # ------------------------------------------------------------------ authorization
@@ -138,44 +128,32 @@ class SecurityChain:
 
     def rate_limit(self, request: Request) -> None:
         """Step 4: per client and route tier; adds ``RateLimit-Policy``/``RateLimit``."""
-        config = self.config()
-        if not config.ratelimit.enabled:
-            return
-        route = request.route
-        assert route is not None
-        decision = self.limiter.check(limit_key(request), route.tier)
-        request.response_headers.update(decision.headers())
-        if not decision.allowed:
-            headers = {"Retry-After": str(decision.retry_after)}
-            if decision.blocked:
-                raise TemporarilyBlocked(
-                    f"too many requests; blocked for {decision.retry_after} s", headers=headers)
-            raise RateLimited(f"too many requests; retry in {decision.retry_after} s",
-                              headers=headers)
+        self._charge(request, None)
 
-    def _charge_refusal(self, request: Request, error: ApiError) -> None:
-        """A refused request still costs the client one request of the route's tier, so
-        bad tokens or malformed bodies cannot be sent without limit."""
-        config = self.config()
-        if not config.ratelimit.enabled or request.route is None:
+    def _charge(self, request: Request, cause: ApiError | None) -> None:
+        """Spend one request of the route's tier; refuse (429) past the limit."""
+        if not self.config().ratelimit.enabled or request.route is None:
             return
         decision = self.limiter.check(limit_key(request), request.route.tier)
         request.response_headers.update(decision.headers())
-        if not decision.allowed:
-            headers = {"Retry-After": str(decision.retry_after)}
-            if decision.blocked:
-                raise TemporarilyBlocked(
-                    f"too many requests; blocked for {decision.retry_after} s", headers=headers
-                ) from error
-            raise RateLimited(f"too many requests; retry in {decision.retry_after} s",
-                              headers=headers) from error
+        if decision.allowed:
+            return
+        headers = {"Retry-After": str(decision.retry_after)}
+        if decision.blocked:
+            raise TemporarilyBlocked(
+                f"too many requests; blocked for {decision.retry_after} s", headers=headers
+            ) from cause
+        raise RateLimited(f"too many requests; retry in {decision.retry_after} s",
+                          headers=headers) from cause
 
     def _counted(self, step: Callable[[Request], None]) -> Step:
         def run(request: Request) -> None:
             try:
                 step(request)
             except ApiError as error:
-                self._charge_refusal(request, error)
+                # A refused request still costs the client one request of the route's
+                # tier, so bad tokens or malformed bodies cannot be sent without limit.
+                self._charge(request, error)
                 raise
 
         run.__name__ = getattr(step, "__name__", "step")
@@ -192,3 +170,28 @@ class SecurityChain:
             self._counted(validate.make_step(lambda: self.config().limits)),
             self.rate_limit,
         ]
+
+    # ------------------------------------------------------------------ session control
+
+    def authorize_topic(self, request: Request) -> None:
+        """Subscriptions: the caller may read events under the topic prefix in ``path``
+        (:mod:`aico.gateway.security.topics`)."""
+        if request.principal is None:
+            raise Unauthenticated("authenticate before subscribing")
+        if not may_subscribe(request.principal, request.path):
+            raise Forbidden(f"not allowed to subscribe to {request.path[:256]!r}")
+
+    def token_steps(self) -> list[Step]:
+        """A connection presents a token (WebSocket ``auth``): authenticate, a refusal
+        charged to the rate limiter as on any request."""
+        return [self._counted(self.authenticate)]
+
+    def subscription_steps(self) -> list[Step]:
+        """``subscribe``: authenticate → authorize the topic → rate-limit."""
+        return [self._counted(self.authenticate), self._counted(self.authorize_topic),
+                self.rate_limit]
+
+    def unsubscription_steps(self) -> list[Step]:
+        """``unsubscribe`` (only one's own subscriptions): authenticate a token if one
+        is given → rate-limit."""
+        return [self._counted(self.authenticate), self.rate_limit]

@@ -8,12 +8,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.defer import Deferred
 from twisted.trial.unittest import TestCase
 
 from aico.gateway import config as configuration
+from aico.gateway.composition import GatewayParts, compose
 from aico.gateway.service import GatewayService
-from aico.gateway.tap import build_service
 
 #: Every listener on a free port (TOML), so gateways run side by side.
 FREE_LISTENERS = """
@@ -65,6 +65,12 @@ class RunningGateway:
     ports: dict[str, Any]
 
     @property
+    def parts(self) -> GatewayParts:
+        """The running gateway's parts (route table, chain, connections, …)."""
+        parts: GatewayParts = self.service.parts
+        return parts
+
+    @property
     def base(self) -> str:
         http = self.ports["http"]
         return f"http://{http['host']}:{http['port']}"
@@ -92,16 +98,18 @@ def start_gateway(test: TestCase, extra: str = "", state_dir: Path | None = None
     config = configuration.from_mapping(merge(tomllib.loads(FREE_PORTS), tomllib.loads(extra)),
                                         "<test>")
     root = state_dir or Path(test.mktemp())
-    service = build_service(config, root, reactor)
+    service = compose(config, root, reactor)
+    service.on_fatal = None  # a test's gateway that fails to start fails the test, not trial
+    service.privilegedStartService()
+    return Deferred.fromCoroutine(_started(test, service, root))
 
-    async def go() -> RunningGateway:
-        service.startService()
-        test.addCleanup(service.stopService)
-        await service.ready
-        ports = json.loads((root / "ports.json").read_text())
-        return RunningGateway(service, root, ports)
 
-    return ensureDeferred(go())
+async def _started(test: TestCase, service: GatewayService, root: Path) -> RunningGateway:
+    test.addCleanup(service.stopService)
+    service.startService()
+    await service.when_ready()
+    ports = json.loads((root / "ports.json").read_text())
+    return RunningGateway(service, root, ports)
 
 
 class AuthedClient:

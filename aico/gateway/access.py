@@ -1,0 +1,62 @@
+"""The access log: one line per finished request, whatever the transport (SPEC §7).
+
+The dispatcher reports every request it finished (:meth:`AccessLog.record`), streamed
+ones once their last chunk went out; control requests of the session layer (subscribe,
+unsubscribe) and refusals an adapter makes before the dispatcher (a body over the limit)
+go through the same call. Each line carries the time, request ID, transport, principal
+(subject or device ID — never a token), method, path, status, duration and response
+body bytes; under the JSON logger (``twistd --logger aico.gateway.logs.json_observer``)
+each is a field of its own (``log_namespace`` ``aico.access``). ``[logging] access =
+false`` turns it off (reloadable).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+
+from aico.gateway.logs import escape
+from aico.gateway.routing.messages import Request
+
+__all__ = ["ACCESS_NAMESPACE", "AccessLog"]
+
+#: The ``log_namespace`` of access-log events.
+ACCESS_NAMESPACE = "aico.access"
+
+_FORMAT = ("{request_id} {transport} {principal} \"{method} {path}\" {status} "
+           "{duration_ms:.1f}ms {bytes}B")
+
+
+class AccessLog:
+    """Writes one ``aico.access`` event per finished request."""
+
+    log = Logger(namespace=ACCESS_NAMESPACE)
+
+    def __init__(self, clock: IReactorTime, enabled: Callable[[], bool] = lambda: True) -> None:
+        self.clock = clock
+        self.enabled = enabled
+        #: Lines written (for tests and metrics).
+        self.count = 0
+
+    def record(self, request: Request, status: int, body_bytes: int) -> None:
+        """*request* finished with *status* after sending *body_bytes* of body."""
+        if not self.enabled():
+            return
+        self.count += 1
+        p = request.principal
+        principal = (p.subject if p is not None else "") or request.device_id or "-"
+        duration = max(0.0, self.clock.seconds() - request.started) if request.started else 0.0
+        self.log.info(
+            _FORMAT,
+            request_id=request.request_id,
+            transport=request.transport,
+            principal=escape(principal),
+            method=escape(request.method),
+            path=escape(request.path),
+            status=status,
+            duration_ms=duration * 1000.0,
+            bytes=body_bytes,
+            peer=request.peer_host,
+        )

@@ -1,0 +1,435 @@
+"""The composition root: the one place where the gateway's parts are built and wired.
+
+* :class:`Materials` — what the parts are made from that lives outside the code: the JWT
+  keyring, the registry database, the password service, the Curve keys, file paths.
+  :func:`materials_from_state` reads them from a state directory; the in-memory test
+  layer (:mod:`aico.gateway.testing.memory`) makes them in memory.
+* :class:`GatewayParts` — everything the listeners serve, around one message bus: route
+  table and dispatcher, security chain, domains, connection manager, the REST/WebSocket
+  site and the IPC listener, the access log. No lifecycle of its own beyond
+  :meth:`~GatewayParts.start` and :meth:`~GatewayParts.stop`.
+* :func:`build_tree` — the service tree (``docs/architecture.md`` draws it) whose order
+  is the start order: thread pool, broker, bus, module directory, built-in modules,
+  security state, connections, listeners, periodic jobs, then ``ports.json``.
+* :func:`compose` — all of the above for one state directory; ``makeService`` calls it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from twisted.application.service import MultiService
+from twisted.internet.defer import Deferred
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
+
+from aico.bus.broker import EmbeddedBroker
+from aico.bus.builtin import BUILTIN_MODULES
+from aico.bus.client import BusClient, CurveClientKeys
+from aico.bus.curve import load_public
+from aico.bus.directory import ModuleDirectory
+from aico.bus.interfaces import IMessageBus
+from aico.bus.module import BackendModule
+from aico.bus.service import BrokerService, BusService, DirectoryService, ModuleService
+from aico.gateway.access import AccessLog
+from aico.gateway.adapters.ipc import IpcListener
+from aico.gateway.adapters.rest import GatewaySite, RestAdapter
+from aico.gateway.adapters.session import SessionServices
+from aico.gateway.adapters.websocket import websocket_resource
+from aico.gateway.api.conversations.dependencies import ConversationsDeps
+from aico.gateway.api.conversations.router import routes as conversation_routes
+from aico.gateway.api.health.dependencies import HealthDeps
+from aico.gateway.api.health.router import routes as health_routes
+from aico.gateway.api.transport.dependencies import TransportDeps
+from aico.gateway.api.transport.router import routes as transport_routes
+from aico.gateway.api.users.dependencies import UsersDeps, UserStore
+from aico.gateway.api.users.router import routes as user_routes
+from aico.gateway.config import Config, ConfigError, load
+from aico.gateway.config import reload as reload_config
+from aico.gateway.connections import ConnectionManager
+from aico.gateway.lifecycle import InFlight, write_ports
+from aico.gateway.listeners import IListener, TcpListener, tcp_endpoint
+from aico.gateway.routing.backend import BusForwarder, ModuleRoutes
+from aico.gateway.routing.dispatch import Dispatcher
+from aico.gateway.routing.openapi import OpenApiView
+from aico.gateway.routing.table import RouteEntry, RouteTable
+from aico.gateway.security import validate
+from aico.gateway.security.audit import AuditLog
+from aico.gateway.security.chain import SecurityChain
+from aico.gateway.security.keys import KeyRing, KeyRingError
+from aico.gateway.security.passwords import PasswordService, thread_pool_runner
+from aico.gateway.security.ratelimit import GcraLimiter
+from aico.gateway.security.tokens import SqliteRevocationStore, TokenService
+from aico.gateway.service import GatewayService, ListenerGroup, ProcessExit, StartupError
+from aico.gateway.state import StateDirError, StatePaths, bootstrap
+from aico.gateway.store import Database, SchemaError
+from aico.services import CallbackService, PeriodicJob, SequentialMultiService, ThreadPoolService
+
+__all__ = ["GatewayParts", "Materials", "build_tree", "compose", "materials_from_state"]
+
+log = Logger(namespace="aico.gateway.composition")
+
+#: Seconds between prunes of expired token revocations.
+TOKEN_PRUNE_INTERVAL = 3600.0
+#: Seconds between sweeps of idle rate-limiter entries.
+RATELIMIT_SWEEP_INTERVAL = 60.0
+
+
+@dataclass
+class Materials:
+    """What the gateway's parts are made from that lives outside the code."""
+
+    keyring: KeyRing
+    database: Any  # DatabaseLike with close()
+    passwords: PasswordService
+    #: The gateway's Z85 Curve public key (``curve/gateway.key``), "" when unknown.
+    curve_public: str = ""
+    #: The state directory's paths; ``None`` in memory (no IPC, no files).
+    paths: StatePaths | None = None
+    #: Where the audit log's head is anchored after every append.
+    audit_anchor: Path | None = None
+    #: The thread pool that runs CPU work (Argon2), when the gateway owns one.
+    cpu_pool: ThreadPool | None = field(default=None)
+
+
+def materials_from_state(paths: StatePaths, reactor: Any) -> Materials:
+    """Read the keys and open the registry of a bootstrapped state directory.
+
+    Raises :class:`~aico.gateway.service.StartupError` (one line naming the file) for a
+    key or file that cannot be read.
+    """
+    try:
+        keyring = KeyRing.load(paths.jwt_dir, now=reactor.seconds())
+        curve_public = load_public(paths.curve.gateway_public).decode()
+    except (KeyRingError, OSError, ValueError) as e:
+        raise StartupError(f"aico-gateway: cannot load the gateway's keys: {e}", 1) from e
+    pool = ThreadPool(minthreads=0, maxthreads=max(2, os.cpu_count() or 2), name="aico-cpu")
+    return Materials(
+        keyring=keyring,
+        database=Database(paths.registry_db, reactor),
+        passwords=PasswordService(thread_pool_runner(reactor, pool)),
+        curve_public=curve_public,
+        paths=paths,
+        audit_anchor=paths.root / "audit-head.json",
+        cpu_pool=pool,
+    )
+
+
+class GatewayParts:
+    """Everything the listeners serve, around one bus client and one module directory."""
+
+    log = Logger()
+
+    def __init__(self, config: Config, reactor: Any, bus: IMessageBus,
+                 directory: ModuleDirectory, materials: Materials) -> None:
+        self.config = config
+        self.reactor = reactor
+        self.bus = bus
+        self.directory = directory
+        self.materials = materials
+        #: Requests in progress on every listener (SIGTERM's drain waits for them).
+        self.inflight = InFlight()
+
+        # Security: tokens, passwords, rate limits, audit log.
+        self.db = materials.database
+        self.revocations = SqliteRevocationStore(self.db, reactor)
+        self.tokens = TokenService(materials.keyring, config.auth, reactor, self.revocations)
+        self.audit = AuditLog(self.db, reactor, anchor_path=materials.audit_anchor)
+        self.limiter = GcraLimiter.from_config(reactor, config.ratelimit, on_block=self._blocked)
+        self.passwords = materials.passwords
+        self.chain = SecurityChain(self.tokens, self.limiter, lambda: self.config)
+        self.access_log = AccessLog(reactor, lambda: self.config.logging.access)
+        #: One dispatcher for every adapter; module routes join the table as modules come.
+        self.dispatcher = Dispatcher(RouteTable(), self.chain.steps(), clock=reactor,
+                                     observers=[self.access_log.record])
+        #: Every live WebSocket and IPC connection; revoked tokens close their sockets.
+        self.connections = ConnectionManager(reactor, bus)
+
+        #: What every WebSocket and IPC session shares (the session layer).
+        self.sessions = SessionServices(self.dispatcher, self.chain, self.connections,
+                                        self.inflight, lambda: self.config.limits, reactor)
+
+        # Routing: the gateway's own domains, then module routes as modules register.
+        self.openapi = OpenApiView(lambda: self.dispatcher.table, _version())
+        self.ipc = self._ipc_listener()
+        users = UsersDeps(store=UserStore(self.db, reactor), passwords=self.passwords,
+                          tokens=self.tokens, chain=self.chain, audit=self.audit, clock=reactor,
+                          config=lambda: self.config, on_revoke=self.connections.revoke_token,
+                          on_revoke_subject=self.connections.revoke_subject,
+                          on_revoke_family=self.connections.revoke_family)
+        self.http_addresses: dict[str, dict[str, Any]] = {}
+        transport = TransportDeps(
+            ipc_endpoints=lambda: self.ipc.endpoints if self.ipc is not None else {},
+            curve_server_key=lambda: materials.curve_public,
+            ipc_curve=lambda: self.config.ipc.curve,
+            http_bases=lambda: {name: f"http://{a['host']}:{a['port']}"
+                                for name, a in self.http_addresses.items()},
+            version=_version(),
+        )
+        self.module_routes = ModuleRoutes(directory, self.dispatcher, [], validate.prepare)
+        self.forwarder = BusForwarder(bus, self.module_routes.served,
+                                      lambda: self.config.bus.request_timeout, reactor)
+        health = HealthDeps(bus=bus, clock=reactor, modules=lambda: directory.modules,
+                            deadline=lambda: self.config.bus.health_deadline)
+        self.own_routes: list[RouteEntry] = validate.prepare([
+            *health_routes(health),
+            *conversation_routes(ConversationsDeps(self.forwarder)),
+            *user_routes(users),
+            *transport_routes(transport),
+            self.openapi.entry(),
+        ])
+        self.module_routes.own_routes = self.own_routes
+        self.module_routes.attach(self.forwarder)
+
+        # Adapters: REST and WebSocket on the http site, IPC on its own sockets.
+        ws, self.ws_factory = websocket_resource(self.sessions, lambda: self.config.websocket)
+        self.rest = RestAdapter(self.dispatcher, "http", websocket=ws, inflight=self.inflight)
+        self.http_site = GatewaySite(
+            self.rest.resource(),
+            body_limit=lambda: self.config.limits.body_max,
+            header_limits=lambda: (self.config.limits.header_count, self.config.limits.header_size),
+            head_timeout=lambda: self.config.limits.head_timeout,
+            reactor=reactor,
+        )
+
+    def _ipc_listener(self) -> IpcListener | None:
+        paths = self.materials.paths
+        ipc = self.config.ipc
+        if paths is None or not (ipc.endpoint or ipc.fallback):
+            return None
+        return IpcListener(self.sessions, paths.curve, ipc.endpoint, ipc.fallback, ipc.curve,
+                           self.reactor)
+
+    def _blocked(self, client: str, tier: str, seconds: float) -> None:
+        d = self.audit.append("client_blocked", client, {"tier": tier, "seconds": seconds})
+        d.addErrback(lambda f: self.log.failure("could not audit a block", f))
+
+    # ------------------------------------------------------------------ what the tree runs
+
+    def listeners(self) -> list[IListener]:
+        """Every listener the config enables, in binding order."""
+        out: list[IListener] = []
+        http = self.config.http
+        if http.enabled:
+            out.append(TcpListener("http", tcp_endpoint(self.reactor, http.host, http.port),
+                                   self.http_site, describe=f"{http.host}:{http.port}",
+                                   close=self.ws_factory.close_all))
+        if self.ipc is not None:
+            out.append(self.ipc)
+        return out
+
+    def jobs(self) -> list[PeriodicJob]:
+        """The periodic jobs (each logs its errors and keeps running)."""
+        jobs = [
+            PeriodicJob("token-prune", TOKEN_PRUNE_INTERVAL, self.tokens.prune, self.reactor),
+            PeriodicJob("ratelimit-sweep", RATELIMIT_SWEEP_INTERVAL, self.limiter.sweep,
+                        self.reactor),
+        ]
+        if self.ipc is not None:
+            jobs.append(PeriodicJob("ipc-peer-sweep", self.ipc.sweep_interval, self.ipc.sweep,
+                                    self.reactor))
+        return jobs
+
+    def start(self) -> Deferred[None]:
+        """Load the revocation state and prepare the password service."""
+        return Deferred.fromCoroutine(self._start())
+
+    async def _start(self) -> None:
+        await self.revocations.load()
+        await self.passwords.prepare()
+
+    def stop(self) -> Deferred[None]:
+        """Flush pending writes and close the registry."""
+        return Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
+        await self.revocations.flush()
+        self.db.close()
+
+    def reconfigure(self, config: Config) -> None:
+        """Apply a reloaded config (only its reloadable keys differ)."""
+        self.config = config
+        self.tokens.update(config.auth)
+        self.limiter.update_from_config(config.ratelimit)
+        self.reload_keys()
+
+    def reload_keys(self) -> Deferred[None]:
+        """Re-read the JWT keyring (in a thread): a rotated key starts signing."""
+        paths = self.materials.paths
+        if paths is None:
+            return Deferred.fromCoroutine(_nothing())
+        d: Deferred[KeyRing] = deferToThreadPool(self.reactor, self.reactor.getThreadPool(),
+                                                 KeyRing.load, paths.jwt_dir, self.reactor.seconds())
+
+        def use(ring: KeyRing) -> None:
+            if ring.current_kid != self.tokens.keyring.current_kid:
+                self.log.info("JWT signing key is now {kid}", kid=ring.current_kid)
+            self.tokens.set_keyring(ring)
+
+        def failed(f: Failure) -> None:
+            self.log.failure("could not reload the JWT keyring; keeping the old one", f)
+
+        return d.addCallbacks(use, failed)
+
+
+async def _nothing() -> None:
+    return None
+
+
+class Reloader:
+    """``SIGHUP``: re-read the config file and apply the keys marked reloadable."""
+
+    log = Logger()
+
+    def __init__(self, parts: GatewayParts, config_path: str | None) -> None:
+        self.parts = parts
+        self.config_path = config_path
+
+    def __call__(self) -> Deferred[None]:
+        parts = self.parts
+        if self.config_path is None:
+            self.log.info("SIGHUP: no config file to reload (running on defaults)")
+            parts.reconfigure(parts.config)
+            return Deferred.fromCoroutine(_nothing())
+        path = self.config_path
+        d: Deferred[Config] = deferToThreadPool(parts.reactor, parts.reactor.getThreadPool(),
+                                                load, path)
+
+        def apply(new: Config) -> None:
+            result = reload_config(parts.config, new)
+            if result.restart:
+                self.log.warn("config reload: {keys} change only on restart",
+                              keys=", ".join(result.restart))
+            parts.reconfigure(result.config)
+            self.log.info("config reloaded from {path}: {keys}", path=path,
+                          keys=", ".join(result.live) or "no live changes")
+
+        def refused(failure: Failure) -> None:
+            failure.trap(ConfigError)
+            self.log.error("config reload refused, keeping the running config: {error}",
+                           error=str(failure.value))
+
+        return d.addCallback(apply).addErrback(refused)
+
+
+def build_tree(
+    parts: GatewayParts,
+    *,
+    bus: IMessageBus,
+    directory: ModuleDirectory,
+    broker: EmbeddedBroker | None = None,
+    modules: Sequence[BackendModule] = (),
+    ports_file: Path | None = None,
+    reload: Any = None,
+    on_fatal: Any = None,
+    signals: bool = True,
+) -> GatewayService:
+    """The service tree, children in start order (``docs/architecture.md``)."""
+    reactor = parts.reactor
+    root = GatewayService(reactor, reload=reload, on_fatal=on_fatal, signals=signals)
+    root.parts = parts
+
+    def add(child: Any, parent: Any = root) -> Any:
+        child.setServiceParent(parent)
+        return child
+
+    if parts.materials.cpu_pool is not None:
+        add(ThreadPoolService("cpu-pool", parts.materials.cpu_pool))
+    if broker is not None:
+        add(BrokerService(broker, reactor))
+    add(BusService(bus, broker))
+    add(DirectoryService(directory))
+    group = SequentialMultiService()
+    group.setName("modules")  # type: ignore[no-untyped-call]
+    add(group)
+    for module in modules:
+        add(ModuleService(module, reactor), group)
+    add(CallbackService("security", parts.start, parts.stop))
+    add(CallbackService("connections", None, parts.connections.stop))
+    listeners = add(ListenerGroup(parts.listeners(), parts.inflight, reactor,
+                                  lambda: parts.config.gateway.shutdown_grace))
+    jobs = MultiService()
+    jobs.setName("jobs")
+    add(jobs)
+    for job in parts.jobs():
+        add(job, jobs)
+
+    def ready() -> Deferred[None]:
+        ports = listeners.addresses()
+        parts.http_addresses = {k: v for k, v in ports.items() if k == "http"}
+        if isinstance(bus, BusClient):
+            ports["bus"] = {"pub": bus.pub_endpoint, "sub": bus.sub_endpoint}
+        d: Deferred[None]
+        if ports_file is None:
+            d = Deferred.fromCoroutine(_nothing())
+        else:
+            # File I/O off the reactor thread: ports.json says "ready" only once written.
+            d = deferToThreadPool(reactor, reactor.getThreadPool(), write_ports, ports_file, ports)
+        return d.addCallback(lambda _: _announce(ports, parts))
+
+    add(CallbackService("ready", ready))
+    return root
+
+
+def _announce(ports: dict[str, Any], parts: GatewayParts) -> None:
+    http = ports.get("http")
+    url = f"http://{http['host']}:{http['port']}" if http else ""
+    ipc = ports.get("ipc") or {}
+    paths = parts.materials.paths
+    log.info(
+        "aico-gateway ready: REST {url}/api/v1/health, OpenAPI {url}/openapi.json, "
+        "WebSocket {ws}/ws, IPC {ipc}; state in {state}; the bootstrap admin password "
+        "is in {password_file}",
+        url=url or "(http off)",
+        ws=url.replace("http://", "ws://") or "(http off)",
+        ipc=" and ".join(v for v in (ipc.get("endpoint"), ipc.get("fallback")) if v) or "off",
+        state=str(paths.root) if paths else "(memory)",
+        password_file=str(paths.admin_password) if paths else "(memory)",
+    )
+
+
+def compose(config: Config, state_dir: Path, reactor: Any = None,
+            config_path: str | None = None) -> GatewayService:
+    """Bootstrap *state_dir* and build the whole gateway for it (``makeService``)."""
+    if reactor is None:
+        from twisted.internet import reactor as global_reactor
+
+        reactor = global_reactor
+    try:
+        bootstrap(state_dir, config.modules.builtin)
+    except (StateDirError, SchemaError, OSError) as e:
+        raise StartupError(f"aico-gateway: cannot prepare the state directory {state_dir}: {e}",
+                           1) from e
+    paths = StatePaths(state_dir)
+    materials = materials_from_state(paths, reactor)
+    c = config
+    broker = EmbeddedBroker(paths.curve, c.bus.pub, c.bus.sub) if c.bus.embedded_broker else None
+    try:
+        keys = CurveClientKeys.from_layout(paths.curve, "gateway")
+    except (OSError, ValueError) as e:
+        raise StartupError(f"aico-gateway: cannot load the gateway's bus keys: {e}", 1) from e
+    bus = BusClient(reactor, "gateway", c.bus.pub, c.bus.sub, keys,
+                    default_timeout=c.bus.request_timeout, start_timeout=c.bus.start_timeout)
+    directory = ModuleDirectory(bus, reactor)
+    parts = GatewayParts(config, reactor, bus, directory, materials)
+    modules = ([BUILTIN_MODULES[name](bus, reactor) for name in c.modules.builtin]
+               if c.modules.in_process else [])
+    return build_tree(parts, bus=bus, directory=directory, broker=broker, modules=modules,
+                      ports_file=paths.ports_json, reload=Reloader(parts, config_path),
+                      on_fatal=ProcessExit(reactor))
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("aico-gateway")
+    except PackageNotFoundError:  # running from a source tree
+        return "0+unknown"
+
