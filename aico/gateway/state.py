@@ -47,7 +47,8 @@ from cryptography.hazmat.primitives.asymmetric import ed25519
 from twisted.logger import Logger
 
 from aico.bus.curve import CurveLayout, create_keypair, ensure_client
-from aico.gateway.devices.ca import DeviceCA, load_certificate, load_private_key, write_file
+from aico.files import write_atomic
+from aico.gateway.devices.ca import DeviceCA, load_certificate, load_private_key
 from aico.gateway.devices.ca import save_certificate as _save_certificate
 from aico.gateway.devices.ca import save_private_key as _save_private_key
 from aico.gateway.security.passwords import hash_password
@@ -196,8 +197,8 @@ def create_jwt_key(jwt_dir: Path) -> str:
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    write_file(jwt_dir / f"{kid}.pem", pem, 0o600)
-    write_file(jwt_dir / "current", f"{kid}\n".encode("ascii"), 0o644, overwrite=True)
+    write_atomic(jwt_dir / f"{kid}.pem", pem, 0o600, overwrite=False)
+    write_atomic(jwt_dir / "current", f"{kid}\n".encode("ascii"), 0o644)
     return kid
 
 
@@ -425,7 +426,7 @@ def _ensure_admin(paths: StatePaths) -> bool:
             password = secrets.token_urlsafe(18)
             # The file first: a crash before the insert leaves a file that the next run
             # reuses, never a user whose password nobody knows.
-            write_file(paths.admin_password, f"{password}\n".encode(), 0o600)
+            write_atomic(paths.admin_password, f"{password}\n".encode(), 0o600, overwrite=False)
         password_hash = hash_password(password)
         del password
         now = time.time()

@@ -26,7 +26,6 @@ from __future__ import annotations
 import builtins
 import hashlib
 import json
-import os
 import re
 import sqlite3
 from collections.abc import Mapping, Sequence
@@ -38,6 +37,7 @@ from twisted.internet.defer import Deferred, DeferredLock
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from aico.files import write_atomic
 from aico.gateway.store import DatabaseLike
 
 T = TypeVar("T")
@@ -284,11 +284,7 @@ def _append_interaction(
 
 
 def _write_anchor(path: Path, seq: int, h: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="ascii") as f:
-        json.dump({"seq": seq, "hash": h}, f)
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps({"seq": seq, "hash": h}).encode("ascii"), 0o600)
 
 
 def _read_anchor(path: Path) -> tuple[int, str] | None:
