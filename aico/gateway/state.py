@@ -26,12 +26,9 @@ so it is quietly tightened to 0600 (with a warning in the log).
 
 from __future__ import annotations
 
-import base64
 import fcntl
-import hashlib
 import json
 import os
-import re
 import secrets
 import sqlite3
 import stat
@@ -42,8 +39,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import platformdirs
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519
 from twisted.logger import Logger
 
 from aico.bus.curve import CurveLayout, create_keypair, ensure_client
@@ -51,6 +46,7 @@ from aico.files import write_atomic
 from aico.gateway.devices.ca import DeviceCA, load_certificate, load_private_key
 from aico.gateway.devices.ca import save_certificate as _save_certificate
 from aico.gateway.devices.ca import save_private_key as _save_private_key
+from aico.gateway.security.keys import KeyRing, KeyRingError, read_current_kid
 from aico.gateway.security.passwords import hash_password
 from aico.gateway.store import SCHEMA_VERSION, connect_sync, migrate_sync, schema_version
 
@@ -61,9 +57,6 @@ __all__ = [
     "StateDirError",
     "StatePaths",
     "bootstrap",
-    "create_jwt_key",
-    "current_kid",
-    "jwk_thumbprint",
     "resolve_state_dir",
 ]
 
@@ -76,8 +69,6 @@ ADMIN_USERNAME = "admin"
 #: Host names and addresses in the server certificate.
 SERVER_HOSTNAMES = ("localhost",)
 SERVER_IPS = ("127.0.0.1", "::1")
-
-_KID = re.compile(r"[A-Za-z0-9_-]{43}")
 
 _log = Logger()
 
@@ -163,56 +154,6 @@ def resolve_state_dir(cli: str | None, env: Mapping[str, str], config_value: str
         if value:
             return Path(value).expanduser().absolute()
     return Path(platformdirs.user_data_dir(APP_NAME, appauthor=False))
-
-
-# --------------------------------------------------------------------------- JWT keys
-
-
-def _b64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).decode("ascii").rstrip("=")
-
-
-def jwk_thumbprint(public_key: ed25519.Ed25519PublicKey) -> str:
-    """The RFC 7638 JWK thumbprint (SHA-256, base64url) of an Ed25519 public key (RFC 8037)."""
-    raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    # Required members only, in lexicographic order, no whitespace (RFC 7638 §3.2).
-    members = json.dumps(
-        {"crv": "Ed25519", "kty": "OKP", "x": _b64url(raw)}, separators=(",", ":"), sort_keys=True
-    )
-    return _b64url(hashlib.sha256(members.encode("ascii")).digest())
-
-
-def create_jwt_key(jwt_dir: Path) -> str:
-    """Make a new Ed25519 signing key and make it current; returns its kid.
-
-    Writes ``jwt_dir/<kid>.pem`` (PKCS#8 PEM, unencrypted, 0600), then replaces
-    ``jwt_dir/current`` atomically. Older keys stay, so tokens they signed still verify
-    until the keyring drops them. This is also how to rotate the key.
-    """
-    _ensure_dir(jwt_dir)
-    key = ed25519.Ed25519PrivateKey.generate()
-    kid = jwk_thumbprint(key.public_key())
-    pem = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-    write_atomic(jwt_dir / f"{kid}.pem", pem, 0o600, overwrite=False)
-    write_atomic(jwt_dir / "current", f"{kid}\n".encode("ascii"), 0o644)
-    return kid
-
-
-def current_kid(jwt_dir: Path) -> str:
-    """The kid named by ``jwt_dir/current`` (validated; its key file must exist)."""
-    kid = (jwt_dir / "current").read_text(encoding="ascii").strip()
-    if not _KID.fullmatch(kid):
-        raise StateDirError(f"{jwt_dir / 'current'} does not hold a key id")
-    if not (jwt_dir / f"{kid}.pem").is_file():
-        raise StateDirError(
-            f"{jwt_dir / 'current'} names {kid}, but {kid}.pem is missing; restore it from a "
-            "backup, or delete 'current' to make a new key (tokens already issued become invalid)"
-        )
-    return kid
 
 
 # --------------------------------------------------------------------------- bootstrap
@@ -344,12 +285,24 @@ def _ensure_server_cert(paths: StatePaths, ca: DeviceCA) -> bool:
 
 
 def _ensure_jwt_key(paths: StatePaths) -> bool:
-    if paths.jwt_current.exists():
-        kid = current_kid(paths.jwt_dir)
-        _tighten(paths.jwt_key(kid))
-        return False
-    create_jwt_key(paths.jwt_dir)
-    return True
+    """The first signing key (:meth:`KeyRing.generate`), or check the one ``current`` names."""
+    if not paths.jwt_current.exists():
+        _ensure_dir(paths.jwt_dir)
+        KeyRing.generate(paths.jwt_dir)
+        return True
+    try:
+        kid = read_current_kid(paths.jwt_dir)
+    except KeyRingError as e:
+        raise StateDirError(
+            f"{e}; delete it to make a new key (tokens already issued become invalid)"
+        ) from e
+    if not paths.jwt_key(kid).is_file():
+        raise StateDirError(
+            f"{paths.jwt_current} names {kid}, but {kid}.pem is missing; restore it from a "
+            "backup, or delete 'current' to make a new key (tokens already issued become invalid)"
+        )
+    _tighten(paths.jwt_key(kid))
+    return False
 
 
 def _ensure_curve(paths: StatePaths, clients: Sequence[str]) -> list[str]:
