@@ -13,7 +13,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from aico.files import write_atomic
 from aico.gateway.security.audit import AuditLog
-from tests.fakes import SyncSqlite as SyncDatabase
+from aico.gateway.store import SyncDatabase
 
 
 def _mode(path: Path) -> int:
