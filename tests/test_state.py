@@ -28,6 +28,8 @@ from aico.gateway.state import (
     bootstrap,
     resolve_state_dir,
 )
+from aico.gateway.store import SyncDatabase, sync_result
+from aico.gateway.users import UserStore
 
 MODULES = ("conversation", "health")
 
@@ -168,6 +170,14 @@ class BootstrapCreatesTests(_StateTestCase):
         self.assertEqual(argon2.extract_parameters(password_hash).type, argon2.Type.ID)
         self.assertTrue(verify_password(password_hash, password))
         self.assertFalse(verify_password(password_hash, password + "x"))
+
+    def test_admin_user_reads_back_through_the_user_store(self) -> None:
+        db = SyncDatabase(self.paths.registry_db)
+        self.addCleanup(db.close)
+        users = sync_result(UserStore(db).list())
+        self.assertEqual([(u.username, u.roles, u.disabled) for u in users], [("admin", ("admin",), False)])
+        password = self.paths.admin_password.read_text().strip()
+        self.assertTrue(verify_password(users[0].password_hash, password))
 
     def test_no_temporary_files_left(self) -> None:
         leftovers = [p for p in self.root.rglob("*.tmp")]

@@ -27,14 +27,12 @@ so it is quietly tightened to 0600 (with a warning in the log).
 from __future__ import annotations
 
 import fcntl
-import json
 import os
 import secrets
 import sqlite3
 import stat
-import time
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,7 +46,8 @@ from aico.gateway.devices.ca import save_certificate as _save_certificate
 from aico.gateway.devices.ca import save_private_key as _save_private_key
 from aico.gateway.security.keys import KeyRing, KeyRingError, read_current_kid
 from aico.gateway.security.passwords import hash_password
-from aico.gateway.store import SCHEMA_VERSION, connect_sync, migrate_sync, schema_version
+from aico.gateway.store import SCHEMA_VERSION, SyncDatabase, schema_version, sync_result
+from aico.gateway.users import UserStore
 
 __all__ = [
     "ADMIN_USERNAME",
@@ -349,59 +348,41 @@ def _registry_complete(path: Path) -> bool:
         conn.close()
 
 
-def _ensure_registry(paths: StatePaths) -> list[str]:
-    before, after = migrate_sync(paths.registry_db)
+def _ensure_registry(paths: StatePaths, db: SyncDatabase) -> list[str]:
+    """Report what opening *db* (which migrates) did; the file is 0600."""
     _tighten(paths.registry_db)
+    before, after = db.migrated
     if before == after:
         return []
     return ["registry_db"] if before == 0 else [f"registry_db: schema {before} -> {after}"]
 
 
-def _ensure_admin(paths: StatePaths) -> bool:
+def _ensure_admin(paths: StatePaths, users: UserStore) -> bool:
     """Create ``admin`` if the users table is empty (a fresh registry).
 
     Keyed on the table, not the password file: operators are told to delete the file
     once they have changed the password, and a deleted ``admin`` (with other users left)
     must not come back. If the table is empty but the file exists (the registry was
-    deleted), the password in the file is reused, so the file never goes stale.
+    deleted), the password in the file is reused, so the file never goes stale. The
+    insert itself happens only while the table is still empty
+    (:meth:`UserStore.create_first`), so concurrent bootstraps never create two.
     """
-    conn = connect_sync(paths.registry_db)
-    try:
-        (count,) = conn.execute("SELECT COUNT(*) FROM users").fetchone()
-        if count:
-            return False
-        if paths.admin_password.exists():
-            _tighten(paths.admin_password)
-            password = paths.admin_password.read_text(encoding="utf-8").strip()
-            if not password:
-                raise StateDirError(f"{paths.admin_password} is empty; delete it and start again")
-        else:
-            password = secrets.token_urlsafe(18)
-            # The file first: a crash before the insert leaves a file that the next run
-            # reuses, never a user whose password nobody knows.
-            write_atomic(paths.admin_password, f"{password}\n".encode(), 0o600, overwrite=False)
-        password_hash = hash_password(password)
-        del password
-        now = time.time()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            (count,) = conn.execute("SELECT COUNT(*) FROM users").fetchone()
-            if count:  # another process got there first
-                conn.execute("ROLLBACK")
-                return False
-            conn.execute(
-                "INSERT INTO users (username, password_hash, roles, created_at, updated_at)"
-                " VALUES (?, ?, ?, ?, ?)",
-                (ADMIN_USERNAME, password_hash, json.dumps(["admin"]), now, now),
-            )
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
-        return True
-    finally:
-        conn.close()
+    if sync_result(users.count()):
+        return False
+    if paths.admin_password.exists():
+        _tighten(paths.admin_password)
+        password = paths.admin_password.read_text(encoding="utf-8").strip()
+        if not password:
+            raise StateDirError(f"{paths.admin_password} is empty; delete it and start again")
+    else:
+        password = secrets.token_urlsafe(18)
+        # The file first: a crash before the insert leaves a file that the next run
+        # reuses, never a user whose password nobody knows.
+        write_atomic(paths.admin_password, f"{password}\n".encode(), 0o600, overwrite=False)
+    password_hash = hash_password(password)
+    del password
+    # False: another process got there first.
+    return sync_result(users.create_first(ADMIN_USERNAME, password_hash, ("admin",)))
 
 
 def bootstrap(root: Path, builtin_modules: Sequence[str] = ()) -> BootstrapReport:
@@ -430,9 +411,10 @@ def bootstrap(root: Path, builtin_modules: Sequence[str] = ()) -> BootstrapRepor
         if _registry_complete(paths.registry_db):
             _tighten(paths.registry_db)
         else:
-            created += _ensure_registry(paths)
-            if _ensure_admin(paths):
-                created.append("admin_user")
+            with closing(SyncDatabase(paths.registry_db)) as db:
+                created += _ensure_registry(paths, db)
+                if _ensure_admin(paths, UserStore(db)):
+                    created.append("admin_user")
     for item in created:
         _log.info("state directory {root}: created {item}", root=str(root), item=item)
     return BootstrapReport(paths, tuple(created))
