@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sqlite3
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -18,12 +19,12 @@ from aico.gateway.security.audit import (
     AuditSecretError,
     VerifyResult,
 )
-from tests.fakes import SyncSqlite
+from aico.gateway.store import SyncDatabase
 
 T = TypeVar("T")
 
 
-class ManualSqlite(SyncSqlite):
+class ManualSqlite(SyncDatabase):
     """Interactions wait until the test runs them, like a slow thread pool."""
 
     def __init__(self) -> None:
@@ -37,14 +38,14 @@ class ManualSqlite(SyncSqlite):
 
     def run_next(self) -> None:
         fn, args, d = self.pending.pop(0)
-        SyncSqlite.run_interaction(self, fn, *args).chainDeferred(d)
+        SyncDatabase.run_interaction(self, fn, *args).chainDeferred(d)
 
 
 class AuditTestBase(SynchronousTestCase):
     def setUp(self) -> None:
         self.clock = Clock()
         self.clock.advance(1_700_000_000.25)
-        self.db = SyncSqlite()
+        self.db = SyncDatabase()
         self.audit = AuditLog(self.db, self.clock)
 
     def append(self, event: str = "login", actor: str = "alice", **detail: Any) -> AuditEntry:
@@ -115,7 +116,38 @@ class ChainTests(AuditTestBase):
         self.failureResultOf(self.audit.append("", "y", {}), ValueError)
 
 
+class AppendOnlyTests(AuditTestBase):
+    """The log's database is the production schema, whose triggers keep rows as written."""
+
+    def test_the_database_refuses_to_change_or_delete_an_entry(self) -> None:
+        self.fill(3)
+        for statement in (
+            "UPDATE audit_log SET actor = 'mallory' WHERE seq = 2",
+            "DELETE FROM audit_log WHERE seq = 3",
+        ):
+            failure = self.failureResultOf(self.db.run_operation(statement), sqlite3.IntegrityError)
+            self.assertIn("append-only", str(failure.value))
+
+        def edit(cursor: Any) -> None:
+            cursor.execute("UPDATE audit_log SET detail = '{}' WHERE seq = 1")
+
+        self.failureResultOf(self.db.run_interaction(edit), sqlite3.IntegrityError)
+        self.assertEqual(self.verify(), VerifyResult(True, 3))
+
+    def test_the_log_relies_on_the_migrated_schema(self) -> None:
+        # The table comes from aico.gateway.store.MIGRATIONS only; AuditLog makes none.
+        self.sql("DROP TABLE audit_log")
+        self.failureResultOf(self.audit.append("login", "alice", {}), sqlite3.OperationalError)
+
+
 class TamperTests(AuditTestBase):
+    """Someone with write access to the file drops the triggers and edits the rows."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.sql("DROP TRIGGER audit_log_no_update")
+        self.sql("DROP TRIGGER audit_log_no_delete")
+
     def test_edited_row_is_caught(self) -> None:
         self.fill(5)
         self.sql("UPDATE audit_log SET detail = ? WHERE seq = 3", '{"ip":"10.0.0.1","n":2}')

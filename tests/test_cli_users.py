@@ -5,14 +5,18 @@ from __future__ import annotations
 
 import io
 import json
+import time
 from pathlib import Path
 
 import jwt
 from twisted.trial.unittest import TestCase
 
 from aico.gateway.cli import main
-from aico.gateway.state import bootstrap
+from aico.gateway.security.passwords import verify_password
+from aico.gateway.state import StatePaths, bootstrap
+from aico.gateway.store import SyncDatabase, sync_result
 from aico.gateway.testing.harness import http_client, login, start_gateway
+from aico.gateway.users import UserStore
 
 
 def run(*argv: str, stdin: str = "") -> tuple[int, str, str]:
@@ -42,6 +46,42 @@ class UserCommandTests(TestCase):
         self.assertEqual(code, 0)
         self.assertIn("grace\tuser,device", out)
         self.assertIn("admin\tadmin", out)
+
+    def test_user_add_writes_through_the_gateways_user_store(self) -> None:
+        before = time.time()
+        code, _, _ = run("user", "add", "judy", "--role", "admin", "--role", "device",
+                         "--state-dir", str(self.state), stdin="a-very-good-password\n")
+        self.assertEqual(code, 0)
+        db = SyncDatabase(StatePaths(self.state).registry_db)
+        self.addCleanup(db.close)
+        user = sync_result(UserStore(db).get("judy"))
+        assert user is not None
+        self.assertEqual(
+            (user.username, user.roles, user.disabled, user.failed_logins, user.lockouts),
+            ("judy", ("admin", "device"), False, 0, 0),
+        )
+        self.assertTrue(verify_password(user.password_hash, "a-very-good-password"))
+        self.assertEqual(user.created_at, user.updated_at)
+        self.assertGreaterEqual(user.created_at, before)
+
+    def test_user_list_shows_what_the_user_store_holds(self) -> None:
+        db = SyncDatabase(StatePaths(self.state).registry_db)
+        self.addCleanup(db.close)
+        store = UserStore(db)
+        self.assertTrue(sync_result(store.create("mallory", "hash", ("service",))))
+        self.assertTrue(sync_result(store.update("mallory", disabled=True)))
+        code, out, _ = run("user", "list", "--state-dir", str(self.state))
+        self.assertEqual(code, 0)
+        self.assertEqual(out, "admin\tadmin\nmallory\tservice  (disabled)\n")
+
+    def test_user_commands_need_an_initialised_registry(self) -> None:
+        empty = Path(self.mktemp())
+        code, _, err = run("user", "list", "--state-dir", str(empty))
+        self.assertEqual((code, "run `aico-gateway init` first" in err), (1, True))
+        code, _, err = run("user", "add", "kim", "--state-dir", str(empty),
+                           stdin="a-very-good-password\n")
+        self.assertEqual((code, "run `aico-gateway init` first" in err), (1, True))
+        self.assertFalse(StatePaths(empty).registry_db.exists())
 
     def test_duplicate_and_weak_passwords_are_refused(self) -> None:
         run("user", "add", "heidi", "--state-dir", str(self.state), stdin="a-very-good-password\n")

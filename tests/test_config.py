@@ -88,6 +88,12 @@ class LoadTests(SynchronousTestCase):
     def test_unknown_builtin_module(self) -> None:
         self.assertEqual(self._error('[modules]\nbuiltin = ["chess"]\n').key, "modules.builtin[0]")
 
+    def test_builtin_module_names_are_the_bus_builtins(self) -> None:
+        from aico.bus.builtin import BUILTIN_MODULES
+
+        self.assertEqual(c.BUILTIN_MODULE_NAMES, set(BUILTIN_MODULES))
+        self.assertLessEqual(set(c.Config().modules.builtin), c.BUILTIN_MODULE_NAMES)
+
 
 class ReloadTests(SynchronousTestCase):
     def test_reloadable_and_restart_keys_are_told_apart(self) -> None:

@@ -19,17 +19,17 @@ from cryptography.x509.verification import PolicyBuilder, Store
 from twisted.trial.unittest import SynchronousTestCase
 
 from aico.gateway.devices.ca import load_certificate, save_certificate
+from aico.gateway.security.keys import KeyRing, thumbprint
 from aico.gateway.security.passwords import verify_password
 from aico.gateway.state import (
     BootstrapReport,
     StateDirError,
     StatePaths,
     bootstrap,
-    create_jwt_key,
-    current_kid,
-    jwk_thumbprint,
     resolve_state_dir,
 )
+from aico.gateway.store import SyncDatabase, sync_result
+from aico.gateway.users import UserStore
 
 MODULES = ("conversation", "health")
 
@@ -95,7 +95,8 @@ class BootstrapCreatesTests(_StateTestCase):
         secrets = [
             p.ca_key,
             p.server_key,
-            p.jwt_key(current_kid(p.jwt_dir)),
+            p.jwt_key(KeyRing.load(p.jwt_dir).current_kid),
+            p.jwt_current,
             p.registry_db,
             p.admin_password,
             p.curve.broker_secret,
@@ -138,7 +139,7 @@ class BootstrapCreatesTests(_StateTestCase):
         kid = self.paths.jwt_current.read_text().strip()
         key = serialization.load_pem_private_key(self.paths.jwt_key(kid).read_bytes(), None)
         assert isinstance(key, ed25519.Ed25519PrivateKey)
-        self.assertEqual(jwk_thumbprint(key.public_key()), kid)
+        self.assertEqual(thumbprint(key.public_key()), kid)
         self.assertEqual(self.paths.jwt_current.read_text(), kid + "\n")
 
     def test_curve_keys_load_with_zmq(self) -> None:
@@ -169,6 +170,14 @@ class BootstrapCreatesTests(_StateTestCase):
         self.assertEqual(argon2.extract_parameters(password_hash).type, argon2.Type.ID)
         self.assertTrue(verify_password(password_hash, password))
         self.assertFalse(verify_password(password_hash, password + "x"))
+
+    def test_admin_user_reads_back_through_the_user_store(self) -> None:
+        db = SyncDatabase(self.paths.registry_db)
+        self.addCleanup(db.close)
+        users = sync_result(UserStore(db).list())
+        self.assertEqual([(u.username, u.roles, u.disabled) for u in users], [("admin", ("admin",), False)])
+        password = self.paths.admin_password.read_text().strip()
+        self.assertTrue(verify_password(users[0].password_hash, password))
 
     def test_no_temporary_files_left(self) -> None:
         leftovers = [p for p in self.root.rglob("*.tmp")]
@@ -281,19 +290,28 @@ class RefusalTests(_StateTestCase):
         self.assertRaises(StateDirError, self._bootstrap)
 
 
-class JWTKeyTests(SynchronousTestCase):
+class JWTKeyTests(_StateTestCase):
     def test_thumbprint_matches_rfc8037_vector(self) -> None:
         raw = base64.urlsafe_b64decode(RFC8037_X + "=")
         key = ed25519.Ed25519PublicKey.from_public_bytes(raw)
-        self.assertEqual(jwk_thumbprint(key), RFC8037_THUMBPRINT)
+        self.assertEqual(thumbprint(key), RFC8037_THUMBPRINT)
 
-    def test_create_jwt_key_rotates_current_and_keeps_old_keys(self) -> None:
-        jwt_dir = Path(self.mktemp()) / "jwt"
-        jwt_dir.parent.mkdir()
-        first = create_jwt_key(jwt_dir)
-        second = create_jwt_key(jwt_dir)
+    def test_bootstrap_key_is_the_keyrings_own(self) -> None:
+        self._bootstrap()
+        jwt_dir = StatePaths(self.root).jwt_dir
+        ring = KeyRing.load(jwt_dir)
+        self.assertEqual(ring.kids(), [ring.current_kid])
+        self.assertEqual(_mode(jwt_dir / "current"), 0o600)
+
+    def test_deleted_current_makes_a_new_key_and_keeps_old_keys(self) -> None:
+        jwt_dir = StatePaths(self.root).jwt_dir
+        self._bootstrap()
+        first = (jwt_dir / "current").read_text().strip()
+        (jwt_dir / "current").unlink()
+        self.assertEqual(self._bootstrap().created, ("jwt_key",))
+        second = (jwt_dir / "current").read_text().strip()
         self.assertNotEqual(first, second)
-        self.assertEqual(current_kid(jwt_dir), second)
+        self.assertEqual(KeyRing.load(jwt_dir).current_kid, second)
         self.assertTrue((jwt_dir / f"{first}.pem").exists())
         self.assertEqual(_mode(jwt_dir), 0o700)
         self.assertEqual(_mode(jwt_dir / f"{second}.pem"), 0o600)
@@ -303,18 +321,21 @@ class JWTKeyTests(SynchronousTestCase):
         )
 
     def test_current_naming_a_missing_key_is_refused(self) -> None:
-        jwt_dir = Path(self.mktemp()) / "jwt"
-        jwt_dir.parent.mkdir()
-        kid = create_jwt_key(jwt_dir)
+        self._bootstrap()
+        jwt_dir = StatePaths(self.root).jwt_dir
+        kid = KeyRing.load(jwt_dir).current_kid
         (jwt_dir / f"{kid}.pem").unlink()
-        self.assertRaises(StateDirError, current_kid, jwt_dir)
+        with self.assertRaises(StateDirError) as cm:
+            self._bootstrap()
+        self.assertIn(f"{kid}.pem is missing", str(cm.exception))
+        self.assertFalse((jwt_dir / f"{kid}.pem").exists())
+        self.assertEqual((jwt_dir / "current").read_text(), kid + "\n")
 
     def test_current_with_path_characters_is_refused(self) -> None:
-        jwt_dir = Path(self.mktemp()) / "jwt"
-        jwt_dir.parent.mkdir()
-        create_jwt_key(jwt_dir)
+        self._bootstrap()
+        jwt_dir = StatePaths(self.root).jwt_dir
         (jwt_dir / "current").write_text("../../etc/passwd\n")
-        self.assertRaises(StateDirError, current_kid, jwt_dir)
+        self.assertRaises(StateDirError, self._bootstrap)
 
 
 class PathsTests(SynchronousTestCase):

@@ -10,11 +10,18 @@ from typing import Any
 
 from twisted.enterprise.adbapi import Transaction
 from twisted.internet import reactor
-from twisted.internet.defer import inlineCallbacks
+from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from aico.gateway import store
-from aico.gateway.store import SCHEMA_VERSION, Database, SchemaError, migrate_sync
+from aico.gateway.store import (
+    SCHEMA_VERSION,
+    Database,
+    SchemaError,
+    SyncDatabase,
+    migrate_sync,
+    sync_result,
+)
 
 TABLES = {"users", "revoked_tokens", "refresh_tokens", "audit_log", "devices"}
 
@@ -185,3 +192,95 @@ class DatabaseTests(TestCase):
         yield db.run_operation("INSERT INTO t VALUES (?)", (7,))
         rows = yield db.run_query("SELECT x FROM t")
         self.assertEqual(rows, [(7,)])
+
+
+def _schema(conn: sqlite3.Connection) -> list[tuple[str, str, str]]:
+    rows = conn.execute("SELECT type, name, sql FROM sqlite_master ORDER BY type, name")
+    return [(t, n, s) for t, n, s in rows]
+
+
+class SyncDatabaseTests(SynchronousTestCase):
+    """The synchronous DatabaseLike of the bootstrap, the CLI and the unit tests."""
+
+    def setUp(self) -> None:
+        self.db = SyncDatabase()
+        self.addCleanup(self.db.close)
+
+    def test_it_has_exactly_the_migrated_schema_triggers_and_indexes_included(self) -> None:
+        path = Path(self.mktemp())
+        migrate_sync(path)
+        conn = sqlite3.connect(path)
+        try:
+            expected = _schema(conn)
+        finally:
+            conn.close()
+        self.assertEqual(_schema(self.db.conn), expected)
+        kinds = {t for t, _, _ in expected}
+        self.assertEqual(kinds, {"table", "index", "trigger"})
+        self.assertEqual(self.db.migrated, (0, SCHEMA_VERSION))
+
+    def test_a_file_is_created_0600_and_migrated_once(self) -> None:
+        path = Path(self.mktemp())
+        first = SyncDatabase(path)
+        first.close()
+        self.assertEqual(first.migrated, (0, SCHEMA_VERSION))
+        self.assertEqual(stat.S_IMODE(path.stat().st_mode), 0o600)
+        again = SyncDatabase(path)
+        self.addCleanup(again.close)
+        self.assertEqual(again.migrated, (SCHEMA_VERSION, SCHEMA_VERSION))
+
+    def test_a_newer_file_is_refused(self) -> None:
+        path = Path(self.mktemp())
+        conn = sqlite3.connect(path)
+        conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+        conn.close()
+        self.assertRaises(SchemaError, SyncDatabase, path)
+
+    def test_every_answer_has_already_fired(self) -> None:
+        self.assertIsNone(
+            self.successResultOf(
+                self.db.run_operation(
+                    "INSERT INTO revoked_tokens (jti, expires_at) VALUES (?, ?)", ("a", 1.0)
+                )
+            )
+        )
+        self.assertEqual(
+            self.successResultOf(self.db.run_query("SELECT jti, expires_at FROM revoked_tokens")),
+            [("a", 1.0)],
+        )
+        self.failureResultOf(self.db.run_query("SELECT nothing FROM nowhere"), sqlite3.Error)
+        self.failureResultOf(
+            self.db.run_operation("INSERT INTO revoked_tokens (jti, expires_at) VALUES ('a', 2)"),
+            sqlite3.IntegrityError,
+        )
+
+    def test_interaction_commits_its_result_or_rolls_back(self) -> None:
+        def add(cursor: sqlite3.Cursor, jti: str, fail: bool) -> int:
+            cursor.execute("INSERT INTO revoked_tokens (jti, expires_at) VALUES (?, 1)", (jti,))
+            if fail:
+                raise ValueError("boom")
+            return int(cursor.execute("SELECT COUNT(*) FROM revoked_tokens").fetchone()[0])
+
+        self.assertEqual(self.successResultOf(self.db.run_interaction(add, "a", False)), 1)
+        self.failureResultOf(self.db.run_interaction(add, "b", True), ValueError)
+        self.assertFalse(self.db.conn.in_transaction)
+        self.assertEqual(
+            self.successResultOf(self.db.run_query("SELECT jti FROM revoked_tokens")), [("a",)]
+        )
+
+    def test_sync_result_takes_a_stores_coroutine_at_once(self) -> None:
+        async def count() -> int:
+            rows = await self.db.run_query("SELECT COUNT(*) FROM users")
+            return int(rows[0][0])
+
+        async def broken() -> None:
+            await self.db.run_query("SELECT nothing FROM nowhere")
+
+        self.assertEqual(sync_result(count()), 0)
+        self.assertEqual(sync_result(self.db.run_query("SELECT 1")), [(1,)])
+        self.assertRaises(sqlite3.OperationalError, sync_result, broken())
+
+    def test_sync_result_refuses_work_that_waits_for_a_reactor(self) -> None:
+        waiting: Deferred[int] = Deferred()
+        self.assertRaises(RuntimeError, sync_result, waiting)
+        self.assertTrue(waiting.called)  # cancelled: nothing is left waiting

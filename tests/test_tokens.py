@@ -6,6 +6,7 @@ import base64
 import hashlib
 import hmac
 import json
+import sqlite3
 import time
 from pathlib import Path
 from typing import Any, TypeVar
@@ -34,7 +35,7 @@ from aico.gateway.security.tokens import (
     TokenRevoked,
     TokenService,
 )
-from tests.fakes import SyncSqlite
+from aico.gateway.store import SyncDatabase
 
 T = TypeVar("T")
 START = 1_700_000_000.0
@@ -591,14 +592,21 @@ class RefreshTests(TokenTestBase):
 
     def test_stores_provide_the_interface(self) -> None:
         verifyObject(IRevocationStore, MemoryRevocationStore())
-        db = SyncSqlite(":memory:")
+        db = SyncDatabase(":memory:")
         self.addCleanup(db.close)
         verifyObject(IRevocationStore, SqliteRevocationStore(db, self.clock))
 
+    def test_sqlite_store_relies_on_the_migrated_schema(self) -> None:
+        # The tables come from aico.gateway.store.MIGRATIONS only; the store makes none.
+        db = SyncDatabase(":memory:")
+        self.addCleanup(db.close)
+        db.conn.execute("DROP TABLE revoked_tokens")
+        self.failureResultOf(SqliteRevocationStore(db, self.clock).load(), sqlite3.OperationalError)
+
 
 class PersistenceTests(TokenTestBase):
-    def _start(self, path: str) -> tuple[TokenService, SqliteRevocationStore, SyncSqlite]:
-        db = SyncSqlite(path)
+    def _start(self, path: str) -> tuple[TokenService, SqliteRevocationStore, SyncDatabase]:
+        db = SyncDatabase(path)
         self.addCleanup(db.close)
         store = SqliteRevocationStore(db, self.clock)
         self.successResultOf(store.load())
@@ -650,7 +658,7 @@ class PersistenceTests(TokenTestBase):
         self.assertFalse(store.refresh)
 
 
-class ManualOperations(SyncSqlite):
+class ManualOperations(SyncDatabase):
     """run_operation waits until the test lets it run, like a busy thread pool."""
 
     def __init__(self) -> None:

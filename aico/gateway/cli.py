@@ -26,13 +26,14 @@ import argparse
 import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from contextlib import redirect_stderr, redirect_stdout
+from contextlib import closing, redirect_stderr, redirect_stdout
 from dataclasses import dataclass
 from typing import Any, TextIO
 
 from aico.gateway import config as _config
 from aico.gateway.state import StateDirError, StatePaths, bootstrap, resolve_state_dir
-from aico.gateway.store import SchemaError
+from aico.gateway.store import SchemaError, SyncDatabase, sync_result
+from aico.gateway.users import UserStore
 
 __all__ = [
     "ENV_CONFIG",
@@ -200,13 +201,20 @@ def _add_user(subparsers: _Subparsers) -> None:
     listing.set_defaults(handler=_cmd_user_list)
 
 
+def _open_registry(paths: StatePaths) -> closing[SyncDatabase]:
+    """The registry of *paths*, opened for :class:`UserStore` (it must exist already)."""
+    if not paths.registry_db.exists():
+        raise _Exit(EXIT_FAILURE, f"{paths.registry_db}: no registry; run `aico-gateway init` first")
+    try:
+        return closing(SyncDatabase(paths.registry_db))
+    except SchemaError as e:
+        raise _Exit(EXIT_FAILURE, str(e)) from e
+
+
 def _cmd_user_add(args: argparse.Namespace, ctx: Context) -> int:
-    import json
     import re
-    import time
 
     from aico.gateway.security.passwords import hash_password
-    from aico.gateway.store import connect_sync
 
     paths, config = state_paths(args, ctx.env)
     if not re.fullmatch(r"(?!\.+$)[A-Za-z0-9._-]{1,64}", args.username):
@@ -218,43 +226,23 @@ def _cmd_user_add(args: argparse.Namespace, ctx: Context) -> int:
         password = sys.stdin.readline().strip("\r\n")
     if len(password) < config.auth.password_min_length:
         raise _Exit(EXIT_USAGE, f"password: at least {config.auth.password_min_length} characters")
-    if not paths.registry_db.exists():
-        raise _Exit(EXIT_FAILURE, f"{paths.registry_db}: no registry; run `aico-gateway init` first")
     roles = args.roles or ["user"]
-    hashed = hash_password(password)
-    now = time.time()
-    conn = connect_sync(paths.registry_db)
-    try:
-        with conn:
-            cur = conn.execute(
-                "INSERT INTO users (username, password_hash, roles, created_at, updated_at) "
-                "VALUES (?, ?, ?, ?, ?) ON CONFLICT(username) DO NOTHING",
-                (args.username, hashed, json.dumps(roles), now, now),
-            )
-    finally:
-        conn.close()
-    if cur.rowcount != 1:
+    with _open_registry(paths) as db:
+        hashed = hash_password(password)
+        created = sync_result(UserStore(db).create(args.username, hashed, tuple(roles)))
+    if not created:
         raise _Exit(EXIT_FAILURE, f"user {args.username!r} already exists")
     print(f"created user {args.username} with roles {', '.join(roles)}", file=ctx.out)
     return EXIT_OK
 
 
 def _cmd_user_list(args: argparse.Namespace, ctx: Context) -> int:
-    import json
-
-    from aico.gateway.store import connect_sync
-
     paths, _ = state_paths(args, ctx.env)
-    if not paths.registry_db.exists():
-        raise _Exit(EXIT_FAILURE, f"{paths.registry_db}: no registry; run `aico-gateway init` first")
-    conn = connect_sync(paths.registry_db)
-    try:
-        rows = conn.execute("SELECT username, roles, disabled FROM users ORDER BY username").fetchall()
-    finally:
-        conn.close()
-    for username, roles, disabled in rows:
-        flag = "  (disabled)" if disabled else ""
-        print(f"{username}\t{','.join(json.loads(roles))}{flag}", file=ctx.out)
+    with _open_registry(paths) as db:
+        users = sync_result(UserStore(db).list())
+    for user in users:
+        flag = "  (disabled)" if user.disabled else ""
+        print(f"{user.username}\t{','.join(user.roles)}{flag}", file=ctx.out)
     return EXIT_OK
 
 

@@ -87,6 +87,12 @@ class BusSection:
     start_timeout: float = 30.0
 
 
+#: The names of :data:`aico.bus.builtin.BUILTIN_MODULES`, which this module does not import:
+#: that would load the modules themselves (twisted.internet, asyncio, protobuf) into every
+#: ``aico-gateway config check``. ``tests/test_config.py`` checks that the two agree.
+BUILTIN_MODULE_NAMES: frozenset[str] = frozenset({"conversation", "health"})
+
+
 @dataclass(frozen=True)
 class ModulesSection:
     #: Built-in backend modules to run in the gateway process.
@@ -395,9 +401,8 @@ def _check(c: Config) -> None:
         for attr in ("requests", "per_seconds", "burst"):
             if getattr(tier, attr) <= 0:
                 raise ConfigError(f"ratelimit.tiers.{tier_name}.{attr}", "must be greater than 0", src)
-    known = {"conversation", "health"}
     for i, name in enumerate(c.modules.builtin):
-        if name not in known:
+        if name not in BUILTIN_MODULE_NAMES:
             raise ConfigError(f"modules.builtin[{i}]", f"unknown built-in module {name!r}", src)
 
 

@@ -26,32 +26,28 @@ so it is quietly tightened to 0600 (with a warning in the log).
 
 from __future__ import annotations
 
-import base64
 import fcntl
-import hashlib
-import json
 import os
-import re
 import secrets
 import sqlite3
 import stat
-import time
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 import platformdirs
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ed25519
 from twisted.logger import Logger
 
 from aico.bus.curve import CurveLayout, create_keypair, ensure_client
-from aico.gateway.devices.ca import DeviceCA, load_certificate, load_private_key, write_file
+from aico.files import write_atomic
+from aico.gateway.devices.ca import DeviceCA, load_certificate, load_private_key
 from aico.gateway.devices.ca import save_certificate as _save_certificate
 from aico.gateway.devices.ca import save_private_key as _save_private_key
+from aico.gateway.security.keys import KeyRing, KeyRingError, read_current_kid
 from aico.gateway.security.passwords import hash_password
-from aico.gateway.store import SCHEMA_VERSION, connect_sync, migrate_sync, schema_version
+from aico.gateway.store import SCHEMA_VERSION, SyncDatabase, schema_version, sync_result
+from aico.gateway.users import UserStore
 
 __all__ = [
     "ADMIN_USERNAME",
@@ -60,9 +56,6 @@ __all__ = [
     "StateDirError",
     "StatePaths",
     "bootstrap",
-    "create_jwt_key",
-    "current_kid",
-    "jwk_thumbprint",
     "resolve_state_dir",
 ]
 
@@ -75,8 +68,6 @@ ADMIN_USERNAME = "admin"
 #: Host names and addresses in the server certificate.
 SERVER_HOSTNAMES = ("localhost",)
 SERVER_IPS = ("127.0.0.1", "::1")
-
-_KID = re.compile(r"[A-Za-z0-9_-]{43}")
 
 _log = Logger()
 
@@ -162,56 +153,6 @@ def resolve_state_dir(cli: str | None, env: Mapping[str, str], config_value: str
         if value:
             return Path(value).expanduser().absolute()
     return Path(platformdirs.user_data_dir(APP_NAME, appauthor=False))
-
-
-# --------------------------------------------------------------------------- JWT keys
-
-
-def _b64url(data: bytes) -> str:
-    return base64.urlsafe_b64encode(data).decode("ascii").rstrip("=")
-
-
-def jwk_thumbprint(public_key: ed25519.Ed25519PublicKey) -> str:
-    """The RFC 7638 JWK thumbprint (SHA-256, base64url) of an Ed25519 public key (RFC 8037)."""
-    raw = public_key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
-    # Required members only, in lexicographic order, no whitespace (RFC 7638 §3.2).
-    members = json.dumps(
-        {"crv": "Ed25519", "kty": "OKP", "x": _b64url(raw)}, separators=(",", ":"), sort_keys=True
-    )
-    return _b64url(hashlib.sha256(members.encode("ascii")).digest())
-
-
-def create_jwt_key(jwt_dir: Path) -> str:
-    """Make a new Ed25519 signing key and make it current; returns its kid.
-
-    Writes ``jwt_dir/<kid>.pem`` (PKCS#8 PEM, unencrypted, 0600), then replaces
-    ``jwt_dir/current`` atomically. Older keys stay, so tokens they signed still verify
-    until the keyring drops them. This is also how to rotate the key.
-    """
-    _ensure_dir(jwt_dir)
-    key = ed25519.Ed25519PrivateKey.generate()
-    kid = jwk_thumbprint(key.public_key())
-    pem = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.PKCS8,
-        serialization.NoEncryption(),
-    )
-    write_file(jwt_dir / f"{kid}.pem", pem, 0o600)
-    write_file(jwt_dir / "current", f"{kid}\n".encode("ascii"), 0o644, overwrite=True)
-    return kid
-
-
-def current_kid(jwt_dir: Path) -> str:
-    """The kid named by ``jwt_dir/current`` (validated; its key file must exist)."""
-    kid = (jwt_dir / "current").read_text(encoding="ascii").strip()
-    if not _KID.fullmatch(kid):
-        raise StateDirError(f"{jwt_dir / 'current'} does not hold a key id")
-    if not (jwt_dir / f"{kid}.pem").is_file():
-        raise StateDirError(
-            f"{jwt_dir / 'current'} names {kid}, but {kid}.pem is missing; restore it from a "
-            "backup, or delete 'current' to make a new key (tokens already issued become invalid)"
-        )
-    return kid
 
 
 # --------------------------------------------------------------------------- bootstrap
@@ -343,12 +284,24 @@ def _ensure_server_cert(paths: StatePaths, ca: DeviceCA) -> bool:
 
 
 def _ensure_jwt_key(paths: StatePaths) -> bool:
-    if paths.jwt_current.exists():
-        kid = current_kid(paths.jwt_dir)
-        _tighten(paths.jwt_key(kid))
-        return False
-    create_jwt_key(paths.jwt_dir)
-    return True
+    """The first signing key (:meth:`KeyRing.generate`), or check the one ``current`` names."""
+    if not paths.jwt_current.exists():
+        _ensure_dir(paths.jwt_dir)
+        KeyRing.generate(paths.jwt_dir)
+        return True
+    try:
+        kid = read_current_kid(paths.jwt_dir)
+    except KeyRingError as e:
+        raise StateDirError(
+            f"{e}; delete it to make a new key (tokens already issued become invalid)"
+        ) from e
+    if not paths.jwt_key(kid).is_file():
+        raise StateDirError(
+            f"{paths.jwt_current} names {kid}, but {kid}.pem is missing; restore it from a "
+            "backup, or delete 'current' to make a new key (tokens already issued become invalid)"
+        )
+    _tighten(paths.jwt_key(kid))
+    return False
 
 
 def _ensure_curve(paths: StatePaths, clients: Sequence[str]) -> list[str]:
@@ -395,59 +348,41 @@ def _registry_complete(path: Path) -> bool:
         conn.close()
 
 
-def _ensure_registry(paths: StatePaths) -> list[str]:
-    before, after = migrate_sync(paths.registry_db)
+def _ensure_registry(paths: StatePaths, db: SyncDatabase) -> list[str]:
+    """Report what opening *db* (which migrates) did; the file is 0600."""
     _tighten(paths.registry_db)
+    before, after = db.migrated
     if before == after:
         return []
     return ["registry_db"] if before == 0 else [f"registry_db: schema {before} -> {after}"]
 
 
-def _ensure_admin(paths: StatePaths) -> bool:
+def _ensure_admin(paths: StatePaths, users: UserStore) -> bool:
     """Create ``admin`` if the users table is empty (a fresh registry).
 
     Keyed on the table, not the password file: operators are told to delete the file
     once they have changed the password, and a deleted ``admin`` (with other users left)
     must not come back. If the table is empty but the file exists (the registry was
-    deleted), the password in the file is reused, so the file never goes stale.
+    deleted), the password in the file is reused, so the file never goes stale. The
+    insert itself happens only while the table is still empty
+    (:meth:`UserStore.create_first`), so concurrent bootstraps never create two.
     """
-    conn = connect_sync(paths.registry_db)
-    try:
-        (count,) = conn.execute("SELECT COUNT(*) FROM users").fetchone()
-        if count:
-            return False
-        if paths.admin_password.exists():
-            _tighten(paths.admin_password)
-            password = paths.admin_password.read_text(encoding="utf-8").strip()
-            if not password:
-                raise StateDirError(f"{paths.admin_password} is empty; delete it and start again")
-        else:
-            password = secrets.token_urlsafe(18)
-            # The file first: a crash before the insert leaves a file that the next run
-            # reuses, never a user whose password nobody knows.
-            write_file(paths.admin_password, f"{password}\n".encode(), 0o600)
-        password_hash = hash_password(password)
-        del password
-        now = time.time()
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            (count,) = conn.execute("SELECT COUNT(*) FROM users").fetchone()
-            if count:  # another process got there first
-                conn.execute("ROLLBACK")
-                return False
-            conn.execute(
-                "INSERT INTO users (username, password_hash, roles, created_at, updated_at)"
-                " VALUES (?, ?, ?, ?, ?)",
-                (ADMIN_USERNAME, password_hash, json.dumps(["admin"]), now, now),
-            )
-            conn.execute("COMMIT")
-        except BaseException:
-            if conn.in_transaction:
-                conn.execute("ROLLBACK")
-            raise
-        return True
-    finally:
-        conn.close()
+    if sync_result(users.count()):
+        return False
+    if paths.admin_password.exists():
+        _tighten(paths.admin_password)
+        password = paths.admin_password.read_text(encoding="utf-8").strip()
+        if not password:
+            raise StateDirError(f"{paths.admin_password} is empty; delete it and start again")
+    else:
+        password = secrets.token_urlsafe(18)
+        # The file first: a crash before the insert leaves a file that the next run
+        # reuses, never a user whose password nobody knows.
+        write_atomic(paths.admin_password, f"{password}\n".encode(), 0o600, overwrite=False)
+    password_hash = hash_password(password)
+    del password
+    # False: another process got there first.
+    return sync_result(users.create_first(ADMIN_USERNAME, password_hash, ("admin",)))
 
 
 def bootstrap(root: Path, builtin_modules: Sequence[str] = ()) -> BootstrapReport:
@@ -476,9 +411,10 @@ def bootstrap(root: Path, builtin_modules: Sequence[str] = ()) -> BootstrapRepor
         if _registry_complete(paths.registry_db):
             _tighten(paths.registry_db)
         else:
-            created += _ensure_registry(paths)
-            if _ensure_admin(paths):
-                created.append("admin_user")
+            with closing(SyncDatabase(paths.registry_db)) as db:
+                created += _ensure_registry(paths, db)
+                if _ensure_admin(paths, UserStore(db)):
+                    created.append("admin_user")
     for item in created:
         _log.info("state directory {root}: created {item}", root=str(root), item=item)
     return BootstrapReport(paths, tuple(created))

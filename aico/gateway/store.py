@@ -9,6 +9,10 @@ The schema is plain SQL that libSQL also accepts (no SQLite-only extensions beyo
   exactly one connection (SQLite has one writer anyway; one connection also means one
   consistent view and no ``database is locked`` between our own threads), in WAL mode with
   foreign keys on and a busy timeout for other processes (the CLI) touching the same file.
+* :class:`SyncDatabase` is the same :class:`DatabaseLike` on one connection in the calling
+  thread, migrated when opened, whose Deferreds have already fired: the bootstrap and the
+  CLI use it (through the same stores as the gateway, with :func:`sync_result`), and so
+  do tests, so everything runs on the one schema in :data:`MIGRATIONS`.
 
 Every table's columns are documented in ``docs/state.md``. Booleans are INTEGER 0/1,
 times are REAL seconds since the epoch, lists and objects are JSON text.
@@ -18,23 +22,27 @@ from __future__ import annotations
 
 import os
 import sqlite3
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar, cast
 
 from twisted.enterprise import adbapi
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.interfaces import IReactorCore
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 __all__ = [
     "MIGRATIONS",
     "SCHEMA_VERSION",
     "Database",
+    "DatabaseLike",
     "SchemaError",
+    "SyncDatabase",
     "connect_sync",
     "migrate_sync",
     "schema_version",
+    "sync_result",
 ]
 
 P = ParamSpec("P")
@@ -262,3 +270,94 @@ class Database:
     def close(self) -> None:
         """Stop the pool's thread and close the connection (queued work finishes first)."""
         self._pool.close()
+
+
+class SyncDatabase:
+    """The registry on one stdlib connection in the calling thread; the :class:`DatabaseLike`
+    of the bootstrap, the CLI and the tests.
+
+    Opening *path* (a file, created 0600 if missing, or ``":memory:"``) configures the
+    connection like :class:`Database`'s and brings the schema to :data:`SCHEMA_VERSION`
+    with :data:`MIGRATIONS`, triggers and indexes included (raising :class:`SchemaError`
+    for a newer file); :attr:`migrated` tells what that did. Every method blocks, then
+    returns a Deferred that has already fired (with the result, or with the failure), so
+    :func:`sync_result` can take the result of a store's coroutine at once. The
+    connection is in autocommit mode: each statement commits by itself, and
+    :meth:`run_interaction` wraps its function in one write transaction.
+    """
+
+    def __init__(self, path: Path | str = ":memory:") -> None:
+        self.path = str(path)
+        #: The stdlib connection (tests read and tamper with the tables through it).
+        self.conn = connect_sync(path)
+        try:
+            #: ``(before, after)`` schema versions of this open (equal when nothing changed).
+            self.migrated: tuple[int, int] = _migrate(self.conn)
+        except BaseException:
+            self.conn.close()
+            raise
+
+    def run_query(self, sql: str, params: Params = ()) -> Deferred[list[tuple[Any, ...]]]:
+        """Execute one statement and fetch every row."""
+        try:
+            rows: list[tuple[Any, ...]] = self.conn.execute(sql, _params(params)).fetchall()
+        except Exception:
+            return fail()
+        return succeed(rows)
+
+    def run_operation(self, sql: str, params: Params = ()) -> Deferred[None]:
+        """Execute one statement; no result."""
+        try:
+            self.conn.execute(sql, _params(params))
+        except Exception:
+            return fail()
+        return succeed(None)
+
+    def run_interaction(
+        self,
+        fn: Callable[Concatenate[sqlite3.Cursor, P], T],
+        *args: P.args,
+        **kwargs: P.kwargs,
+    ) -> Deferred[T]:
+        """Run ``fn(cursor, *args, **kwargs)`` in one transaction, taken with the write
+        lock up front (``BEGIN IMMEDIATE``): it commits when *fn* returns and rolls back
+        if it raises."""
+        try:
+            self.conn.execute("BEGIN IMMEDIATE")
+        except Exception:
+            return fail()
+        try:
+            result = fn(self.conn.cursor(), *args, **kwargs)
+        except Exception:
+            failure = Failure()
+            self.conn.execute("ROLLBACK")
+            return fail(failure)
+        try:
+            self.conn.execute("COMMIT")
+        except Exception:
+            failure = Failure()
+            if self.conn.in_transaction:
+                self.conn.execute("ROLLBACK")
+            return fail(failure)
+        return succeed(result)
+
+    def close(self) -> None:
+        self.conn.close()
+
+
+def sync_result(work: Deferred[T] | Coroutine[Any, Any, T]) -> T:
+    """The result of *work*, which must already be done: a Deferred that has fired, or a
+    coroutine that awaits only such Deferreds (a store's method over a
+    :class:`SyncDatabase`). Raises the failure's exception; raises RuntimeError, after
+    cancelling it, if *work* is still waiting for something.
+    """
+    d: Deferred[T] = work if isinstance(work, Deferred) else Deferred.fromCoroutine(work)
+    outcome: list[T | Failure] = []
+    d.addBoth(outcome.append)
+    if not outcome:
+        d.cancel()
+        raise RuntimeError(f"{work!r} has not finished; it needs a reactor")
+    result = outcome[0]
+    if isinstance(result, Failure):
+        result.raiseException()
+    return result

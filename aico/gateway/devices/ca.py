@@ -22,8 +22,6 @@ import base64
 import datetime
 import hashlib
 import ipaddress
-import os
-import tempfile
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -34,6 +32,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from aico.files import write_atomic
 
 __all__ = [
     "CA_DAYS",
@@ -54,7 +54,6 @@ __all__ = [
     "parse_device_id",
     "save_certificate",
     "save_private_key",
-    "write_file",
 ]
 
 #: Validity of the device CA certificate (10 years).
@@ -330,31 +329,6 @@ def device_id(cert: x509.Certificate | bytes) -> str:
 # --------------------------------------------------------------------------- files
 
 
-def write_file(path: Path, data: bytes, mode: int, *, overwrite: bool = False) -> None:
-    """Write *data* to *path* with *mode*, atomically.
-
-    The bytes go to a temporary file in the same directory, created with *mode* (so a
-    secret is never readable by others, not even briefly) and fsynced. Without
-    *overwrite* it is then hard-linked into place, which raises FileExistsError if *path*
-    exists; with *overwrite* it replaces *path*. Either way no reader ever sees a
-    partial file.
-    """
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        if overwrite:
-            os.replace(tmp, path)
-        else:
-            os.link(tmp, path)
-    finally:
-        if os.path.lexists(tmp):
-            os.unlink(tmp)
-
-
 def save_private_key(
     path: Path, key: ec.EllipticCurvePrivateKey, *, overwrite: bool = False
 ) -> None:
@@ -364,12 +338,12 @@ def save_private_key(
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    write_file(path, data, 0o600, overwrite=overwrite)
+    write_atomic(path, data, 0o600, overwrite=overwrite)
 
 
 def save_certificate(path: Path, cert: x509.Certificate, *, overwrite: bool = False) -> None:
     """Write *cert* as PEM, mode 0644 (never overwrites unless asked)."""
-    write_file(path, cert.public_bytes(serialization.Encoding.PEM), 0o644, overwrite=overwrite)
+    write_atomic(path, cert.public_bytes(serialization.Encoding.PEM), 0o644, overwrite=overwrite)
 
 
 def load_certificate(path: Path) -> x509.Certificate:

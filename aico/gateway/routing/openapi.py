@@ -13,9 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from aico.gateway.routing.messages import Request, Response
-from aico.gateway.routing.table import RouteEntry, RouteTable
-
-_PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+from aico.gateway.routing.table import PLACEHOLDER, RouteEntry, RouteTable
 
 PROBLEM_SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -62,7 +60,7 @@ def operation(entry: RouteEntry) -> dict[str, Any]:
     }
     params: list[dict[str, Any]] = [
         {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
-        for name in _PLACEHOLDER.findall(entry.path)
+        for name in PLACEHOLDER.findall(entry.path)
     ]
     if entry.streaming:
         params.append({

@@ -21,7 +21,8 @@ from aico.gateway.routing.messages import Request, Response
 
 Handler = Callable[[Request], "Deferred[Response] | Awaitable[Response] | Response"]
 
-_PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+#: A ``{name}`` placeholder in a route template (the OpenAPI document reads them too).
+PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE"})
 
 
@@ -67,7 +68,7 @@ class RouteEntry:
 def _compile(template: str) -> re.Pattern[str]:
     pattern = ""
     pos = 0
-    for m in _PLACEHOLDER.finditer(template):
+    for m in PLACEHOLDER.finditer(template):
         pattern += re.escape(template[pos : m.start()]) + "([^/]+)"
         pos = m.end()
     pattern += re.escape(template[pos:])
@@ -76,7 +77,7 @@ def _compile(template: str) -> re.Pattern[str]:
 
 def _template_key(path: str) -> str:
     """Two templates that match the same paths share a key (names don't matter)."""
-    return _PLACEHOLDER.sub("{}", path)
+    return PLACEHOLDER.sub("{}", path)
 
 
 class RouteTable:
@@ -133,7 +134,7 @@ class RouteTable:
         if not groups:
             return entry, {}
         # Placeholders are positional: each method's template may name them its own way.
-        names = _PLACEHOLDER.findall(entry.path)
+        names = PLACEHOLDER.findall(entry.path)
         return entry, {n: unquote(v) for n, v in zip(names, groups, strict=True)}
 
     def with_routes(self, owner: str, entries: Iterable[RouteEntry]) -> RouteTable:

@@ -26,7 +26,6 @@ from __future__ import annotations
 import builtins
 import hashlib
 import json
-import os
 import re
 import sqlite3
 from collections.abc import Mapping, Sequence
@@ -38,19 +37,13 @@ from twisted.internet.defer import Deferred, DeferredLock
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from aico.files import write_atomic
 from aico.gateway.store import DatabaseLike
 
 T = TypeVar("T")
 
 GENESIS_HASH = "0" * 64
 MAX_LIST = 1000
-
-#: Table of :class:`AuditLog` (idempotent).
-AUDIT_SCHEMA = (
-    "CREATE TABLE IF NOT EXISTS audit_log ("
-    "seq INTEGER PRIMARY KEY, ts REAL NOT NULL, event TEXT NOT NULL, actor TEXT NOT NULL, "
-    "detail TEXT NOT NULL, prev_hash TEXT NOT NULL, hash TEXT NOT NULL)",
-)
 
 # Key names that must never reach the audit log, matched on the lower-cased key with
 # "-" and " " read as "_": names that *end* in a secret's name (``password``,
@@ -142,7 +135,11 @@ def entry_hash(prev_hash: str, seq: int, ts: float, event: str, actor: str, deta
 
 
 class AuditLog:
-    """Append, list and verify the audit chain in the ``audit_log`` table."""
+    """Append, list and verify the audit chain in the ``audit_log`` table.
+
+    *db* holds the registry schema (:data:`aico.gateway.store.MIGRATIONS`, whose
+    triggers refuse to change or delete a row); this class creates no table.
+    """
 
     log = Logger()
 
@@ -156,15 +153,8 @@ class AuditLog:
         self._clock = clock
         self._lock = DeferredLock()
         self._anchor = Path(anchor_path) if anchor_path is not None else None
-        self._schema_ready = False
         #: (seq, hash) of the newest entry this process wrote or saw.
         self.head: tuple[int, str] | None = None
-
-    async def _ensure_schema(self) -> None:
-        if not self._schema_ready:
-            for stmt in AUDIT_SCHEMA:
-                await self._db.run_operation(stmt, ())
-            self._schema_ready = True
 
     # ------------------------------------------------------------------ append
 
@@ -185,7 +175,6 @@ class AuditLog:
         return self._lock.run(self._append, event, actor, stored)
 
     async def _append(self, event: str, actor: str, detail: dict[str, Any]) -> AuditEntry:
-        await self._ensure_schema()
         ts = self._clock.seconds()
         entry = await self._db.run_interaction(
             _append_interaction, ts, event, actor, detail, self._anchor
@@ -206,7 +195,6 @@ class AuditLog:
         return Deferred.fromCoroutine(self._list(limit, after_seq or 0))
 
     async def _list(self, limit: int, after: int) -> builtins.list[AuditEntry]:
-        await self._ensure_schema()
         rows = await self._db.run_query(
             "SELECT seq, ts, event, actor, detail, prev_hash, hash FROM audit_log "
             "WHERE seq > ? ORDER BY seq LIMIT ?",
@@ -220,7 +208,6 @@ class AuditLog:
         return Deferred.fromCoroutine(self._latest(limit))
 
     async def _latest(self, limit: int) -> builtins.list[AuditEntry]:
-        await self._ensure_schema()
         rows = await self._db.run_query(
             "SELECT seq, ts, event, actor, detail, prev_hash, hash FROM audit_log "
             "ORDER BY seq DESC LIMIT ?",
@@ -235,7 +222,6 @@ class AuditLog:
         return self._lock.run(self._verify)
 
     async def _verify(self) -> VerifyResult:
-        await self._ensure_schema()
         result = await self._db.run_interaction(_verify_interaction, self.head, self._anchor)
         if not result.ok:
             self.log.warn(
@@ -284,11 +270,7 @@ def _append_interaction(
 
 
 def _write_anchor(path: Path, seq: int, h: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w", encoding="ascii") as f:
-        json.dump({"seq": seq, "hash": h}, f)
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps({"seq": seq, "hash": h}).encode("ascii"), 0o600)
 
 
 def _read_anchor(path: Path) -> tuple[int, str] | None:

@@ -1,8 +1,9 @@
 """The JWT signing keyring: Ed25519 keys on disk, named by their RFC 7638 thumbprint.
 
-On-disk layout (``STATE_DIR/jwt/``, written by the bootstrap and by :meth:`KeyRing.rotate`)::
+On-disk layout (``STATE_DIR/jwt/``, made by :meth:`KeyRing.generate`, which the bootstrap
+calls, and changed by :meth:`KeyRing.rotate`); every file is mode 0600::
 
-    jwt/<kid>.pem      PKCS#8 PEM, unencrypted, mode 0600; kid = RFC 7638 thumbprint
+    jwt/<kid>.pem      PKCS#8 PEM, unencrypted; kid = RFC 7638 thumbprint
     jwt/current        the kid that signs new tokens
     jwt/retired.json   {"<kid>": <unix time after which it no longer verifies>, ...}
 
@@ -21,8 +22,6 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import os
-import secrets
 import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -35,6 +34,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PublicKey,
 )
 from twisted.logger import Logger
+
+from aico.files import write_atomic
 
 CURRENT_FILE = "current"
 RETIRED_FILE = "retired.json"
@@ -69,19 +70,20 @@ def _is_kid(kid: str) -> bool:
     return len(kid) == 43 and all(c.isascii() and (c.isalnum() or c in "-_") for c in kid)
 
 
-def _write_private(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Write *data* to *path* atomically, created with *mode* (never wider)."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+def read_current_kid(jwt_dir: str | Path) -> str:
+    """The kid that ``jwt_dir/current`` names, checked to be a key id.
+
+    Only the name is checked, not the key file it names (:meth:`KeyRing.load` reads
+    that). Raises :class:`KeyRingError` if the file is unreadable or holds no key id.
+    """
+    path = Path(jwt_dir) / CURRENT_FILE
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        kid = path.read_text(encoding="ascii").strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise KeyRingError(f"{path}: cannot read the current key id") from e
+    if not _is_kid(kid):
+        raise KeyRingError(f"{path} does not hold a key id")
+    return kid
 
 
 @dataclass(frozen=True)
@@ -112,17 +114,19 @@ class KeyRing:
         if (d / CURRENT_FILE).exists():
             raise KeyRingError(f"{d}: already holds a keyring")
         key = cls._new_key(d)
-        _write_private(d / CURRENT_FILE, key.kid.encode("ascii") + b"\n", 0o600)
+        try:
+            # Linked into place, so a keyring made meanwhile by another process is kept.
+            write_atomic(d / CURRENT_FILE, key.kid.encode("ascii") + b"\n", 0o600, overwrite=False)
+        except FileExistsError:
+            (d / f"{key.kid}.pem").unlink(missing_ok=True)
+            raise KeyRingError(f"{d}: already holds a keyring") from None
         return cls(key)
 
     @classmethod
     def load(cls, jwt_dir: str | Path, now: float | None = None) -> KeyRing:
         """Read the keyring; with *now*, retired keys past their time are left out."""
         d = Path(jwt_dir)
-        try:
-            kid = (d / CURRENT_FILE).read_text(encoding="ascii").strip()
-        except (OSError, UnicodeDecodeError) as e:
-            raise KeyRingError(f"{d / CURRENT_FILE}: cannot read the current key id") from e
+        kid = read_current_kid(d)
         current = cls._read_key(d, kid)
         retired: dict[str, _Key] = {}
         for rkid, drop_at in cls._read_retired(d).items():
@@ -146,7 +150,7 @@ class KeyRing:
             serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption(),
         )
-        _write_private(d / f"{kid}.pem", pem, 0o600)
+        write_atomic(d / f"{kid}.pem", pem, 0o600, overwrite=False)
         return _Key(kid, private, public)
 
     @classmethod
@@ -192,7 +196,7 @@ class KeyRing:
 
     def _write_retired(self, d: Path) -> None:
         data = {k.kid: k.drop_at for k in self._retired.values()}
-        _write_private(d / RETIRED_FILE, json.dumps(data, sort_keys=True).encode("utf-8"), 0o600)
+        write_atomic(d / RETIRED_FILE, json.dumps(data, sort_keys=True).encode("utf-8"), 0o600)
 
     def rotate(self, jwt_dir: str | Path, now: float, keep_for: float) -> str:
         """Make a fresh key current; the old one verifies for *keep_for* more seconds.
@@ -209,7 +213,7 @@ class KeyRing:
         # retired.json first: a crash between the writes leaves the old key current
         # and the new one unused, never a current key that nobody can verify.
         self._write_retired(d)
-        _write_private(d / CURRENT_FILE, new.kid.encode("ascii") + b"\n", 0o600)
+        write_atomic(d / CURRENT_FILE, new.kid.encode("ascii") + b"\n", 0o600)
         self._current = new
         self.log.info("JWT signing key rotated; new kid {kid}", kid=new.kid)
         return new.kid

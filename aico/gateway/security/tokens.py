@@ -255,19 +255,12 @@ class MemoryRevocationStore:
         return succeed(None)
 
 
-#: Tables of :class:`SqliteRevocationStore` (idempotent).
-REVOCATION_SCHEMA = (
-    "CREATE TABLE IF NOT EXISTS revoked_tokens (jti TEXT PRIMARY KEY, expires_at REAL NOT NULL)",
-    "CREATE TABLE IF NOT EXISTS refresh_tokens ("
-    "jti TEXT PRIMARY KEY, family TEXT NOT NULL, username TEXT NOT NULL, "
-    "expires_at REAL NOT NULL, used INTEGER NOT NULL DEFAULT 0)",
-    "CREATE INDEX IF NOT EXISTS refresh_tokens_family ON refresh_tokens (family)",
-)
-
-
 @implementer(IRevocationStore)
 class SqliteRevocationStore(MemoryRevocationStore):
     """The in-memory state, loaded from and written through to SQLite.
+
+    *db* holds the registry schema (:data:`aico.gateway.store.MIGRATIONS`); this class
+    creates no table.
 
     Writes run one after another (a chain of Deferreds), so a token's INSERT always
     lands before its ``used`` UPDATE even on a multi-threaded pool. A crash loses at
@@ -311,8 +304,6 @@ class SqliteRevocationStore(MemoryRevocationStore):
 
     async def _load(self) -> None:
         now = self._clock.seconds()
-        for stmt in REVOCATION_SCHEMA:
-            await self._db.run_operation(stmt, ())
         await self._db.run_operation("DELETE FROM revoked_tokens WHERE expires_at <= ?", (now,))
         await self._db.run_operation("DELETE FROM refresh_tokens WHERE expires_at <= ?", (now,))
         rows = await self._db.run_query("SELECT jti, expires_at FROM revoked_tokens", ())

@@ -8,7 +8,7 @@ from urllib.parse import quote
 from twisted.logger import Logger
 
 from aico.gateway.api.users import schemas
-from aico.gateway.api.users.dependencies import User, UsersDeps
+from aico.gateway.api.users.dependencies import UsersDeps
 from aico.gateway.api.users.exceptions import (
     LastAdmin,
     LoginFailed,
@@ -22,6 +22,7 @@ from aico.gateway.routing.table import RouteEntry
 from aico.gateway.security import tokens as tk
 from aico.gateway.security.capabilities import capabilities_for
 from aico.gateway.security.chain import token_error
+from aico.gateway.users import User
 
 log = Logger(namespace="aico.gateway.api.users")
 
