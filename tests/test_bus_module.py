@@ -39,6 +39,7 @@ from aico.bus.module import (
     route,
 )
 from aico.bus.runner import RunnerError, bus_endpoints
+from aico.bus.testing import MemoryBus
 from aico.proto import (
     AicoMessage,
     ApiRequest,
@@ -49,7 +50,6 @@ from aico.proto import (
     wrap,
 )
 from tests.test_bus_client import BusHarness, reactor, wait_for
-from tests.test_bus_directory import MemoryBus
 
 ECHO_SCHEMA = {
     "type": "object",
@@ -343,31 +343,31 @@ class ModuleOnClockTests(SynchronousTestCase):
     """The SDK's timing, synchronously on an in-memory bus and a Clock."""
 
     def setUp(self) -> None:
-        self.bus = MemoryBus("echo")
         self.clock = Clock()
+        self.bus = MemoryBus(self.clock, "echo")
         self.module = EchoModule(self.bus, self.clock)
         self.successResultOf(self.module.start())
         self.addCleanup(self.module.stop)
 
     def test_registers_on_start_and_heartbeats_every_interval(self) -> None:
-        self.assertEqual(self.bus.topics(TOPIC_REGISTERED), 1)
-        self.assertEqual(self.bus.topics(TOPIC_HEARTBEAT), 0)
+        self.assertEqual(self.bus.count(TOPIC_REGISTERED), 1)
+        self.assertEqual(self.bus.count(TOPIC_HEARTBEAT), 0)
         self.clock.advance(1.0)
         self.clock.advance(1.0)
-        self.assertEqual(self.bus.topics(TOPIC_HEARTBEAT), 2)
+        self.assertEqual(self.bus.count(TOPIC_HEARTBEAT), 2)
         beat = next(m for t, m in self.bus.published if t == TOPIC_HEARTBEAT)
         self.assertEqual(unpack(beat, ModuleHeartbeat).name, "echo")
 
     def test_registers_again_when_asked_to_discover(self) -> None:
         self.bus.publish(TOPIC_DISCOVER, wrap(ModuleHeartbeat(name="gateway"), "gateway"))
-        self.assertEqual(self.bus.topics(TOPIC_REGISTERED), 2)
+        self.assertEqual(self.bus.count(TOPIC_REGISTERED), 2)
         registration = unpack(self.bus.published[-1][1], ModuleRegistration)
         self.assertEqual(registration.heartbeat_interval_ms, 1000)
 
     def test_stop_ends_heartbeats(self) -> None:
         self.successResultOf(self.module.stop())
         self.clock.advance(10)
-        self.assertEqual(self.bus.topics(TOPIC_HEARTBEAT), 0)
+        self.assertEqual(self.bus.count(TOPIC_HEARTBEAT), 0)
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
     def test_request_without_reply_to_is_dropped(self) -> None:
