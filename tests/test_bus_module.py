@@ -22,6 +22,7 @@ from aico.bus.builtin.conversation import ConversationModule
 from aico.bus.builtin.health import HealthModule
 from aico.bus.client import BusClient
 from aico.bus.directory import ModuleDirectory
+from aico.bus.errors import BusStopped
 from aico.bus.interfaces import (
     ATTR_CORRELATION_ID,
     ATTR_REPLY_TO,
@@ -391,6 +392,62 @@ class ModuleOnClockTests(SynchronousTestCase):
         (reply,) = replies
         self.assertEqual(reply.metadata.attributes[ATTR_CORRELATION_ID], "c-42")
         self.assertEqual(response_of(reply)[1], {"echo": "sync"})
+
+
+    def flaky_publish(self, error: Exception) -> list[Exception]:
+        """Make the bus's next heartbeat publish raise *error* (once)."""
+        publish = self.bus.publish
+        errors = [error]
+
+        def flaky(topic: str, message: AicoMessage) -> None:
+            if topic == TOPIC_HEARTBEAT and errors:
+                raise errors.pop()
+            publish(topic, message)
+
+        self.patch(self.bus, "publish", flaky)
+        return errors
+
+    def test_heartbeat_loop_survives_a_publish_that_raises_anything(self) -> None:
+        left = self.flaky_publish(RuntimeError("bus bug"))
+        self.clock.advance(1.0)  # this beat raises: logged with its traceback
+        self.assertEqual(left, [])
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertEqual(self.bus.count(TOPIC_HEARTBEAT), 0)
+        self.clock.advance(1.0)
+        self.clock.advance(1.0)
+        self.assertEqual(self.bus.count(TOPIC_HEARTBEAT), 2)
+
+    def test_heartbeat_loop_survives_a_bus_error_with_a_warning(self) -> None:
+        self.flaky_publish(BusStopped())
+        self.clock.advance(1.0)
+        self.assertEqual(self.flushLoggedErrors(), [])
+        self.clock.advance(1.0)
+        self.assertEqual(self.bus.count(TOPIC_HEARTBEAT), 1)
+
+    def test_beat_publishes_one_heartbeat_while_running_and_nothing_otherwise(self) -> None:
+        self.assertTrue(self.module.beat())
+        self.assertEqual(self.bus.count(TOPIC_HEARTBEAT), 1)
+        self.flaky_publish(RuntimeError("bus bug"))
+        self.assertFalse(self.module.beat())  # never raises
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.successResultOf(self.module.stop())
+        self.assertFalse(self.module.beat())
+        self.assertEqual(self.bus.count(TOPIC_HEARTBEAT), 1)
+
+    def test_start_without_heartbeat_leaves_the_beats_to_the_host(self) -> None:
+        clock = Clock()
+        bus = MemoryBus(clock, "hosted")
+        module = EchoModule(bus, clock)
+        self.successResultOf(module.start(heartbeat=False))
+        self.addCleanup(module.stop)
+        self.assertEqual(bus.count(TOPIC_REGISTERED), 1)
+        registration = unpack(bus.published[0][1], ModuleRegistration)
+        self.assertEqual(registration.heartbeat_interval_ms, 1000)  # still announced
+        self.assertEqual(clock.getDelayedCalls(), [])  # no LoopingCall of its own
+        clock.advance(10)
+        self.assertEqual(bus.count(TOPIC_HEARTBEAT), 0)
+        self.assertTrue(module.beat())  # the host's periodic job
+        self.assertEqual(bus.count(TOPIC_HEARTBEAT), 1)
 
 
 class _Exit(ProcessProtocol):
