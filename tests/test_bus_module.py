@@ -22,7 +22,7 @@ from aico.bus.builtin.conversation import ConversationModule
 from aico.bus.builtin.health import HealthModule
 from aico.bus.client import BusClient
 from aico.bus.directory import ModuleDirectory
-from aico.bus.errors import BusStopped
+from aico.bus.errors import BusStopped, BusTimeout
 from aico.bus.interfaces import (
     ATTR_CORRELATION_ID,
     ATTR_REPLY_TO,
@@ -40,7 +40,7 @@ from aico.bus.module import (
     route,
 )
 from aico.bus.runner import RunnerError, bus_endpoints
-from aico.bus.testing import MemoryBus
+from aico.bus.testing import MemoryBroker, MemoryBus
 from aico.proto import (
     AicoMessage,
     ApiRequest,
@@ -448,6 +448,63 @@ class ModuleOnClockTests(SynchronousTestCase):
         self.assertEqual(bus.count(TOPIC_HEARTBEAT), 0)
         self.assertTrue(module.beat())  # the host's periodic job
         self.assertEqual(bus.count(TOPIC_HEARTBEAT), 1)
+
+
+class ModuleOnMemoryBrokerTests(SynchronousTestCase):
+    """A gateway bus and a module bus on one MemoryBroker talk as over ZeroMQ, on a Clock."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        broker = MemoryBroker()
+        self.gateway = MemoryBus(self.clock, "gateway", broker=broker)
+        self.directory = ModuleDirectory(self.gateway, self.clock)
+        self.directory.subscribe()
+        self.successResultOf(self.gateway.start())
+        self.successResultOf(self.directory.start())
+        self.addCleanup(self.gateway.stop)
+        self.addCleanup(self.directory.stop)
+        self.module = EchoModule(MemoryBus(self.clock, "echo", broker=broker), self.clock)
+        self.successResultOf(self.module.start())
+        self.addCleanup(self.module.stop)
+
+    def test_registration_heartbeats_and_drop_reach_the_directory(self) -> None:
+        info = self.directory.modules["echo"]
+        self.assertTrue(info.alive)
+        self.assertEqual(info.version, "1.0.0")
+        self.clock.pump([1.0] * 10)  # heartbeats every second keep it alive
+        self.assertTrue(self.directory.modules["echo"].alive)
+        self.assertEqual(self.directory.modules["echo"].last_seen, 10)
+        self.successResultOf(self.module.stop())
+        self.clock.pump([1.0] * 3)
+        self.assertFalse(self.directory.modules["echo"].alive)
+
+    def test_module_registers_again_when_the_gateway_asks(self) -> None:
+        self.clock.advance(5)
+        self.directory.discover()
+        self.assertEqual(self.directory.modules["echo"].registered_at, 5)
+
+    def test_requests_from_the_gateway_are_answered_on_the_clock(self) -> None:
+        reply = self.successResultOf(
+            self.gateway.request("echo/say/v1", api_request("POST", "/api/v1/echo", {"text": "hi"}))
+        )
+        self.assertEqual(response_of(reply)[:2], (200, {"echo": "hi"}))
+        self.assertEqual(reply.metadata.source, "echo")
+        reply = self.successResultOf(
+            self.gateway.request("echo/forbidden/v1", api_request("GET", "/api/v1/echo/forbidden"))
+        )
+        self.assertEqual(response_of(reply)[1]["code"], "forbidden")
+        reply = self.successResultOf(
+            self.gateway.request("echo/health/v1", api_request("GET", "/health"))
+        )
+        self.assertEqual(response_of(reply)[1]["module"], "echo")
+        self.assertEqual(self.gateway.pending, 0)
+
+    def test_a_request_to_a_stopped_module_times_out_on_the_clock(self) -> None:
+        self.successResultOf(self.module.stop())
+        d = self.gateway.request("echo/say/v1", api_request("POST", "/x", {"text": "x"}), timeout=2)
+        self.assertNoResult(d)
+        self.clock.advance(2)
+        self.failureResultOf(d, BusTimeout)
 
 
 class _Exit(ProcessProtocol):
