@@ -15,6 +15,7 @@ from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import TestCase
 from zope.interface.verify import verifyObject
 
+from aico.bus import client as client_module
 from aico.bus.broker import EmbeddedBroker
 from aico.bus.client import BusClient, BusReactor, CurveClientKeys, Integration
 from aico.bus.curve import CurveLayout, create_keypair, ensure_client, load_pair, load_public
@@ -368,3 +369,36 @@ class ClientRobustnessTests(TestCase):
             if have is not None:
                 self.assertEqual(have, want)
         self.assertTrue(answers)
+
+    async def test_a_zeromq_failure_on_send_is_a_BusError_from_publish_reply_and_request(self) -> None:
+        client = self.bus.client("broken")
+        await client.start()
+        request = event("question")
+        request.metadata.attributes[ATTR_REPLY_TO] = "reply/someone/1"
+        request.metadata.attributes[ATTR_CORRELATION_ID] = "c-1"
+        cast(Any, client._transport)._pub.close()  # every send now fails with ENOTSOCK
+        with self.assertRaises(BusError) as raised:
+            client.publish("t/x", event("x"))
+        self.assertIsInstance(raised.exception.__cause__, zmq.ZMQError)
+        self.assertIn("'t/x'", str(raised.exception))
+        with self.assertRaises(BusError):
+            client.reply(request, event("answer"))
+        error = await self.assertFailure(client.request("svc/x", event("x")), BusError)
+        self.assertNotIsInstance(error, BusStopped)
+        self.assertEqual(client.pending, 0)
+        self.assertTrue(client.running)
+
+    async def test_start_probes_survive_a_send_that_fails_once(self) -> None:
+        failures = [zmq.ZMQError(zmq.EAGAIN)]
+        send = client_module._NativeTransport.send
+
+        def flaky(transport: Any, frames: Any) -> None:
+            if failures:
+                raise failures.pop()
+            send(transport, frames)
+
+        self.patch(client_module._NativeTransport, "send", flaky)
+        client = self.bus.client("flaky", start_timeout=10)
+        await client.start()  # the first probe failed; the next ones got through
+        self.assertEqual(failures, [])
+        self.assertTrue(client.running)

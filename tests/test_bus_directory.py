@@ -2,75 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
-from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
-from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
 from aico.bus.directory import ModuleDirectory, ModuleInfo
 from aico.bus.interfaces import (
-    ATTR_CORRELATION_ID,
-    ATTR_REPLY_TO,
-    ATTR_STREAM,
     TOPIC_DISCOVER,
     TOPIC_HEARTBEAT,
     TOPIC_REGISTERED,
+    IBusControl,
     IMessageBus,
-    MessageHandler,
 )
+from aico.bus.testing import MemoryBus
 from aico.proto import AicoMessage, ApiEvent, ModuleHeartbeat, ModuleRegistration, Route, wrap
-
-
-@implementer(IMessageBus)
-class MemoryBus:
-    """Delivers published messages synchronously to matching subscribers."""
-
-    def __init__(self, source: str = "gateway") -> None:
-        self.source = source
-        self.handlers: list[tuple[str, MessageHandler]] = []
-        self.published: list[tuple[str, AicoMessage]] = []
-
-    def start(self) -> Deferred[None]:
-        return succeed(None)
-
-    def stop(self) -> Deferred[None]:
-        return succeed(None)
-
-    def publish(self, topic: str, message: AicoMessage) -> None:
-        self.published.append((topic, message))
-        for prefix, handler in list(self.handlers):
-            if topic.startswith(prefix):
-                handler(topic, message)
-
-    def subscribe(self, prefix: str, handler: MessageHandler) -> None:
-        self.handlers.append((prefix, handler))
-
-    def unsubscribe(self, prefix: str, handler: MessageHandler) -> None:
-        self.handlers.remove((prefix, handler))
-
-    def request(
-        self,
-        topic: str,
-        message: AicoMessage,
-        timeout: float | None = None,
-        on_chunk: Callable[[AicoMessage], None] | None = None,
-    ) -> Deferred[AicoMessage]:
-        raise AssertionError("the module directory never sends bus requests")
-
-    def reply(self, request: AicoMessage, response: AicoMessage, stream: str | None = None) -> None:
-        out = AicoMessage()
-        out.CopyFrom(response)
-        attributes = request.metadata.attributes
-        out.metadata.attributes[ATTR_CORRELATION_ID] = attributes[ATTR_CORRELATION_ID]
-        if stream:
-            out.metadata.attributes[ATTR_STREAM] = stream
-        self.publish(attributes[ATTR_REPLY_TO], out)
-
-    def topics(self, topic: str) -> int:
-        return sum(1 for t, _ in self.published if t == topic)
 
 
 def registration(name: str = "echo", interval_ms: int = 1000) -> AicoMessage:
@@ -92,8 +37,10 @@ def heartbeat(name: str = "echo") -> AicoMessage:
 
 class ModuleDirectoryTests(SynchronousTestCase):
     def setUp(self) -> None:
-        self.bus = MemoryBus()
         self.clock = Clock()
+        self.bus = MemoryBus(self.clock, "gateway")
+        self.successResultOf(self.bus.start())
+        self.addCleanup(self.bus.stop)
         self.directory = ModuleDirectory(self.bus, self.clock)
         self.events: list[tuple[str, ModuleInfo]] = []
         self.directory.add_observer(lambda e, info: self.events.append((e, info)))
@@ -102,9 +49,10 @@ class ModuleDirectoryTests(SynchronousTestCase):
 
     def test_memory_bus_is_an_honest_IMessageBus(self) -> None:
         self.assertTrue(verifyObject(IMessageBus, self.bus))
+        self.assertTrue(verifyObject(IBusControl, self.bus))
 
     def test_start_publishes_discover(self) -> None:
-        self.assertEqual(self.bus.topics(TOPIC_DISCOVER), 1)
+        self.assertEqual(self.bus.count(TOPIC_DISCOVER), 1)
 
     def test_registration_adds_an_alive_module_and_notifies_registered(self) -> None:
         self.clock.advance(7)
@@ -155,13 +103,13 @@ class ModuleDirectoryTests(SynchronousTestCase):
         self.clock.advance(5)
         self.bus.publish(TOPIC_HEARTBEAT, heartbeat())
         self.assertFalse(self.directory.modules["echo"].alive)
-        self.assertEqual(self.bus.topics(TOPIC_DISCOVER), 2)
+        self.assertEqual(self.bus.count(TOPIC_DISCOVER), 2)
 
     def test_heartbeat_from_unknown_module_prompts_discovery_at_most_once_a_second(self) -> None:
         self.clock.advance(5)
         self.bus.publish(TOPIC_HEARTBEAT, heartbeat("stranger"))
         self.bus.publish(TOPIC_HEARTBEAT, heartbeat("stranger"))
-        self.assertEqual(self.bus.topics(TOPIC_DISCOVER), 2)
+        self.assertEqual(self.bus.count(TOPIC_DISCOVER), 2)
         self.assertNotIn("stranger", self.directory.modules)
 
     def test_module_without_heartbeat_interval_is_never_dropped(self) -> None:
@@ -192,7 +140,7 @@ class ModuleDirectoryTests(SynchronousTestCase):
         self.bus.publish(TOPIC_REGISTERED, registration())
         self.directory.stop()
         self.assertEqual(self.clock.getDelayedCalls(), [])
-        self.assertEqual(self.bus.handlers, [])
+        self.assertEqual(self.bus.subscriptions, {})
 
     def test_modules_mapping_is_read_only(self) -> None:
         self.bus.publish(TOPIC_REGISTERED, registration())

@@ -22,6 +22,7 @@ from aico.bus.builtin.conversation import ConversationModule
 from aico.bus.builtin.health import HealthModule
 from aico.bus.client import BusClient
 from aico.bus.directory import ModuleDirectory
+from aico.bus.errors import BusStopped, BusTimeout
 from aico.bus.interfaces import (
     ATTR_CORRELATION_ID,
     ATTR_REPLY_TO,
@@ -39,6 +40,7 @@ from aico.bus.module import (
     route,
 )
 from aico.bus.runner import RunnerError, bus_endpoints
+from aico.bus.testing import MemoryBroker, MemoryBus
 from aico.proto import (
     AicoMessage,
     ApiRequest,
@@ -49,7 +51,6 @@ from aico.proto import (
     wrap,
 )
 from tests.test_bus_client import BusHarness, reactor, wait_for
-from tests.test_bus_directory import MemoryBus
 
 ECHO_SCHEMA = {
     "type": "object",
@@ -343,31 +344,31 @@ class ModuleOnClockTests(SynchronousTestCase):
     """The SDK's timing, synchronously on an in-memory bus and a Clock."""
 
     def setUp(self) -> None:
-        self.bus = MemoryBus("echo")
         self.clock = Clock()
+        self.bus = MemoryBus(self.clock, "echo")
         self.module = EchoModule(self.bus, self.clock)
         self.successResultOf(self.module.start())
         self.addCleanup(self.module.stop)
 
     def test_registers_on_start_and_heartbeats_every_interval(self) -> None:
-        self.assertEqual(self.bus.topics(TOPIC_REGISTERED), 1)
-        self.assertEqual(self.bus.topics(TOPIC_HEARTBEAT), 0)
+        self.assertEqual(self.bus.count(TOPIC_REGISTERED), 1)
+        self.assertEqual(self.bus.count(TOPIC_HEARTBEAT), 0)
         self.clock.advance(1.0)
         self.clock.advance(1.0)
-        self.assertEqual(self.bus.topics(TOPIC_HEARTBEAT), 2)
+        self.assertEqual(self.bus.count(TOPIC_HEARTBEAT), 2)
         beat = next(m for t, m in self.bus.published if t == TOPIC_HEARTBEAT)
         self.assertEqual(unpack(beat, ModuleHeartbeat).name, "echo")
 
     def test_registers_again_when_asked_to_discover(self) -> None:
         self.bus.publish(TOPIC_DISCOVER, wrap(ModuleHeartbeat(name="gateway"), "gateway"))
-        self.assertEqual(self.bus.topics(TOPIC_REGISTERED), 2)
+        self.assertEqual(self.bus.count(TOPIC_REGISTERED), 2)
         registration = unpack(self.bus.published[-1][1], ModuleRegistration)
         self.assertEqual(registration.heartbeat_interval_ms, 1000)
 
     def test_stop_ends_heartbeats(self) -> None:
         self.successResultOf(self.module.stop())
         self.clock.advance(10)
-        self.assertEqual(self.bus.topics(TOPIC_HEARTBEAT), 0)
+        self.assertEqual(self.bus.count(TOPIC_HEARTBEAT), 0)
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
     def test_request_without_reply_to_is_dropped(self) -> None:
@@ -391,6 +392,119 @@ class ModuleOnClockTests(SynchronousTestCase):
         (reply,) = replies
         self.assertEqual(reply.metadata.attributes[ATTR_CORRELATION_ID], "c-42")
         self.assertEqual(response_of(reply)[1], {"echo": "sync"})
+
+
+    def flaky_publish(self, error: Exception) -> list[Exception]:
+        """Make the bus's next heartbeat publish raise *error* (once)."""
+        publish = self.bus.publish
+        errors = [error]
+
+        def flaky(topic: str, message: AicoMessage) -> None:
+            if topic == TOPIC_HEARTBEAT and errors:
+                raise errors.pop()
+            publish(topic, message)
+
+        self.patch(self.bus, "publish", flaky)
+        return errors
+
+    def test_heartbeat_loop_survives_a_publish_that_raises_anything(self) -> None:
+        left = self.flaky_publish(RuntimeError("bus bug"))
+        self.clock.advance(1.0)  # this beat raises: logged with its traceback
+        self.assertEqual(left, [])
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.assertEqual(self.bus.count(TOPIC_HEARTBEAT), 0)
+        self.clock.advance(1.0)
+        self.clock.advance(1.0)
+        self.assertEqual(self.bus.count(TOPIC_HEARTBEAT), 2)
+
+    def test_heartbeat_loop_survives_a_bus_error_with_a_warning(self) -> None:
+        self.flaky_publish(BusStopped())
+        self.clock.advance(1.0)
+        self.assertEqual(self.flushLoggedErrors(), [])
+        self.clock.advance(1.0)
+        self.assertEqual(self.bus.count(TOPIC_HEARTBEAT), 1)
+
+    def test_beat_publishes_one_heartbeat_while_running_and_nothing_otherwise(self) -> None:
+        self.assertTrue(self.module.beat())
+        self.assertEqual(self.bus.count(TOPIC_HEARTBEAT), 1)
+        self.flaky_publish(RuntimeError("bus bug"))
+        self.assertFalse(self.module.beat())  # never raises
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        self.successResultOf(self.module.stop())
+        self.assertFalse(self.module.beat())
+        self.assertEqual(self.bus.count(TOPIC_HEARTBEAT), 1)
+
+    def test_start_without_heartbeat_leaves_the_beats_to_the_host(self) -> None:
+        clock = Clock()
+        bus = MemoryBus(clock, "hosted")
+        module = EchoModule(bus, clock)
+        self.successResultOf(module.start(heartbeat=False))
+        self.addCleanup(module.stop)
+        self.assertEqual(bus.count(TOPIC_REGISTERED), 1)
+        registration = unpack(bus.published[0][1], ModuleRegistration)
+        self.assertEqual(registration.heartbeat_interval_ms, 1000)  # still announced
+        self.assertEqual(clock.getDelayedCalls(), [])  # no LoopingCall of its own
+        clock.advance(10)
+        self.assertEqual(bus.count(TOPIC_HEARTBEAT), 0)
+        self.assertTrue(module.beat())  # the host's periodic job
+        self.assertEqual(bus.count(TOPIC_HEARTBEAT), 1)
+
+
+class ModuleOnMemoryBrokerTests(SynchronousTestCase):
+    """A gateway bus and a module bus on one MemoryBroker talk as over ZeroMQ, on a Clock."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        broker = MemoryBroker()
+        self.gateway = MemoryBus(self.clock, "gateway", broker=broker)
+        self.directory = ModuleDirectory(self.gateway, self.clock)
+        self.directory.subscribe()
+        self.successResultOf(self.gateway.start())
+        self.successResultOf(self.directory.start())
+        self.addCleanup(self.gateway.stop)
+        self.addCleanup(self.directory.stop)
+        self.module = EchoModule(MemoryBus(self.clock, "echo", broker=broker), self.clock)
+        self.successResultOf(self.module.start())
+        self.addCleanup(self.module.stop)
+
+    def test_registration_heartbeats_and_drop_reach_the_directory(self) -> None:
+        info = self.directory.modules["echo"]
+        self.assertTrue(info.alive)
+        self.assertEqual(info.version, "1.0.0")
+        self.clock.pump([1.0] * 10)  # heartbeats every second keep it alive
+        self.assertTrue(self.directory.modules["echo"].alive)
+        self.assertEqual(self.directory.modules["echo"].last_seen, 10)
+        self.successResultOf(self.module.stop())
+        self.clock.pump([1.0] * 3)
+        self.assertFalse(self.directory.modules["echo"].alive)
+
+    def test_module_registers_again_when_the_gateway_asks(self) -> None:
+        self.clock.advance(5)
+        self.directory.discover()
+        self.assertEqual(self.directory.modules["echo"].registered_at, 5)
+
+    def test_requests_from_the_gateway_are_answered_on_the_clock(self) -> None:
+        reply = self.successResultOf(
+            self.gateway.request("echo/say/v1", api_request("POST", "/api/v1/echo", {"text": "hi"}))
+        )
+        self.assertEqual(response_of(reply)[:2], (200, {"echo": "hi"}))
+        self.assertEqual(reply.metadata.source, "echo")
+        reply = self.successResultOf(
+            self.gateway.request("echo/forbidden/v1", api_request("GET", "/api/v1/echo/forbidden"))
+        )
+        self.assertEqual(response_of(reply)[1]["code"], "forbidden")
+        reply = self.successResultOf(
+            self.gateway.request("echo/health/v1", api_request("GET", "/health"))
+        )
+        self.assertEqual(response_of(reply)[1]["module"], "echo")
+        self.assertEqual(self.gateway.pending, 0)
+
+    def test_a_request_to_a_stopped_module_times_out_on_the_clock(self) -> None:
+        self.successResultOf(self.module.stop())
+        d = self.gateway.request("echo/say/v1", api_request("POST", "/x", {"text": "x"}), timeout=2)
+        self.assertNoResult(d)
+        self.clock.advance(2)
+        self.failureResultOf(d, BusTimeout)
 
 
 class _Exit(ProcessProtocol):

@@ -391,7 +391,7 @@ class BusClient:
             )
             self._transport.reconnect()
             waited, reconnect_after = 0.0, min(reconnect_after * 2, 10.0)
-        self._send(self.reply_topic, self._probe_message(self._probe_token))
+        self._send_probe(self.reply_topic, self._probe_token)
         # Probe quickly at first (the connection is usually up within milliseconds),
         # then back off to PROBE_INTERVAL_MAX.
         self._probe_call = self._reactor.callLater(
@@ -401,6 +401,19 @@ class BusClient:
             reconnect_after,
             min(interval * 2, PROBE_INTERVAL_MAX),
         )
+
+    def _send_probe(self, topic: str, token: str) -> None:
+        # A probe that cannot be sent is retried on the next interval: the probe loops
+        # must not die of one failed send.
+        try:
+            self._send(topic, self._probe_message(token))
+        except BusError as e:
+            self.log.warn(
+                "bus client {source}: probe on {topic} not sent: {error}",
+                source=self.source,
+                topic=topic,
+                error=str(e),
+            )
 
     def _probe_message(self, token: str) -> AicoMessage:
         probe = AicoMessage()
@@ -448,7 +461,7 @@ class BusClient:
         if barrier is None:
             return
         barrier.probe = None
-        self._send(barrier.topic, self._probe_message(token))
+        self._send_probe(barrier.topic, token)
         barrier.probe = self._reactor.callLater(
             interval, self._barrier_probe, token, min(interval * 2, PROBE_INTERVAL_MAX)
         )
@@ -537,9 +550,13 @@ class BusClient:
     # -- sending -----------------------------------------------------------------------
 
     def _send(self, topic: str, message: AicoMessage) -> None:
+        """Send one message; a ZeroMQ failure is raised as :class:`BusError`."""
         if self._transport is None:
             raise BusStopped(f"bus client {self.source} is not running")
-        self._transport.send((topic.encode("utf-8"), message.SerializeToString()))
+        try:
+            self._transport.send((topic.encode("utf-8"), message.SerializeToString()))
+        except zmq.ZMQError as e:
+            raise BusError(f"cannot publish on {topic!r}: {e.strerror}") from e
 
     def publish(self, topic: str, message: AicoMessage) -> None:
         if self._state != "running":
@@ -573,9 +590,9 @@ class BusClient:
         self._pending[correlation_id] = _Pending(topic, deferred, delay, timer, on_chunk)
         try:
             self._send(topic, out)
-        except zmq.ZMQError as e:
+        except BusError as e:
             self._forget(correlation_id)
-            return fail(BusError(f"cannot publish on {topic!r}: {e.strerror}"))
+            return fail(e)
         return deferred
 
     def _forget(self, correlation_id: str) -> None:

@@ -19,7 +19,8 @@
 The SDK subscribes to every route topic, the health topic and
 ``system/module/discover/v1`` (answered by registering again), publishes the
 ``ModuleRegistration``, heartbeats every ``heartbeat_interval`` seconds on the injected
-clock and replies on each request's ``reply_to`` with its ``correlation_id``. A handler
+clock (or leaves :meth:`BackendModule.beat` to a host that schedules it, with
+``start(heartbeat=False)``) and replies on each request's ``reply_to`` with its ``correlation_id``. A handler
 exception becomes a 500 ``application/problem+json`` reply (logged with its traceback,
 never leaked); :class:`ProblemError` gives any other status and code.
 """
@@ -304,11 +305,14 @@ class BackendModule:
 
     # -- lifecycle ---------------------------------------------------------------------
 
-    def start(self, start_bus: bool | None = None, heartbeat: bool = True) -> Deferred[None]:
+    def start(self, start_bus: bool | None = None, *, heartbeat: bool = True) -> Deferred[None]:
         """Subscribe, start the bus, wait for the subscriptions, register, heartbeat.
 
         *start_bus*: ``None`` starts the bus unless it is a client that already runs
         (a bus shared with the gateway); the module stops the bus only if it started it.
+        *heartbeat*: ``False`` leaves heartbeats to the host, which then calls
+        :meth:`beat` every ``heartbeat_interval`` seconds itself (the registration still
+        announces that interval).
         """
         return Deferred.fromCoroutine(self._start(start_bus, heartbeat))
 
@@ -318,7 +322,7 @@ class BackendModule:
             topics.append(self.health_topic)
         return [*topics, TOPIC_DISCOVER]
 
-    async def _start(self, start_bus: bool | None, heartbeat: bool = True) -> None:
+    async def _start(self, start_bus: bool | None, heartbeat: bool) -> None:
         if self._running:
             return
         control = cast(IBusControl, self.bus) if IBusControl.providedBy(self.bus) else None
@@ -374,11 +378,23 @@ class BackendModule:
         """Publish the registration (again)."""
         self.bus.publish(TOPIC_REGISTERED, wrap(self.registration(), self.name))
 
-    def beat(self) -> None:
+    def beat(self) -> bool:
+        """Publish one heartbeat if the module runs; True if it went out.
+
+        It never raises, so a heartbeat loop (the module's own, or a host's periodic job)
+        never dies: a bus error is logged as a warning, anything else with its traceback.
+        """
+        if not self._running:
+            return False
         try:
             self.bus.publish(TOPIC_HEARTBEAT, wrap(ModuleHeartbeat(name=self.name), self.name))
         except BusError:
             self.log.warn("module {name}: heartbeat not sent, the bus is down", name=self.name)
+            return False
+        except Exception:
+            self.log.failure("module {name}: heartbeat failed", name=self.name)
+            return False
+        return True
 
     def _on_discover(self, topic: str, message: AicoMessage) -> None:
         if self._running:

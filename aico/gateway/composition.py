@@ -48,7 +48,7 @@ from aico.gateway.api.health.dependencies import HealthDeps
 from aico.gateway.api.health.router import routes as health_routes
 from aico.gateway.api.transport.dependencies import TransportDeps
 from aico.gateway.api.transport.router import routes as transport_routes
-from aico.gateway.api.users.dependencies import UsersDeps, UserStore
+from aico.gateway.api.users.dependencies import UsersDeps
 from aico.gateway.api.users.router import routes as user_routes
 from aico.gateway.config import Config, ConfigError, load
 from aico.gateway.config import reload as reload_config
@@ -69,6 +69,7 @@ from aico.gateway.security.tokens import SqliteRevocationStore, TokenService
 from aico.gateway.service import GatewayService, ListenerGroup, ProcessExit, StartupError
 from aico.gateway.state import StateDirError, StatePaths, bootstrap
 from aico.gateway.store import Database, SchemaError
+from aico.gateway.users import UserStore
 from aico.services import CallbackService, PeriodicJob, SequentialMultiService, ThreadPoolService
 
 __all__ = ["GatewayParts", "Materials", "build_tree", "compose", "materials_from_state"]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 from collections.abc import Callable
 from pathlib import Path
@@ -13,12 +12,12 @@ from typing import Any
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
 
+from aico.files import write_atomic
+
 
 def write_ports(path: Path, ports: dict[str, Any]) -> None:
     """Write ``ports.json`` atomically (a reader never sees half a file)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(ports, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, (json.dumps(ports, indent=2, sort_keys=True) + "\n").encode("utf-8"), 0o644)
 
 
 class InFlight:
