@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, cast
@@ -22,7 +21,7 @@ from typing import Any, cast
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from twisted.internet import reactor as _reactor
 from twisted.internet.defer import Deferred, DeferredQueue, succeed
-from twisted.internet.task import Clock, deferLater
+from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
 from aico.bus.broker import EmbeddedBroker
@@ -52,19 +51,6 @@ from aico.gateway.security.topics import may_subscribe
 from aico.proto import ApiEvent, wrap
 
 reactor = cast(Any, _reactor)
-
-
-def sleep(seconds: float) -> Deferred[None]:
-    return deferLater(reactor, seconds, lambda: None)
-
-
-async def eventually(check: Callable[[], bool], timeout: float = 5.0) -> None:
-    waited = 0.0
-    while not check():
-        if waited > timeout:
-            raise AssertionError("condition not met in time")
-        await sleep(0.01)
-        waited += 0.01
 
 
 # ----------------------------------------------------------------------- fake security

@@ -10,7 +10,6 @@ from typing import Any, cast
 import zmq
 from twisted.internet import reactor as _reactor
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, gatherResults
-from twisted.internet.task import deferLater
 from twisted.logger import globalLogPublisher
 from twisted.trial.unittest import TestCase
 from zope.interface.verify import verifyObject
@@ -21,22 +20,14 @@ from aico.bus.client import BusClient, BusReactor, CurveClientKeys, Integration
 from aico.bus.curve import CurveLayout, create_keypair, ensure_client, load_pair, load_public
 from aico.bus.errors import BusError, BusStopped, BusTimeout
 from aico.bus.interfaces import ATTR_CORRELATION_ID, ATTR_REPLY_TO, ATTR_STREAM, IMessageBus
+from aico.gateway.testing.waiting import eventually, sleep
 from aico.proto import AicoMessage, ApiEvent, ApiRequest, ApiResponse, unpack, wrap
 
 reactor = cast(Any, _reactor)
 
 
-def sleep(seconds: float) -> Deferred[None]:
-    return deferLater(reactor, seconds, lambda: None)
-
-
 async def wait_for(predicate: Callable[[], bool], timeout: float = 3.0) -> None:
-    waited = 0.0
-    while not predicate():
-        if waited >= timeout:
-            raise AssertionError("condition not reached in time")
-        await sleep(0.01)
-        waited += 0.01
+    await eventually(predicate, timeout)
 
 
 class BusHarness:

@@ -11,7 +11,8 @@ from twisted.trial.unittest import TestCase
 
 from aico.client import Client, ClientError, Endpoints, TransportUnavailable, connect
 from aico.client.cli import parser, run_request
-from tests.realtime import USER_CAPS, Realtime, eventually, reactor
+from aico.gateway.testing.waiting import eventually
+from tests.realtime import USER_CAPS, Realtime, reactor
 
 
 class ClientTests(TestCase):

@@ -13,8 +13,9 @@ from twisted.trial.unittest import TestCase
 
 from aico.bus.curve import load_public
 from aico.gateway.adapters.ipc import IpcBindError, IpcListener
+from aico.gateway.testing.waiting import eventually, sleep
 from aico.proto import AicoMessage, ApiEvent, ApiRequest, ApiResponse, unpack, wrap
-from tests.realtime import NOTES, USER_CAPS, Realtime, eventually, reactor, sleep
+from tests.realtime import NOTES, USER_CAPS, Realtime, reactor
 
 
 class Dealer:

@@ -23,16 +23,10 @@ from aico.gateway.adapters.websocket import (
     WebSocketSession,
 )
 from aico.gateway.config import WebSocketSection
+from aico.gateway.testing.waiting import eventually, sleep
 from aico.proto import ApiRequest
 from aico.proto.aico.gateway.v1.gateway_pb2 import SocketFrame
-from tests.realtime import (
-    USER_CAPS,
-    AutobahnClient,
-    Realtime,
-    WebsocketsClient,
-    eventually,
-    sleep,
-)
+from tests.realtime import USER_CAPS, AutobahnClient, Realtime, WebsocketsClient
 
 
 class _AutobahnAdapter:

@@ -7,12 +7,15 @@ import signal
 from collections.abc import Callable
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import Any, TypeVar
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
+from twisted.logger import Logger
 
 from aico.files import write_atomic
+
+T = TypeVar("T")
 
 
 def write_ports(path: Path, ports: dict[str, Any]) -> None:
@@ -23,6 +26,8 @@ def write_ports(path: Path, ports: dict[str, Any]) -> None:
 class InFlight:
     """Counts work in progress so that shutdown can wait for it."""
 
+    log = Logger()
+
     def __init__(self) -> None:
         self.count = 0
         self._waiters: list[Deferred[None]] = []
@@ -30,14 +35,21 @@ class InFlight:
     def enter(self) -> None:
         self.count += 1
 
-    def leave(self, _: object = None) -> Any:
-        self.count -= 1
+    def leave(self, result: T | None = None) -> T | None:
+        """One piece of work ended; passes *result* through (usable as a callback)."""
         if self.count <= 0:
-            self.count = 0
-            waiters, self._waiters = self._waiters, []
-            for d in waiters:
+            self.log.error("InFlight.leave() without a matching enter()")
+            return result
+        self.count -= 1
+        if self.count == 0:
+            self._release()
+        return result
+
+    def _release(self) -> None:
+        waiters, self._waiters = self._waiters, []
+        for d in waiters:
+            if not d.called:
                 d.callback(None)
-        return _
 
     def drained(self, clock: IReactorTime, grace: float) -> Deferred[None]:
         """Fires when nothing is in flight, or after *grace* seconds."""
@@ -45,7 +57,14 @@ class InFlight:
             return succeed(None)
         d: Deferred[None] = Deferred()
         self._waiters.append(d)
-        timer = clock.callLater(grace, lambda: None if d.called else d.callback(None))
+
+        def give_up() -> None:
+            if d in self._waiters:
+                self._waiters.remove(d)
+            if not d.called:
+                d.callback(None)
+
+        timer = clock.callLater(grace, give_up)
 
         def done(result: None) -> None:
             if timer.active():

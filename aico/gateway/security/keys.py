@@ -140,6 +140,14 @@ class KeyRing:
             retired[rkid] = _Key(rkid, key.private, key.public, drop_at)
         return cls(current, retired)
 
+    @classmethod
+    def ephemeral(cls) -> KeyRing:
+        """A keyring with one fresh key that lives in memory only (the in-memory test
+        layer; nothing is written)."""
+        private = Ed25519PrivateKey.generate()
+        public = private.public_key()
+        return cls(_Key(thumbprint(public), private, public))
+
     @staticmethod
     def _new_key(d: Path) -> _Key:
         private = Ed25519PrivateKey.generate()
