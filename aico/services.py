@@ -48,6 +48,7 @@ class SequentialMultiService(MultiService):
         self._started_children: list[IService] = []
         self._starting: Deferred[None] | None = None
         self._stopping: Deferred[None] | None = None
+        self._stop_requested = False
         #: The child whose start failed, if one did.
         self.failed_child: IService | None = None
 
@@ -58,7 +59,7 @@ class SequentialMultiService(MultiService):
 
     async def _start_children(self) -> None:
         for child in list(self):
-            if self._stopping is not None:
+            if self._stop_requested:
                 return  # a stop arrived while starting: start nothing more
             self.failed_child = child
             await maybeDeferred(child.startService)
@@ -68,10 +69,11 @@ class SequentialMultiService(MultiService):
     @property
     def stopping(self) -> bool:
         """Whether ``stopService`` was called."""
-        return self._stopping is not None
+        return self._stop_requested
 
     def stopService(self) -> Deferred[None]:
         if self._stopping is None:
+            self._stop_requested = True
             Service.stopService(self)
             self._stopping = Deferred.fromCoroutine(self._stop_children())
         return _mirror(self._stopping, errors=False)

@@ -172,6 +172,51 @@ class ProcessTests(TestCase):
         self.assertIn(f"127.0.0.1:{port}".encode(), proto.output)
         self.assertFalse((state / "ports.json").exists())
 
+    async def test_a_bus_that_does_not_start_exits_1_with_one_line_naming_it(self) -> None:
+        closed = []
+        for _ in range(2):
+            sock = socket.socket()
+            sock.bind(("127.0.0.1", 0))
+            closed.append(sock.getsockname()[1])
+            sock.close()  # nothing listens there
+        config = Path(os.path.abspath(self.mktemp() + ".toml"))
+        config.write_text(f"""
+[http]
+port = 0
+[ipc]
+fallback = "tcp://127.0.0.1:*"
+[bus]
+embedded_broker = false
+pub = "tcp://127.0.0.1:{closed[0]}"
+sub = "tcp://127.0.0.1:{closed[1]}"
+start_timeout = 1.0
+""")
+        state = Path(os.path.abspath(self.mktemp()))
+        proto = self.spawn(["-n", "--pidfile=", "aico-gateway", "--config", str(config),
+                            "--state-dir", str(state)])
+        self.assertEqual(await proto.ended, 1, proto.output.decode(errors="replace"))
+        lines = [line for line in proto.output.decode(errors="replace").splitlines()
+                 if "could not start" in line]
+        self.assertEqual(len(lines), 1, proto.output.decode(errors="replace"))
+        self.assertIn("aico-gateway could not start: bus: BusStartError: the message bus at "
+                      f"tcp://127.0.0.1:{closed[0]} / tcp://127.0.0.1:{closed[1]} did not answer "
+                      "within 1 s", lines[0])
+        self.assertFalse((state / "ports.json").exists())
+
+    async def test_a_state_file_that_cannot_be_written_exits_1_naming_it(self) -> None:
+        state = Path(os.path.abspath(self.mktemp()))
+        from aico.gateway.state import bootstrap
+
+        bootstrap(state, ("conversation", "health"))
+        (state / "ports.json").mkdir()  # ports.json cannot be replaced by a file
+        proto = self.spawn(["-n", "--pidfile=", "aico-gateway", "--config", str(self.config()),
+                            "--state-dir", str(state)])
+        self.assertEqual(await proto.ended, 1, proto.output.decode(errors="replace"))
+        output = proto.output.decode(errors="replace")
+        (line,) = [x for x in output.splitlines() if "could not start" in x]
+        self.assertIn("could not start: ports-file:", line)
+        self.assertIn(str(state / "ports.json"), line)
+
     async def test_tac_file_starts_the_same_service(self) -> None:
         state = Path(os.path.abspath(self.mktemp()))
         proto = self.spawn(["-ny", "tac/aico-gateway.tac", "--pidfile="],

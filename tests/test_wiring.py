@@ -36,7 +36,7 @@ class MakeServiceTests(SynchronousTestCase):
         service = tap.makeService(options)
         self.assertEqual([c.name for c in service], [
             "cpu-pool", "broker", "bus", "directory", "modules", "security", "connections",
-            "listeners", "jobs", "ready"])
+            "listeners", "jobs", "ports-file"])
         self.assertEqual([c.name for c in service.child("modules")], ["conversation", "health"])
         self.assertEqual([c.name for c in service.child("modules", "conversation")],
                          ["module", "heartbeat"])

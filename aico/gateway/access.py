@@ -32,9 +32,9 @@ _FORMAT = ("{request_id} {transport} {principal} \"{method} {path}\" {status} "
 class AccessLog:
     """Writes one ``aico.access`` event per finished request."""
 
-    log = Logger(namespace=ACCESS_NAMESPACE)
-
     def __init__(self, clock: IReactorTime, enabled: Callable[[], bool] = lambda: True) -> None:
+        # An instance attribute: a Logger on the class would take the class's namespace.
+        self.log = Logger(namespace=ACCESS_NAMESPACE, source=self)
         self.clock = clock
         self.enabled = enabled
         #: Lines written (for tests and metrics).

@@ -197,6 +197,7 @@ class GatewayParts:
             header_limits=lambda: (self.config.limits.header_count, self.config.limits.header_size),
             head_timeout=lambda: self.config.limits.head_timeout,
             reactor=reactor,
+            finished=self.dispatcher.finished,
         )
 
     def _ipc_listener(self) -> IpcListener | None:
@@ -374,7 +375,7 @@ def build_tree(
             d = deferToThreadPool(reactor, reactor.getThreadPool(), write_ports, ports_file, ports)
         return d.addCallback(lambda _: _announce(ports, parts))
 
-    add(CallbackService("ready", ready))
+    add(CallbackService("ports-file", ready))
     return root
 
 

@@ -151,6 +151,16 @@ class LimitedChannel(HTTPChannel):
         """Answer *error* as problem+json (with its request ID) and close the connection."""
         request_id = request_id_from(None)
         body = problem_body(error, request_id)
+        finished: Callable[[Request, int, int], None] | None = getattr(
+            getattr(self, "site", None), "finished", None)
+        if finished is not None:  # the access log has a line for it too
+            command = getattr(self, "_command", b"-") or b"-"
+            path = getattr(self, "_path", b"-") or b"-"
+            peer = getattr(self.transport.getPeer(), "host", "") if self.transport else ""
+            finished(Request(method=command.decode("latin-1"),
+                             path=path.decode("latin-1").split("?", 1)[0],
+                             request_id=request_id, transport="http", peer_host=peer,
+                             loopback=is_loopback(peer)), error.status, len(body))
         head = (f"HTTP/1.1 {error.status} {error.title}\r\n"
                 "Content-Type: application/problem+json\r\n"
                 f"X-Request-ID: {request_id}\r\nConnection: close\r\n"
@@ -172,6 +182,7 @@ class GatewaySite(Site):
         header_limits: Callable[[], tuple[int, int]],
         head_timeout: Callable[[], float] = lambda: 10.0,
         reactor: Any = None,
+        finished: Callable[[Request, int, int], None] | None = None,
     ) -> None:
         # A JSON API never parses form bodies: that saves Twisted's costly e-mail-style
         # parsing of Content-Type on every POST and keeps multipart parsing away from
@@ -181,6 +192,8 @@ class GatewaySite(Site):
         self.body_limit = body_limit
         self.header_limits = header_limits
         self.head_timeout = head_timeout
+        #: Told of requests the channel refuses before any resource sees them.
+        self.finished = finished
         self.displayTracebacks = False
         self.noisy = False
 
