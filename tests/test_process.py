@@ -217,6 +217,22 @@ start_timeout = 1.0
         self.assertIn("could not start: ports-file:", line)
         self.assertIn(str(state / "ports.json"), line)
 
+    async def test_a_corrupt_key_exits_1_with_one_line_naming_the_file(self) -> None:
+        state = Path(os.path.abspath(self.mktemp()))
+        from aico.gateway.state import bootstrap
+
+        bootstrap(state, ("conversation", "health"))
+        kid = (state / "jwt" / "current").read_text().strip()
+        (state / "jwt" / f"{kid}.pem").write_bytes(b"-----BEGIN PRIVATE KEY-----\ngarbage\n")
+        proto = self.spawn(["-n", "--pidfile=", "aico-gateway", "--config", str(self.config()),
+                            "--state-dir", str(state)])
+        self.assertEqual(await proto.ended, 1, proto.output.decode(errors="replace"))
+        output = proto.output.decode(errors="replace")
+        (line,) = [x for x in output.splitlines() if "cannot load" in x]
+        self.assertIn(f"{kid}.pem", line)
+        self.assertNotIn("Traceback", output)
+        self.assertFalse((state / "ports.json").exists())
+
     async def test_tac_file_starts_the_same_service(self) -> None:
         state = Path(os.path.abspath(self.mktemp()))
         proto = self.spawn(["-ny", "tac/aico-gateway.tac", "--pidfile="],

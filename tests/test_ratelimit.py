@@ -8,6 +8,7 @@ from zope.interface.verify import verifyObject
 
 from aico.gateway.config import RateLimitSection, RateTier
 from aico.gateway.security.ratelimit import Decision, GcraLimiter, IRateLimiter
+from aico.services import PeriodicJob
 
 # One request per second, bursts of three.
 TIER = RateTier(requests=10, per_seconds=10, burst=3)
@@ -193,9 +194,15 @@ class IsolationTests(LimiterTestBase):
 
 
 class MemoryTests(LimiterTestBase):
+    def sweeping(self) -> PeriodicJob:
+        job = PeriodicJob("ratelimit-sweep", self.limiter.sweep_interval, self.limiter.sweep,
+                          self.clock)
+        job.startService()
+        return job
+
     def test_idle_entries_expire_on_the_periodic_sweep(self) -> None:
-        self.limiter.start()
-        self.addCleanup(self.limiter.stop)
+        job = self.sweeping()
+        self.addCleanup(job.stopService)
         for i in range(50):
             self.check(f"c{i}")
         self.provoke_block_of("blocked")
@@ -222,8 +229,7 @@ class MemoryTests(LimiterTestBase):
         self.assertEqual(limiter.stats()["evicted_total"], 1)
 
     def test_stop_cancels_the_sweep(self) -> None:
-        self.limiter.start()
-        self.limiter.stop()
+        self.sweeping().stopService()
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
 

@@ -66,7 +66,7 @@ from aico.gateway.security.keys import KeyRing, KeyRingError
 from aico.gateway.security.passwords import PasswordService, thread_pool_runner
 from aico.gateway.security.ratelimit import GcraLimiter
 from aico.gateway.security.tokens import SqliteRevocationStore, TokenService
-from aico.gateway.service import GatewayService, ListenerGroup, ProcessExit, StartupError
+from aico.gateway.service import GatewayService, ListenerGroup, ProcessExit
 from aico.gateway.state import StateDirError, StatePaths, bootstrap
 from aico.gateway.store import Database, SchemaError
 from aico.gateway.users import UserStore
@@ -78,8 +78,6 @@ log = Logger(namespace="aico.gateway.composition")
 
 #: Seconds between prunes of expired token revocations.
 TOKEN_PRUNE_INTERVAL = 3600.0
-#: Seconds between sweeps of idle rate-limiter entries.
-RATELIMIT_SWEEP_INTERVAL = 60.0
 
 
 @dataclass
@@ -102,14 +100,15 @@ class Materials:
 def materials_from_state(paths: StatePaths, reactor: Any) -> Materials:
     """Read the keys and open the registry of a bootstrapped state directory.
 
-    Raises :class:`~aico.gateway.service.StartupError` (one line naming the file) for a
-    key or file that cannot be read.
+    Raises ``SystemExit`` with one line naming the file (exit status 1) for a key or file
+    that cannot be read: this runs in ``makeService``, before twistd's logging starts, so
+    the line goes to standard error.
     """
     try:
         keyring = KeyRing.load(paths.jwt_dir, now=reactor.seconds())
         curve_public = load_public(paths.curve.gateway_public).decode()
     except (KeyRingError, OSError, ValueError) as e:
-        raise StartupError(f"aico-gateway: cannot load the gateway's keys: {e}", 1) from e
+        raise SystemExit(f"aico-gateway: cannot load the gateway's keys: {e}") from e
     pool = ThreadPool(minthreads=0, maxthreads=max(2, os.cpu_count() or 2), name="aico-cpu")
     return Materials(
         keyring=keyring,
@@ -230,7 +229,7 @@ class GatewayParts:
         """The periodic jobs (each logs its errors and keeps running)."""
         jobs = [
             PeriodicJob("token-prune", TOKEN_PRUNE_INTERVAL, self.tokens.prune, self.reactor),
-            PeriodicJob("ratelimit-sweep", RATELIMIT_SWEEP_INTERVAL, self.limiter.sweep,
+            PeriodicJob("ratelimit-sweep", self.limiter.sweep_interval, self.limiter.sweep,
                         self.reactor),
         ]
         if self.ipc is not None:
@@ -406,8 +405,7 @@ def compose(config: Config, state_dir: Path, reactor: Any = None,
     try:
         bootstrap(state_dir, config.modules.builtin)
     except (StateDirError, SchemaError, OSError) as e:
-        raise StartupError(f"aico-gateway: cannot prepare the state directory {state_dir}: {e}",
-                           1) from e
+        raise SystemExit(f"aico-gateway: cannot prepare the state directory {state_dir}: {e}") from e
     paths = StatePaths(state_dir)
     materials = materials_from_state(paths, reactor)
     c = config
@@ -415,7 +413,7 @@ def compose(config: Config, state_dir: Path, reactor: Any = None,
     try:
         keys = CurveClientKeys.from_layout(paths.curve, "gateway")
     except (OSError, ValueError) as e:
-        raise StartupError(f"aico-gateway: cannot load the gateway's bus keys: {e}", 1) from e
+        raise SystemExit(f"aico-gateway: cannot load the gateway's bus keys: {e}") from e
     bus = BusClient(reactor, "gateway", c.bus.pub, c.bus.sub, keys,
                     default_timeout=c.bus.request_timeout, start_timeout=c.bus.start_timeout)
     directory = ModuleDirectory(bus, reactor)

@@ -42,7 +42,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from zope.interface import Interface, implementer
 
@@ -154,7 +153,6 @@ class GcraLimiter:
         self.sweep_interval = sweep_interval
         self.evicted = 0
         self.blocks = 0
-        self._sweeper: LoopingCall | None = None
         self._tiers: dict[str, RateTier] = {}
         self._policy: dict[str, str] = {}
         self.block_after = block_after
@@ -179,20 +177,6 @@ class GcraLimiter:
             on_block=on_block,
             **kwargs,
         )
-
-    # ------------------------------------------------------------------ lifecycle
-
-    def start(self) -> None:
-        """Start the periodic sweep of idle entries."""
-        if self._sweeper is None:
-            self._sweeper = LoopingCall(self.sweep)
-            self._sweeper.clock = self._clock
-            self._sweeper.start(self.sweep_interval, now=False)
-
-    def stop(self) -> None:
-        if self._sweeper is not None and self._sweeper.running:
-            self._sweeper.stop()
-        self._sweeper = None
 
     # ------------------------------------------------------------------ config
 
