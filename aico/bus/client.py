@@ -52,7 +52,7 @@ LINGER_MS = 500
 #: Longest pause between two start-up probes (they start at ``probe_interval``).
 PROBE_INTERVAL_MAX = 0.1
 #: Messages read in one reactor turn before yielding to other events.
-READ_BUDGET = 128
+READ_BUDGET = 64
 
 Integration = Literal["native", "txzmq"]
 Receiver = Callable[[list[bytes]], None]
