@@ -17,8 +17,12 @@ from twisted.internet.interfaces import IDelayedCall, IReadDescriptor
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-#: Messages read per reactor turn before yielding to other work.
-READ_BUDGET = 512
+#: Messages read per reactor turn before yielding to other work. Small enough that a busy
+#: socket (the bus under a flood, one IPC peer pipelining thousands of requests) cannot
+#: hold the reactor for long: each message read may start a whole request, so 512 made a
+#: turn of ~250 ms under load and another client's request waited several such turns
+#: (``python -m aico.bench.fairness``, docs/performance.md).
+READ_BUDGET = 64
 
 
 @implementer(IReadDescriptor)

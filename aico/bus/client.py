@@ -51,8 +51,6 @@ HIGH_WATER_MARK = 100_000
 LINGER_MS = 500
 #: Longest pause between two start-up probes (they start at ``probe_interval``).
 PROBE_INTERVAL_MAX = 0.1
-#: Messages read in one reactor turn before yielding to other events.
-READ_BUDGET = 64
 
 Integration = Literal["native", "txzmq"]
 Receiver = Callable[[list[bytes]], None]
@@ -142,7 +140,7 @@ class _NativeTransport:
         for sock, endpoint in ((self._pub, pub), (self._sub, sub)):
             _configure(sock, keys)
             sock.connect(endpoint)
-        self._reader = SocketReader(reactor, self._sub, receive, "aico-bus", READ_BUDGET)
+        self._reader = SocketReader(reactor, self._sub, receive, "aico-bus")
 
     def send(self, frames: Sequence[bytes]) -> None:
         self._pub.send_multipart(frames, zmq.NOBLOCK)
