@@ -1,30 +1,31 @@
-"""End to end over real sockets: REST adapter, router, bus and modules (treq on 127.0.0.1)."""
+"""End to end on the in-memory gateway: REST adapter, router, bus and modules.
+
+The production composition on a memory reactor and bus (``aico.gateway.testing.memory``);
+time moves only when a test advances it. Backend modules are SDK modules on the memory bus
+(``tests/memmodules.py``); the plain-pyzmq module that proves the language-independent
+wire contract runs against a real gateway in ``tests/test_http_real.py``.
+"""
 
 from __future__ import annotations
 
 import json
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import Any, cast
 
 import treq
 from openapi_spec_validator import validate as validate_openapi
-from twisted.internet import reactor
-from twisted.internet.defer import ensureDeferred, gatherResults
-from twisted.internet.task import deferLater
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.trial.unittest import TestCase
 
-from aico.gateway.testing.harness import RunningGateway, http_client, login, start_gateway
-from aico.proto.aico.gateway.v1.gateway_pb2 import Route
-from tests.rawmodule import RawModule
+from aico.bus.module import RouteSpec
+from aico.gateway.testing.memory import MemoryGateway, MemoryResponse
+from tests.memmodules import RawLike, raw_module, send
 
 RAW_SCHEMA = json.dumps({
     "type": "object",
     "properties": {"n": {"type": "integer"}, "text": {"type": "string"}},
     "required": ["n"],
 })
-
-
-async def sleep(seconds: float) -> None:
-    await deferLater(reactor, seconds, lambda: None)
 
 
 async def get_json(http: Any, url: str, **kw: Any) -> tuple[int, Any, Any]:
@@ -37,40 +38,32 @@ async def post_json(http: Any, url: str, body: Any, **kw: Any) -> tuple[int, Any
     return r.code, json.loads(await r.content()), r.headers
 
 
-async def eventually(check: Any, timeout: float = 5.0) -> Any:
-    """Poll *check* (async, returns truthy when done) until *timeout*."""
-    deadline = reactor.seconds() + timeout
-    while True:
-        result = await check()
-        if result:
-            return result
-        if reactor.seconds() > deadline:
-            raise AssertionError("condition not met in time")
-        await sleep(0.05)
-
-
 class GatewayCase(TestCase):
-    timeout = 30
     extra = ""
 
-    async def setUp(self) -> None:
-        self.gw: RunningGateway = await start_gateway(self, self.extra)
-        self.base = self.gw.base
-        anonymous = http_client(self)
-        tokens = await login(anonymous, self.base, "admin", self.gw.admin_password)
-        self.http = http_client(self, token=tokens["access_token"])
+    def setUp(self) -> None:
+        self.gw = MemoryGateway(self.extra, test=self)
+        self.base = ""
+        self.token = self.gw.token()
+        self.http = self.gw.client(token=self.token)
 
-    def raw_module(self, routes: list[Route], **kw: Any) -> RawModule:
-        module = RawModule(self.gw.state_dir, self.gw.bus_pub, self.gw.bus_sub, routes=routes, **kw)
-        module.authorize(self.gw.state_dir)
-        module.start()
+    def raw_module(self, routes: list[RouteSpec], **kw: Any) -> RawLike:
+        module = cast(RawLike, self.gw.add_module(raw_module(routes, **kw)))
         self.addCleanup(module.stop)
         return module
 
-    async def served(self, method: str, path: str, body: Any = None) -> bool:
-        r = await self.http.request(method, self.base + path, json=body)
+    async def served(self, method: str, path: str, body: Any = None, advance: float = 0.0) -> bool:
+        r = await self.http.request(method, self.base + path, json=body, advance=advance)
         await r.content()
         return r.code not in (404, 503)
+
+    async def within(self, seconds: float, check: Callable[[], Awaitable[bool]]) -> None:
+        """*check* holds within *seconds* on the gateway's clock (looked at every 50 ms)."""
+        deadline = self.gw.clock.seconds() + seconds
+        while not await check():
+            if self.gw.clock.seconds() >= deadline:
+                self.fail(f"condition not met within {seconds} s")
+            self.gw.advance(0.05)
 
 
 class HealthTests(GatewayCase):
@@ -86,15 +79,15 @@ class HealthTests(GatewayCase):
         self.assertEqual(headers.getRawHeaders("server"), ["aico-gateway"])
 
     async def test_silent_module_reported_as_timeout_within_two_seconds(self) -> None:
-        module = self.raw_module([Route(method="GET", path="/api/v1/raw", topic="raw/x", public=True)],
+        module = self.raw_module([RouteSpec("GET", "/api/v1/raw", "raw/x", public=True)],
                                  health_topic="raw/health")
-        await eventually(lambda: _has_module(self.http, self.base, "raw"))
+        await self.within(1.0, lambda: _has_module(self.http, self.base, "raw"))
         _, body, _ = await get_json(self.http, self.base + "/api/v1/health")
         self.assertEqual(body["modules"]["raw"]["status"], "ok")
         module.mode = "silent"
-        start = reactor.seconds()
-        status, body, _ = await get_json(self.http, self.base + "/api/v1/health")
-        self.assertLess(reactor.seconds() - start, 2.0)
+        start = self.gw.clock.seconds()
+        status, body, _ = await get_json(self.http, self.base + "/api/v1/health", advance=5)
+        self.assertLess(self.gw.clock.seconds() - start, 2.0)
         self.assertEqual((status, body["status"]), (200, "degraded"))
         self.assertEqual(body["modules"]["raw"]["status"], "timeout")
         self.assertEqual(body["partial"], ["raw"])
@@ -193,7 +186,7 @@ class ConversationTests(GatewayCase):
 
     async def test_streamed_message_is_ndjson(self) -> None:
         r = await self.http.post(self.base + "/api/v1/conversations/messages?stream=true",
-                            json={"message": "one two three"})
+                                 json={"message": "one two three"}, advance=2)
         self.assertEqual(r.code, 200)
         self.assertEqual(r.headers.getRawHeaders("content-type"), ["application/x-ndjson"])
         lines = [json.loads(line) for line in (await r.content()).splitlines() if line]
@@ -224,26 +217,25 @@ class NoModuleTests(GatewayCase):
 
 
 class ModuleRouteTests(GatewayCase):
-    """A module written with plain pyzmq proves the wire contract."""
+    """A module on the memory bus (the SDK); the wire contract of a module written with
+    plain pyzmq is proved over real sockets in ``tests/test_http_real.py``."""
 
     extra = "[bus]\nrequest_timeout = 3.0\n"
 
-    def routes(self) -> list[Route]:
+    def routes(self) -> list[RouteSpec]:
         return [
-            Route(method="POST", path="/api/v1/raw/items/{item}", topic="raw/items",
-                  capability="raw:write", request_schema=RAW_SCHEMA),
-            Route(method="GET", path="/api/v1/raw/stream", topic="raw/stream", public=True),
+            RouteSpec("POST", "/api/v1/raw/items/{item}", "raw/items",
+                      capability="raw:write", request_schema=json.loads(RAW_SCHEMA)),
+            RouteSpec("GET", "/api/v1/raw/stream", "raw/stream", public=True),
         ]
 
-    async def registered(self, module: RawModule) -> None:
-        await eventually(lambda: self.served("POST", "/api/v1/raw/items/x", {"n": 1}))
+    async def registered(self, module: RawLike) -> None:
+        await self.within(1.0, lambda: self.served("POST", "/api/v1/raw/items/x", {"n": 1}))
 
     async def test_registered_route_is_served_within_a_second(self) -> None:
+        self.assertFalse(await self.served("POST", "/api/v1/raw/items/x", {"n": 1}))
         module = self.raw_module(self.routes())
-        module.events.get(timeout=5)
-        start = reactor.seconds()
         await self.registered(module)
-        self.assertLess(reactor.seconds() - start, 1.0)
         status, body, _ = await post_json(self.http, self.base + "/api/v1/raw/items/a%20b", {"n": 3, "text": "é"},
                                           headers={"X-Request-ID": "req-1"})
         self.assertEqual(status, 200)
@@ -251,6 +243,7 @@ class ModuleRouteTests(GatewayCase):
         self.assertEqual(body["body"], {"n": 3, "text": "é"})
         self.assertEqual(body["request_id"], "req-1")
         self.assertEqual(body["transport"], "http")
+        self.assertEqual(body["subject"], "admin")
 
     async def test_module_schema_is_enforced_with_unknown_fields_rejected(self) -> None:
         module = self.raw_module(self.routes())
@@ -267,26 +260,39 @@ class ModuleRouteTests(GatewayCase):
         module.mode = "batch:100"
 
         async def one(i: int) -> None:
-            status, body, _ = await post_json(self.http, self.base + f"/api/v1/raw/items/{i}", {"n": i})
+            response: MemoryResponse = await send(self.gw, "POST", f"/api/v1/raw/items/{i}",
+                                                  token=self.token, json_body={"n": i})
+            status, body = response.code, response.json()
             self.assertEqual(status, 200)
             self.assertEqual((body["params"]["item"], body["body"]["n"]), (str(i), i))
 
-        await gatherResults([ensureDeferred(one(i)) for i in range(100)])
+        # All hundred are in flight before the module answers any (it holds them).
+        done = gatherResults([Deferred.fromCoroutine(one(i)) for i in range(100)])
+        self.gw.settle()
+        self.successResultOf(done)
+        self.assertEqual(sorted(module.answered, key=int), [str(i) for i in range(100)])
+        self.assertNotEqual(module.answered, [str(i) for i in range(100)])  # out of order
 
     async def test_first_chunk_reaches_client_before_module_produces_last(self) -> None:
         module = self.raw_module(self.routes())
         await self.registered(module)
         module.mode = "stream"
-        r = await self.http.get(self.base + "/api/v1/raw/stream?stream=true", unbuffered=True)
+        d = send(self.gw, "GET", "/api/v1/raw/stream?stream=true", token=self.token, unbuffered=True)
+        self.gw.settle()
+        r = self.successResultOf(d)
         self.assertEqual(r.code, 200)
         lines: list[bytes] = []
         done = treq.collect(r, lines.append)
-        await eventually(lambda: _true(bool(lines)))
-        self.assertIn(b'"chunk": 0', b"".join(lines))
-        self.assertNotIn(b'"chunk": 2', b"".join(lines))  # the module has not produced it yet
+        self.gw.settle()
+        self.assertTrue(lines)
+        self.assertIn(b'"chunk":0', b"".join(lines))
+        self.assertNotIn(b'"chunk":2', b"".join(lines))  # the module has not produced it yet
+        self.assertEqual(module.events, ["chunk0"])
+        self.assertNoResult(done)
         module.release.put(None)
         module.release.put(None)
-        await done
+        self.gw.settle()
+        self.successResultOf(done)
         got = [json.loads(x) for x in b"".join(lines).splitlines() if x]
         self.assertEqual(got, [{"chunk": 0}, {"chunk": 1}, {"chunk": 2}])
 
@@ -294,8 +300,11 @@ class ModuleRouteTests(GatewayCase):
         module = self.raw_module(self.routes())
         await self.registered(module)
         module.mode = "silent"
-        status, body, _ = await post_json(self.http, self.base + "/api/v1/raw/items/x", {"n": 1})
+        start = self.gw.clock.seconds()
+        status, body, _ = await post_json(self.http, self.base + "/api/v1/raw/items/x", {"n": 1}, advance=10)
         self.assertEqual((status, body["code"]), (504, "backend_timeout"))
+        elapsed = self.gw.clock.seconds() - start
+        self.assertTrue(3.0 <= elapsed < 3.1, elapsed)  # the configured request_timeout
 
     async def test_module_5xx_is_502(self) -> None:
         module = self.raw_module(self.routes())
@@ -305,17 +314,17 @@ class ModuleRouteTests(GatewayCase):
         self.assertEqual((status, body["code"]), (502, "backend_error"))
 
     async def test_heartbeats_stop_then_503_until_it_registers_again(self) -> None:
-        module = self.raw_module(self.routes(), heartbeat_ms=100)
+        module = self.raw_module(self.routes(), heartbeat_interval=0.1)
         await self.registered(module)
-        module.beating.clear()
+        module.beating = False
 
         async def unavailable() -> bool:
             status, body, _ = await post_json(self.http, self.base + "/api/v1/raw/items/x", {"n": 1})
             return status == 503 and body["code"] == "backend_unavailable"
 
-        await eventually(unavailable, timeout=3)
-        module.beating.set()
-        module.mode = "reregister"
+        await self.within(3, unavailable)
+        module.beating = True
+        module.register()
         await self.registered(module)
 
     async def test_openapi_valid_before_and_after_a_module_registers(self) -> None:
@@ -333,25 +342,22 @@ class ModuleRouteTests(GatewayCase):
         self.assertEqual(op["parameters"][0]["name"], "item")
 
 
-async def _true(value: bool) -> bool:
-    return value
-
-
 class FanOutAndInternalErrorTests(GatewayCase):
     extra = "[bus]\nrequest_timeout = 1.0\n"
+
     async def test_route_naming_several_topics_answers_every_part_marking_the_late_one(self) -> None:
-        answering = self.raw_module([Route(method="GET", path="/api/v1/raw/both", topic="fan/a,fan/b", public=True)],
+        answering = self.raw_module([RouteSpec("GET", "/api/v1/raw/both", "fan/a,fan/b", public=True)],
                                     name="fan")
         answering.silent_topics.add("fan/b")
-        await eventually(lambda: self.served("GET", "/api/v1/raw/both"))
-        status, body, _ = await get_json(self.http, self.base + "/api/v1/raw/both")
+        await self.within(1.0, lambda: self.served("GET", "/api/v1/raw/both", advance=5))
+        status, body, _ = await get_json(self.http, self.base + "/api/v1/raw/both", advance=5)
         self.assertEqual(status, 200)
         self.assertEqual(body["parts"]["fan/a"]["status"], "ok")
         self.assertEqual(body["parts"]["fan/a"]["body"]["path"], "/api/v1/raw/both")
         self.assertEqual(body["parts"]["fan/b"]["status"], "timeout")
         self.assertEqual(body["partial"], ["fan/b"])
         answering.mode = "silent"
-        status, body, _ = await get_json(self.http, self.base + "/api/v1/raw/both")
+        status, body, _ = await get_json(self.http, self.base + "/api/v1/raw/both", advance=5)
         self.assertEqual((status, body["code"]), (503, "backend_unavailable"))
 
     async def test_unexpected_exception_is_500_with_request_id_and_no_internals(self) -> None:

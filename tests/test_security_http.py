@@ -1,5 +1,10 @@
-"""The security chain end to end over real HTTP: hostile tokens, roles, limits, lockout,
-rate limiting, and no secret in the logs."""
+"""The security chain end to end over HTTP on the in-memory gateway: hostile tokens,
+roles, limits, lockout, rate limiting, and no secret in the logs.
+
+The production composition on a memory reactor (``aico.gateway.testing.memory``): time
+moves only when a test advances it; raw bytes reach the gateway's own site through
+``MemoryGateway.raw_http``.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,6 @@ import base64
 import hashlib
 import hmac
 import json
-import time
 from typing import Any
 
 import jwt
@@ -15,7 +19,6 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, ensureDeferred
-from twisted.internet.task import deferLater
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
@@ -24,7 +27,9 @@ from aico.gateway.routing.messages import Request
 from aico.gateway.routing.table import RouteEntry
 from aico.gateway.security.chain import SecurityChain
 from aico.gateway.security.ratelimit import GcraLimiter
-from aico.gateway.testing.harness import RunningGateway, http_client, login, start_gateway
+from aico.gateway.testing.harness import login
+from aico.gateway.testing.memory import ADMIN_PASSWORD, MemoryGateway
+from tests.memmodules import send
 
 
 def b64(data: bytes) -> str:
@@ -32,15 +37,15 @@ def b64(data: bytes) -> str:
 
 
 class GatewayCase(TestCase):
-    timeout = 60
     extra = ""
 
-    async def setUp(self) -> None:
-        self.gw: RunningGateway = await start_gateway(self, self.extra)
-        self.base = self.gw.base
-        self.anon = http_client(self)
-        self.tokens = await login(self.anon, self.base, "admin", self.gw.admin_password)
-        self.admin = http_client(self, token=self.tokens["access_token"])
+    def setUp(self) -> None:
+        self.gw = MemoryGateway(self.extra, test=self)
+        self.base = ""
+        self.admin_password = ADMIN_PASSWORD
+        self.anon = self.gw.client()
+        self.tokens = self.gw.login("admin", self.admin_password)
+        self.admin = self.gw.client(token=self.tokens["access_token"])
 
     async def call(self, method: str, path: str, token: str | None = None, body: Any = None,
                    headers: dict[str, str] | None = None) -> tuple[int, Any, Any]:
@@ -54,6 +59,12 @@ class GatewayCase(TestCase):
         content = await r.content()
         return r.code, (json.loads(content) if content else None), r.headers
 
+    def call_later(self, method: str, path: str, token: str | None = None,
+                   body: Any = None) -> Deferred[tuple[int, Any, Any]]:
+        """Like :meth:`call`, without waiting for the answer (fires as the gateway settles)."""
+        d = send(self.gw, method, path, token=token, json_body=body)
+        return d.addCallback(lambda r: (r.code, (json.loads(r.body) if r.body else None), r.headers))
+
     async def make_user(self, name: str, roles: list[str], password: str = "a-long-password-1") -> str:
         status, body, _ = await self.call("POST", "/api/v1/users", self.tokens["access_token"],
                                           {"username": name, "password": password, "roles": roles})
@@ -65,13 +76,14 @@ class HostileTokenTests(GatewayCase):
     """Every refused token, one test each, through the whole HTTP stack."""
 
     def key(self) -> tuple[str, Any]:
-        jwt_dir = self.gw.state_dir / "jwt"
-        kid = (jwt_dir / "current").read_text().strip()
-        key = serialization.load_pem_private_key((jwt_dir / f"{kid}.pem").read_bytes(), None)
-        return kid, key
+        keyring = self.gw.parts.tokens.keyring
+        return keyring.current_kid, keyring.signing_key
+
+    def now(self) -> int:
+        return int(self.gw.clock.seconds())
 
     def claims(self, **over: Any) -> dict[str, Any]:
-        now = int(time.time())
+        now = self.now()
         base = {"sub": "admin", "iss": "aico-gateway", "aud": "aico", "iat": now, "nbf": now,
                 "exp": now + 600, "jti": "j-" + str(now), "roles": ["admin"], "caps": ["*"],
                 "typ": "access", "fam": "f1"}
@@ -139,12 +151,12 @@ class HostileTokenTests(GatewayCase):
         return ensureDeferred(self.refused(self.forge(pad="x" * 9000), "token_invalid"))
 
     def test_expired(self) -> Any:
-        now = int(time.time())
+        now = self.now()
         return ensureDeferred(self.refused(self.forge(iat=now - 1000, nbf=now - 1000, exp=now - 100),
                                            "token_expired"))
 
     def test_not_yet_valid(self) -> Any:
-        now = int(time.time())
+        now = self.now()
         return ensureDeferred(self.refused(self.forge(nbf=now + 300, iat=now), "token_invalid"))
 
     def test_wrong_issuer(self) -> Any:
@@ -180,7 +192,7 @@ class HostileTokenTests(GatewayCase):
         self.assertEqual((status, body["code"]), (401, "token_invalid"))
 
     async def test_revoked_jti_after_logout(self) -> None:
-        tokens = await login(self.anon, self.base, "admin", self.gw.admin_password)
+        tokens = await login(self.anon, self.base, "admin", self.admin_password)
         status, _, _ = await self.call("GET", "/api/v1/users/me", tokens["access_token"])
         self.assertEqual(status, 200)  # and now it is in the verified-token cache
         status, _, _ = await self.call("POST", "/api/v1/users/logout", tokens["access_token"],
@@ -207,7 +219,7 @@ class TokenLifecycleTests(GatewayCase):
             self.assertIn(name, claims)
 
     async def test_refresh_rotates_and_reuse_revokes_the_family(self) -> None:
-        first = await login(self.anon, self.base, "admin", self.gw.admin_password)
+        first = await login(self.anon, self.base, "admin", self.admin_password)
         status, second, _ = await self.call("POST", "/api/v1/users/refresh",
                                             body={"refresh_token": first["refresh_token"]})
         self.assertEqual(status, 200)
@@ -335,7 +347,10 @@ class LockoutTests(GatewayCase):
         self.assertEqual((status, status2), (401, 401))
         for key in ("type", "title", "detail", "code"):
             self.assertEqual(locked[key], unknown[key])
-        await deferLater(reactor, 1.1, lambda: None)
+        self.gw.advance(0.9)
+        status, _ = await attempt("frank", password)
+        self.assertEqual(status, 401)  # lockout_base is 1 s: still locked
+        self.gw.advance(0.2)
         status, _ = await attempt("frank", password)
         self.assertEqual(status, 200)
 
@@ -379,38 +394,19 @@ class LimitTests(GatewayCase):
         self.assertEqual((status, body["reply"]), (200, "caf\u00e9"))
 
     async def test_too_many_or_too_large_header_fields_are_400_problems(self) -> None:
-        from twisted.internet.defer import Deferred
-        from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
-        from twisted.internet.protocol import Protocol
-
-        class Raw(Protocol):
-            def __init__(self) -> None:
-                self.data = b""
-                self.done: Deferred[bytes] = Deferred()
-
-            def dataReceived(self, data: bytes) -> None:
-                self.data += data
-
-            def connectionLost(self, reason: Any) -> None:
-                self.done.callback(self.data)
-
-        port = self.gw.ports["http"]["port"]
         for headers in ["".join(f"X-H{i}: v\r\n" for i in range(150)), f"X-Big: {'v' * 17000}\r\n"]:
-            proto = Raw()
-            await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), proto)
-            proto.transport.write(f"GET /api/v1/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{headers}\r\n".encode())
-            data = await proto.done
+            data, closed = self.gw.raw_http(
+                f"GET /api/v1/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{headers}\r\n".encode())
+            self.assertTrue(closed)
             head, _, body = data.partition(b"\r\n\r\n")
             self.assertTrue(head.startswith(b"HTTP/1.1 400"), head)
             self.assertIn(b"application/problem+json", head)
             self.assertEqual(json.loads(body)["code"], "bad_request")
             self.assertIn(b"X-Request-ID: " + json.loads(body)["request_id"].encode(), head)
         # A declared body over the limit is refused at once, before any of it is sent.
-        proto = Raw()
-        await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), proto)
-        proto.transport.write(b"POST /api/v1/conversations/messages HTTP/1.1\r\nHost: x\r\n"
-                              b"Content-Type: application/json\r\nContent-Length: 99999999999\r\n\r\n")
-        data = await proto.done
+        data, closed = self.gw.raw_http(b"POST /api/v1/conversations/messages HTTP/1.1\r\nHost: x\r\n"
+                                        b"Content-Type: application/json\r\nContent-Length: 99999999999\r\n\r\n")
+        self.assertTrue(closed)
         head, _, body = data.partition(b"\r\n\r\n")
         self.assertTrue(head.startswith(b"HTTP/1.1 413"), head)
         self.assertEqual(json.loads(body)["code"], "payload_too_large")
@@ -423,13 +419,29 @@ class LoginRaceTests(GatewayCase):
         from twisted.internet.defer import gatherResults
 
         password = await self.make_user("ivy", ["user"])
+        passwords = self.gw.parts.passwords
+        real_verify = passwords.verify
+        # Every guess is held in its password check until all twelve are in flight (they
+        # all read the account before any failure is counted), then all go on at once.
+        gate: Deferred[None] = Deferred()
+        entered: list[None] = []
 
-        async def guess() -> int:
-            status, _, _ = await self.call("POST", "/api/v1/users/authenticate",
-                                           body={"username": "ivy", "password": "wrong-guess"})
-            return status
+        def held_verify(encoded: Any, pw: str) -> Any:
+            d = real_verify(encoded, pw)
+            entered.append(None)
+            return gate.addCallback(lambda _: d)
 
-        statuses = await gatherResults([ensureDeferred(guess()) for _ in range(12)])
+        self.patch(passwords, "verify", held_verify)
+        guesses = gatherResults([self.call_later("POST", "/api/v1/users/authenticate",
+                                                 body={"username": "ivy", "password": "wrong-guess"})
+                                 for _ in range(12)])
+        self.gw.settle()
+        self.assertEqual(len(entered), 12)
+        self.assertNoResult(guesses)
+        self.patch(passwords, "verify", real_verify)
+        gate.callback(None)
+        self.gw.settle()
+        statuses = [status for status, _, _ in self.successResultOf(guesses)]
         self.assertEqual(set(statuses), {401})
         status, _, _ = await self.call("POST", "/api/v1/users/authenticate",
                                        body={"username": "ivy", "password": password})
@@ -437,7 +449,7 @@ class LoginRaceTests(GatewayCase):
 
     async def test_password_changed_during_a_login_refuses_that_login(self) -> None:
         password = await self.make_user("jack", ["user"])
-        passwords = self.gw.parts.passwords  # type: ignore[union-attr]
+        passwords = self.gw.parts.passwords
         real_verify = passwords.verify
         # The login's password check is held on an explicit gate, released only once
         # the password change has been answered: no race against the wall clock.
@@ -450,15 +462,17 @@ class LoginRaceTests(GatewayCase):
             return gate.addCallback(lambda _: d)
 
         self.patch(passwords, "verify", held_verify)
-        login_d = ensureDeferred(self.call("POST", "/api/v1/users/authenticate",
-                                           body={"username": "jack", "password": password}))
+        login_d = self.call_later("POST", "/api/v1/users/authenticate",
+                                  body={"username": "jack", "password": password})
+        self.gw.settle()
         await entered
         self.patch(passwords, "verify", real_verify)
         status, _, _ = await self.call("PATCH", "/api/v1/users/jack", self.tokens["access_token"],
                                        {"password": "a-brand-new-password"})
         self.assertEqual(status, 200)
         gate.callback(None)
-        status, body, _ = await login_d
+        self.gw.settle()
+        status, body, _ = self.successResultOf(login_d)
         self.assertEqual((status, body["code"]), (401, "invalid_credentials"))
 
 
@@ -494,7 +508,7 @@ burst = 3
                                               body={"username": "admin", "password": "nope"})
             codes.append(body["code"])
         self.assertEqual(codes[-1], "temporarily_blocked")
-        rows = await self.gw.parts.audit.list(limit=100)  # type: ignore[union-attr]
+        rows = await self.gw.parts.audit.list(limit=100)
         self.assertIn("client_blocked", [e.event for e in rows])
 
     async def test_refused_requests_count_against_the_limit(self) -> None:
@@ -513,7 +527,7 @@ burst = 3
         status, body, _ = await self.call("GET", "/api/v1/users/me", admin)
         self.assertEqual((status, body["code"]), (429, "rate_limited"))
         # Another user from the same address has a budget of their own.
-        token = self.gw.parts.tokens.issue_pair("other", ["user"], ["users:self"]).access_token  # type: ignore[union-attr]
+        token = self.gw.parts.tokens.issue_pair("other", ["user"], ["users:self"]).access_token
         status, _, _ = await self.call("GET", "/api/v1/users/me", token)
         self.assertEqual(status, 200)
 
@@ -523,7 +537,7 @@ class NoSecretsInLogsTests(GatewayCase):
         events: list[dict[str, Any]] = []
         globalLogPublisher.addObserver(events.append)
         self.addCleanup(globalLogPublisher.removeObserver, events.append)
-        password = self.gw.admin_password
+        password = self.admin_password
         tokens = await login(self.anon, self.base, "admin", password)
         _, second, _ = await self.call("POST", "/api/v1/users/refresh",
                                        body={"refresh_token": tokens["refresh_token"]})
@@ -540,9 +554,9 @@ class NoSecretsInLogsTests(GatewayCase):
         secrets = [password, "wrong-guess-123", tokens["access_token"], tokens["refresh_token"],
                    tokens2["access_token"], tokens2["refresh_token"],
                    second["access_token"], second["refresh_token"]]
-        jwt_dir = self.gw.state_dir / "jwt"
-        kid = (jwt_dir / "current").read_text().strip()
-        pem = (jwt_dir / f"{kid}.pem").read_text()
+        pem = self.gw.parts.tokens.keyring.signing_key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption()).decode()
         secrets.append(pem.splitlines()[1])
         for part in tokens["access_token"].split("."):
             secrets.append(part)
@@ -559,42 +573,20 @@ class SlowlorisTests(GatewayCase):
     extra = "[limits]\nhead_timeout = 0.5\n"
 
     async def test_a_request_head_sent_too_slowly_is_dropped_but_websockets_live_on(self) -> None:
-        import socket
-        import time as _time
+        # One header line every 0.2 s of gateway time: never a complete head.
+        start = self.gw.clock.seconds()
+        data, closed = self.gw.raw_http(b"GET /api/v1/health HTTP/1.1\r\nHost: x\r\n",
+                                        *[b"X-Slow: 1\r\n"] * 10, gap=0.2)
+        elapsed = self.gw.clock.seconds() - start
+        self.assertEqual(data, b"", "the server answered a head that never completed")
+        self.assertTrue(closed)
+        self.assertGreaterEqual(elapsed, 0.5)  # not before head_timeout …
+        self.assertLess(elapsed, 1.0)  # … and not long after it (the trickle lasts 1.8 s)
 
-        from twisted.internet import threads
-
-        port = self.gw.ports["http"]["port"]
-
-        def trickle() -> float:
-            s = socket.create_connection(("127.0.0.1", port))
-            s.settimeout(5)
-            start = _time.monotonic()
-            s.sendall(b"GET /api/v1/health HTTP/1.1\r\nHost: x\r\n")
-            try:
-                for _ in range(10):  # one header line every 0.2 s: never a complete head
-                    _time.sleep(0.2)
-                    s.sendall(b"X-Slow: 1\r\n")
-                data = s.recv(100)
-            except OSError:
-                data = b""
-            s.close()
-            return _time.monotonic() - start if not data else -1.0
-
-        elapsed = await threads.deferToThread(trickle)
-        self.assertGreater(elapsed, 0.0, "the server answered a head that never completed")
-        self.assertLess(elapsed, 3.0)
-
-        def websocket() -> str:
-            import websockets.sync.client as ws_client
-
-            url = self.base.replace("http://", "ws://") + "/ws"
-            with ws_client.connect(url, additional_headers={
-                    "Authorization": f"Bearer {self.tokens['access_token']}"}) as ws:
-                ws.recv(timeout=5)
-                ws.recv(timeout=5)
-                _time.sleep(1.2)  # longer than head_timeout
-                ws.send(json.dumps({"type": "heartbeat", "id": "alive"}))
-                return str(json.loads(ws.recv(timeout=5))["type"])
-
-        self.assertEqual(await threads.deferToThread(websocket), "heartbeat_ack")
+        ws = self.gw.websocket("/ws", headers={"Authorization": f"Bearer {self.tokens['access_token']}"})
+        ws.recv()
+        ws.recv()
+        self.gw.advance(1.2)  # longer than head_timeout
+        self.assertFalse(ws.closed)
+        ws.send({"type": "heartbeat", "id": "alive"})
+        self.assertEqual(ws.recv()["type"], "heartbeat_ack")
