@@ -499,6 +499,23 @@ class ModuleOnMemoryBrokerTests(SynchronousTestCase):
         self.assertEqual(response_of(reply)[1]["module"], "echo")
         self.assertEqual(self.gateway.pending, 0)
 
+    def test_a_route_naming_several_topics_is_answered_on_each(self) -> None:
+        class Fan(BackendModule):
+            name = "fan"
+            version = "1"
+
+            @route("GET", "/api/v1/fan", topic="fan/a, fan/b", public=True)
+            def both(self, request: ApiRequest, ctx: RequestContext) -> Any:
+                return {"ok": True}
+
+        fan = Fan(MemoryBus(self.clock, "fan", broker=self.gateway.broker), self.clock)
+        self.successResultOf(fan.start())
+        self.addCleanup(fan.stop)
+        for topic in ("fan/a", "fan/b"):
+            reply = self.successResultOf(
+                self.gateway.request(topic, api_request("GET", "/api/v1/fan")))
+            self.assertEqual(response_of(reply)[:2], (200, {"ok": True}))
+
     def test_a_request_to_a_stopped_module_times_out_on_the_clock(self) -> None:
         self.successResultOf(self.module.stop())
         d = self.gateway.request("echo/say/v1", api_request("POST", "/x", {"text": "x"}), timeout=2)

@@ -277,7 +277,11 @@ class BackendModule:
         if self._running:
             raise RuntimeError("add routes before start()")
         self._routes.append((spec, handler))
-        self._topics.setdefault(spec.topic, []).append((spec, handler))
+        # A route may name several topics (the gateway fans a request out to each): the
+        # module answers on every one of them.
+        for topic in (t.strip() for t in spec.topic.split(",")):
+            if topic:
+                self._topics.setdefault(topic, []).append((spec, handler))
 
     @property
     def routes(self) -> list[RouteSpec]:
