@@ -38,10 +38,8 @@ def sessions(gw: MemoryGateway) -> list[WebSocketSession]:
 class FrameTests(TestCase):
     """Every frame type and error."""
 
-    config = ""
-
     def setUp(self) -> None:
-        self.gw = gateway(self, self.config)
+        self.gw = gateway(self)
 
     def client(self, headers: dict[str, str] | None = None) -> MemoryWebSocket:
         return self.gw.websocket(headers=headers)
@@ -210,10 +208,18 @@ class BadFrameTests(TestCase):
 class SessionTests(TestCase):
     """Behaviour beyond single frames."""
 
-    config = ""
+    _gw: MemoryGateway | None = None
 
-    def setUp(self) -> None:
-        self.gw = gateway(self, self.config)
+    @property
+    def gw(self) -> MemoryGateway:
+        """The test's gateway (default config unless :meth:`configure` made it)."""
+        if self._gw is None:
+            self._gw = gateway(self)
+        return self._gw
+
+    def configure(self, config: str) -> MemoryGateway:
+        self._gw = gateway(self, config)
+        return self._gw
 
     def client(self, token: str | None = None, protocols: list[str] | None = None) -> MemoryWebSocket:
         if protocols is not None:
@@ -227,6 +233,9 @@ class SessionTests(TestCase):
 
     def test_thousand_pipelined_requests_each_answered_with_its_own_id(self) -> None:
         c = self.client(user_token(self.gw, "pip"))
+        c.send({"type": "request", "id": "warm", "method": "POST", "path": "/api/v1/echo",
+                "body": {"text": "first use"}})
+        self.assertEqual(c.recv()["status"], 200)  # lazy imports and caches, outside the timing
         n = 1000
         start = time.perf_counter()
         # Pipelined: every frame is written before the gateway reads any of them.
@@ -246,7 +255,7 @@ class SessionTests(TestCase):
 
     def test_slow_consumer_is_dropped_while_a_fast_one_keeps_receiving(self) -> None:
         limit = 256 * 1024
-        gw = gateway(self, f"[websocket]\nsend_buffer = {limit}\n")
+        gw = self.configure(f"[websocket]\nsend_buffer = {limit}\n")
         fast = connected(gw, user_token(gw, "fast"))
         slow = connected(gw, user_token(gw, "slow"))
         for c in (fast, slow):
@@ -325,7 +334,7 @@ class SessionTests(TestCase):
         self.assertEqual(c.close_code, CLOSE_IDLE_TIMEOUT)
 
     def test_token_expiry_tells_the_socket_and_requests_then_fail(self) -> None:
-        gw = gateway(self, "[auth]\naccess_ttl = 60\n")
+        gw = self.configure("[auth]\naccess_ttl = 60\n")
         c = connected(gw, user_token(gw, "ivy"))
         c.send({"type": "subscribe", "topic": "conversation/"})
         c.recv()
