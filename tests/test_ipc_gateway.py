@@ -46,20 +46,20 @@ class IpcGatewayTests(TestCase):
         server_key, _ = zmq.auth.load_certificate(self.gw.state_dir / "curve" / "gateway.key")
         ipc = self.gw.ports["ipc"]
 
-        def ask(endpoint: str, key: bytes | None) -> ApiResponse | None:
+        def ask(endpoint: str, key: bytes | None, wait_ms: int = 5000) -> ApiResponse | None:
             sock = self._dealer(endpoint, key)
             request = ApiRequest(method="POST", path="/api/v1/conversations/messages",
                                  headers={"authorization": f"Bearer {token}"},
                                  body=b'{"message": "over ipc"}')
             sock.send(wrap(request, "test", {"correlation_id": uuid.uuid4().hex}).SerializeToString())
-            if not sock.poll(3000):
+            if not sock.poll(wait_ms):
                 return None
             return unpack(AicoMessage.FromString(sock.recv()), ApiResponse)
 
         def run() -> list[ApiResponse | None]:
             wrong, _ = zmq.curve_keypair()
             return [ask(ipc["endpoint"], server_key), ask(ipc["fallback"], server_key),
-                    ask(ipc["fallback"], wrong)]
+                    ask(ipc["fallback"], wrong, 500)]  # a wrong key: silence (answers take ms)
 
         def check(results: list[ApiResponse | None]) -> None:
             over_ipc, over_tcp, wrong_key = results
@@ -167,7 +167,7 @@ class IpcGatewayTests(TestCase):
         def read_fast() -> int:
             fast = state["fast"]
             got = 0
-            while fast.poll(3000):
+            while got < events and fast.poll(3000):
                 message = AicoMessage.FromString(fast.recv())
                 if message.any_payload.TypeName() == "aico.gateway.v1.ApiEvent":
                     got += 1
