@@ -93,7 +93,8 @@ class Hold(BackendModule):
 def gateway(test: Any, config: str = "", *modules: type[BackendModule]) -> MemoryGateway:
     """A memory gateway with :data:`WS_CONFIG` (then *config*) and :class:`Routes`."""
     gw = MemoryGateway(WS_CONFIG + config, test=test)
-    for module in (Routes, *modules):
+    classes: list[type[BackendModule]] = [Routes, *modules]
+    for module in classes:
         gw.add_module(module)
     return gw
 
