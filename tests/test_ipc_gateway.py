@@ -13,11 +13,11 @@ import zmq
 import zmq.auth
 from twisted.internet import reactor, threads
 from twisted.internet.defer import ensureDeferred
-from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
 from aico.client.connect import connect
 from aico.gateway.testing.harness import RunningGateway, http_client, login, start_gateway
+from aico.gateway.testing.waiting import eventually, sleep
 from aico.proto import AicoMessage, ApiEvent, ApiRequest, ApiResponse, unpack, wrap
 
 
@@ -183,7 +183,7 @@ class IpcGatewayTests(TestCase):
             for i in range(events):
                 bus.publish("conversation/load", wrap(ApiEvent(topic="conversation/load", body=body), "t"))
                 if i % 500 == 499:
-                    await deferLater(reactor, 0.01, lambda: None)
+                    await sleep(0.01)  # let the ROUTER send
             got = await reader
             listener = self.gw.parts.ipc  # type: ignore[union-attr]
             self.assertGreaterEqual(listener.slow_consumers, 1)
@@ -206,13 +206,13 @@ class IpcGatewayTests(TestCase):
         module.start()
         self.addCleanup(module.stop)
 
+        async def served() -> bool:
+            r = await self.http.get(self.gw.base + "/api/v1/slow")
+            await r.content()
+            return bool(r.code == 200)
+
         async def go() -> None:
-            for _ in range(100):
-                r = await self.http.get(self.gw.base + "/api/v1/slow")
-                await r.content()
-                if r.code == 200:
-                    break
-                await deferLater(reactor, 0.05, lambda: None)
+            await eventually(served, interval=0.05)
             module.mode = "hold"
             sock = self._dealer(self.gw.ports["ipc"]["fallback"], server_key)
             sock.send(wrap(ApiRequest(method="GET", path="/api/v1/slow",
@@ -222,7 +222,7 @@ class IpcGatewayTests(TestCase):
             while held != "held":
                 held = await threads.deferToThread(module.events.get, True, 5)
             stopping = self.gw.service.stopService()
-            await deferLater(reactor, 0.3, lambda: None)
+            await sleep(0.3)  # long enough to have stopped, had it not waited
             self.assertFalse(stopping.called, "the gateway stopped with an IPC request in flight")
             module.release.put(None)
             got = await threads.deferToThread(sock.poll, 5000)
