@@ -273,13 +273,16 @@ class SessionTests(TestCase):
             gw.bus.publish("conversation/out", _event("conversation/out", {"i": i, "pad": payload}))
             if i % 10 == 9:
                 received += [e["body"]["i"] for e in fast.recv_all()]
-                if i < 20:
+                if i == 9:  # queueing, under the limit still
+                    self.assertGreater(slow_session.max_queued, 0)
                     self.assertEqual(slow_session.session_state, "authenticated")
         received += [e["body"]["i"] for e in fast.recv_all()]
         self.assertEqual(received, list(range(count)))
         # Closed at once with 4004; the client, not reading, never acknowledges: the
         # gateway drops the connection after its close handshake timeout.
         self.assertEqual(slow_session.close_code, CLOSE_SLOW_CONSUMER)
+        self.assertNotEqual(slow_session.session_state, "closed")
+        self.assertFalse(fast.closed)
         gw.advance(1.0)
         self.assertEqual(slow_session.session_state, "closed")
         # memory stays bounded: never more than the limit plus one frame queued
