@@ -1,12 +1,14 @@
-"""Test harness for the real-time and local adapters (WebSocket, IPC, aico.client).
+"""Test harness for the IPC adapter and ``aico.client`` on real ZeroMQ sockets
+(``tests/test_ipc.py``, ``tests/test_client.py``; the WebSocket tests run on
+:class:`~aico.gateway.testing.memory.MemoryGateway`).
 
 A :class:`Realtime` builds, inside the test's reactor: a Curve state directory (short
 path, for ``ipc://``), an embedded broker with a gateway bus client and a "module" bus
 client that publishes events, a Dispatcher with a few test routes behind a tiny fake
 security chain (authenticate from a token table, authorize by capability, the real
 validation step), the connection manager, the WebSocket resource in a real GatewaySite
-on 127.0.0.1, and optionally the IPC listener. Timers of the adapters run on a
-``Clock`` unless told otherwise. Everything is closed in the test's cleanups.
+on 127.0.0.1 (``aico.client`` falls back to it), and optionally the IPC listener. Timers
+of the adapters run on a ``Clock``. Everything is closed in the test's cleanups.
 """
 
 from __future__ import annotations
@@ -14,13 +16,11 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
-from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from twisted.internet import reactor as _reactor
-from twisted.internet.defer import Deferred, DeferredQueue, succeed
 from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
@@ -37,9 +37,7 @@ from aico.gateway.config import LimitsSection, WebSocketSection
 from aico.gateway.connections import ConnectionManager
 from aico.gateway.errors import (
     Forbidden,
-    TokenExpired,
     TokenInvalid,
-    TokenRevoked,
     Unauthenticated,
 )
 from aico.gateway.lifecycle import InFlight
@@ -60,27 +58,18 @@ reactor = cast(Any, _reactor)
 class Tokens:
     """A token table standing in for the real token service (tests only)."""
 
-    clock: Any
     table: dict[str, Principal] = field(default_factory=dict)
-    revoked: set[str] = field(default_factory=set)
 
-    def issue(self, subject: str, caps: tuple[str, ...] = (), ttl: float = 0.0,
-              roles: tuple[str, ...] = ("user",)) -> str:
+    def issue(self, subject: str, caps: tuple[str, ...] = ()) -> str:
         token = f"tok-{subject}-{len(self.table)}"
-        self.table[token] = Principal(
-            subject=subject, roles=roles, caps=frozenset(caps), token_id="jti-" + token,
-            expires_at=(self.clock.seconds() + ttl) if ttl else 0.0,
-        )
+        self.table[token] = Principal(subject=subject, roles=("user",), caps=frozenset(caps),
+                                      token_id="jti-" + token)
         return token
 
     def authenticate(self, token: str) -> Principal:
         principal = self.table.get(token)
         if principal is None:
             raise TokenInvalid("unknown token")
-        if principal.token_id in self.revoked:
-            raise TokenRevoked()
-        if principal.expires_at and principal.expires_at <= self.clock.seconds():
-            raise TokenExpired()
         return principal
 
     def step(self, request: Request) -> None:
@@ -180,17 +169,16 @@ USER_CAPS = ("echo:write", "whoami:read", "events:conversation")
 class Realtime:
     """Everything the adapters need, on real sockets; see the module docstring."""
 
-    def __init__(self, case: TestCase, *, clock: Any = None, settings: WebSocketSection | None = None,
-                 bus: bool = True) -> None:
+    def __init__(self, case: TestCase, *, bus: bool = True) -> None:
         self.case = case
-        self.clock = clock if clock is not None else Clock()
-        self.settings = settings or WebSocketSection()
+        self.clock = Clock()
+        self.settings = WebSocketSection()
         self.root = Path(tempfile.mkdtemp(prefix="aico-rt-"))
         case.addCleanup(shutil.rmtree, self.root, True)
         self.layout = CurveLayout(self.root)
         for name in ("broker", "gateway"):
             create_keypair(self.layout.root, name)
-        self.tokens = Tokens(self.clock)
+        self.tokens = Tokens()
         self.with_bus = bus
         self.bus: BusClient | None = None
         self.module: BusClient | None = None
@@ -248,9 +236,6 @@ class Realtime:
     def ws_url(self) -> str:
         return f"ws://127.0.0.1:{self.http_port}/ws"
 
-    def set_settings(self, **changes: Any) -> None:
-        self.settings = replace(self.settings, **changes)
-
     def publish(self, topic: str, body: Any) -> None:
         """Publish an ApiEvent on *topic* from the module's bus client."""
         assert self.module is not None
@@ -273,137 +258,3 @@ class Realtime:
     @property
     def factory(self) -> GatewayWebSocketFactory:
         return self.ws_factory
-
-
-# ----------------------------------------------------------------------- an Autobahn client
-
-
-class _ClientProtocol(WebSocketClientProtocol):
-    owner: AutobahnClient
-
-    def onOpen(self) -> None:
-        self.owner.opened.callback(self)
-
-    def onMessage(self, payload: bytes, isBinary: bool) -> None:
-        self.owner.received += 1
-        self.owner.frames.put((payload, isBinary))
-
-    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
-        if not self.owner.opened.called:
-            self.owner.opened.errback(ConnectionError(f"refused: {code} {reason}"))
-        if not self.owner.closed.called:
-            self.owner.closed.callback((code, reason))
-
-
-class AutobahnClient:
-    """A WebSocket client on Autobahn (JSON frames unless *protocols* says otherwise)."""
-
-    def __init__(self, case: TestCase, url: str, protocols: list[str] | None = None,
-                 headers: dict[str, str] | None = None) -> None:
-        self.frames: DeferredQueue[tuple[bytes, bool]] = DeferredQueue()
-        self.opened: Deferred[_ClientProtocol] = Deferred()
-        self.closed: Deferred[tuple[int | None, str | None]] = Deferred()
-        self.received = 0
-        factory = WebSocketClientFactory(url, protocols=protocols or [], headers=headers or {})
-        factory.setProtocolOptions(maxMessagePayloadSize=0, maxFramePayloadSize=0)
-        owner = self
-
-        class Proto(_ClientProtocol):
-            def __init__(self) -> None:
-                super().__init__()
-                self.owner = owner
-
-        factory.protocol = Proto
-        host, port = url.split("//", 1)[1].split("/", 1)[0].split(":")
-        self.connector = reactor.connectTCP(host, int(port), factory)
-        case.addCleanup(self._cleanup)
-        self.proto: _ClientProtocol | None = None
-
-    async def open(self) -> AutobahnClient:
-        self.proto = await self.opened
-        return self
-
-    def _cleanup(self) -> Deferred[Any]:
-        if self.closed.called:
-            return succeed(None)
-        self.connector.disconnect()
-        return self.closed
-
-    def send(self, obj: Any) -> None:
-        assert self.proto is not None
-        if isinstance(obj, bytes):
-            self.proto.sendMessage(obj, isBinary=True)
-        elif isinstance(obj, str):
-            self.proto.sendMessage(obj.encode(), isBinary=False)
-        else:
-            self.proto.sendMessage(json.dumps(obj).encode(), isBinary=False)
-
-    async def recv_raw(self, timeout: float = 5.0) -> tuple[bytes, bool]:
-        d = self.frames.get()
-        timer = reactor.callLater(timeout, d.cancel)
-        try:
-            return await d
-        finally:
-            if timer.active():
-                timer.cancel()
-
-    async def recv(self, timeout: float = 5.0) -> Any:
-        payload, _ = await self.recv_raw(timeout)
-        return json.loads(payload)
-
-    def close(self) -> Deferred[tuple[int | None, str | None]]:
-        if self.proto is not None and not self.closed.called:
-            self.proto.sendClose(1000)
-        return self.closed
-
-
-# ----------------------------------------------------------------------- a `websockets` client
-
-
-class WebsocketsClient:
-    """A WebSocket client on the ``websockets`` package (its sync client, in a thread)."""
-
-    def __init__(self, case: TestCase, url: str, protocols: list[str] | None = None,
-                 headers: dict[str, str] | None = None) -> None:
-        self.case = case
-        self.url = url
-        self.protocols = protocols
-        self.headers = headers
-        self.conn: Any = None
-        self.close_code: int | None = None
-
-    async def open(self) -> WebsocketsClient:
-        from twisted.internet.threads import deferToThread
-        from websockets.sync.client import connect
-
-        self.conn = await deferToThread(
-            connect, self.url, subprotocols=self.protocols, additional_headers=self.headers,
-            open_timeout=5, max_size=None, compression=None)
-        self.case.addCleanup(deferToThread, self.conn.close)
-        return self
-
-    async def send(self, obj: Any) -> None:
-        from twisted.internet.threads import deferToThread
-
-        data = obj if isinstance(obj, bytes | str) else json.dumps(obj)
-        await deferToThread(self.conn.send, data)
-
-    async def recv(self, timeout: float = 5.0) -> Any:
-        from twisted.internet.threads import deferToThread
-
-        raw = await deferToThread(self.conn.recv, timeout)
-        return raw if isinstance(raw, bytes) else json.loads(raw)
-
-    async def wait_closed(self, timeout: float = 5.0) -> int | None:
-        """Read until the server closes; its close code."""
-        from twisted.internet.threads import deferToThread
-        from websockets.exceptions import ConnectionClosed
-
-        def drain() -> int | None:
-            try:
-                while True:
-                    self.conn.recv(timeout)
-            except ConnectionClosed as e:
-                return e.rcvd.code if e.rcvd is not None else None
-
-        return await deferToThread(drain)

@@ -1,5 +1,7 @@
-"""Every WebSocket frame type and error against the real gateway with an independent
-client: the ``websockets`` package (Autobahn's client is used in test_websocket.py)."""
+"""Interoperability over a real socket with an independent client, the ``websockets``
+package, against a real gateway: the Authorization header on the upgrade, the binary
+subprotocol ``aico.v1.proto`` and a close code. Every frame type, error and timeout is
+tested in memory (``tests/test_websocket.py``, ``tests/test_ws_*.py``)."""
 
 from __future__ import annotations
 
@@ -19,56 +21,14 @@ from aico.proto.aico.gateway.v1.gateway_pb2 import Auth, Heartbeat, SocketFrame,
 
 class IndependentClientTests(TestCase):
     timeout = 60
-    extra = "[websocket]\nauth_timeout = 0.5\nidle_timeout = 1.0\nmax_message_size = 4096\n"
 
     async def setUp(self) -> None:
-        self.gw: RunningGateway = await start_gateway(self, self.extra)
+        self.gw: RunningGateway = await start_gateway(self)
         self.tokens = await login(http_client(self), self.gw.base, "admin", self.gw.admin_password)
         self.url = self.gw.base.replace("http://", "ws://") + "/ws"
 
     def run_client(self, client: Any, check: Any) -> Any:
         return threads.deferToThread(client).addCallback(check)
-
-    def test_json_frames_heartbeat_subscribe_unsubscribe_and_errors(self) -> Any:
-        token = self.tokens["access_token"]
-
-        def client() -> list[Any]:
-            out = []
-            with ws_client.connect(self.url) as ws:
-                def ask(frame: Any) -> Any:
-                    ws.send(frame if isinstance(frame, str | bytes) else json.dumps(frame))
-                    return json.loads(ws.recv(timeout=5))
-
-                out.append(json.loads(ws.recv(timeout=5)))                              # welcome
-                out.append(ask({"type": "auth", "token": token}))                       # auth_success
-                out.append(ask({"type": "heartbeat", "id": "h"}))                       # heartbeat_ack
-                out.append(ask({"type": "subscribe", "topic": "conversation/", "id": 1}))
-                out.append(ask({"type": "unsubscribe", "topic": "conversation/", "id": 2}))
-                out.append(ask("this is not json"))
-                out.append(ask({"id": 4}))                                                # no type
-                out.append(ask({"type": "dance", "id": 5}))                               # unknown type
-                out.append(ask({"type": "heartbeat", "pad": "x" * 8000}))                 # too large
-                out.append(ask({"type": "request", "id": 6, "method": "GET", "path": "/api/v1/nope"}))
-                out.append(ask({"type": "heartbeat", "id": "still-open"}))
-            return out
-
-        def check(out: list[Any]) -> None:
-            (welcome, auth, ack, sub, unsub, not_json, no_type, unknown, too_large,
-             not_found, alive) = out
-            self.assertEqual(welcome["type"], "welcome")
-            self.assertEqual((auth["type"], auth["subject"], auth["roles"]), ("auth_success", "admin", ["admin"]))
-            self.assertEqual((ack["type"], ack["id"]), ("heartbeat_ack", "h"))
-            self.assertEqual((sub["type"], sub["topic"]), ("subscribed", "conversation/"))
-            self.assertEqual((unsub["type"], unsub["topic"]), ("unsubscribed", "conversation/"))
-            for frame, code in [(not_json, "malformed_json"), (no_type, "bad_request"),
-                                (unknown, "bad_request"), (too_large, "payload_too_large")]:
-                self.assertEqual(frame["type"], "error", frame)
-                self.assertEqual(frame["problem"]["code"], code)
-            self.assertEqual((not_found["type"], not_found["status"], not_found["body"]["code"]),
-                             ("response", 404, "not_found"))
-            self.assertEqual(alive["type"], "heartbeat_ack")
-
-        return self.run_client(client, check)
 
     def test_user_cannot_subscribe_to_system_or_another_users_topics(self) -> Any:
         async def go() -> str:
@@ -147,53 +107,3 @@ class IndependentClientTests(TestCase):
             self.assertEqual(result, (["error"] * 5, 1008))
 
         return self.run_client(client, check)
-
-    def test_auth_and_idle_timeouts_close_with_their_codes(self) -> Any:
-        token = self.tokens["access_token"]
-
-        def client() -> tuple[int | None, int | None]:
-            codes = []
-            with ws_client.connect(self.url) as ws:  # never authenticates
-                ws.recv(timeout=5)
-                try:
-                    while True:
-                        ws.recv(timeout=5)
-                except ConnectionClosed as e:
-                    codes.append(e.rcvd.code if e.rcvd else None)
-            with ws_client.connect(self.url, additional_headers={"Authorization": f"Bearer {token}"}) as ws:
-                ws.recv(timeout=5)
-                ws.recv(timeout=5)
-                try:  # authenticated but silent
-                    while True:
-                        ws.recv(timeout=5)
-                except ConnectionClosed as e:
-                    codes.append(e.rcvd.code if e.rcvd else None)
-            return codes[0], codes[1]
-
-        def check(codes: tuple[int | None, int | None]) -> None:
-            self.assertEqual(codes, (4001, 4002))
-
-        return self.run_client(client, check)
-
-
-class AuthTierAcrossConnectionsTests(TestCase):
-    timeout = 60
-    extra = "[ratelimit.tiers.auth]\nrequests = 3\nper_seconds = 60\nburst = 3\n"
-
-    async def test_new_connections_do_not_reset_the_login_budget(self) -> None:
-        self.gw = await start_gateway(self, self.extra)
-        url = self.gw.base.replace("http://", "ws://") + "/ws"
-
-        def logins() -> list[int]:
-            statuses = []
-            for _ in range(5):  # a fresh socket for every attempt
-                with ws_client.connect(url) as ws:
-                    ws.recv(timeout=5)
-                    ws.send(json.dumps({"type": "request", "id": 1, "method": "POST",
-                                        "path": "/api/v1/users/authenticate",
-                                        "body": {"username": "admin", "password": "wrong-guess"}}))
-                    statuses.append(json.loads(ws.recv(timeout=5))["status"])
-            return statuses
-
-        statuses = await threads.deferToThread(logins)
-        self.assertEqual(statuses, [401, 401, 401, 429, 429])

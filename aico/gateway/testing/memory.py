@@ -63,6 +63,7 @@ __all__ = [
     "MemoryHttpClient",
     "MemoryResponse",
     "MemoryWebSocket",
+    "WebSocketRefused",
     "cheap_passwords",
 ]
 
@@ -98,9 +99,26 @@ burst = 10000
 """
 
 
+def _clock_timer(clock: MemoryReactorClock) -> Any:
+    """txaio's batched timer (what Autobahn's timeouts use) on *clock*."""
+    from txaio._common import _BatchedTimer  # txaio has no public way to pick the clock
+
+    return _BatchedTimer(200.0, 1000, seconds_provider=clock.seconds,  # type: ignore[no-untyped-call]
+                         delayed_call_creator=clock.callLater)
+
+
 def cheap_passwords() -> PasswordService:
     """A password service with :data:`CHEAP_HASHER` on the calling thread."""
     return PasswordService(synchronous_runner, CHEAP_HASHER)
+
+
+class WebSocketRefused(AssertionError):
+    """The gateway refused a WebSocket upgrade: :attr:`status` and the status line."""
+
+    def __init__(self, status: int, status_line: str) -> None:
+        super().__init__(f"WebSocket upgrade refused: {status_line}")
+        self.status = status
+        self.status_line = status_line
 
 
 @dataclass
@@ -173,13 +191,99 @@ class MemoryHttpClient:
         return self.request("DELETE", url, **kw)
 
 
+class _FlowTransport(iosim.FakeTransport):
+    """An iosim transport with TCP's flow control (iosim's own has none).
+
+    * :meth:`pauseProducing` / :meth:`resumeProducing` (what a protocol calls on its own
+      transport to stop reading: the session layer's fair share, or a test's client
+      that stops reading) hold back the bytes the pump would hand to this side;
+    * past :attr:`high_water` bytes written and not yet taken by the peer, the
+      registered streaming producer is paused, and resumed once the peer took them all
+      (as ``twisted.internet.abstract.FileDescriptor`` does with its ``bufferSize``).
+    """
+
+    high_water = 65_536
+    reading_paused = False
+    producer_paused = False
+    pending = 0
+
+    def pauseProducing(self) -> None:
+        self.reading_paused = True
+
+    def resumeProducing(self) -> None:
+        self.reading_paused = False
+
+    def write(self, data: bytes) -> None:
+        if self.disconnecting:
+            return
+        super().write(data)  # type: ignore[no-untyped-call]
+        self.pending += len(data)
+        if (self.pending > self.high_water and self.producer is not None
+                and self.streamingProducer and not self.producer_paused):
+            self.producer_paused = True
+            self.producer.pauseProducing()
+
+    def getOutBuffer(self) -> Any:
+        self.pending = 0
+        return super().getOutBuffer()  # type: ignore[no-untyped-call]
+
+    def drained(self) -> None:
+        if self.producer_paused and self.pending == 0:
+            self.producer_paused = False
+            if self.producer is not None:
+                self.producer.resumeProducing()
+
+
+class _FlowPump(iosim.IOPump):
+    """An :class:`iosim.IOPump` between two :class:`_FlowTransport` s: a side that
+    paused reading gets nothing until it resumes."""
+
+    clientIO: _FlowTransport
+    serverIO: _FlowTransport
+
+    def pump(self, debug: bool = False, advanceClock: bool = True) -> bool:
+        if advanceClock:
+            self.clock.advance(0)
+        client, server = self.clientIO, self.serverIO
+        to_server = None if server.reading_paused else client.getOutBuffer()
+        to_client = None if client.reading_paused else server.getOutBuffer()
+        if to_server:
+            server.bufferReceived(to_server)  # type: ignore[no-untyped-call]
+        if to_client:
+            client.bufferReceived(to_client)  # type: ignore[no-untyped-call]
+        client.drained()
+        server.drained()
+        if to_server or to_client:
+            return True
+        if server.disconnecting and not server.disconnected:
+            server.disconnected = True
+            client.disconnecting = True
+            client.reportDisconnect()  # type: ignore[no-untyped-call]
+            return True
+        if client.disconnecting and not client.disconnected:
+            client.disconnected = True
+            server.disconnecting = True
+            server.reportDisconnect()  # type: ignore[no-untyped-call]
+            return True
+        return False
+
+
 class _Pumps:
-    """The ``IPumper`` of Autobahn's memory agent, flushed when the gateway settles."""
+    """The ``IPumper`` of Autobahn's memory agent, flushed when the gateway settles.
+
+    Its pumps get TCP-like flow control (:class:`_FlowTransport`): a test pauses its
+    client's reading with ``ws.transport.pauseProducing()``, and the gateway's socket
+    then sees its transport's buffer fill as over TCP.
+    """
 
     def __init__(self) -> None:
         self.pumps: set[iosim.IOPump] = set()
 
     def add(self, pump: iosim.IOPump) -> None:
+        # Autobahn's agent builds plain iosim parts (and shakes hands on them first).
+        pump.__class__ = _FlowPump
+        pump.clientIO.__class__ = _FlowTransport
+        pump.serverIO.__class__ = _FlowTransport
         self.pumps.add(pump)
 
     def start(self) -> None:
@@ -285,6 +389,10 @@ class MemoryGateway:
         self.service: GatewayService = build_tree(
             self.parts, bus=self.bus, directory=self.directory, modules=self.modules,
             on_fatal=self.fatal.append, signals=False)
+        # Autobahn's own timers (handshake and close-handshake timeouts) go through txaio,
+        # whose loop is the global reactor: put the gateway's socket factory on this clock.
+        self._autobahn_timer = _clock_timer(self.clock)
+        self.parts.ws_factory._batched_timer = self._autobahn_timer
         self._pumps = _Pumps()
         self._stubs: list[Any] = []
         self._extra: list[Any] = []
@@ -429,19 +537,38 @@ class MemoryGateway:
 
     def websocket(self, path: str = "/ws", *, headers: dict[str, str] | None = None,
                   protocols: list[str] | None = None) -> MemoryWebSocket:
-        """Open a WebSocket to the gateway's site; fails with the refusal if refused."""
+        """Open a WebSocket to the gateway's site; a refused upgrade raises
+        :class:`WebSocketRefused` (its HTTP status in ``status``)."""
         agent = create_memory_agent(  # type: ignore[no-untyped-call]
             self.clock, self._pumps, self._server_channel)
         owner = self
 
+        made: list[MemoryWebSocket] = []
+
         class Client(MemoryWebSocket):
             gateway = owner
+
+            def __init__(self) -> None:
+                super().__init__()
+                made.append(self)
+
+            def connectionMade(self) -> None:
+                self.factory._batched_timer = owner._autobahn_timer  # the client's too
+                super().connectionMade()
 
         options: dict[str, Any] = {"headers": headers or {}}
         if protocols:
             options["protocols"] = protocols
         d = agent.open("ws://127.0.0.1:8771" + path, options, protocol_class=Client)
-        client: MemoryWebSocket = self._finish(d, 0.0, lambda proto: proto)
+        try:
+            client: MemoryWebSocket = self._finish(d, 0.0, lambda proto: proto)
+        except AssertionError:
+            # Autobahn's client never fires its open Deferred for a refused upgrade.
+            line = str(getattr(made[0], "http_status_line", "") or "") if made else ""
+            status = line.split(" ", 2)[1:2]
+            if status and status[0].isdigit() and status[0] != "101":
+                raise WebSocketRefused(int(status[0]), line) from None
+            raise
         return client
 
     def _server_channel(self) -> Any:
