@@ -74,6 +74,51 @@ class FairShareTests(TestCase):
         self.assertEqual(busy.recv()["id"], "after")
 
 
+    def test_a_socket_held_back_for_fair_share_is_not_closed_as_idle(self) -> None:
+        from twisted.internet.defer import Deferred
+
+        from aico.bus.module import BackendModule, RequestContext, route
+        from aico.proto import ApiRequest
+
+        class Ticker(BackendModule):  # streams that do not end
+            name = "ticker"
+            version = "1"
+            heartbeat_interval = 0
+
+            def __init__(self, *args: Any) -> None:
+                super().__init__(*args)
+                self.streams: list[RequestContext] = []
+
+            @route("GET", "/api/v1/ticks", topic="ticker/v1", public=True)
+            def ticks(self, request: ApiRequest, ctx: RequestContext) -> Any:
+                self.streams.append(ctx)
+                return Deferred()
+
+            def tick(self) -> None:
+                for ctx in self.streams:
+                    ctx.send_chunk({"t": self.clock.seconds()})
+
+        gw = gateway(self, "[limits]\nmax_inflight = 2\n")
+        ticker = cast(Ticker, gw.add_module(Ticker))
+        before = ids(gw)
+        ws = connected(gw, user_token(gw, "tess"))
+        session = session_of(gw, before)
+        for i in range(3):
+            ws.send({"type": "request", "id": i, "method": "GET", "path": "/api/v1/ticks?stream=true"})
+        self.assertTrue(session.reading_paused)
+        for second in range(1, 181):
+            gw.advance(1)
+            if second % 3 == 0:
+                ticker.tick()
+                gw.settle()
+            if second % 30 == 0:
+                ws.send({"type": "heartbeat", "id": second})
+        self.assertIsNone(session.close_code)  # held back by the gateway, not idle
+        for ctx in ticker.streams:  # the streams end: the held frames are read at last
+            ctx.finished = True
+        ticker.streams.clear()
+
+
 class ControlRateLimitTests(TestCase):
     config = "[ratelimit.tiers.standard]\nrequests = 3\nper_seconds = 60\nburst = 3\n"
 

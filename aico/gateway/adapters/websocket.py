@@ -596,6 +596,8 @@ class WebSocketSession(WebSocketServerProtocol):
 
     def resume_reading(self) -> None:
         self.reading_paused = False
+        if self._idle_timer is not None and self._idle_timer.active():
+            self._idle_timer.reset(self.factory.settings().idle_timeout)
         transport: Any = self.transport
         if transport is not None and not self._ended:
             transport.resumeProducing()
@@ -782,6 +784,13 @@ class WebSocketSession(WebSocketServerProtocol):
 
     def _idle(self) -> None:
         self._idle_timer = None
+        if self.reading_paused:
+            # The gateway holds this socket's reading back (fair share): its frames wait
+            # unread, so silence says nothing about the client. The clock starts again
+            # when reading resumes.
+            self._idle_timer = self.factory.clock.callLater(
+                self.factory.settings().idle_timeout, self._idle)
+            return
         self.close(CLOSE_IDLE_TIMEOUT, "idle timeout")
 
     # -- requests ----------------------------------------------------------------------
