@@ -89,6 +89,19 @@ class ProcessTests(TestCase):
         self.transport.signalProcess("KILL")
         return proto.ended
 
+    def state(self) -> Path:
+        """A state directory bootstrapped here with Argon2 at its cheapest, so the process
+        under test starts without hashing at production cost (the bootstrap itself is
+        tested in test_state, and its production parameters there too)."""
+        from aico.gateway import state as state_module
+        from aico.gateway.security.passwords import hash_password
+        from aico.gateway.testing.memory import CHEAP_HASHER
+
+        path = Path(os.path.abspath(self.mktemp()))
+        self.patch(state_module, "hash_password", lambda pw: hash_password(pw, CHEAP_HASHER))
+        state_module.bootstrap(path, ("conversation", "health"))
+        return path
+
     def config(self, http: int = 0, timeout: float = 5.0) -> Path:
         path = Path(os.path.abspath(self.mktemp() + ".toml"))
         path.write_text(FREE.format(http=http, timeout=timeout))
@@ -109,7 +122,7 @@ class ProcessTests(TestCase):
         return r.code, json.loads(await r.content())
 
     async def test_sigterm_exits_zero_after_serving(self) -> None:
-        state = Path(os.path.abspath(self.mktemp()))
+        state = self.state()
         proto = self.spawn(["-n", "--pidfile=", "aico-gateway", "--config", str(self.config()),
                             "--state-dir", str(state)])
         ports = await self.wait_ports(state, proto)
@@ -123,7 +136,7 @@ class ProcessTests(TestCase):
         from aico.proto.aico.gateway.v1.gateway_pb2 import Route
         from tests.rawmodule import RawModule
 
-        state = Path(os.path.abspath(self.mktemp()))
+        state = self.state()
         proto = self.spawn(["-n", "--pidfile=", "aico-gateway", "--config", str(self.config()),
                             "--state-dir", str(state)])
         ports = await self.wait_ports(state, proto)
@@ -164,7 +177,7 @@ class ProcessTests(TestCase):
         busy.listen()
         self.addCleanup(busy.close)
         port = busy.getsockname()[1]
-        state = Path(os.path.abspath(self.mktemp()))
+        state = self.state()
         proto = self.spawn(["-n", "--pidfile=", "aico-gateway", "--config",
                             str(self.config(http=port)), "--state-dir", str(state)])
         code = await proto.ended
@@ -189,9 +202,9 @@ fallback = "tcp://127.0.0.1:*"
 embedded_broker = false
 pub = "tcp://127.0.0.1:{closed[0]}"
 sub = "tcp://127.0.0.1:{closed[1]}"
-start_timeout = 1.0
+start_timeout = 0.5
 """)
-        state = Path(os.path.abspath(self.mktemp()))
+        state = self.state()
         proto = self.spawn(["-n", "--pidfile=", "aico-gateway", "--config", str(config),
                             "--state-dir", str(state)])
         self.assertEqual(await proto.ended, 1, proto.output.decode(errors="replace"))
@@ -200,14 +213,11 @@ start_timeout = 1.0
         self.assertEqual(len(lines), 1, proto.output.decode(errors="replace"))
         self.assertIn("aico-gateway could not start: bus: BusStartError: the message bus at "
                       f"tcp://127.0.0.1:{closed[0]} / tcp://127.0.0.1:{closed[1]} did not answer "
-                      "within 1 s", lines[0])
+                      "within 0.5 s", lines[0])
         self.assertFalse((state / "ports.json").exists())
 
     async def test_a_state_file_that_cannot_be_written_exits_1_naming_it(self) -> None:
-        state = Path(os.path.abspath(self.mktemp()))
-        from aico.gateway.state import bootstrap
-
-        bootstrap(state, ("conversation", "health"))
+        state = self.state()
         (state / "ports.json").mkdir()  # ports.json cannot be replaced by a file
         proto = self.spawn(["-n", "--pidfile=", "aico-gateway", "--config", str(self.config()),
                             "--state-dir", str(state)])
@@ -218,10 +228,7 @@ start_timeout = 1.0
         self.assertIn(str(state / "ports.json"), line)
 
     async def test_a_corrupt_key_exits_1_with_one_line_naming_the_file(self) -> None:
-        state = Path(os.path.abspath(self.mktemp()))
-        from aico.gateway.state import bootstrap
-
-        bootstrap(state, ("conversation", "health"))
+        state = self.state()
         kid = (state / "jwt" / "current").read_text().strip()
         (state / "jwt" / f"{kid}.pem").write_bytes(b"-----BEGIN PRIVATE KEY-----\ngarbage\n")
         proto = self.spawn(["-n", "--pidfile=", "aico-gateway", "--config", str(self.config()),
@@ -234,7 +241,7 @@ start_timeout = 1.0
         self.assertFalse((state / "ports.json").exists())
 
     async def test_tac_file_starts_the_same_service(self) -> None:
-        state = Path(os.path.abspath(self.mktemp()))
+        state = self.state()
         proto = self.spawn(["-ny", "tac/aico-gateway.tac", "--pidfile="],
                            env={"AICO_STATE_DIR": str(state), "AICO_GATEWAY_CONFIG": str(self.config())})
         ports = await self.wait_ports(state, proto)
@@ -245,7 +252,7 @@ start_timeout = 1.0
         self.assertEqual(await proto.ended, 0)
 
     async def test_sighup_reloads_reloadable_keys(self) -> None:
-        state = Path(os.path.abspath(self.mktemp()))
+        state = self.state()
         config = self.config(timeout=5.0)
         proto = self.spawn(["-n", "--pidfile=", "aico-gateway", "--config", str(config),
                             "--state-dir", str(state)])
@@ -269,7 +276,7 @@ start_timeout = 1.0
         self.assertEqual(await proto.ended, 0)
 
     async def test_builtin_module_as_a_separate_process_serves_the_gateway(self) -> None:
-        state = Path(os.path.abspath(self.mktemp()))
+        state = self.state()
         config = self.config()
         config.write_text(config.read_text() + "\n[modules]\nin_process = false\n")
         proto = self.spawn(["-n", "--pidfile=", "aico-gateway", "--config", str(config),

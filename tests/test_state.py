@@ -18,9 +18,10 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.verification import PolicyBuilder, Store
 from twisted.trial.unittest import SynchronousTestCase
 
+from aico.gateway import state as state_module
 from aico.gateway.devices.ca import load_certificate, save_certificate
 from aico.gateway.security.keys import KeyRing, thumbprint
-from aico.gateway.security.passwords import verify_password
+from aico.gateway.security.passwords import PARAMETERS, hash_password, verify_password
 from aico.gateway.state import (
     BootstrapReport,
     StateDirError,
@@ -29,6 +30,7 @@ from aico.gateway.state import (
     resolve_state_dir,
 )
 from aico.gateway.store import SyncDatabase, sync_result
+from aico.gateway.testing.memory import CHEAP_HASHER
 from aico.gateway.users import UserStore
 
 MODULES = ("conversation", "health")
@@ -52,9 +54,15 @@ def _snapshot(root: Path) -> dict[str, tuple[bytes | None, int, int]]:
     return result
 
 
+def cheap_hash(password: str) -> str:
+    """Argon2id at its cheapest: these tests are about files, not about hashing cost."""
+    return hash_password(password, CHEAP_HASHER)
+
+
 class _StateTestCase(SynchronousTestCase):
     def setUp(self) -> None:
         self.root = Path(self.mktemp()) / "state"
+        self.patch(state_module, "hash_password", cheap_hash)
 
     def _bootstrap(self) -> BootstrapReport:
         return bootstrap(self.root, MODULES)
@@ -182,6 +190,18 @@ class BootstrapCreatesTests(_StateTestCase):
     def test_no_temporary_files_left(self) -> None:
         leftovers = [p for p in self.root.rglob("*.tmp")]
         self.assertEqual(leftovers, [])
+
+
+class ProductionHashTests(SynchronousTestCase):
+    def test_the_bootstrap_admin_is_hashed_with_the_production_parameters(self) -> None:
+        root = Path(self.mktemp()) / "state"
+        bootstrap(root, MODULES)
+        conn = sqlite3.connect(StatePaths(root).registry_db)
+        try:
+            (password_hash,) = conn.execute("SELECT password_hash FROM users").fetchone()
+        finally:
+            conn.close()
+        self.assertEqual(argon2.extract_parameters(password_hash), PARAMETERS)
 
 
 class IdempotenceTests(_StateTestCase):
