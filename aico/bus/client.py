@@ -16,7 +16,6 @@ seam; ``docs/bus.md`` has the measured numbers and the reason for the default:
 
 from __future__ import annotations
 
-import os
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -30,15 +29,12 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from aico.bus.core import BusCore
 from aico.bus.curve import CurveLayout, load_pair, load_public
 from aico.bus.errors import BusError, BusStopped, BusTimeout
 from aico.bus.interfaces import (
-    ATTR_CORRELATION_ID,
-    ATTR_REPLY_TO,
-    ATTR_STREAM,
     IBusControl,
     IMessageBus,
-    MessageHandler,
 )
 from aico.proto import AicoMessage
 from aico.zmqreactor import SocketReader
@@ -257,17 +253,8 @@ class _Barrier:
         self.timer = None
 
 
-@dataclass
-class _Pending:
-    topic: str
-    deferred: Deferred[AicoMessage]
-    timeout: float
-    timer: IDelayedCall | None
-    on_chunk: Callable[[AicoMessage], None] | None
-
-
 @implementer(IMessageBus, IBusControl)
-class BusClient:
+class BusClient(BusCore):
     """A connection to the message bus, driven by an injected reactor.
 
     *source* names this client in ``MessageMetadata.source`` and in its reply topic
@@ -300,12 +287,10 @@ class BusClient:
     ) -> None:
         if integration not in ("native", "txzmq"):
             raise ValueError(f"unknown bus integration {integration!r}")
-        self.source = source
+        super().__init__(source, default_timeout)
         self.pub_endpoint = pub
         self.sub_endpoint = sub
-        self.default_timeout = default_timeout
         self.integration: Integration = integration
-        self.reply_topic = f"reply/{source}/{uuid.uuid4().hex}"
         self._reactor = reactor
         self._keys = keys
         self._context = context
@@ -314,8 +299,6 @@ class BusClient:
         self._reconnect_after = reconnect_after
         self._state: Literal["new", "starting", "running", "stopped"] = "new"
         self._transport: _Transport | None = None
-        self._handlers: dict[str, list[MessageHandler]] = {}
-        self._pending: dict[str, _Pending] = {}
         self._probe_token = uuid.uuid4().hex
         self._barriers: dict[str, _Barrier] = {}
         self._probe_call: IDelayedCall | None = None
@@ -339,11 +322,6 @@ class BusClient:
     def running(self) -> bool:
         """True between a successful ``start()`` and ``stop()``."""
         return self._state == "running"
-
-    @property
-    def pending(self) -> int:
-        """The number of requests waiting for their reply."""
-        return len(self._pending)
 
     # -- lifecycle ---------------------------------------------------------------------
 
@@ -515,7 +493,7 @@ class BusClient:
         self._started = None
         self._shutdown()
 
-    def _shutdown(self) -> list[_Pending]:
+    def _shutdown(self) -> list[Any]:
         self._state = "stopped"
         self._cancel_start_timers()
         barriers = list(self._barriers.values())
@@ -523,11 +501,7 @@ class BusClient:
         for barrier in barriers:
             barrier.cancel_calls()
             barrier.deferred.errback(BusStopped())
-        pending = list(self._pending.values())
-        self._pending.clear()
-        for entry in pending:
-            if entry.timer is not None and entry.timer.active():
-                entry.timer.cancel()
+        pending = self._take_pending()
         if self._transport is not None:
             self._transport.close()
             self._transport = None
@@ -556,89 +530,18 @@ class BusClient:
         except zmq.ZMQError as e:
             raise BusError(f"cannot publish on {topic!r}: {e.strerror}") from e
 
-    def publish(self, topic: str, message: AicoMessage) -> None:
-        if self._state != "running":
-            raise BusStopped(f"bus client {self.source} is not running")
-        self._send(topic, message)
+    def _call_later(self, delay: float, f: Callable[..., Any], *args: Any) -> IDelayedCall:
+        return self._reactor.callLater(delay, f, *args)
 
-    def request(
-        self,
-        topic: str,
-        message: AicoMessage,
-        timeout: float | None = None,
-        on_chunk: Callable[[AicoMessage], None] | None = None,
-    ) -> Deferred[AicoMessage]:
-        if self._state != "running":
-            return fail(BusStopped(f"bus client {self.source} is not running"))
-        correlation_id = os.urandom(16).hex()
-        out = AicoMessage()
-        out.CopyFrom(message)
-        if not out.metadata.source:
-            out.metadata.source = self.source
-        attributes = out.metadata.attributes
-        attributes[ATTR_CORRELATION_ID] = correlation_id
-        attributes[ATTR_REPLY_TO] = self.reply_topic
-        if on_chunk is not None:
-            attributes[ATTR_STREAM] = "1"
-        elif ATTR_STREAM in attributes:
-            del attributes[ATTR_STREAM]
-        delay = self.default_timeout if timeout is None else timeout
-        deferred: Deferred[AicoMessage] = Deferred(lambda _: self._forget(correlation_id))
-        timer = self._reactor.callLater(delay, self._expire, correlation_id)
-        self._pending[correlation_id] = _Pending(topic, deferred, delay, timer, on_chunk)
-        try:
-            self._send(topic, out)
-        except BusError as e:
-            self._forget(correlation_id)
-            return fail(e)
-        return deferred
+    # -- subscriptions: the SUB socket follows the handlers' prefixes ---------------------
 
-    def _forget(self, correlation_id: str) -> None:
-        entry = self._pending.pop(correlation_id, None)
-        if entry is not None and entry.timer is not None and entry.timer.active():
-            entry.timer.cancel()
-
-    def _expire(self, correlation_id: str) -> None:
-        entry = self._pending.pop(correlation_id, None)
-        if entry is None:
-            return
-        entry.timer = None
-        entry.deferred.errback(BusTimeout(entry.topic, entry.timeout))
-
-    def reply(self, request: AicoMessage, response: AicoMessage, stream: str | None = None) -> None:
-        attributes = request.metadata.attributes
-        reply_to = attributes.get(ATTR_REPLY_TO, "")
-        correlation_id = attributes.get(ATTR_CORRELATION_ID, "")
-        if not reply_to or not correlation_id:
-            raise BusError("the request carries no reply_to/correlation_id")
-        out = AicoMessage()
-        out.CopyFrom(response)
-        if not out.metadata.source:
-            out.metadata.source = self.source
-        out.metadata.attributes[ATTR_CORRELATION_ID] = correlation_id
-        if stream:
-            out.metadata.attributes[ATTR_STREAM] = stream
-        elif ATTR_STREAM in out.metadata.attributes:
-            del out.metadata.attributes[ATTR_STREAM]
-        self.publish(reply_to, out)
-
-    # -- subscriptions -----------------------------------------------------------------
-
-    def subscribe(self, prefix: str, handler: MessageHandler) -> None:
-        handlers = self._handlers.setdefault(prefix, [])
-        handlers.append(handler)
-        if len(handlers) == 1 and self._transport is not None:
+    def _prefix_added(self, prefix: str) -> None:
+        if self._transport is not None:
             self._transport.subscribe(prefix.encode("utf-8"))
 
-    def unsubscribe(self, prefix: str, handler: MessageHandler) -> None:
-        handlers = self._handlers.get(prefix)
-        if not handlers or handler not in handlers:
-            return
-        handlers.remove(handler)
-        if not handlers:
-            del self._handlers[prefix]
-            if self._transport is not None:
-                self._transport.unsubscribe(prefix.encode("utf-8"))
+    def _prefix_removed(self, prefix: str) -> None:
+        if self._transport is not None:
+            self._transport.unsubscribe(prefix.encode("utf-8"))
 
     # -- receiving ---------------------------------------------------------------------
 
@@ -670,48 +573,4 @@ class BusClient:
         if token is not None:
             self._probe_arrived(topic, token)  # probes are never handed to handlers
             return
-        if topic == self.reply_topic:
-            self._reply_received(message)
-            return
-        for prefix, handlers in list(self._handlers.items()):
-            if topic.startswith(prefix):
-                for handler in list(handlers):
-                    try:
-                        handler(topic, message)
-                    except Exception:
-                        self.log.failure(
-                            "bus handler for {prefix!r} failed on {topic}",
-                            prefix=prefix,
-                            topic=topic,
-                        )
-
-    def _reply_received(self, message: AicoMessage) -> None:
-        attributes = message.metadata.attributes
-        correlation_id = attributes.get(ATTR_CORRELATION_ID, "")
-        entry = self._pending.get(correlation_id)
-        if entry is None:
-            self.log.debug(
-                "bus client {source}: reply for an unknown or expired request dropped",
-                source=self.source,
-            )
-            return
-        if attributes.get(ATTR_STREAM) == "chunk":
-            if entry.on_chunk is None:
-                self.log.warn(
-                    "bus client {source}: streamed chunk for a request that did not accept "
-                    "streaming (from {sender}) dropped",
-                    source=self.source,
-                    sender=message.metadata.source,
-                )
-                return
-            if entry.timer is not None and entry.timer.active():
-                entry.timer.reset(entry.timeout)
-            try:
-                entry.on_chunk(message)
-            except Exception:
-                self.log.failure("bus client {source}: chunk handler failed", source=self.source)
-            return
-        del self._pending[correlation_id]
-        if entry.timer is not None and entry.timer.active():
-            entry.timer.cancel()
-        entry.deferred.callback(message)
+        self._deliver(topic, message)

@@ -41,12 +41,9 @@ asserting. Timeouts are the only thing that waits for the clock.
 
 from __future__ import annotations
 
-import os
-import uuid
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 from google.protobuf.message import DecodeError
 from twisted.internet.defer import Deferred, fail, succeed
@@ -54,11 +51,9 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from aico.bus.errors import BusError, BusStopped, BusTimeout
+from aico.bus.core import BusCore
+from aico.bus.errors import BusError, BusStopped
 from aico.bus.interfaces import (
-    ATTR_CORRELATION_ID,
-    ATTR_REPLY_TO,
-    ATTR_STREAM,
     IBusControl,
     IMessageBus,
     MessageHandler,
@@ -123,17 +118,8 @@ class MemoryBroker:
             self._delivering = False
 
 
-@dataclass
-class _Pending:
-    topic: str
-    deferred: Deferred[AicoMessage]
-    timeout: float
-    timer: IDelayedCall | None
-    on_chunk: Callable[[AicoMessage], None] | None
-
-
 @implementer(IMessageBus, IBusControl)
-class MemoryBus:
+class MemoryBus(BusCore):
     """A bus client on a :class:`MemoryBroker`, its timeouts on *clock*.
 
     *source* names it in ``MessageMetadata.source`` and in its reply topic
@@ -155,17 +141,13 @@ class MemoryBus:
         default_timeout: float = 5.0,
         record: bool = True,
     ) -> None:
-        self.source = source
+        super().__init__(source, default_timeout)
         self.clock = clock
         self.broker = broker if broker is not None else MemoryBroker()
-        self.default_timeout = default_timeout
-        self.reply_topic = f"reply/{source}/{uuid.uuid4().hex}"
         self.record = record
         #: ``(topic, message)`` for every message this bus published, oldest first.
         self.published: list[tuple[str, AicoMessage]] = []
         self._state: Literal["new", "running", "stopped"] = "new"
-        self._handlers: dict[str, list[MessageHandler]] = {}
-        self._pending: dict[str, _Pending] = {}
 
     # -- what tests look at --------------------------------------------------------------
 
@@ -173,11 +155,6 @@ class MemoryBus:
     def running(self) -> bool:
         """True between ``start()`` and ``stop()``."""
         return self._state == "running"
-
-    @property
-    def pending(self) -> int:
-        """The number of requests waiting for their reply."""
-        return len(self._pending)
 
     @property
     def subscriptions(self) -> dict[str, list[MessageHandler]]:
@@ -204,12 +181,7 @@ class MemoryBus:
             return succeed(None)
         self._state = "stopped"
         self.broker.detach(self)
-        pending = list(self._pending.values())
-        self._pending.clear()
-        for entry in pending:
-            if entry.timer is not None and entry.timer.active():
-                entry.timer.cancel()
-        for entry in pending:
+        for entry in self._take_pending():
             entry.deferred.errback(BusStopped())
         return succeed(None)
 
@@ -232,80 +204,8 @@ class MemoryBus:
             self.published.append((topic, copy))
         self.broker.route(topic, body)
 
-    def publish(self, topic: str, message: AicoMessage) -> None:
-        if self._state != "running":
-            raise BusStopped(f"bus client {self.source} is not running")
-        self._send(topic, message)
-
-    def request(
-        self,
-        topic: str,
-        message: AicoMessage,
-        timeout: float | None = None,
-        on_chunk: Callable[[AicoMessage], None] | None = None,
-    ) -> Deferred[AicoMessage]:
-        if self._state != "running":
-            return fail(BusStopped(f"bus client {self.source} is not running"))
-        correlation_id = os.urandom(16).hex()
-        out = AicoMessage()
-        out.CopyFrom(message)
-        if not out.metadata.source:
-            out.metadata.source = self.source
-        attributes = out.metadata.attributes
-        attributes[ATTR_CORRELATION_ID] = correlation_id
-        attributes[ATTR_REPLY_TO] = self.reply_topic
-        if on_chunk is not None:
-            attributes[ATTR_STREAM] = "1"
-        elif ATTR_STREAM in attributes:
-            del attributes[ATTR_STREAM]
-        delay = self.default_timeout if timeout is None else timeout
-        deferred: Deferred[AicoMessage] = Deferred(lambda _: self._forget(correlation_id))
-        timer = self.clock.callLater(delay, self._expire, correlation_id)
-        self._pending[correlation_id] = _Pending(topic, deferred, delay, timer, on_chunk)
-        self._send(topic, out)
-        return deferred
-
-    def _forget(self, correlation_id: str) -> None:
-        entry = self._pending.pop(correlation_id, None)
-        if entry is not None and entry.timer is not None and entry.timer.active():
-            entry.timer.cancel()
-
-    def _expire(self, correlation_id: str) -> None:
-        entry = self._pending.pop(correlation_id, None)
-        if entry is None:
-            return
-        entry.timer = None
-        entry.deferred.errback(BusTimeout(entry.topic, entry.timeout))
-
-    def reply(self, request: AicoMessage, response: AicoMessage, stream: str | None = None) -> None:
-        attributes = request.metadata.attributes
-        reply_to = attributes.get(ATTR_REPLY_TO, "")
-        correlation_id = attributes.get(ATTR_CORRELATION_ID, "")
-        if not reply_to or not correlation_id:
-            raise BusError("the request carries no reply_to/correlation_id")
-        out = AicoMessage()
-        out.CopyFrom(response)
-        if not out.metadata.source:
-            out.metadata.source = self.source
-        out.metadata.attributes[ATTR_CORRELATION_ID] = correlation_id
-        if stream:
-            out.metadata.attributes[ATTR_STREAM] = stream
-        elif ATTR_STREAM in out.metadata.attributes:
-            del out.metadata.attributes[ATTR_STREAM]
-        self.publish(reply_to, out)
-
-    # -- subscriptions -----------------------------------------------------------------
-
-    def subscribe(self, prefix: str, handler: MessageHandler) -> None:
-        self._handlers.setdefault(prefix, []).append(handler)
-
-    def unsubscribe(self, prefix: str, handler: MessageHandler) -> None:
-        handlers = self._handlers.get(prefix)
-        if not handlers or handler not in handlers:
-            return
-        handlers.remove(handler)
-        if not handlers:
-            del self._handlers[prefix]
+    def _call_later(self, delay: float, f: Callable[..., Any], *args: Any) -> IDelayedCall:
+        return self.clock.callLater(delay, f, *args)
 
     # -- receiving (called by the broker) ----------------------------------------------
 
@@ -325,51 +225,6 @@ class MemoryBus:
                 topic=topic,
             )
             return
-        if topic == self.reply_topic:
-            self._reply_received(message)
-            return
-        for prefix, handlers in list(self._handlers.items()):
-            if topic.startswith(prefix):
-                for handler in list(handlers):
-                    try:
-                        handler(topic, message)
-                    except Exception:
-                        self.log.failure(
-                            "bus handler for {prefix!r} failed on {topic}",
-                            prefix=prefix,
-                            topic=topic,
-                        )
-
-    def _reply_received(self, message: AicoMessage) -> None:
-        attributes = message.metadata.attributes
-        correlation_id = attributes.get(ATTR_CORRELATION_ID, "")
-        entry = self._pending.get(correlation_id)
-        if entry is None:
-            self.log.debug(
-                "bus client {source}: reply for an unknown or expired request dropped",
-                source=self.source,
-            )
-            return
-        if attributes.get(ATTR_STREAM) == "chunk":
-            if entry.on_chunk is None:
-                self.log.warn(
-                    "bus client {source}: streamed chunk for a request that did not accept "
-                    "streaming (from {sender}) dropped",
-                    source=self.source,
-                    sender=message.metadata.source,
-                )
-                return
-            if entry.timer is not None and entry.timer.active():
-                entry.timer.reset(entry.timeout)
-            try:
-                entry.on_chunk(message)
-            except Exception:
-                self.log.failure("bus client {source}: chunk handler failed", source=self.source)
-            return
-        del self._pending[correlation_id]
-        if entry.timer is not None and entry.timer.active():
-            entry.timer.cancel()
-        entry.deferred.callback(message)
-
+        self._deliver(topic, message)
 
 __all__ = ["MemoryBroker", "MemoryBus"]
