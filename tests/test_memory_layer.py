@@ -49,3 +49,39 @@ class MemoryGatewayTests(SynchronousTestCase):
             gw.post("/api/v1/conversations/messages?stream=true", {"message": "a b c"}, token=token)
         self.assertIn("did not finish", str(caught.exception))
         gw.advance(1)  # let the held stream end before the cleanup
+
+
+class HttpDrainTests(SynchronousTestCase):
+    def test_after_the_drain_open_http_connections_are_closed_gracefully(self) -> None:
+        from twisted.internet.address import IPv4Address
+        from twisted.internet.testing import StringTransport
+
+        gw = MemoryGateway()
+        site = gw.parts.http_site
+        channel = site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 31337))
+        transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 31337))
+        channel.makeConnection(transport)
+        channel.dataReceived(b"GET /api/v1/health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+        gw.settle()
+        self.assertIn(b"200 OK", transport.value())
+        self.assertFalse(transport.disconnecting)  # keep-alive: still open
+        self.assertIn(channel, site.channels)
+        stopped = gw.stop()
+        # closed with loseConnection (what was written still goes out), not aborted
+        self.assertTrue(transport.disconnecting)
+        channel.connectionLost(None)
+        self.successResultOf(stopped)
+        self.assertNotIn(channel, site.channels)
+
+    def test_an_http_request_is_in_flight_until_its_response_is_finished(self) -> None:
+        gw = MemoryGateway(test=self)
+        token = gw.token()
+        inflight = gw.parts.inflight
+        with self.assertRaises(AssertionError):  # the stream waits for time to pass
+            gw.post("/api/v1/conversations/messages?stream=true", {"message": "a b c"},
+                    token=token)
+        self.assertEqual(inflight.count, 1)
+        gw.advance(0.05)  # one more word: still streaming
+        self.assertEqual(inflight.count, 1)
+        gw.advance(1)
+        self.assertEqual(inflight.count, 0)

@@ -220,10 +220,15 @@ class GatewayParts:
         if http.enabled:
             out.append(TcpListener("http", tcp_endpoint(self.reactor, http.host, http.port),
                                    self.http_site, describe=f"{http.host}:{http.port}",
-                                   close=self.ws_factory.close_all))
+                                   close=self._close_http))
         if self.ipc is not None:
             out.append(self.ipc)
         return out
+
+    def _close_http(self) -> Deferred[None]:
+        """After the drain: WebSockets are closed (1001), HTTP connections gracefully."""
+        self.ws_factory.close_all()
+        return self.http_site.close_connections(self.reactor)
 
     def jobs(self) -> list[PeriodicJob]:
         """The periodic jobs (each logs its errors and keeps running)."""

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any
+from weakref import WeakSet
 
 from klein import Klein
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel
@@ -101,6 +103,9 @@ class LimitedChannel(HTTPChannel):
             self.totalHeadersSize = size
             self.MAX_LENGTH = size
         super().connectionMade()  # type: ignore[no-untyped-call]
+        channels = getattr(site, "channels", None)
+        if channels is not None:
+            channels.add(self)
         self._arm_head_deadline()
 
     # A client has head_timeout seconds for a complete request head, from the connection
@@ -136,7 +141,26 @@ class LimitedChannel(HTTPChannel):
 
     def connectionLost(self, reason: Failure = _CONNECTION_DONE) -> None:
         self._cancel_head_deadline()
+        channels = getattr(getattr(self, "site", None), "channels", None)
+        if channels is not None:
+            channels.discard(self)
         super().connectionLost(reason)  # type: ignore[no-untyped-call]
+        for waiter in self._closed_waiters:
+            waiter.callback(None)
+        self._closed_waiters = []
+
+    _closed_waiters: list[Deferred[None]] = []
+
+    def close_when_idle(self) -> Deferred[None]:
+        """Close this connection gracefully (what was written still goes out); fires once
+        it is closed. A connection that a WebSocket took over is not ours to close."""
+        transport = self.transport
+        if transport is None:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._closed_waiters = [*self._closed_waiters, d]
+        transport.loseConnection()
+        return d
 
     def lineLengthExceeded(self, line: bytes) -> None:
         self._respondToBadRequestAndDisconnect()
@@ -194,8 +218,40 @@ class GatewaySite(Site):
         self.head_timeout = head_timeout
         #: Told of requests the channel refuses before any resource sees them.
         self.finished = finished
+        #: Open HTTP connections (weakly: one a WebSocket took over is forgotten).
+        self.channels: WeakSet[LimitedChannel] = WeakSet()
         self.displayTracebacks = False
         self.noisy = False
+
+    def close_connections(self, clock: IReactorTime, timeout: float = 2.0) -> Deferred[None]:
+        """Close every open HTTP connection gracefully — the bytes already written (the end
+        of a response that just finished) are flushed first, which the reactor's own
+        shutdown would not do — and fire once they are closed, or after *timeout* seconds
+        (then the rest are aborted)."""
+        channels = [c for c in list(self.channels) if c.transport is not None]
+        if not channels:
+            return succeed(None)
+        waits = DeferredList([c.close_when_idle() for c in channels], consumeErrors=True)
+        done: Deferred[None] = Deferred()
+
+        def give_up() -> None:
+            for channel in channels:
+                transport: Any = channel.transport
+                if transport is not None:
+                    transport.abortConnection()
+            if not done.called:
+                done.callback(None)
+
+        timer = clock.callLater(timeout, give_up)
+
+        def closed(_: object) -> None:
+            if timer.active():
+                timer.cancel()
+            if not done.called:
+                done.callback(None)
+
+        waits.addCallback(closed)
+        return done
 
     def log(self, request: Any) -> None:
         """The access log is written by the dispatcher's observers (it knows the request
@@ -277,16 +333,11 @@ class RestAdapter:
         return self._handle(request)
 
     def _handle(self, web: IRequest) -> Deferred[bytes] | bytes:
+        # In flight until the whole response is written and the request finished (or the
+        # client went away): SIGTERM's drain waits for exactly that.
         self.inflight.enter()
-        try:
-            result = self._serve(web)
-        except BaseException:
-            self.inflight.leave()
-            raise
-        if isinstance(result, Deferred):
-            return result.addBoth(self.inflight.leave)
-        self.inflight.leave()
-        return result
+        web.notifyFinish().addBoth(lambda _: self.inflight.leave())  # type: ignore[attr-defined]
+        return self._serve(web)
 
     def _serve(self, web: IRequest) -> Deferred[bytes] | bytes:
         request = normalize(web, self.transport)
