@@ -27,7 +27,7 @@ class MemoryGatewayTests(SynchronousTestCase):
     def test_it_runs_the_production_service_tree_and_stops_it(self) -> None:
         gw = MemoryGateway()
         names = [c.name for c in gw.service]
-        self.assertEqual(names, ["bus", "directory", "modules", "security", "connections",
+        self.assertEqual(names, ["security", "bus", "directory", "modules", "connections",
                                  "listeners", "jobs", "ports-file"])
         self.assertTrue(gw.service.running)
         self.successResultOf(gw.service.when_ready())

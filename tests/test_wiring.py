@@ -35,7 +35,7 @@ class MakeServiceTests(SynchronousTestCase):
         options.parseOptions(["--state-dir", str(state)])
         service = tap.makeService(options)
         self.assertEqual([c.name for c in service], [
-            "cpu-pool", "broker", "bus", "directory", "modules", "security", "connections",
+            "cpu-pool", "security", "broker", "bus", "directory", "modules", "connections",
             "listeners", "jobs", "ports-file"])
         self.assertEqual([c.name for c in service.child("modules")], ["conversation", "health"])
         self.assertEqual([c.name for c in service.child("modules", "conversation")],

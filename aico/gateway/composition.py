@@ -9,8 +9,8 @@
   site and the IPC listener, the access log. No lifecycle of its own beyond
   :meth:`~GatewayParts.start` and :meth:`~GatewayParts.stop`.
 * :func:`build_tree` — the service tree (``docs/architecture.md`` draws it) whose order
-  is the start order: thread pool, broker, bus, module directory, built-in modules,
-  security state, connections, listeners, periodic jobs, then ``ports.json``.
+  is the start order: thread pool, security state, broker, bus, module directory,
+  built-in modules, connections, listeners, periodic jobs, then ``ports.json``.
 * :func:`compose` — all of the above for one state directory; ``makeService`` calls it.
 """
 
@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -269,7 +269,7 @@ class GatewayParts:
         """Re-read the JWT keyring (in a thread): a rotated key starts signing."""
         paths = self.materials.paths
         if paths is None:
-            return Deferred.fromCoroutine(_nothing())
+            return succeed(None)
         d: Deferred[KeyRing] = deferToThreadPool(self.reactor, self.reactor.getThreadPool(),
                                                  KeyRing.load, paths.jwt_dir, self.reactor.seconds())
 
@@ -282,10 +282,6 @@ class GatewayParts:
             self.log.failure("could not reload the JWT keyring; keeping the old one", f)
 
         return d.addCallbacks(use, failed)
-
-
-async def _nothing() -> None:
-    return None
 
 
 class Reloader:
@@ -302,7 +298,7 @@ class Reloader:
         if self.config_path is None:
             self.log.info("SIGHUP: no config file to reload (running on defaults)")
             parts.reconfigure(parts.config)
-            return Deferred.fromCoroutine(_nothing())
+            return succeed(None)
         path = self.config_path
         d: Deferred[Config] = deferToThreadPool(parts.reactor, parts.reactor.getThreadPool(),
                                                 load, path)
@@ -347,6 +343,8 @@ def build_tree(
 
     if parts.materials.cpu_pool is not None:
         add(ThreadPoolService("cpu-pool", parts.materials.cpu_pool))
+    # First: the revocation state is loaded before the first request can be read.
+    add(CallbackService("security", parts.start, parts.stop))
     if broker is not None:
         add(BrokerService(broker, reactor))
     add(BusService(bus, broker))
@@ -356,7 +354,6 @@ def build_tree(
     add(group)
     for module in modules:
         add(ModuleService(module, reactor), group)
-    add(CallbackService("security", parts.start, parts.stop))
     add(CallbackService("connections", None, parts.connections.stop))
     listeners = add(ListenerGroup(parts.listeners(), parts.inflight, reactor,
                                   lambda: parts.config.gateway.shutdown_grace))
@@ -373,7 +370,7 @@ def build_tree(
             ports["bus"] = {"pub": bus.pub_endpoint, "sub": bus.sub_endpoint}
         d: Deferred[None]
         if ports_file is None:
-            d = Deferred.fromCoroutine(_nothing())
+            d = succeed(None)
         else:
             # File I/O off the reactor thread: ports.json says "ready" only once written.
             d = deferToThreadPool(reactor, reactor.getThreadPool(), write_ports, ports_file, ports)

@@ -11,6 +11,9 @@ from typing import Any, ClassVar
 
 from twisted.python.failure import Failure
 
+from aico.bus.errors import BusStopped, BusTimeout
+from aico.gateway.security.tokens import TokenError
+
 PROBLEM_TYPE_BASE = "https://aico.dev/problems/"
 PROBLEM_CONTENT_TYPE = "application/problem+json"
 
@@ -174,9 +177,6 @@ def to_api_error(failure: Failure | BaseException) -> ApiError:
     error = failure.value if isinstance(failure, Failure) else failure
     if isinstance(error, ApiError):
         return error
-    from aico.bus.errors import BusStopped, BusTimeout
-    from aico.gateway.security.tokens import TokenError
-
     if isinstance(error, TokenError):
         return _TOKEN_ERRORS.get(error.code, TokenInvalid)()
     if isinstance(error, BusTimeout):

@@ -110,9 +110,6 @@ class SessionServices:
     clock: IReactorTime
 
     def __post_init__(self) -> None:
-        def not_served(request: Request) -> Response:
-            raise AssertionError("control routes are answered by the session")
-
         # Control routes: not in the route table; the session runs them through the chain.
         self.auth_route = RouteEntry("POST", "/.session/auth", _authenticated, owner="session",
                                      capability="session", tier="standard")
