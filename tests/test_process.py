@@ -243,11 +243,23 @@ start_timeout = 0.5
     async def test_tac_file_starts_the_same_service(self) -> None:
         state = self.state()
         proto = self.spawn(["-ny", "tac/aico-gateway.tac", "--pidfile="],
-                           env={"AICO_STATE_DIR": str(state), "AICO_GATEWAY_CONFIG": str(self.config())})
+                           env={"AICO_STATE_DIR": str(state), "AICO_GATEWAY_CONFIG": str(self.config()),
+                                "AICO_LOG": "json"})
         ports = await self.wait_ports(state, proto)
         code, body = await self.health(ports)
         self.assertEqual(code, 200)
         self.assertIn("conversation", body["modules"])
+
+        def access_lines() -> list[Any]:
+            events = [json.loads(line) for line in proto.output.splitlines()
+                      if line.startswith(b"{")]
+            return [e for e in events if e.get("log_namespace") == "aico.access"]
+
+        from aico.gateway.testing.waiting import eventually
+
+        (line,) = await eventually(access_lines)
+        self.assertEqual((line["method"], line["path"], line["status"], line["transport"]),
+                         ("GET", "/api/v1/health", 200, "http"))
         self.transport.signalProcess("TERM")
         self.assertEqual(await proto.ended, 0)
 
