@@ -21,11 +21,10 @@ import random
 from collections.abc import Iterable
 from typing import Any
 
-import treq
 from twisted.internet.defer import Deferred, DeferredQueue
 
 from aico.bus.module import BackendModule, RequestContext, RouteSpec
-from aico.gateway.testing.memory import MemoryGateway, MemoryResponse
+from aico.gateway.testing.memory import MemoryGateway
 from aico.proto import ApiRequest, ApiResponse
 
 
@@ -126,25 +125,6 @@ def raw_module(routes: Iterable[RouteSpec], *, name: str = "raw", heartbeat_inte
 def send(gateway: MemoryGateway, method: str, path: str, *, token: str | None = None,
          json_body: Any = None, data: bytes | None = None, headers: dict[str, str] | None = None,
          unbuffered: bool = False) -> Deferred[Any]:
-    """Send a request to *gateway* and return at once: a Deferred of the
-    :class:`MemoryResponse` (of the treq response itself, with *unbuffered*) that fires
-    as the gateway settles (:meth:`MemoryGateway.settle`, :meth:`MemoryGateway.advance`)."""
-    headers = dict(headers or {})
-    if token is not None:
-        headers["Authorization"] = f"Bearer {token}"
-    kwargs: dict[str, Any] = {"headers": headers}
-    if json_body is not None:
-        kwargs["json"] = json_body
-    if data is not None:
-        kwargs["data"] = data
-    if unbuffered:
-        kwargs["unbuffered"] = True
-    d: Deferred[Any] = gateway.http.request(method, "http://127.0.0.1:8771" + path, **kwargs)
-    if unbuffered:
-        return d
-
-    def read(response: Any) -> Deferred[MemoryResponse]:
-        body: Deferred[bytes] = treq.content(response)
-        return body.addCallback(lambda b: MemoryResponse(response.code, response.headers, b))
-
-    return d.addCallback(read)
+    """Send a request to *gateway* and return at once (:meth:`MemoryGateway.send`)."""
+    return gateway.send(method, path, token=token, json_body=json_body, data=data,
+                        headers=headers, unbuffered=unbuffered)

@@ -26,8 +26,8 @@ sub = "tcp://127.0.0.1:*"
 fallback = "tcp://127.0.0.1:*"
 """
 
-#: Free ports and generous limits: tests that exercise rate limiting set their own tiers.
-FREE_PORTS = FREE_LISTENERS + """
+#: Generous rate limits: tests that exercise rate limiting set their own tiers.
+GENEROUS_LIMITS = """
 [ratelimit.tiers.public]
 requests = 100000
 per_seconds = 60
@@ -45,6 +45,9 @@ requests = 100000
 per_seconds = 60
 burst = 10000
 """
+
+#: Free ports and generous limits.
+FREE_PORTS = FREE_LISTENERS + GENEROUS_LIMITS
 
 
 def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:

@@ -53,7 +53,7 @@ from aico.gateway.security.keys import KeyRing
 from aico.gateway.security.passwords import PasswordService, make_hasher, synchronous_runner
 from aico.gateway.service import GatewayService
 from aico.gateway.store import SyncDatabase, sync_result
-from aico.gateway.testing.harness import merge
+from aico.gateway.testing.harness import GENEROUS_LIMITS, merge
 from aico.gateway.users import UserStore
 
 __all__ = [
@@ -80,23 +80,7 @@ endpoint = ""
 fallback = ""
 [bus]
 embedded_broker = false
-[ratelimit.tiers.public]
-requests = 100000
-per_seconds = 60
-burst = 10000
-[ratelimit.tiers.standard]
-requests = 100000
-per_seconds = 60
-burst = 10000
-[ratelimit.tiers.auth]
-requests = 10000
-per_seconds = 60
-burst = 1000
-[ratelimit.tiers.admin]
-requests = 100000
-per_seconds = 60
-burst = 10000
-"""
+""" + GENEROUS_LIMITS
 
 
 def _clock_timer(clock: MemoryReactorClock) -> Any:
@@ -449,10 +433,12 @@ class MemoryGateway:
         self._stubs.append(stub)
         return stub
 
-    def request(self, method: str, path: str, *, json_body: Any = None, data: bytes | None = None,
-                headers: dict[str, str] | None = None, token: str | None = None,
-                advance: float = 0.0) -> MemoryResponse:
-        """Send one HTTP request and read the whole answer (synchronously)."""
+    def send(self, method: str, path: str, *, json_body: Any = None, data: bytes | None = None,
+             headers: dict[str, str] | None = None, token: str | None = None,
+             unbuffered: bool = False) -> Deferred[Any]:
+        """Send one HTTP request and return at once: a Deferred of the whole
+        :class:`MemoryResponse` (of treq's response itself, with *unbuffered*), which fires
+        as the gateway settles (:meth:`settle`, :meth:`advance`)."""
         headers = dict(headers or {})
         if token is not None:
             headers["Authorization"] = f"Bearer {token}"
@@ -461,8 +447,17 @@ class MemoryGateway:
             kwargs["json"] = json_body
         if data is not None:
             kwargs["data"] = data
-        d = self.http.request(method, "http://127.0.0.1:8771" + path, **kwargs)
-        response: MemoryResponse = self._finish(d, advance, lambda r: self._read(r))
+        if unbuffered:
+            kwargs["unbuffered"] = True
+        d: Deferred[Any] = self.http.request(method, "http://127.0.0.1:8771" + path, **kwargs)
+        return d if unbuffered else d.addCallback(self._read)
+
+    def request(self, method: str, path: str, *, json_body: Any = None, data: bytes | None = None,
+                headers: dict[str, str] | None = None, token: str | None = None,
+                advance: float = 0.0) -> MemoryResponse:
+        """Send one HTTP request and read the whole answer (synchronously)."""
+        d = self.send(method, path, json_body=json_body, data=data, headers=headers, token=token)
+        response: MemoryResponse = self._finish(d, advance, lambda r: r)
         return response
 
     def _read(self, response: Any) -> Deferred[MemoryResponse]:
