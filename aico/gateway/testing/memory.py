@@ -378,7 +378,7 @@ class MemoryGateway:
         self._autobahn_timer = _clock_timer(self.clock)
         self.parts.ws_factory._batched_timer = self._autobahn_timer
         self._pumps = _Pumps()
-        self._stubs: list[Any] = []
+        self._treq_clients: list[Any] = []
         self._extra: list[Any] = []
         self.http = self._stub()
         self.service.privilegedStartService()
@@ -393,8 +393,8 @@ class MemoryGateway:
         """Move bytes and run zero-delay timers until nothing moves any more."""
         for _ in range(rounds):
             moved = self._pumps.flush()
-            for stub in self._stubs:
-                stub.flush()
+            for fake in self._treq_clients:
+                fake.flush()
             due = [c for c in self.clock.getDelayedCalls() if c.getTime() <= self.clock.seconds()]
             if due:
                 self.clock.advance(0)
@@ -402,8 +402,8 @@ class MemoryGateway:
                 return
 
     def _stub_data(self) -> bool:
-        for stub in self._stubs:
-            for pump in stub._agent._pumps:
+        for fake in self._treq_clients:
+            for pump in fake._agent._pumps:
                 if pump.clientIO.stream or pump.serverIO.stream:
                     return True
         return False
@@ -426,12 +426,12 @@ class MemoryGateway:
     def _stub(self) -> Any:
         from treq.testing import StubTreq
 
-        stub = StubTreq(self.parts.http_site.resource)
+        fake = StubTreq(self.parts.http_site.resource)
         # The gateway's own site (its request and channel classes, limits and timers on the
         # gateway's clock) instead of a plain Site around the same resource.
-        stub._agent._serverFactory = self.parts.http_site
-        self._stubs.append(stub)
-        return stub
+        fake._agent._serverFactory = self.parts.http_site
+        self._treq_clients.append(fake)
+        return fake
 
     def send(self, method: str, path: str, *, json_body: Any = None, data: bytes | None = None,
              headers: dict[str, str] | None = None, token: str | None = None,
