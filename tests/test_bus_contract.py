@@ -22,6 +22,7 @@ clock) lives in the fixture hooks of those two small classes, never in a test:
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar, Union
 
@@ -55,7 +56,7 @@ SHORT = 0.3
 if TYPE_CHECKING:
     _Case = TestCase
 else:
-    _Case = object
+    _Case = ABC  # the behaviour tests are abstract until a fixture class provides the hooks
 
 
 def event(text: str, source: str = "test") -> AicoMessage:
@@ -96,23 +97,29 @@ class _BusContract(_Case):
 
     # -- fixture hooks (the only place where the two variants differ) -------------------
 
+    @abstractmethod
     def client(self, name: str, default_timeout: float = 5.0) -> AnyBus:
-        raise NotImplementedError
+        """A new, not yet started, bus client called *name*."""
 
+    @abstractmethod
     async def advance(self, seconds: float) -> None:
-        raise NotImplementedError
+        """Let *seconds* pass (the clock, or real time)."""
 
+    @abstractmethod
     async def result_of(self, d: Deferred[T]) -> T:
-        raise NotImplementedError
+        """The result *d* fires with."""
 
+    @abstractmethod
     async def failure_of(self, d: Deferred[Any], *errors: type[BaseException]) -> BaseException:
-        raise NotImplementedError
+        """The error *d* fails with (one of *errors*)."""
 
+    @abstractmethod
     async def until(self, predicate: Callable[[], bool]) -> None:
-        raise NotImplementedError
+        """Return once *predicate* holds."""
 
+    @abstractmethod
     async def listening(self, receiver: AnyBus, prefix: str, sender: AnyBus) -> None:
-        raise NotImplementedError
+        """Return once what *sender* publishes on *prefix* reaches *receiver*."""
 
     # -- helpers ------------------------------------------------------------------------
 

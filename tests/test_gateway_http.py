@@ -28,6 +28,17 @@ RAW_SCHEMA = json.dumps({
 })
 
 
+def check_raw_echo(test: TestCase, status: int, body: Any) -> None:
+    """What a raw module echoes for ``POST /api/v1/raw/items/a%20b {"n": 3, "text": "é"}``
+    with ``X-Request-ID: req-1`` from admin over HTTP (the memory and the real layer)."""
+    test.assertEqual(status, 200)
+    test.assertEqual(body["params"], {"item": "a b"})
+    test.assertEqual(body["body"], {"n": 3, "text": "é"})
+    test.assertEqual(body["request_id"], "req-1")
+    test.assertEqual(body["transport"], "http")
+    test.assertEqual(body["subject"], "admin")
+
+
 async def get_json(http: Any, url: str, **kw: Any) -> tuple[int, Any, Any]:
     r = await http.get(url, **kw)
     return r.code, json.loads(await r.content()), r.headers
@@ -238,12 +249,7 @@ class ModuleRouteTests(GatewayCase):
         await self.registered(module)
         status, body, _ = await post_json(self.http, self.base + "/api/v1/raw/items/a%20b", {"n": 3, "text": "é"},
                                           headers={"X-Request-ID": "req-1"})
-        self.assertEqual(status, 200)
-        self.assertEqual(body["params"], {"item": "a b"})
-        self.assertEqual(body["body"], {"n": 3, "text": "é"})
-        self.assertEqual(body["request_id"], "req-1")
-        self.assertEqual(body["transport"], "http")
-        self.assertEqual(body["subject"], "admin")
+        check_raw_echo(self, status, body)
 
     async def test_module_schema_is_enforced_with_unknown_fields_rejected(self) -> None:
         module = self.raw_module(self.routes())

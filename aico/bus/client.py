@@ -399,11 +399,9 @@ class BusClient(BusCore):
         return probe
 
     def wait_subscribed(self, prefixes: Sequence[str], timeout: float | None = None) -> Deferred[None]:
-        if self._state != "running":
-            return fail(BusStopped(f"bus client {self.source} is not running"))
-        unknown = [p for p in prefixes if p not in self._handlers and p != self.reply_topic]
-        if unknown:
-            return fail(BusError(f"bus client {self.source} is not subscribed to {unknown!r}"))
+        refused = self._not_subscribed(prefixes)
+        if refused is not None:
+            return refused
         delay = self.default_timeout if timeout is None else timeout
         waits = [self._barrier(prefix, delay) for prefix in prefixes]
         done: Deferred[None] = Deferred()

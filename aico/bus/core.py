@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import uuid
 from abc import ABC, abstractmethod
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -176,6 +176,15 @@ class BusCore(ABC):
         if not handlers:
             del self._handlers[prefix]
             self._prefix_removed(prefix)
+
+    def _not_subscribed(self, prefixes: Sequence[str]) -> Deferred[None] | None:
+        """``wait_subscribed``'s refusals: not running, or a prefix not subscribed here."""
+        if not self.running:
+            return fail(BusStopped(f"bus client {self.source} is not running"))
+        unknown = [p for p in prefixes if p not in self._handlers and p != self.reply_topic]
+        if unknown:
+            return fail(BusError(f"bus client {self.source} is not subscribed to {unknown!r}"))
+        return None
 
     # -- receiving ---------------------------------------------------------------------
 

@@ -187,11 +187,9 @@ class MemoryBus(BusCore):
 
     def wait_subscribed(self, prefixes: Sequence[str], timeout: float | None = None) -> Deferred[None]:
         """Fires at once for prefixes subscribed here (``BusError`` for any other)."""
-        if self._state != "running":
-            return fail(BusStopped(f"bus client {self.source} is not running"))
-        unknown = [p for p in prefixes if p not in self._handlers and p != self.reply_topic]
-        if unknown:
-            return fail(BusError(f"bus client {self.source} is not subscribed to {unknown!r}"))
+        refused = self._not_subscribed(prefixes)
+        if refused is not None:
+            return refused
         return succeed(None)
 
     # -- sending -----------------------------------------------------------------------
