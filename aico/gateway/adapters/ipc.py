@@ -42,7 +42,7 @@ from zope.interface import implementer
 
 from aico.bus.curve import CurveLayout, load_pair
 from aico.bus.interfaces import ATTR_CORRELATION_ID, ATTR_STREAM
-from aico.gateway.adapters.session import Session, SessionServices, relay_stream
+from aico.gateway.adapters.session import Session, SessionServices, frame_headers, relay_stream
 from aico.gateway.connections import ConnectionInfo, Event, IConnection
 from aico.gateway.errors import (
     PROBLEM_CONTENT_TYPE,
@@ -136,14 +136,14 @@ def _event_frame(event: Event) -> bytes:
 
 def _problem_response(error: ApiError, request_id: str) -> ApiResponse:
     out = ApiResponse(request_id=request_id, status=error.status, body=problem_body(error, request_id))
-    out.headers.update(error.headers)
+    out.headers.update(frame_headers(error.headers))
     out.headers["content-type"] = PROBLEM_CONTENT_TYPE
     return out
 
 
 def _to_api_response(response: Response, request_id: str) -> ApiResponse:
     out = ApiResponse(request_id=request_id, status=response.status, body=response.body)
-    out.headers.update(response.headers)
+    out.headers.update(frame_headers(response.headers))
     out.headers["content-type"] = response.content_type
     return out
 
@@ -357,15 +357,21 @@ class IpcListener:
         message = AicoMessage()
         try:
             message.ParseFromString(parts[0])
-            api = unpack(message, ApiRequest)
-        except (DecodeError, EnvelopeError) as e:
+        except DecodeError:
             self._error(peer, "", "", BadRequest(
-                f"the frame is not an AicoMessage holding an ApiRequest ({type(e).__name__})"))
+                "the frame is not a protobuf aico.core.AicoMessage (whose any_payload packs an "
+                f"{ApiRequest.DESCRIPTOR.full_name})"))
             return
+        # From here on the envelope was readable: every reply carries its correlation_id.
         attributes = message.metadata.attributes
         correlation: str | None = attributes.get(ATTR_CORRELATION_ID, "")
-        if attributes.get("oneway") == "1":
+        if attributes.get(ATTR_ONEWAY) == "1":
             correlation = None
+        try:
+            api = unpack(message, ApiRequest)
+        except EnvelopeError as e:
+            self._error(peer, correlation, "", BadRequest(str(e)))
+            return
         method = api.method.upper()
         request_id = request_id_from(api.request_id or api.headers.get("x-request-id"))
         if not self.accepting:
