@@ -4,7 +4,7 @@ header-name case in every response frame. In memory: IPC frames go straight into
 production :class:`~aico.gateway.adapters.ipc.IpcListener` of a
 :class:`~aico.gateway.testing.memory.MemoryGateway` (a fake ROUTER socket stands in
 for ZeroMQ); WebSockets use the memory gateway's own. The real-socket IPC test is
-``tests/test_ipc_contract.py``.
+``tests/test_contract_real.py``.
 """
 
 from __future__ import annotations

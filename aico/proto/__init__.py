@@ -24,6 +24,7 @@ from aico.proto.aico.gateway.v1.gateway_pb2 import (
 )
 
 __all__ = [
+    "TYPE_URL_PREFIX",
     "AicoMessage",
     "ApiEvent",
     "ApiRequest",
@@ -34,7 +35,6 @@ __all__ = [
     "ModuleRegistration",
     "Principal",
     "Route",
-    "TYPE_URL_PREFIX",
     "type_name",
     "unpack",
     "wrap",
