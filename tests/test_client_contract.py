@@ -289,3 +289,18 @@ class ResponseHeaderCaseTests(SynchronousTestCase):
         r = self.gw.get("/api/v1/users/me", token=self.token)
         self.assertEqual(r.code, 200)
         self.assertIsNotNone(r.header("RateLimit-Policy"))
+
+
+class IpcRequestHeaderCaseTests(SynchronousTestCase):
+    """Request header names may come in any case on IPC, control methods included."""
+
+    def test_subscribe_accepts_an_authorization_header_in_any_case(self) -> None:
+        gw = MemoryGateway(test=self)
+        ipc = MemoryIpc(gw)
+        message = ipc.request("SUBSCRIBE", "user/admin/")
+        message.any_payload.Pack(ApiRequest(method="SUBSCRIBE", path="user/admin/",
+                                            headers={"AUTHORIZATION": f"Bearer {gw.token()}"}))
+        ipc.send(message)
+        _, response = ipc.recv()
+        self.assertEqual((response.status, json.loads(response.body)),
+                         (200, {"topic": "user/admin/", "subscribed": True}))

@@ -464,4 +464,8 @@ class IpcListener:
 
 
 def _authorization(api: ApiRequest) -> str | None:
-    return api.headers.get("authorization") or api.headers.get("Authorization") or None
+    """The request's ``authorization`` header, its name in any case (as for requests)."""
+    for name, value in api.headers.items():
+        if name.lower() == "authorization" and value:
+            return value
+    return None
