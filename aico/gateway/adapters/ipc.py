@@ -1,4 +1,4 @@
-"""The ZeroMQ IPC adapter: ROUTER sockets for local clients (SPEC §7, docs/protocols.md).
+"""The ZeroMQ IPC adapter: ROUTER sockets for local clients (docs/protocols.md §2).
 
 Two ROUTER endpoints, both bound by default: ``ipc://STATE_DIR/gateway.ipc`` and the TCP
 fallback (``tcp://127.0.0.1:8775``) for clients that cannot use ``ipc://``. Both are
@@ -174,7 +174,7 @@ class IpcListener:
             path = str(layout.state_dir / "gateway.ipc")
             limit = getattr(zmq, "IPC_PATH_MAX_LEN", 107) or 107
             if len(path) > limit:
-                # Clients then use the TCP fallback (the design's "falls back to TCP").
+                # Clients then use the TCP fallback (docs/protocols.md §2.1).
                 self.log.warn("ipc:// is off: {path} is longer than a Unix socket path may "
                               "be ({limit} bytes); clients use the TCP fallback",
                               path=path, limit=limit)
