@@ -14,7 +14,10 @@ reply is one frame: an ``AicoMessage`` holding an ``ApiResponse``, with the requ
 path is the topic prefix; events then arrive as ``AicoMessage(ApiEvent)`` frames on the
 same socket) and ``HEARTBEAT``. Attribute ``oneway = "1"`` asks for no reply at all
 (fire and forget). Whatever arrives that is not such a frame is answered with a 400
-``ApiResponse`` — never a crash.
+``ApiResponse`` — never a crash — whose detail says what was wrong, carrying the
+``correlation_id`` whenever the ``AicoMessage`` itself could be read. ``type_url`` is
+matched on the part after its last ``/`` (:func:`aico.proto.unpack`). Every reply's
+header names are lower case (:func:`~aico.gateway.adapters.session.frame_headers`).
 
 Each peer (a routing id on one socket) owns a :class:`~aico.gateway.adapters.session.
 Session`: requests, subscriptions and fair share are the session layer's. One ROUTER
