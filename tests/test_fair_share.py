@@ -75,7 +75,7 @@ class IpcFairShareTests(TestCase):
         refused = await self.replies(flood, 5)
         self.assertEqual(sorted(refused), [f"f{i}" for i in range(5, 10)])
         for reply in refused.values():
-            self.assertEqual((reply.status, reply.headers["Retry-After"]), (429, "1"))
+            self.assertEqual((reply.status, reply.headers["retry-after"]), (429, "1"))
         self.assertEqual(len(self.held), 2)
         self.assertEqual(self.ipc.overloaded, 5)
         # another peer is answered at once, while the flood's requests are held

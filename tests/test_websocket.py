@@ -116,7 +116,7 @@ class FrameTests(TestCase):
         self.assertEqual((r["status"], r["body"]["code"]), (404, "not_found"))
         c.send({"type": "request", "id": "m", "method": "DELETE", "path": "/api/v1/ping"})
         r = c.recv()
-        self.assertEqual((r["status"], r["headers"]["Allow"]), (405, "GET, HEAD"))
+        self.assertEqual((r["status"], r["headers"]["allow"]), (405, "GET, HEAD"))
 
     def test_a_user_whose_role_lacks_the_capability_is_refused_403(self) -> None:
         # the "service" role has no echo:write (and no users:self)

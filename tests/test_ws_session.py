@@ -141,7 +141,7 @@ class ControlRateLimitTests(TestCase):
                  "body": {"text": "x"}})
         r = ws.recv()
         self.assertEqual((r["status"], r["body"]["code"]), (429, "rate_limited"))
-        self.assertIn("Retry-After", r["headers"])
+        self.assertIn("retry-after", r["headers"])
         [entry] = gw.parts.connections.snapshot()
         self.assertEqual(sorted(entry["subscriptions"]),
                          ["conversation/", "conversation/a/", "user/rita/"])

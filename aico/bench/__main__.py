@@ -1,6 +1,6 @@
 """``make bench``: the gateway's hot paths as ratios to floors measured in the same run.
 
-Paths (SPEC §9), each against a floor that serves the same bytes with nothing else:
+Paths (docs/performance.md), each against a floor that serves the same bytes with nothing else:
 
 * **REST full chain** — ``POST /api/v1/conversations/messages`` with a bearer token (JWT
   check, RBAC, JSON Schema validation, rate limit, bus round trip to the conversation

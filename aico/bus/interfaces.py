@@ -12,7 +12,7 @@ from aico.proto import AicoMessage
 #: Called with (topic, message) for every message that matches a subscription.
 MessageHandler = Callable[[str, AicoMessage], None]
 
-# Well-known topics (SPEC §8).
+# Well-known topics (docs/bus.md § Topics).
 TOPIC_REGISTERED = "system/module/registered/v1"
 TOPIC_HEARTBEAT = "system/module/heartbeat/v1"
 #: Published by the gateway when it starts; modules answer by registering again.

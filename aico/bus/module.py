@@ -120,7 +120,7 @@ class Response:
 
 
 class ProblemError(Exception):
-    """Raise in a handler to answer with an RFC 9457 problem (``code`` from SPEC §4)."""
+    """Raise in a handler to answer with an RFC 9457 problem (``code`` from docs/rest.md § Errors)."""
 
     def __init__(
         self,

@@ -1,4 +1,4 @@
-"""``aico-client``: a command line on top of :mod:`aico.client` (SPEC §7).
+"""``aico-client``: a command line on top of :mod:`aico.client` (docs/protocols.md §4).
 
 ``aico-client request METHOD PATH [--body JSON] [--token T] --state-dir DIR`` connects
 to the gateway of DIR the way ``connect()`` does (IPC first, then WebSocket), prints the

@@ -1,4 +1,4 @@
-"""The access log: one line per finished request, whatever the transport (SPEC §7).
+"""The access log: one line per finished request, whatever the transport (docs/architecture.md).
 
 The dispatcher reports every request it finished (:meth:`AccessLog.record`), streamed
 ones once their last chunk went out; control requests of the session layer (subscribe,

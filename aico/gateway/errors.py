@@ -1,4 +1,4 @@
-"""Typed errors and their RFC 9457 problem form (SPEC §4).
+"""Typed errors and their RFC 9457 problem form (docs/rest.md § Errors).
 
 Handlers and security steps raise an :class:`ApiError`; each adapter turns it into its
 transport's error form in exactly one place, through :func:`problem_body`.

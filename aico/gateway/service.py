@@ -253,7 +253,7 @@ class GatewayService(SequentialMultiService):
         d = super().startService()
         if self._signals:
             self._hooks.append(SignalHook(self.reactor, signal.SIGHUP, self._sighup))
-            # SPEC §1: SIGTERM is an orderly stop with exit status 0. twistd's own handler
+            # docs/architecture.md: SIGTERM is an orderly stop with exit status 0. twistd's own handler
             # re-raises the signal after shutdown (death by signal), so ours replaces it
             # once the reactor runs.
             self.reactor.callWhenRunning(self._take_sigterm)

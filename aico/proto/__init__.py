@@ -10,7 +10,7 @@ import os
 import time
 from typing import TypeVar
 
-from google.protobuf.message import Message
+from google.protobuf.message import DecodeError, Message
 
 from aico.proto.aico.core.envelope_pb2 import AicoMessage, MessageMetadata
 from aico.proto.aico.gateway.v1.gateway_pb2 import (
@@ -24,6 +24,7 @@ from aico.proto.aico.gateway.v1.gateway_pb2 import (
 )
 
 __all__ = [
+    "TYPE_URL_PREFIX",
     "AicoMessage",
     "ApiEvent",
     "ApiRequest",
@@ -34,6 +35,7 @@ __all__ = [
     "ModuleRegistration",
     "Principal",
     "Route",
+    "type_name",
     "unpack",
     "wrap",
 ]
@@ -67,13 +69,37 @@ def wrap(
     return msg
 
 
+#: The ``type_url`` prefix this gateway writes (Google's convention for ``Any``).
+TYPE_URL_PREFIX = "type.googleapis.com/"
+
+
+def type_name(type_url: str) -> str:
+    """The message name a ``type_url`` names: the part after its last ``/`` (all of a
+    bare ``aico.gateway.v1.ApiRequest``)."""
+    return type_url.rpartition("/")[2]
+
+
 def unpack(msg: AicoMessage, cls: type[M]) -> M:
-    """Return the payload of *msg* as a *cls*; raise ``EnvelopeError`` if it is not one."""
+    """Return the payload of *msg* as a *cls*; raise ``EnvelopeError`` if it is not one.
+
+    ``any_payload.type_url`` matches when the part after its last ``/`` is *cls*'s full
+    name: ``type.googleapis.com/aico.gateway.v1.ApiRequest`` (what :func:`wrap` writes),
+    any other ``prefix/aico.gateway.v1.ApiRequest``, and the bare full name alike. The
+    error says what was found and what was expected, for the client that sent it.
+    """
+    expected = cls.DESCRIPTOR.full_name
+    form = f"{TYPE_URL_PREFIX}{expected}"
     if not msg.HasField("any_payload"):
-        raise EnvelopeError("message has no payload")
-    out = cls()
-    if not msg.any_payload.Unpack(out):
+        raise EnvelopeError(f"the AicoMessage has no any_payload; expected one with type_url {form!r}")
+    type_url = msg.any_payload.type_url
+    if type_name(type_url) != expected:
+        found = repr(type_url[:128]) if type_url else "empty"
         raise EnvelopeError(
-            f"payload is {msg.any_payload.TypeName()!r}, expected {cls.DESCRIPTOR.full_name!r}"
-        )
+            f"any_payload.type_url is {found}, expected {form!r} (or the bare {expected!r}; "
+            "the part after the last '/' names the payload)")
+    out = cls()
+    try:
+        out.ParseFromString(msg.any_payload.value)
+    except DecodeError as e:
+        raise EnvelopeError(f"any_payload.value is not a valid {expected}") from e
     return out

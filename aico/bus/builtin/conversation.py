@@ -1,18 +1,28 @@
-"""The built-in ``conversation`` module: an echo responder, streaming too."""
+"""The built-in ``conversation`` module: an echo responder, streaming too.
+
+Each reply is also published as an ``ApiEvent`` on the caller's own topic
+``user/<subject>/conversation/output/v1`` (:func:`output_topic`), which that user may
+subscribe to (``docs/protocols.md`` §1.5), so a client can try subscriptions end to end
+with the built-in modules alone.
+"""
 
 from __future__ import annotations
 
+import json
 import re
 import uuid
 from typing import Any
 
 from twisted.internet.task import deferLater
 
+from aico.bus.errors import BusError
 from aico.bus.module import BackendModule, ProblemError, RequestContext, Response, route
-from aico.proto import ApiRequest
+from aico.proto import ApiEvent, ApiRequest, wrap
 
 TOPIC_USER_INPUT = "conversation/user/input/v1"
 HEALTH_TOPIC = "conversation/health/v1"
+#: Where each reply is published as an event, for the user who sent the message.
+OUTPUT_TOPIC = "user/{subject}/conversation/output/v1"
 #: Seconds between two streamed words (on the module's clock).
 STREAM_DELAY = 0.005
 
@@ -40,6 +50,13 @@ RESPONSE_SCHEMA: dict[str, Any] = {
     "required": ["conversation_id", "message_id", "reply"],
     "additionalProperties": False,
 }
+
+
+def output_topic(subject: str) -> str | None:
+    """The event topic of *subject*'s replies (``None`` for no usable subject)."""
+    if not subject or "/" in subject:
+        return None
+    return OUTPUT_TOPIC.format(subject=subject)
 
 
 def _wants_stream(request: ApiRequest) -> bool:
@@ -75,14 +92,26 @@ class ConversationModule(BackendModule):
             )
         conversation_id = body.get("conversation_id") or uuid.uuid4().hex
         message_id = uuid.uuid4().hex
+        reply = {"conversation_id": conversation_id, "message_id": message_id, "reply": message}
         if not (ctx.streaming and _wants_stream(request)):
-            return Response(
-                200,
-                {"conversation_id": conversation_id, "message_id": message_id, "reply": message},
-            )
+            self.publish_reply(request, reply)
+            return Response(200, reply)
         for i, word in enumerate(re.findall(r"\s*\S+\s*", message) or [message]):
             if i:
                 await deferLater(self.clock, self.stream_delay)
             ctx.send_chunk({"delta": word}, headers={"content-type": "application/x-ndjson"})
         ctx.send_chunk({"done": True, "conversation_id": conversation_id, "message_id": message_id})
+        self.publish_reply(request, reply)
         return None
+
+    def publish_reply(self, request: ApiRequest, reply: dict[str, Any]) -> None:
+        """Publish *reply* as an ``ApiEvent`` on the caller's output topic."""
+        topic = output_topic(request.principal.subject)
+        if topic is None:
+            return
+        body = json.dumps(reply, separators=(",", ":"), ensure_ascii=False).encode()
+        try:
+            self.bus.publish(topic, wrap(ApiEvent(topic=topic, body=body), source=self.name))
+        except BusError as e:
+            self.log.warn("conversation output event not published on {topic}: {error}",
+                          topic=topic, error=str(e))

@@ -1,4 +1,4 @@
-"""The ZeroMQ IPC adapter: ROUTER sockets for local clients (SPEC §7, docs/protocols.md).
+"""The ZeroMQ IPC adapter: ROUTER sockets for local clients (docs/protocols.md §2).
 
 Two ROUTER endpoints, both bound by default: ``ipc://STATE_DIR/gateway.ipc`` and the TCP
 fallback (``tcp://127.0.0.1:8775``) for clients that cannot use ``ipc://``. Both are
@@ -14,7 +14,10 @@ reply is one frame: an ``AicoMessage`` holding an ``ApiResponse``, with the requ
 path is the topic prefix; events then arrive as ``AicoMessage(ApiEvent)`` frames on the
 same socket) and ``HEARTBEAT``. Attribute ``oneway = "1"`` asks for no reply at all
 (fire and forget). Whatever arrives that is not such a frame is answered with a 400
-``ApiResponse`` — never a crash.
+``ApiResponse`` — never a crash — whose detail says what was wrong, carrying the
+``correlation_id`` whenever the ``AicoMessage`` itself could be read. ``type_url`` is
+matched on the part after its last ``/`` (:func:`aico.proto.unpack`). Every reply's
+header names are lower case (:func:`~aico.gateway.adapters.session.frame_headers`).
 
 Each peer (a routing id on one socket) owns a :class:`~aico.gateway.adapters.session.
 Session`: requests, subscriptions and fair share are the session layer's. One ROUTER
@@ -42,7 +45,7 @@ from zope.interface import implementer
 
 from aico.bus.curve import CurveLayout, load_pair
 from aico.bus.interfaces import ATTR_CORRELATION_ID, ATTR_STREAM
-from aico.gateway.adapters.session import Session, SessionServices, relay_stream
+from aico.gateway.adapters.session import Session, SessionServices, frame_headers, relay_stream
 from aico.gateway.connections import ConnectionInfo, Event, IConnection
 from aico.gateway.errors import (
     PROBLEM_CONTENT_TYPE,
@@ -136,14 +139,14 @@ def _event_frame(event: Event) -> bytes:
 
 def _problem_response(error: ApiError, request_id: str) -> ApiResponse:
     out = ApiResponse(request_id=request_id, status=error.status, body=problem_body(error, request_id))
-    out.headers.update(error.headers)
+    out.headers.update(frame_headers(error.headers))
     out.headers["content-type"] = PROBLEM_CONTENT_TYPE
     return out
 
 
 def _to_api_response(response: Response, request_id: str) -> ApiResponse:
     out = ApiResponse(request_id=request_id, status=response.status, body=response.body)
-    out.headers.update(response.headers)
+    out.headers.update(frame_headers(response.headers))
     out.headers["content-type"] = response.content_type
     return out
 
@@ -174,7 +177,7 @@ class IpcListener:
             path = str(layout.state_dir / "gateway.ipc")
             limit = getattr(zmq, "IPC_PATH_MAX_LEN", 107) or 107
             if len(path) > limit:
-                # Clients then use the TCP fallback (the design's "falls back to TCP").
+                # Clients then use the TCP fallback (docs/protocols.md §2.1).
                 self.log.warn("ipc:// is off: {path} is longer than a Unix socket path may "
                               "be ({limit} bytes); clients use the TCP fallback",
                               path=path, limit=limit)
@@ -357,15 +360,21 @@ class IpcListener:
         message = AicoMessage()
         try:
             message.ParseFromString(parts[0])
-            api = unpack(message, ApiRequest)
-        except (DecodeError, EnvelopeError) as e:
+        except DecodeError:
             self._error(peer, "", "", BadRequest(
-                f"the frame is not an AicoMessage holding an ApiRequest ({type(e).__name__})"))
+                "the frame is not a protobuf aico.core.AicoMessage (whose any_payload packs an "
+                f"{ApiRequest.DESCRIPTOR.full_name})"))
             return
+        # From here on the envelope was readable: every reply carries its correlation_id.
         attributes = message.metadata.attributes
         correlation: str | None = attributes.get(ATTR_CORRELATION_ID, "")
-        if attributes.get("oneway") == "1":
+        if attributes.get(ATTR_ONEWAY) == "1":
             correlation = None
+        try:
+            api = unpack(message, ApiRequest)
+        except EnvelopeError as e:
+            self._error(peer, correlation, "", BadRequest(str(e)))
+            return
         method = api.method.upper()
         request_id = request_id_from(api.request_id or api.headers.get("x-request-id"))
         if not self.accepting:
@@ -458,4 +467,8 @@ class IpcListener:
 
 
 def _authorization(api: ApiRequest) -> str | None:
-    return api.headers.get("authorization") or api.headers.get("Authorization") or None
+    """The request's ``authorization`` header, its name in any case (as for requests)."""
+    for name, value in api.headers.items():
+        if name.lower() == "authorization" and value:
+            return value
+    return None

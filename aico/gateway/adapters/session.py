@@ -385,3 +385,10 @@ def relay_stream(response: Response, on_chunk: Callable[[bytes], None],
         on_broken(failure)
 
     return stream.subscribe(chunk).addCallbacks(ended, broke)
+
+
+def frame_headers(headers: Mapping[str, str]) -> dict[str, str]:
+    """Response headers as every response frame carries them (IPC ``ApiResponse``,
+    WebSocket ``response``, JSON and protobuf): names in lower case, one rule on every
+    transport (``ratelimit``, ``retry-after``; HTTP keeps its own spelling)."""
+    return {name.lower(): value for name, value in headers.items()}

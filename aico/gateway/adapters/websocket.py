@@ -247,7 +247,7 @@ class JsonCodec:
         obj: dict[str, Any] = {"type": "response", "id": frame_id, "status": response.status,
                                "request_id": request_id, "body": _body_value(response)}
         if response.headers:
-            obj["headers"] = response.headers
+            obj["headers"] = session_layer.frame_headers(response.headers)
         return self._dump(obj)
 
     def chunk(self, frame_id: Any, status: int, body: bytes) -> bytes:
@@ -333,7 +333,7 @@ class ProtoCodec:
     def response(self, frame_id: Any, request_id: str, response: Response) -> bytes:
         f = SocketFrame()
         self._fill(f.response, frame_id, response.status, response.body)
-        f.response.headers.update(response.headers)
+        f.response.headers.update(session_layer.frame_headers(response.headers))
         f.response.headers["content-type"] = response.content_type
         f.response.headers["x-request-id"] = request_id
         return f.SerializeToString()

@@ -1,1 +1,1 @@
-"""REST domains (SPEC §7): each has router.py, schemas.py, dependencies.py, exceptions.py."""
+"""REST domains (docs/rest.md): each has router.py, schemas.py, dependencies.py, exceptions.py."""

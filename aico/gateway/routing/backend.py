@@ -38,7 +38,7 @@ _PASS_RESPONSE_HEADERS = frozenset(
 
 
 def to_api_request(request: Request) -> ApiRequest:
-    """The bus form of a request (SPEC §3)."""
+    """The bus form of a request (docs/bus.md)."""
     api = ApiRequest(
         request_id=request.request_id,
         method=request.method,

@@ -25,7 +25,7 @@ Step = Callable[["Request"], "Deferred[None] | None"]
 
 
 def request_id_from(candidate: str | None) -> str:
-    """Keep a well-formed incoming request ID (SPEC §4), else make a new one."""
+    """Keep a well-formed incoming request ID (docs/rest.md), else make a new one."""
     if candidate and _REQUEST_ID.match(candidate):
         return candidate
     return os.urandom(16).hex()

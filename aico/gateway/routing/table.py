@@ -40,7 +40,7 @@ class RouteEntry:
     owner: str = "gateway"
     capability: str = ""
     public: bool = False
-    #: Rate-limit tier (SPEC §5): public, auth, standard or admin.
+    #: Rate-limit tier (docs/security.md § Rate limiting): public, auth, standard or admin.
     tier: str = "standard"
     request_schema: Mapping[str, Any] | None = None
     response_schema: Mapping[str, Any] | None = None

@@ -1,4 +1,4 @@
-"""The append-only, hash-chained audit log of security events (SPEC §5).
+"""The append-only, hash-chained audit log of security events (docs/security.md § Audit log).
 
 Each row of ``audit_log`` holds ``hash = sha256(prev_hash || canonical_json([seq, ts,
 event, actor, detail]))`` in hex, where ``prev_hash`` is the previous row's ``hash``

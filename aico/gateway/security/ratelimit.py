@@ -67,7 +67,7 @@ class Decision:
     reset_after: float
     #: Whole seconds until a request will be allowed (0 when allowed).
     retry_after: int
-    #: True while the client is temporarily blocked (SPEC §4 ``temporarily_blocked``).
+    #: True while the client is temporarily blocked (error code ``temporarily_blocked``).
     blocked: bool
     policy_header: str
     ratelimit_header: str
@@ -75,7 +75,7 @@ class Decision:
 
     @property
     def code(self) -> str | None:
-        """The SPEC §4 error code for a refusal, None when allowed."""
+        """The error code (docs/rest.md) for a refusal, None when allowed."""
         if self.allowed:
             return None
         return "temporarily_blocked" if self.blocked else "rate_limited"

@@ -67,7 +67,7 @@ FAMILY_PREFIX = "fam:"
 
 
 class TokenError(Exception):
-    """A token was refused. ``code`` is the SPEC §4 code; ``reason`` is for logs only."""
+    """A token was refused. ``code`` is the error code of docs/rest.md; ``reason`` is for logs only."""
 
     code = "token_invalid"
     title = "Invalid token"
@@ -126,7 +126,7 @@ class TokenPair:
     family: str = ""
 
     def as_json(self) -> dict[str, Any]:
-        """The body of ``/users/authenticate`` and ``/users/refresh`` (SPEC §5)."""
+        """The body of ``/users/authenticate`` and ``/users/refresh`` (docs/rest.md § Users and login)."""
         return {
             "access_token": self.access_token,
             "refresh_token": self.refresh_token,

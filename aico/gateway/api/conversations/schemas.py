@@ -10,7 +10,7 @@ from typing import Any
 
 from aico.bus.builtin.conversation import REQUEST_SCHEMA, RESPONSE_SCHEMA, TOPIC_USER_INPUT
 
-#: The bus topic that serves user input (SPEC §7).
+#: The bus topic that serves user input (docs/bus.md).
 INPUT_TOPIC: str = TOPIC_USER_INPUT
 
 MESSAGE_REQUEST: dict[str, Any] = REQUEST_SCHEMA

@@ -30,5 +30,5 @@ class HealthDeps:
     bus: IMessageBus
     clock: IReactorTime
     modules: Callable[[], Mapping[str, ModuleView]]
-    #: Seconds to wait for module answers (SPEC §7: the whole check answers within 2 s).
+    #: Seconds to wait for module answers (docs/rest.md § Fan-out: the whole check answers within 2 s).
     deadline: Callable[[], float]

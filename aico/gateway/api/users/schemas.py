@@ -1,4 +1,4 @@
-"""JSON Schemas of the users domain (SPEC §5, §7a)."""
+"""JSON Schemas of the users domain (docs/rest.md, docs/security.md)."""
 
 from __future__ import annotations
 
