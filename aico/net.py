@@ -1,5 +1,4 @@
-"""Is this address loopback? One answer for the bus, the config and every adapter; and
-which source an address counts as (:func:`source_identity`)."""
+"""Is this address loopback? One answer for the bus, the config and every adapter."""
 
 from __future__ import annotations
 
@@ -34,25 +33,27 @@ def is_loopback_endpoint(endpoint: str) -> bool:
 
 
 def source_identity(host: str) -> str:
-    """Who a peer address is, for counting: the key a caller cannot choose.
+    """Who a peer address stands for, for counting (rate limits, login failures).
 
-    Every loopback address (all of ``127.0.0.0/8``, ``::1``, ``localhost``) is one
-    identity, ``"loopback"``: a local process can bind any of them, so they are one
-    source. An IPv6 address counts as its /64 network (``"2001:db8:1:2::/64"``), the
-    smallest block one host is normally given; an IPv4 address (also one written
-    IPv4-mapped, ``::ffff:192.0.2.7``) as itself. Anything that is not an address is
-    returned unchanged.
+    * every loopback address — all of ``127.0.0.0/8``, ``::1``, ``localhost``, and
+      loopback written as an IPv4-mapped IPv6 address — is the one identity ``loopback``:
+      a local process can pick any of them, so they must not be fresh budgets;
+    * an IPv6 address stands for its ``/64`` (one host or site usually owns a whole
+      /64), written ``2001:db8:1:2::/64``;
+    * an IPv4 address is itself (an IPv4-mapped IPv6 address counts as its IPv4 one);
+    * anything else (not an IP address, e.g. an empty peer) is returned as given.
     """
     if host == "localhost":
         return "loopback"
     try:
-        address = ipaddress.ip_address(host)
+        ip = ipaddress.ip_address(host.split("%", 1)[0])  # an IPv6 zone says nothing
     except ValueError:
         return host
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    if address.is_loopback:
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    if ip.is_loopback:
         return "loopback"
-    if isinstance(address, ipaddress.IPv6Address):
-        return str(ipaddress.IPv6Network((int(address) >> 64 << 64, 64)))
-    return str(address)
+    if isinstance(ip, ipaddress.IPv6Address):
+        prefix = ipaddress.IPv6Address(int(ip) >> 64 << 64)
+        return f"{prefix}/64"
+    return str(ip)
