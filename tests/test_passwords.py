@@ -2,17 +2,19 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import argon2
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.defer import CancelledError, Deferred, inlineCallbacks
 from twisted.python.threadpool import ThreadPool
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from aico.gateway.security.passwords import (
     PARAMETERS,
     PasswordService,
+    PasswordServiceBusy,
     hash_password,
     make_hasher,
     needs_rehash,
@@ -109,6 +111,107 @@ class SynchronousServiceTests(SynchronousTestCase):
         service = PasswordService(runner, FAST)
         _result(service.hash("pw"))
         self.assertEqual(ran, ["hash_password"])
+
+
+class HandFired:
+    """A runner whose work runs only when the test fires it."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[Callable[..., Any], tuple[Any, ...], Deferred[Any]]] = []
+
+    def __call__(self, f: Callable[..., Any], /, *args: Any) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        self.calls.append((f, args, d))
+        return d
+
+    def fire(self, i: int) -> None:
+        f, args, d = self.calls[i]
+        d.callback(f(*args))
+
+
+class ConcurrencyCapTests(SynchronousTestCase):
+    """At most ``concurrency`` operations run and ``queue`` wait; the next is refused."""
+
+    def setUp(self) -> None:
+        self.runner = HandFired()
+        self.service = PasswordService(self.runner, FAST, concurrency=2, queue=2)
+        self.encoded = hash_password("pw", FAST)
+
+    def outcome(self, d: Deferred[Any]) -> list[Any]:
+        out: list[Any] = []
+        d.addBoth(out.append)
+        return out
+
+    def test_past_the_cap_and_the_queue_every_kind_of_work_is_refused_at_once(self) -> None:
+        started = [self.outcome(self.service.verify(self.encoded, "pw")),
+                   self.outcome(self.service.dummy_verify("x")),
+                   self.outcome(self.service.hash("new")),
+                   self.outcome(self.service.verify(None, "y"))]
+        self.assertEqual(len(self.runner.calls), 2)
+        self.assertEqual((self.service.running, self.service.waiting), (2, 2))
+        for call in (lambda: self.service.verify(self.encoded, "pw"),
+                     lambda: self.service.verify(None, "pw"),
+                     lambda: self.service.hash("pw"),
+                     lambda: self.service.dummy_verify("pw")):
+            refused = self.failureResultOf(call(), PasswordServiceBusy)
+            self.assertEqual(refused.value.retry_after, 1)
+        self.assertEqual(len(self.runner.calls), 2)  # none of them reached the runner
+        self.assertEqual(self.service.refused, 4)
+        self.assertEqual([o for o in started if o], [])
+
+    def test_when_one_finishes_the_first_waiting_one_starts(self) -> None:
+        first = self.outcome(self.service.verify(self.encoded, "pw"))
+        self.outcome(self.service.verify(self.encoded, "no"))
+        third = self.outcome(self.service.verify(self.encoded, "pw"))
+        fourth = self.outcome(self.service.hash("x"))
+        self.runner.fire(0)
+        self.assertEqual(first, [True])
+        self.assertEqual(len(self.runner.calls), 3)
+        self.assertEqual(self.runner.calls[2][1][1], "pw")  # in order: the third call
+        self.runner.fire(2)
+        self.assertEqual(third, [True])
+        self.assertEqual(len(self.runner.calls), 4)
+        self.runner.fire(3)
+        self.assertTrue(fourth[0].startswith("$argon2id$"))
+        self.assertEqual((self.service.running, self.service.waiting), (1, 0))
+
+    def test_a_failing_operation_frees_its_slot(self) -> None:
+        self.service.verify(self.encoded, "a")
+        failed = self.outcome(self.service.verify(self.encoded, "b"))
+        self.service.verify(self.encoded, "c")
+        self.runner.calls[1][2].errback(RuntimeError("pool stopped"))
+        self.assertIsInstance(failed[0].value, RuntimeError)
+        self.assertEqual((self.service.running, self.service.waiting, len(self.runner.calls)),
+                         (2, 0, 3))
+        failed[0].trap(RuntimeError)
+
+    def test_a_cancelled_waiting_call_leaves_the_queue_a_cancelled_running_one_keeps_its_slot(
+            self) -> None:
+        running = self.service.verify(self.encoded, "a")
+        self.service.verify(self.encoded, "b")
+        waiting = self.service.verify(self.encoded, "c")
+        waiting.cancel()
+        self.failureResultOf(waiting, CancelledError)
+        self.assertEqual(self.service.waiting, 0)
+        running.cancel()
+        self.failureResultOf(running, CancelledError)
+        # The thread cannot be stopped: the slot is taken until the work ends.
+        self.assertEqual(self.service.running, 2)
+        self.runner.fire(0)
+        self.assertEqual(self.service.running, 1)
+
+    def test_raising_the_cap_starts_waiting_work_and_checks_its_values(self) -> None:
+        for _ in range(4):
+            self.service.verify(self.encoded, "pw")
+        self.service.limit(4, 2)
+        self.assertEqual((len(self.runner.calls), self.service.waiting), (4, 0))
+        self.assertRaises(ValueError, self.service.limit, 0, 2)
+        self.assertRaises(ValueError, self.service.limit, 1, -1)
+
+    def test_a_zero_queue_refuses_as_soon_as_every_slot_is_busy(self) -> None:
+        service = PasswordService(self.runner, FAST, concurrency=1, queue=0)
+        service.verify(self.encoded, "pw")
+        self.failureResultOf(service.verify(self.encoded, "pw"), PasswordServiceBusy)
 
 
 class ThreadPoolServiceTests(TestCase):

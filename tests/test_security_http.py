@@ -388,6 +388,24 @@ class LimitTests(GatewayCase):
             self.assertEqual((r.code, problem["code"]), (status, code), raw[:40])
             self.assertNotIn("sys.", problem["detail"])
 
+    async def test_utf16_utf32_and_bom_bodies_are_malformed_json(self) -> None:
+        # The docs say bodies are UTF-8 JSON; json.loads(bytes) would guess other encodings.
+        admin = self.tokens["access_token"]
+        text = '{"message": "hi"}'
+        bodies = [text.encode(encoding) for encoding in
+                  ("utf-16", "utf-16-le", "utf-16-be", "utf-32", "utf-32-le", "utf-32-be")]
+        bodies.append(b"\xef\xbb\xbf" + text.encode())  # a UTF-8 byte order mark
+        for raw in bodies:
+            r = await self.anon.post(self.base + "/api/v1/conversations/messages", data=raw,
+                                     headers={"Content-Type": "application/json",
+                                              "Authorization": f"Bearer {admin}"})
+            problem = json.loads(await r.content())
+            self.assertEqual((r.code, problem.get("code")), (400, "malformed_json"), raw[:8])
+        r = await self.anon.post(self.base + "/api/v1/conversations/messages",
+                                 data=text.encode(), headers={"Content-Type": "application/json",
+                                                              "Authorization": f"Bearer {admin}"})
+        self.assertEqual(r.code, 200)
+
     async def test_strings_are_nfc_normalised(self) -> None:
         status, body, _ = await self.call("POST", "/api/v1/conversations/messages",
                                           self.tokens["access_token"], {"message": "cafe\u0301"})

@@ -143,6 +143,7 @@ class GatewayParts:
         self.audit = AuditLog(self.db, reactor, anchor_path=materials.audit_anchor)
         self.limiter = GcraLimiter.from_config(reactor, config.ratelimit, on_block=self._blocked)
         self.passwords = materials.passwords
+        self.passwords.limit(config.auth.password_concurrency, config.auth.password_queue)
         self.chain = SecurityChain(self.tokens, self.limiter, lambda: self.config)
         self.access_log = AccessLog(reactor, lambda: self.config.logging.access)
         #: One dispatcher for every adapter; module routes join the table as modules come.
@@ -263,6 +264,7 @@ class GatewayParts:
         self.config = config
         self.tokens.update(config.auth)
         self.limiter.update_from_config(config.ratelimit)
+        self.passwords.limit(config.auth.password_concurrency, config.auth.password_queue)
         self.reload_keys()
 
     def reload_keys(self) -> Deferred[None]:

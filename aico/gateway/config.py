@@ -116,6 +116,10 @@ class AuthSection:
     lockout_max: float = _reloadable(3600.0)
     #: Shortest password accepted when an admin creates or changes one.
     password_min_length: int = _reloadable(10)
+    #: Argon2 operations (hash, verify) run at once, gateway-wide (64 MiB each).
+    password_concurrency: int = _reloadable(2)
+    #: Password operations that may wait for a free slot; past it: 503 with Retry-After.
+    password_queue: int = _reloadable(8)
 
 
 @dataclass(frozen=True)
@@ -395,6 +399,10 @@ def _check(c: Config) -> None:
         raise ConfigError("auth.lockout_threshold", "must be at least 1", src)
     if c.auth.leeway < 0:
         raise ConfigError("auth.leeway", "must not be negative", src)
+    if c.auth.password_concurrency < 1:
+        raise ConfigError("auth.password_concurrency", "must be at least 1", src)
+    if c.auth.password_queue < 0:
+        raise ConfigError("auth.password_queue", "must not be negative", src)
     if c.auth.refresh_ttl < c.auth.access_ttl:
         raise ConfigError("auth.refresh_ttl", "must not be shorter than auth.access_ttl", src)
     for tier_name, tier in c.ratelimit.tiers.items():

@@ -12,6 +12,7 @@ from typing import Any, ClassVar
 from twisted.python.failure import Failure
 
 from aico.bus.errors import BusStopped, BusTimeout
+from aico.gateway.security.passwords import PasswordServiceBusy
 from aico.gateway.security.tokens import TokenError
 
 PROBLEM_TYPE_BASE = "https://aico.dev/problems/"
@@ -147,6 +148,15 @@ class BackendUnavailable(ApiError):
     status, code, title = 503, "backend_unavailable", "Backend unavailable"
 
 
+class ServerBusy(BackendUnavailable):
+    """The gateway's own bounded work is full (password hashing past
+    ``auth.password_concurrency`` and ``auth.password_queue``); always with
+    ``Retry-After``. SPEC §4 has one 503 code, ``backend_unavailable``."""
+
+    def __init__(self, detail: str, retry_after: int = 1) -> None:
+        super().__init__(detail, headers={"Retry-After": str(max(1, retry_after))})
+
+
 class BackendTimeout(ApiError):
     status, code, title = 504, "backend_timeout", "Backend timeout"
 
@@ -172,7 +182,8 @@ _TOKEN_ERRORS: dict[str, type[ApiError]] = {
 def to_api_error(failure: Failure | BaseException) -> ApiError:
     """The problem an exception is, on every transport: an :class:`ApiError` as it is; a
     refused token as its 401 (the reason stays in the logs); a bus timeout 504, a bus
-    that stopped 503; anything else 500 ``internal_error`` (no internals in ``detail``).
+    that stopped 503, password work past its cap 503 with ``Retry-After``; anything else
+    500 ``internal_error`` (no internals in ``detail``).
     """
     error = failure.value if isinstance(failure, Failure) else failure
     if isinstance(error, ApiError):
@@ -181,6 +192,9 @@ def to_api_error(failure: Failure | BaseException) -> ApiError:
         return _TOKEN_ERRORS.get(error.code, TokenInvalid)()
     if isinstance(error, BusTimeout):
         return BackendTimeout("the backend module did not answer in time")
+    if isinstance(error, PasswordServiceBusy):
+        return ServerBusy("too many password checks in progress; retry shortly",
+                          error.retry_after)
     if isinstance(error, BusStopped):
         return BackendUnavailable("the message bus is shutting down")
     return InternalError()

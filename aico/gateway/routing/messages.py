@@ -12,6 +12,8 @@ from typing import TYPE_CHECKING, Any
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
+from aico.net import source_identity
+
 if TYPE_CHECKING:
     from aico.gateway.routing.table import RouteEntry
 
@@ -84,14 +86,15 @@ class Request:
 
     @property
     def client_key(self) -> str:
-        """The identity the rate limiter counts: user, device, connection, or address."""
+        """The identity the rate limiter counts: user, device, connection, or address (as
+        its :func:`~aico.net.source_identity`: every loopback address is one)."""
         if self.principal is not None:
             return "user:" + self.principal.subject
         if self.device_id:
             return "device:" + self.device_id
         if self.connection_id:
             return "conn:" + self.connection_id
-        return "addr:" + self.peer_host
+        return "addr:" + source_identity(self.peer_host)
 
     def parsed_json(self) -> Any:
         if self.json is _UNSET:

@@ -24,6 +24,8 @@ Handler = Callable[[Request], "Deferred[Response] | Awaitable[Response] | Respon
 #: A ``{name}`` placeholder in a route template (the OpenAPI document reads them too).
 PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 METHODS = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE"})
+#: How an ``auth``-tier route is keyed by the rate limiter (:attr:`RouteEntry.limit_by`).
+LIMIT_BY = frozenset({"", "login", "refresh"})
 
 
 class RouteConflict(ValueError):
@@ -42,6 +44,10 @@ class RouteEntry:
     public: bool = False
     #: Rate-limit tier (docs/security.md § Rate limiting): public, auth, standard or admin.
     tier: str = "standard"
+    #: Whose budget an ``auth``-tier request spends (:func:`~aico.gateway.security.chain.
+    #: limit_key`): ``"login"`` — the account named in the body, from this source;
+    #: ``"refresh"`` — the refresh token's session family; ``""`` — the source address.
+    limit_by: str = ""
     request_schema: Mapping[str, Any] | None = None
     response_schema: Mapping[str, Any] | None = None
     #: Bus topics the route is served from (module routes).
@@ -61,6 +67,8 @@ class RouteEntry:
             raise ValueError(f"unsupported method {self.method!r}")
         if not self.path.startswith("/"):
             raise ValueError(f"route path must start with '/': {self.path!r}")
+        if self.limit_by not in LIMIT_BY:
+            raise ValueError(f"{self.method} {self.path}: unknown limit_by {self.limit_by!r}")
         if not self.public and not self.capability:
             raise ValueError(f"{self.method} {self.path}: a route is public or names a capability")
 

@@ -8,6 +8,7 @@ REST, WebSocket, IPC and every later adapter; no adapter has checks of its own.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 
 from twisted.logger import Logger
@@ -28,6 +29,7 @@ from aico.gateway.security import validate
 from aico.gateway.security.capabilities import capabilities_for, grants
 from aico.gateway.security.ratelimit import IRateLimiter
 from aico.gateway.security.topics import may_subscribe
+from aico.net import source_identity
 
 #: Capabilities with this prefix are narrowed by context: only over loopback, or from a
 #: device trusted for administration.
@@ -48,14 +50,54 @@ def bearer_token(header: str | None) -> str | None:
     return token.strip()
 
 
-def limit_key(request: Request) -> str:
-    """Whose budget a request spends. Anonymous logins and refreshes (tier ``auth``) count
-    per peer address even over WebSocket and IPC, so a new connection is not a fresh
-    budget for password guessing; everything else per user, device or connection."""
+def _body_string(request: Request, member: str) -> str | None:
+    """A string member of the validated body; None before validation (or if refused)."""
+    body = request.json
+    if isinstance(body, dict):
+        value = body.get(member)
+        if isinstance(value, str):
+            return value
+    return None
+
+
+def limit_key(request: Request, tokens: tk.TokenService | None = None) -> str:
+    """Whose budget a request spends.
+
+    Requests on the ``auth`` tier are keyed by what they are about and by their source
+    (:func:`~aico.net.source_identity`: every loopback address is one source), never by
+    a token sent along with them and never by connection, so neither a new socket, a new
+    loopback address nor a bearer token is a fresh budget; and one client's failures
+    spend only its own budget:
+
+    * a login (``limit_by="login"``): the account named in the validated body, from this
+      source — ``login:SOURCE:"NAME"`` (the name JSON-quoted); a login refused before its
+      body was validated, ``login-unread:SOURCE`` (no account's key);
+    * a refresh (``limit_by="refresh"``): the session family of the refresh token
+      (``refresh:fam:FAMILY``); a refresh token that does not verify,
+      ``refresh:src:SOURCE``;
+    * any other ``auth``-tier route: ``addr:SOURCE``.
+
+    Everything else counts per user, device, connection or address
+    (:attr:`Request.client_key`).
+    """
     route = request.route
-    if route is not None and route.tier == "auth" and request.principal is None:
-        return "addr:" + request.peer_host
-    return request.client_key
+    if route is None or route.tier != "auth":
+        return request.client_key
+    source = source_identity(request.peer_host)
+    if route.limit_by == "login":
+        username = _body_string(request, "username")
+        if username is None:
+            return "login-unread:" + source
+        return f"login:{source}:{json.dumps(username)}"
+    if route.limit_by == "refresh":
+        token = _body_string(request, "refresh_token")
+        if token is not None and tokens is not None:
+            try:
+                return "refresh:fam:" + tokens.verify_refresh(token).fam
+            except tk.TokenError:
+                pass
+        return "refresh:src:" + source
+    return "addr:" + source
 
 
 class SecurityChain:
@@ -134,7 +176,7 @@ class SecurityChain:
         """Spend one request of the route's tier; refuse (429) past the limit."""
         if not self.config().ratelimit.enabled or request.route is None:
             return
-        decision = self.limiter.check(limit_key(request), request.route.tier)
+        decision = self.limiter.check(limit_key(request, self.tokens), request.route.tier)
         request.response_headers.update(decision.headers())
         if decision.allowed:
             return

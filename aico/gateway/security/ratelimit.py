@@ -20,7 +20,10 @@ whose members are Structured-Field Lists of quoted policy names with parameters)
   next request will be allowed.
 
 Blocks: a client refused ``block_after`` times within one window of the tier
-(``per_seconds``) is blocked on every tier for ``block_base`` seconds; each further
+(``per_seconds``) is blocked on every tier for ``block_base`` seconds — that client key
+only: the keys are what the caller cannot share with others (the security chain keys a
+login by account and source, a refresh by session, see ``chain.limit_key``), so a block
+never reaches another key of the same address; each further
 block doubles, up to ``block_max``. The escalation level is remembered for
 ``escalation_memory`` seconds after a block ends, then starts again from
 ``block_base``. Requests during a block are refused without touching the quota and

@@ -190,7 +190,13 @@ def parse_json(request: Request, limits: LimitsSection) -> Any:
             f"expected Content-Type application/json, got {request.headers.get('content-type')!r}"
         )
     try:
-        value = loads(request.body)
+        # UTF-8 only (RFC 8259 §8.1): json.loads(bytes) would also guess UTF-16 and UTF-32.
+        # A byte order mark is no part of the JSON text either.
+        text = request.body.decode("utf-8")
+        if text.startswith("\ufeff"):
+            raise MalformedJson("the body starts with a byte order mark; send UTF-8 JSON "
+                                "without one")
+        value = loads(text)
     except UnicodeDecodeError as e:
         raise MalformedJson("the body is not UTF-8") from e
     except _Refused as e:

@@ -199,10 +199,10 @@ def routes(deps: UsersDeps) -> list[RouteEntry]:
     update_schema = schemas.with_password_minimum(schemas.UPDATE_USER, minimum)
     base = "/api/v1/users"
     return [
-        RouteEntry("POST", f"{base}/authenticate", authenticate, public=True, tier="auth",
+        RouteEntry("POST", f"{base}/authenticate", authenticate, public=True, tier="auth", limit_by="login",
                    request_schema=schemas.AUTHENTICATE, response_schema=schemas.TOKENS,
                    summary="Log in: username and password for an access and a refresh token"),
-        RouteEntry("POST", f"{base}/refresh", refresh, public=True, tier="auth",
+        RouteEntry("POST", f"{base}/refresh", refresh, public=True, tier="auth", limit_by="refresh",
                    request_schema=schemas.REFRESH, response_schema=schemas.TOKENS,
                    summary="Rotate the refresh token (reusing an old one revokes the session)"),
         RouteEntry("POST", f"{base}/logout", logout, capability="users:self",
