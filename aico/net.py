@@ -30,3 +30,30 @@ def is_loopback_endpoint(endpoint: str) -> bool:
     except ValueError:
         return False
     return is_loopback(host)
+
+
+def source_identity(host: str) -> str:
+    """Who a peer address stands for, for counting (rate limits, login failures).
+
+    * every loopback address — all of ``127.0.0.0/8``, ``::1``, ``localhost``, and
+      loopback written as an IPv4-mapped IPv6 address — is the one identity ``loopback``:
+      a local process can pick any of them, so they must not be fresh budgets;
+    * an IPv6 address stands for its ``/64`` (one host or site usually owns a whole
+      /64), written ``2001:db8:1:2::/64``;
+    * an IPv4 address is itself (an IPv4-mapped IPv6 address counts as its IPv4 one);
+    * anything else (not an IP address, e.g. an empty peer) is returned as given.
+    """
+    if host == "localhost":
+        return "loopback"
+    try:
+        ip = ipaddress.ip_address(host.split("%", 1)[0])  # an IPv6 zone says nothing
+    except ValueError:
+        return host
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    if ip.is_loopback:
+        return "loopback"
+    if isinstance(ip, ipaddress.IPv6Address):
+        prefix = ipaddress.IPv6Address(int(ip) >> 64 << 64)
+        return f"{prefix}/64"
+    return str(ip)

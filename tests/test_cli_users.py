@@ -57,8 +57,8 @@ class UserCommandTests(TestCase):
         user = sync_result(UserStore(db).get("judy"))
         assert user is not None
         self.assertEqual(
-            (user.username, user.roles, user.disabled, user.failed_logins, user.lockouts),
-            ("judy", ("admin", "device"), False, 0, 0),
+            (user.username, user.roles, user.disabled, user.session_generation),
+            ("judy", ("admin", "device"), False, 0),
         )
         self.assertTrue(verify_password(user.password_hash, "a-very-good-password"))
         self.assertEqual(user.created_at, user.updated_at)
