@@ -67,15 +67,16 @@ def routes(deps: UsersDeps) -> list[RouteEntry]:
             log.info("login refused for {username} from {peer}: wrong password",
                      username=username, peer=request.peer_host)
             raise LoginFailed()
-        await store.record_success(username, source)
         # The tokens belong to the row the password was checked against: its roles and
-        # its session generation. Should the account have changed meanwhile (new
-        # password, disabled, other roles, deleted), that generation has ended and the
-        # tokens are refused — so a login that raced a change never outlives it.
+        # its session generation. Should the account change before they are handed out
+        # (new password, disabled, other roles, deleted), that generation has ended and
+        # the tokens are refused — so a login that raced a change never outlives it.
+        # A change already known here refuses the login itself.
         if tokens.generation_of(username) > user.session_generation:
             await audit.append("login_failed", username, {"reason": "changed during login",
                                                           "peer": request.peer_host})
             raise LoginFailed()
+        await store.record_success(username, source)
         pair = await tokens.issue_pair_durable(username, user.roles, caps_of(user.roles),
                                                generation=user.session_generation)
         await audit.append("login_succeeded", username, {"peer": request.peer_host,
