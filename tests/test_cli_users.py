@@ -1,5 +1,6 @@
-"""``aico-gateway user add/list`` and ``keys rotate``, and a running gateway picking up a
-rotated key on SIGHUP while tokens signed with the old key stay valid."""
+"""``aico-gateway user add/list/unlock`` and ``keys rotate``, and a running gateway picking
+up a rotated key on SIGHUP while tokens signed with the old key stay valid, and an unlock
+at once."""
 
 from __future__ import annotations
 
@@ -9,9 +10,11 @@ import time
 from pathlib import Path
 
 import jwt
+from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
 from aico.gateway.cli import main
+from aico.gateway.security.audit import AuditLog
 from aico.gateway.security.passwords import verify_password
 from aico.gateway.state import StatePaths, bootstrap
 from aico.gateway.store import SyncDatabase, sync_result
@@ -57,8 +60,8 @@ class UserCommandTests(TestCase):
         user = sync_result(UserStore(db).get("judy"))
         assert user is not None
         self.assertEqual(
-            (user.username, user.roles, user.disabled, user.failed_logins, user.lockouts),
-            ("judy", ("admin", "device"), False, 0, 0),
+            (user.username, user.roles, user.disabled, user.session_generation),
+            ("judy", ("admin", "device"), False, 0),
         )
         self.assertTrue(verify_password(user.password_hash, "a-very-good-password"))
         self.assertEqual(user.created_at, user.updated_at)
@@ -89,6 +92,58 @@ class UserCommandTests(TestCase):
         self.assertEqual((code, "already exists" in err), (1, True))
         code, _, err = run("user", "add", "ivan", "--state-dir", str(self.state), stdin="short\n")
         self.assertEqual((code, "password" in err), (2, True))
+
+    def test_names_of_routes_are_refused(self) -> None:
+        for name in ("me", "refresh", "logout", "authenticate"):
+            code, _, err = run("user", "add", name, "--state-dir", str(self.state),
+                               stdin="a-very-good-password\n")
+            self.assertEqual(code, 2, err)
+            self.assertIn(f"'{name}' is reserved: /api/v1/users/{name} is a route", err)
+        code, out, _ = run("user", "list", "--state-dir", str(self.state))
+        self.assertEqual(out, "admin\tadmin\n")
+
+    def test_user_unlock_clears_every_lock_of_the_account_and_is_audited(self) -> None:
+        db = SyncDatabase(StatePaths(self.state).registry_db)
+        self.addCleanup(db.close)
+        store = UserStore(db)
+        sync_result(store.create("kim", "hash", ("user",)))
+        for source in ("loopback", "192.0.2.7", "loopback", "192.0.2.7"):
+            sync_result(store.record_failure(source=source, username="kim", threshold=2,
+                                             base=60.0, longest=3600.0))
+        sync_result(store.record_failure("admin", "loopback", 2, 60.0, 3600.0))
+        self.assertEqual(sorted(sync_result(store.login_failures("kim"))), ["192.0.2.7", "loopback"])
+        code, out, err = run("user", "unlock", "kim", "--state-dir", str(self.state))
+        self.assertEqual(code, 0, err)
+        self.assertIn("unlocked kim", out)
+        self.assertEqual(sync_result(store.login_failures("kim")), {})
+        self.assertEqual(list(sync_result(store.login_failures("admin"))), ["loopback"])  # untouched
+        audit = AuditLog(db, Clock(), anchor_path=self.state / "audit-head.json")
+        entry = sync_result(audit.latest(1))[0]
+        self.assertEqual((entry.event, entry.actor, entry.detail),
+                         ("account_unlocked", "cli", {"username": "kim", "sources": 2}))
+        self.assertTrue(sync_result(audit.verify()).ok)
+        code, _, err = run("user", "unlock", "nobody", "--state-dir", str(self.state))
+        self.assertEqual((code, "no user 'nobody'" in err), (1, True))
+
+
+class RunningGatewayUnlockTests(TestCase):
+    timeout = 60
+
+    async def test_a_running_gateway_accepts_the_right_password_at_once_after_an_unlock(self) -> None:
+        gw = await start_gateway(self, "[auth]\nlockout_threshold = 2\nlockout_base = 600.0\n")
+        anon = http_client(self)
+
+        async def attempt(password: str) -> int:
+            r = await anon.post(gw.base + "/api/v1/users/authenticate",
+                                json={"username": "admin", "password": password})
+            await r.content()
+            return int(r.code)
+
+        self.assertEqual([await attempt("a-guess"), await attempt("a-guess")], [401, 401])
+        self.assertEqual(await attempt(gw.admin_password), 401)  # locked for loopback
+        code, _, err = run("user", "unlock", "admin", "--state-dir", str(gw.state_dir))
+        self.assertEqual(code, 0, err)
+        self.assertEqual(await attempt(gw.admin_password), 200)
 
 
 class KeyRotationTests(TestCase):

@@ -23,7 +23,8 @@ from aico.gateway.store import (
     sync_result,
 )
 
-TABLES = {"users", "revoked_tokens", "refresh_tokens", "audit_log", "devices"}
+TABLES = {"users", "revoked_tokens", "refresh_tokens", "audit_log", "devices", "deleted_users",
+          "login_failures"}
 
 
 def _columns(conn: sqlite3.Connection, table: str) -> list[str]:
@@ -56,7 +57,12 @@ class MigrationTests(SynchronousTestCase):
                     "lockouts",
                     "created_at",
                     "updated_at",
+                    "session_generation",
                 ],
+            )
+            self.assertEqual(
+                _columns(conn, "login_failures"),
+                ["username", "source", "failures", "locked_until", "lockouts", "last_failure"],
             )
             self.assertEqual(
                 _columns(conn, "devices"),
@@ -74,6 +80,33 @@ class MigrationTests(SynchronousTestCase):
             self.assertEqual(conn.execute("PRAGMA journal_mode").fetchone()[0], "wal")
         finally:
             conn.close()
+
+    def test_a_version_1_registry_keeps_its_users_and_gains_generations_and_failure_counts(
+        self,
+    ) -> None:
+        conn = store.connect_sync(self.path)
+        try:
+            for statement in store.MIGRATIONS[0]:
+                conn.execute(statement)
+            conn.execute("PRAGMA user_version = 1")
+            conn.execute(
+                "INSERT INTO users (username, password_hash, roles, failed_logins, locked_until, "
+                "lockouts, created_at, updated_at) VALUES ('old', 'h', '[\"admin\"]', 2, 9.0, 1, 1, 1)"
+            )
+        finally:
+            conn.close()
+        self.assertEqual(migrate_sync(self.path), (1, SCHEMA_VERSION))
+        db = SyncDatabase(self.path)
+        self.addCleanup(db.close)
+        from aico.gateway.users import UserStore
+
+        users = UserStore(db)
+        user = sync_result(users.get("old"))
+        assert user is not None
+        self.assertEqual((user.roles, user.session_generation), (("admin",), 0))
+        self.assertEqual(sync_result(users.session_generations()), {"old": 0})
+        self.assertEqual(sync_result(users.login_failures("old")), {})
+        self.assertEqual(user.public()["username"], "old")
 
     def test_database_file_is_0600(self) -> None:
         migrate_sync(self.path)

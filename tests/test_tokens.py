@@ -27,6 +27,7 @@ from aico.gateway.security.tokens import (
     MAX_TOKEN_BYTES,
     IRevocationStore,
     MemoryRevocationStore,
+    SessionEnded,
     SqliteRevocationStore,
     TokenError,
     TokenExpired,
@@ -590,6 +591,9 @@ class RefreshTests(TokenTestBase):
         self.assertRaises(ValueError, self.service.issue_pair, "a", [], [], {"sub": "root"})
         self.assertRaises(ValueError, self.service.issue_pair, "a", [], [], {"typ": "access"})
 
+    def test_extra_may_not_set_the_session_generation(self) -> None:
+        self.assertRaises(ValueError, self.service.issue_pair, "a", [], [], {"gen": 99})
+
     def test_stores_provide_the_interface(self) -> None:
         verifyObject(IRevocationStore, MemoryRevocationStore())
         db = SyncDatabase(":memory:")
@@ -706,3 +710,52 @@ class SqliteStoreOrderingTests(SynchronousTestCase):
         self.assertEqual(
             db.conn.execute("SELECT jti, used FROM refresh_tokens").fetchall(), [("r1", 0)]
         )
+
+
+class SessionGenerationTests(TokenTestBase):
+    """Tokens carry the subject's session generation; older ones are refused."""
+
+    def test_tokens_carry_the_generation_they_were_issued_under(self) -> None:
+        pair = self.service.issue_pair("alice", ["user"], [], generation=3)
+        self.assertEqual(decode_unverified(pair.access_token)["gen"], 3)
+        self.assertEqual(decode_unverified(pair.refresh_token)["gen"], 3)
+        self.assertEqual(self.service.verify_access(pair.access_token).gen, 3)
+
+    def test_a_token_of_an_older_generation_is_refused_even_from_the_cache(self) -> None:
+        pair = self.service.issue_pair("alice", ["admin"], ["*"], generation=0)
+        self.service.verify_access(pair.access_token)  # now cached
+        self.service.verify_refresh(pair.refresh_token)
+        self.service.set_generation("alice", 1)
+        e = self.assertRefused(pair.access_token, SessionEnded)
+        self.assertEqual(e.code, "token_revoked")
+        self.assertRefused(pair.refresh_token, SessionEnded, refresh=True)
+        self.failureResultOf(self.service.refresh(pair.refresh_token), SessionEnded)
+        # Other subjects, and tokens of the current generation, are untouched.
+        self.assertEqual(self.service.verify_access(
+            self.service.issue_pair("bob", [], []).access_token).sub, "bob")
+        self.assertEqual(self.service.verify_access(
+            self.service.issue_pair("alice", [], [], generation=1).access_token).gen, 1)
+
+    def test_a_token_without_gen_counts_as_generation_zero(self) -> None:
+        token = self.good()
+        self.assertEqual(self.service.verify_access(token).gen, 0)
+        self.service.set_generation("alice", 1)
+        self.assertRefused(token, SessionEnded)
+
+    def test_a_malformed_gen_is_invalid(self) -> None:
+        for bad in (-1, 1.5, "1", True, None, [1]):
+            self.assertRefused(self.good(gen=bad, jti=f"j{bad!r}"), TokenInvalid)
+
+    def test_generations_only_go_up_and_load_at_start(self) -> None:
+        self.service.load_generations({"alice": 2, "bob": 0})
+        self.service.set_generation("alice", 1)
+        self.assertEqual((self.service.generation_of("alice"), self.service.generation_of("bob"),
+                          self.service.generation_of("carol")), (2, 0, 0))
+
+    def test_refresh_issues_the_generation_it_is_given(self) -> None:
+        first = self.service.issue_pair("alice", ["user"], [], generation=2)
+        self.service.set_generation("alice", 2)
+        kept = self.successResultOf(self.service.refresh(first.refresh_token))
+        self.assertEqual(self.service.verify_access(kept.access_token).gen, 2)
+        given = self.successResultOf(self.service.refresh(kept.refresh_token, generation=5))
+        self.assertEqual(self.service.verify_access(given.access_token).gen, 5)

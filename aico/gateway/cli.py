@@ -8,7 +8,8 @@ Subcommands (``aico-gateway COMMAND --help`` for each):
 * ``config check FILE`` — validate a configuration file: prints ``ok`` (exit 0) or the
   error naming the key and the file (exit 2).
 * ``user add USERNAME [--role R …] [--password-file F]`` / ``user list`` — users in the
-  registry (the password comes from a file or standard input, never the command line).
+  registry (the password comes from a file or standard input, never the command line);
+  ``user unlock USERNAME`` — clear every login lock of an account (audited).
 * ``keys rotate`` — a new JWT signing key; the old one verifies until its tokens expire.
 
 Adding a subcommand: write ``_add_NAME(subparsers)`` that builds its parser and sets
@@ -33,7 +34,7 @@ from typing import Any, TextIO
 from aico.gateway import config as _config
 from aico.gateway.state import StateDirError, StatePaths, bootstrap, resolve_state_dir
 from aico.gateway.store import SchemaError, SyncDatabase, sync_result
-from aico.gateway.users import UserStore
+from aico.gateway.users import UserStore, username_problem
 
 __all__ = [
     "ENV_CONFIG",
@@ -199,6 +200,16 @@ def _add_user(subparsers: _Subparsers) -> None:
     listing = sub.add_parser("list", help="list users (username, roles, disabled)")
     add_state_options(listing)
     listing.set_defaults(handler=_cmd_user_list)
+    unlock = sub.add_parser(
+        "unlock",
+        help="clear every login lock of a user",
+        description="Forget USERNAME's failed logins and locks from every source, so the "
+        "right password is accepted again at once (also by a running gateway). Recorded in "
+        "the audit log as account_unlocked.",
+    )
+    unlock.add_argument("username")
+    add_state_options(unlock)
+    unlock.set_defaults(handler=_cmd_user_unlock)
 
 
 def _open_registry(paths: StatePaths) -> closing[SyncDatabase]:
@@ -212,13 +223,12 @@ def _open_registry(paths: StatePaths) -> closing[SyncDatabase]:
 
 
 def _cmd_user_add(args: argparse.Namespace, ctx: Context) -> int:
-    import re
-
     from aico.gateway.security.passwords import hash_password
 
     paths, config = state_paths(args, ctx.env)
-    if not re.fullmatch(r"(?!\.+$)[A-Za-z0-9._-]{1,64}", args.username):
-        raise _Exit(EXIT_USAGE, "username: 1-64 characters from A-Z a-z 0-9 . _ -, not only dots")
+    problem = username_problem(args.username)
+    if problem is not None:
+        raise _Exit(EXIT_USAGE, f"username: {problem}")
     if args.password_file:
         with open(args.password_file, encoding="utf-8") as f:
             password = f.read().strip("\r\n")
@@ -243,6 +253,25 @@ def _cmd_user_list(args: argparse.Namespace, ctx: Context) -> int:
     for user in users:
         flag = "  (disabled)" if user.disabled else ""
         print(f"{user.username}\t{','.join(user.roles)}{flag}", file=ctx.out)
+    return EXIT_OK
+
+
+def _cmd_user_unlock(args: argparse.Namespace, ctx: Context) -> int:
+    from twisted.internet import reactor  # its clock only; it never runs here
+
+    from aico.gateway.security.audit import AuditLog
+
+    paths, _ = state_paths(args, ctx.env)
+    with _open_registry(paths) as db:
+        store = UserStore(db)
+        if sync_result(store.get(args.username)) is None:
+            raise _Exit(EXIT_FAILURE, f"no user {args.username!r}")
+        sources = sync_result(store.unlock(args.username))
+        audit = AuditLog(db, reactor, anchor_path=paths.root / "audit-head.json")
+        sync_result(audit.append("account_unlocked", "cli",
+                                 {"username": args.username, "sources": sources}))
+    print(f"unlocked {args.username}: failed logins and locks of {sources} source(s) cleared",
+          file=ctx.out)
     return EXIT_OK
 
 

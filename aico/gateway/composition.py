@@ -159,7 +159,9 @@ class GatewayParts:
         # Routing: the gateway's own domains, then module routes as modules register.
         self.openapi = OpenApiView(lambda: self.dispatcher.table, _version())
         self.ipc = self._ipc_listener()
-        users = UsersDeps(store=UserStore(self.db, reactor), passwords=self.passwords,
+        #: The users table; its session generations feed the token service at start.
+        self.user_store = UserStore(self.db, reactor)
+        users = UsersDeps(store=self.user_store, passwords=self.passwords,
                           tokens=self.tokens, chain=self.chain, audit=self.audit, clock=reactor,
                           config=lambda: self.config, on_revoke=self.connections.revoke_token,
                           on_revoke_subject=self.connections.revoke_subject,
@@ -244,11 +246,12 @@ class GatewayParts:
         return jobs
 
     def start(self) -> Deferred[None]:
-        """Load the revocation state and prepare the password service."""
+        """Load the revocation state and the session generations; prepare the password service."""
         return Deferred.fromCoroutine(self._start())
 
     async def _start(self) -> None:
         await self.revocations.load()
+        self.tokens.load_generations(await self.user_store.session_generations())
         await self.passwords.prepare()
 
     def stop(self) -> Deferred[None]:

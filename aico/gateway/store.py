@@ -105,6 +105,31 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             last_seen REAL
         )""",
     ),
+    (
+        # Sessions follow the account: every change that ends a user's sessions (new
+        # password, disabled, other roles, deleted) raises this number in the same
+        # statement; tokens carry the number they were issued under.
+        "ALTER TABLE users ADD COLUMN session_generation INTEGER NOT NULL DEFAULT 0",
+        # The generation a deleted user had reached, so that a user created again under
+        # the same name never accepts the old user's tokens (also across a restart).
+        """CREATE TABLE deleted_users (
+            username TEXT PRIMARY KEY,
+            session_generation INTEGER NOT NULL,
+            deleted_at REAL NOT NULL
+        )""",
+        # Failed logins per (account, source): a lock earned from one source never
+        # refuses another. users.failed_logins, locked_until and lockouts are unused
+        # from this version on (left in place, always 0 for new users).
+        """CREATE TABLE login_failures (
+            username TEXT NOT NULL,
+            source TEXT NOT NULL,
+            failures INTEGER NOT NULL DEFAULT 0,
+            locked_until REAL NOT NULL DEFAULT 0,
+            lockouts INTEGER NOT NULL DEFAULT 0,
+            last_failure REAL NOT NULL DEFAULT 0,
+            PRIMARY KEY (username, source)
+        )""",
+    ),
 )
 
 #: The schema version this code reads and writes (``PRAGMA user_version``).

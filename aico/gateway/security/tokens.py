@@ -20,6 +20,13 @@ Both token kinds carry ``fam``, the id of the login session ("family"): refreshi
 it, and revoking a family (refresh-token reuse, logout) revokes every token of the
 session, access tokens included, with one entry in the revocation store. Nothing here
 logs a token.
+
+Both also carry ``gen``, the subject's session generation when the token was issued
+(:mod:`aico.gateway.users`: a new password, disabling, other roles or deletion raise
+it). The service keeps every subject's current generation in memory
+(:meth:`TokenService.load_generations` at start, :meth:`TokenService.set_generation`
+when a change is made) and refuses, with :class:`SessionEnded`, a token whose ``gen`` is
+lower — on every call, cached or not. A token without ``gen`` counts as generation 0.
 """
 
 from __future__ import annotations
@@ -56,7 +63,7 @@ ACCESS = "access"
 REFRESH = "refresh"
 #: Claims that ``issue_pair(extra=…)`` may not set.
 RESERVED_CLAIMS = frozenset(
-    {"sub", "iss", "aud", "iat", "nbf", "exp", "jti", "roles", "caps", "typ", "fam"}
+    {"sub", "iss", "aud", "iat", "nbf", "exp", "jti", "roles", "caps", "typ", "fam", "gen"}
 )
 _HEADER_ALLOWED = frozenset({"alg", "typ", "kid"})
 _B64URL = re.compile(r"[A-Za-z0-9_-]*")
@@ -92,6 +99,16 @@ class TokenRevoked(TokenError):
     title = "Token revoked"
 
 
+class SessionEnded(TokenRevoked):
+    """The token was issued under an older session generation of its subject: the
+    account changed (password, disabled, roles, deleted) after the token was issued.
+    ``claims`` are the token's verified claims (e.g. to revoke its family)."""
+
+    def __init__(self, reason: str = "", claims: Claims | None = None) -> None:
+        super().__init__(reason)
+        self.claims = claims
+
+
 # --------------------------------------------------------------------------- values
 
 
@@ -111,6 +128,8 @@ class Claims:
     caps: tuple[str, ...]
     fam: str
     kid: str
+    #: The subject's session generation the token was issued under (0 when absent).
+    gen: int = 0
     #: Any further claims (from ``issue_pair(extra=…)``).
     extra: Mapping[str, Any] = field(default_factory=dict)
 
@@ -434,6 +453,13 @@ def _string(payload: Mapping[str, Any], name: str) -> str:
     return value
 
 
+def _generation(payload: Mapping[str, Any]) -> int:
+    value = payload.get("gen", 0)
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise TokenInvalid("claim gen not a non-negative integer")
+    return value
+
+
 def _strings(payload: Mapping[str, Any], name: str) -> tuple[str, ...]:
     value = payload.get(name)
     if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
@@ -468,6 +494,8 @@ class TokenService:
         self._revocations = revocations
         self._cache: OrderedDict[str, _Cached] = OrderedDict()
         self._cache_size = cache_size
+        #: subject → its current session generation (absent: 0).
+        self._generations: dict[str, int] = {}
 
     @property
     def keyring(self) -> KeyRing:
@@ -486,6 +514,24 @@ class TokenService:
     def jwks(self) -> dict[str, list[dict[str, str]]]:
         return self._keyring.jwks(self._clock.seconds())
 
+    # ------------------------------------------------------------------ session generations
+
+    def load_generations(self, generations: Mapping[str, int]) -> None:
+        """Learn every subject's current session generation (at start, from the users
+        table); a generation already known higher is kept."""
+        for subject, generation in generations.items():
+            self.set_generation(subject, generation)
+
+    def set_generation(self, subject: str, generation: int) -> None:
+        """*subject*'s sessions now have *generation*: tokens issued under a lower one are
+        refused from now on, cached or not. Generations only go up."""
+        if generation > self._generations.get(subject, 0):
+            self._generations[subject] = generation
+
+    def generation_of(self, subject: str) -> int:
+        """The current session generation of *subject* (0 when none is known)."""
+        return self._generations.get(subject, 0)
+
     # ------------------------------------------------------------------ issuing
 
     def _encode(self, claims: dict[str, Any]) -> str:
@@ -503,8 +549,13 @@ class TokenService:
         caps: Iterable[str],
         extra: Mapping[str, Any] | None = None,
         family: str | None = None,
+        generation: int = 0,
     ) -> TokenPair:
         """A new access + refresh token for *subject*; a new family unless *family*.
+
+        *generation* is the subject's session generation the pair is issued under (the
+        one of the account state the caller checked); a lower one than the subject's
+        current generation gives tokens that are refused.
 
         The refresh token is registered in the revocation store at once (in memory)
         and persisted in the background; use :meth:`issue_pair_durable` to wait.
@@ -526,6 +577,7 @@ class TokenService:
             "roles": list(roles),
             "caps": list(caps),
             "fam": fam,
+            "gen": generation,
         }
         access_jti = secrets.token_urlsafe(16)
         refresh_jti = secrets.token_urlsafe(16)
@@ -544,9 +596,10 @@ class TokenService:
         roles: Iterable[str],
         caps: Iterable[str],
         extra: Mapping[str, Any] | None = None,
+        generation: int = 0,
     ) -> Deferred[TokenPair]:
         """Like :meth:`issue_pair`, firing once the refresh token is persisted."""
-        pair = self.issue_pair(subject, roles, caps, extra)
+        pair = self.issue_pair(subject, roles, caps, extra, generation=generation)
         return self._revocations.flush().addCallback(lambda _: pair)
 
     # ------------------------------------------------------------------ verifying
@@ -592,6 +645,8 @@ class TokenService:
             FAMILY_PREFIX + claims.fam
         ):
             raise TokenRevoked("revoked")
+        if claims.gen < self._generations.get(claims.sub, 0):
+            raise SessionEnded("issued before the account changed", claims)
         return claims
 
     def _check_signature(self, public: Ed25519PublicKey, signature: bytes, signed: bytes) -> bool:
@@ -662,6 +717,7 @@ class TokenService:
             caps=_strings(payload, "caps"),
             fam=_string(payload, "fam"),
             kid=kid,
+            gen=_generation(payload),
             extra={k: v for k, v in payload.items() if k not in RESERVED_CLAIMS},
         )
         return claims
@@ -673,20 +729,24 @@ class TokenService:
         token: str | bytes,
         roles: Iterable[str] | None = None,
         caps: Iterable[str] | None = None,
+        generation: int | None = None,
     ) -> Deferred[TokenPair]:
         """Rotate a refresh token: a new pair in the same family, the old one used up.
 
-        *roles*/*caps* replace the ones carried over (pass the user's current ones).
+        *roles*/*caps* replace the ones carried over (pass the user's current ones), and
+        *generation* the session generation (pass the one of the row they came from).
+        A token of an ended session generation fails with :class:`SessionEnded`.
         Reusing a refresh token that was already used revokes the whole family and
         fails with :class:`TokenRevoked`. Fires once the new state is persisted.
         """
-        return Deferred.fromCoroutine(self._refresh(token, roles, caps))
+        return Deferred.fromCoroutine(self._refresh(token, roles, caps, generation))
 
     async def _refresh(
         self,
         token: str | bytes,
         roles: Iterable[str] | None,
         caps: Iterable[str] | None,
+        generation: int | None = None,
     ) -> TokenPair:
         claims = self.verify_refresh(token)
         outcome = self._revocations.use_refresh(claims.jti)
@@ -705,6 +765,7 @@ class TokenService:
             claims.caps if caps is None else caps,
             extra=claims.extra,
             family=claims.fam,
+            generation=claims.gen if generation is None else generation,
         )
         await self._revocations.flush()
         return pair

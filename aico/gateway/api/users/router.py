@@ -16,13 +16,14 @@ from aico.gateway.api.users.exceptions import (
     UserNotFound,
     WeakPassword,
 )
-from aico.gateway.errors import TokenRevoked
+from aico.gateway.errors import TokenRevoked, ValidationFailed
 from aico.gateway.routing.messages import Request, Response, json_response
 from aico.gateway.routing.table import RouteEntry
 from aico.gateway.security import tokens as tk
 from aico.gateway.security.capabilities import capabilities_for
 from aico.gateway.security.chain import token_error
-from aico.gateway.users import User
+from aico.gateway.users import RESERVED_USERNAMES, NoAdminLeft, UserChange, username_problem
+from aico.net import source_identity
 
 log = Logger(namespace="aico.gateway.api.users")
 
@@ -37,9 +38,12 @@ def routes(deps: UsersDeps) -> list[RouteEntry]:
         body = request.json
         username, password = body["username"], body["password"]
         auth = deps.config().auth
-        user = await store.get(username)
+        # Failures count per (account, source): a lock earned from one source never
+        # refuses the right password from another (docs/security.md, "Lockout").
+        source = source_identity(request.peer_host)
+        user, locked_until = await store.login_state(username, source)
         now = deps.clock.seconds()
-        if user is None or user.disabled or user.locked_until > now:
+        if user is None or user.disabled or locked_until > now:
             # The same work and the same answer whether or not the user exists.
             await passwords.verify(None, password)
             reason = ("unknown user" if user is None else "disabled" if user.disabled
@@ -51,46 +55,61 @@ def routes(deps: UsersDeps) -> list[RouteEntry]:
             raise LoginFailed()
         if not await passwords.verify(user.password_hash, password):
             locked_until = await store.record_failure(
-                username, auth.lockout_threshold, auth.lockout_base, auth.lockout_max)
+                username, source, auth.lockout_threshold, auth.lockout_base, auth.lockout_max)
             await audit.append("login_failed", username, {"reason": "password",
                                                           "peer": request.peer_host})
             if locked_until:
                 await audit.append("account_locked", username,
-                                   {"seconds": round(locked_until - now, 3)})
-                log.warn("account {username} locked for {seconds:.0f} s after failed logins",
-                         username=username, seconds=locked_until - now)
+                                   {"seconds": round(locked_until - now, 3), "source": source})
+                log.warn("account {username} locked for {seconds:.0f} s for logins from "
+                         "{source} after failed logins", username=username,
+                         seconds=locked_until - now, source=source)
             log.info("login refused for {username} from {peer}: wrong password",
                      username=username, peer=request.peer_host)
             raise LoginFailed()
-        # The Argon2 check took a while: an admin may have changed the password, disabled
-        # the account, or concurrent failures may have locked it meanwhile. Decide on the
-        # row as it is now, and issue tokens for its current roles.
-        fresh = await store.get(username)
-        if (fresh is None or fresh.disabled or fresh.password_hash != user.password_hash
-                or fresh.locked_until > deps.clock.seconds()):
+        # The tokens belong to the row the password was checked against: its roles and
+        # its session generation. Should the account change before they are handed out
+        # (new password, disabled, other roles, deleted), that generation has ended and
+        # the tokens are refused — so a login that raced a change never outlives it.
+        # A change already known here refuses the login itself.
+        if tokens.generation_of(username) > user.session_generation:
             await audit.append("login_failed", username, {"reason": "changed during login",
                                                           "peer": request.peer_host})
             raise LoginFailed()
-        await store.record_success(username)
-        pair = await tokens.issue_pair_durable(username, fresh.roles, caps_of(fresh.roles))
+        await store.record_success(username, source)
+        pair = await tokens.issue_pair_durable(username, user.roles, caps_of(user.roles),
+                                               generation=user.session_generation)
         await audit.append("login_succeeded", username, {"peer": request.peer_host,
                                                          "transport": request.transport})
         log.info("login for {username} from {peer} over {transport}", username=username,
                  peer=request.peer_host, transport=request.transport)
         return json_response(pair.as_json())
 
+    async def session_ended(claims: tk.Claims, why: str) -> TokenRevoked:
+        await tokens.revoke_family(claims.fam)
+        deps.on_revoke_family(claims.fam)
+        return TokenRevoked(why)
+
     async def refresh(request: Request) -> Response:
         token = request.json["refresh_token"]
         try:
             claims = tokens.verify_refresh(token)
+        except tk.SessionEnded as e:
+            assert e.claims is not None
+            raise await session_ended(e.claims, "the account changed; the session ended") from None
         except tk.TokenError as e:
             raise token_error(e) from None
         user = await store.get(claims.sub)
         if user is None or user.disabled:
-            await tokens.revoke_family(claims.fam)
-            raise TokenRevoked("the account no longer exists or is disabled")
+            raise await session_ended(claims, "the account no longer exists or is disabled")
+        tokens.set_generation(user.username, user.session_generation)
+        if claims.gen < user.session_generation:
+            raise await session_ended(claims, "the account changed; the session ended")
         try:
-            pair = await tokens.refresh(token, roles=user.roles, caps=caps_of(user.roles))
+            pair = await tokens.refresh(token, roles=user.roles, caps=caps_of(user.roles),
+                                        generation=user.session_generation)
+        except tk.SessionEnded:
+            raise await session_ended(claims, "the account changed; the session ended") from None
         except tk.TokenRevoked:
             deps.on_revoke_family(claims.fam)
             await audit.append("refresh_reuse", claims.sub, {"family_revoked": True})
@@ -125,6 +144,10 @@ def routes(deps: UsersDeps) -> list[RouteEntry]:
 
     async def create_user(request: Request) -> Response:
         body = request.json
+        problem = username_problem(body["username"])
+        if problem is not None:
+            raise ValidationFailed([{"pointer": "/username", "detail": problem}],
+                                   detail=f"username: {problem}")
         check_password(body["password"])
         roles = tuple(body["roles"])
         hashed = await passwords.hash(body["password"])
@@ -135,58 +158,53 @@ def routes(deps: UsersDeps) -> list[RouteEntry]:
                                                    "roles": list(roles)})
         user = await store.get(body["username"])
         assert user is not None
+        tokens.set_generation(user.username, user.session_generation)
         return json_response(user.public(), status=201,
                              headers={"Location": f"/api/v1/users/{quote(user.username)}"})
 
-    async def ensure_admin_left(target: User, roles: tuple[str, ...] | None,
-                                disabled: bool | None, deleting: bool = False) -> None:
-        still_admin = not deleting and not (disabled or target.disabled) and "admin" in (
-            roles if roles is not None else target.roles)
-        if "admin" not in target.roles or target.disabled or still_admin:
-            return
-        others = [u for u in await store.list()
-                  if u.username != target.username and "admin" in u.roles and not u.disabled]
-        if not others:
-            raise LastAdmin()
-
-    async def end_sessions(username: str) -> None:
-        await tokens.revoke_subject(username)
-        deps.on_revoke_subject(username)
-        await audit.append("sessions_revoked", username, {"tokens_revoked": True})
+    async def end_sessions(change: UserChange) -> None:
+        # First, before anything else is awaited: from here on no token issued under an
+        # earlier generation is accepted, cached or not, racing login or not.
+        tokens.set_generation(change.after.username, change.after.session_generation)
+        await tokens.revoke_subject(change.after.username)
+        deps.on_revoke_subject(change.after.username)
+        await audit.append("sessions_revoked", change.after.username, {"tokens_revoked": True})
 
     async def update_user(request: Request) -> Response:
         username = request.path_params["username"]
         body: dict[str, Any] = request.json
-        target = await store.get(username)
-        if target is None:
-            raise UserNotFound(username)
         roles = tuple(body["roles"]) if "roles" in body else None
-        disabled = body.get("disabled")
-        await ensure_admin_left(target, roles, disabled)
+        if await store.get(username) is None:
+            raise UserNotFound(username)
         hashed = None
         if "password" in body:
             check_password(body["password"])
             hashed = await passwords.hash(body["password"])
-        await store.update(username, password_hash=hashed, roles=roles, disabled=disabled)
-        changed = sorted(body)
-        if hashed is not None or disabled or (roles is not None and roles != target.roles):
+        try:
+            # The last-enabled-admin check and the write: one transaction.
+            change = await store.update(username, password_hash=hashed, roles=roles,
+                                        disabled=body.get("disabled"), keep_an_admin=True)
+        except NoAdminLeft:
+            raise LastAdmin() from None
+        if change is None:
+            raise UserNotFound(username)
+        if change.sessions_ended:
             # A new password, a disabled account or other roles: its sessions end now,
             # not when their tokens expire.
-            await end_sessions(username)
+            await end_sessions(change)
         actor = request.principal.subject if request.principal else "?"
-        await audit.append("user_updated", actor, {"username": username, "changed": changed})
-        user = await store.get(username)
-        assert user is not None
-        return json_response(user.public())
+        await audit.append("user_updated", actor, {"username": username, "changed": sorted(body)})
+        return json_response(change.after.public())
 
     async def delete_user(request: Request) -> Response:
         username = request.path_params["username"]
-        target = await store.get(username)
-        if target is None:
+        try:
+            change = await store.delete(username, keep_an_admin=True)
+        except NoAdminLeft:
+            raise LastAdmin() from None
+        if change is None:
             raise UserNotFound(username)
-        await ensure_admin_left(target, None, None, deleting=True)
-        await store.delete(username)
-        await end_sessions(username)
+        await end_sessions(change)
         actor = request.principal.subject if request.principal else "?"
         await audit.append("user_deleted", actor, {"username": username})
         return Response(status=204)
@@ -198,8 +216,9 @@ def routes(deps: UsersDeps) -> list[RouteEntry]:
     create_schema = schemas.with_password_minimum(schemas.CREATE_USER, minimum)
     update_schema = schemas.with_password_minimum(schemas.UPDATE_USER, minimum)
     base = "/api/v1/users"
-    return [
-        RouteEntry("POST", f"{base}/authenticate", authenticate, public=True, tier="auth", limit_by="login",
+    entries = [
+        RouteEntry("POST", f"{base}/authenticate", authenticate, public=True, tier="auth",
+                   limit_by="login",
                    request_schema=schemas.AUTHENTICATE, response_schema=schemas.TOKENS,
                    summary="Log in: username and password for an access and a refresh token"),
         RouteEntry("POST", f"{base}/refresh", refresh, public=True, tier="auth", limit_by="refresh",
@@ -224,3 +243,16 @@ def routes(deps: UsersDeps) -> list[RouteEntry]:
                    response_schema=schemas.JWKS,
                    summary="Public keys that verify the gateway's tokens (RFC 7517)"),
     ]
+    _check_reserved(entries, base)
+    return entries
+
+
+def _check_reserved(entries: list[RouteEntry], base: str) -> None:
+    """Every static segment right under *base* must be a reserved username (a user so
+    named could not be managed at ``{base}/{username}``)."""
+    static = {e.path[len(base) + 1:] for e in entries
+              if e.path.startswith(base + "/") and "{" not in e.path}
+    segments = {p.split("/", 1)[0] for p in static}
+    missing = segments - RESERVED_USERNAMES
+    if missing:
+        raise RuntimeError(f"add {sorted(missing)} to aico.gateway.users.RESERVED_USERNAMES")
