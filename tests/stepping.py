@@ -60,7 +60,7 @@ class Stepper:
     def install(self, test: SynchronousTestCase, gw: MemoryGateway) -> None:
         for name in ("run_query", "run_operation", "run_interaction"):
             test.patch(gw.database, name, getattr(self, name))
-        test.patch(gw.passwords, "_run", self.run)
+        test.patch(gw.passwords, "runner", self.run)
 
 
 class _Calls:

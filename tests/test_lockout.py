@@ -179,7 +179,7 @@ class NoEnumerationTests(SynchronousTestCase):
             calls.append(f.__name__)
             return synchronous_runner(f, *args)
 
-        self.patch(gw.passwords, "_run", counting)
+        self.patch(gw.passwords, "runner", counting)
         answers = {}
         for case, (username, password) in {
             "unknown": ("nobody-at-all", PASSWORD),
