@@ -86,7 +86,7 @@ class RefusalLog:
     out as one summary line at most once per interval (with the next refusal after it).
     """
 
-    log = Logger(namespace="aico.bus.zap")
+    log = Logger()
 
     def __init__(self, interval: float = 60.0, burst: int = 10, remember: int = 1024,
                  clock: Callable[[], float] = time.monotonic) -> None:

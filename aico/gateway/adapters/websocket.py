@@ -1059,6 +1059,7 @@ class GatewayWebSocketFactory(WebSocketServerFactory):
             # configured browser origins: a web page elsewhere cannot drive the gateway.
             webStatus=False,
             allowedOrigins=list(settings().allowed_origins),
+            versions=[13],  # RFC 6455 only, not the drafts (hybi-10, version 8)
         )
 
     def close_all(self, code: int = CLOSE_GOING_AWAY, reason: str = "gateway stopping") -> int:
