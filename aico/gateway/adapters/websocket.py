@@ -22,8 +22,12 @@ transitions in one place; the session only asks it questions, see :class:`Sessio
 Every socket closes after ``idle_timeout`` without a frame from the client (4002).
 Outgoing frames go straight to the TCP transport while it keeps up; when the transport
 pauses us (its buffer is full), frames queue, and past ``send_buffer`` queued bytes the
-socket is closed as a slow consumer (4004) and the queue dropped: memory per socket is
+socket is closed as a slow consumer (4004) and the queue dropped. Pongs too: while the
+transport is full only the latest ping is answered (once it drains), and the pongs owed
+count toward ``send_buffer`` (a ping flood is closed with 1008). Memory per socket is
 bounded by the transport's buffer plus ``send_buffer``.
+
+Refused upgrades are answered as problem+json (:meth:`WebSocketSession.failHandshake`).
 """
 
 from __future__ import annotations
