@@ -12,6 +12,9 @@ signature changed, so a key added while the broker runs is admitted at once.
 from __future__ import annotations
 
 import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
 from pathlib import Path
 
 import zmq
@@ -74,14 +77,61 @@ class ModuleKeyStore:
             return self._keys.get(public_key)
 
 
+class RefusalLog:
+    """Refused bus clients, logged at a bounded rate: a local process retrying with an
+    unknown key (or no Curve at all) must not be able to flood the log.
+
+    The first refusal of a key is logged, at most :attr:`burst` such lines per
+    :attr:`interval` seconds; every other refusal is only counted, and the count goes
+    out as one summary line at most once per interval (with the next refusal after it).
+    """
+
+    log = Logger()
+
+    def __init__(self, interval: float = 60.0, burst: int = 10, remember: int = 1024,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.interval = interval
+        self.burst = burst
+        self.remember = remember
+        self.clock = clock
+        self._seen: OrderedDict[str, None] = OrderedDict()
+        self._window = clock()
+        self._lines = 0
+        #: Refusals counted and not logged yet (for the next summary line).
+        self.suppressed = 0
+        self._lock = threading.Lock()
+
+    def refused(self, key: str, peer: str, reason: str) -> None:
+        """A client at *peer* presenting *key* (a public key, or a mechanism) was refused."""
+        with self._lock:
+            now = self.clock()
+            if now - self._window >= self.interval:
+                if self.suppressed:
+                    self.log.warn("bus: {count} more refused connection attempt(s) in the "
+                                  "last {seconds:.0f} s (not logged one by one)",
+                                  count=self.suppressed, seconds=now - self._window)
+                self._window, self._lines, self.suppressed = now, 0, 0
+            if key in self._seen or self._lines >= self.burst:
+                self.suppressed += 1
+                return
+            self._seen[key] = None
+            if len(self._seen) > self.remember:
+                self._seen.popitem(last=False)
+            self._lines += 1
+            self.log.warn("bus client at {peer} refused: {reason} (key {key}); its further "
+                          "refusals are counted, not logged", peer=peer, reason=reason, key=key)
+
+
 class ZapHandler:
     """Answers ZAP requests for one context in a thread of its own."""
 
     log = Logger()
 
-    def __init__(self, context: zmq.Context[zmq.Socket[bytes]], keys: ModuleKeyStore) -> None:
+    def __init__(self, context: zmq.Context[zmq.Socket[bytes]], keys: ModuleKeyStore,
+                 refusals: RefusalLog | None = None) -> None:
         self._context = context
         self._keys = keys
+        self.refusals = refusals or RefusalLog()
         self._thread: threading.Thread | None = None
         self._control: zmq.Socket[bytes] | None = None
         self._control_endpoint = f"inproc://aico-zap-control-{id(self):x}"
@@ -149,15 +199,14 @@ class ZapHandler:
         if version != b"1.0":
             return [b"1.0", request_id, b"500", b"unsupported ZAP version", b"", b""]
         if mechanism != b"CURVE" or not credentials:
-            self.log.warn(
-                "bus client at {peer} refused: mechanism {mechanism} is not CURVE",
-                peer=peer,
-                mechanism=mechanism.decode("ascii", "replace"),
-            )
+            kind = mechanism.decode("ascii", "replace")[:32]
+            self.refusals.refused(f"mechanism:{kind}", peer, f"mechanism {kind} is not CURVE")
             return [b"1.0", request_id, b"400", b"CURVE required", b"", b""]
         name = self._keys.lookup(credentials[0])
         if name is None:
-            self.log.warn("bus client at {peer} refused: unknown Curve key", peer=peer)
+            key = credentials[0]
+            shown = (z85.encode(key) if len(key) == 32 else key).decode("ascii", "replace")
+            self.refusals.refused(shown[:40], peer, "unknown Curve key")
             return [b"1.0", request_id, b"400", b"unknown key", b"", b""]
         self.log.debug("bus client {name} admitted from {peer}", name=name, peer=peer)
         return [b"1.0", request_id, b"200", b"OK", name.encode("utf-8"), b""]

@@ -198,6 +198,7 @@ class GatewayParts:
             body_limit=lambda: self.config.limits.body_max,
             header_limits=lambda: (self.config.limits.header_count, self.config.limits.header_size),
             head_timeout=lambda: self.config.limits.head_timeout,
+            body_timeout=lambda: self.config.limits.body_timeout,
             reactor=reactor,
             finished=self.dispatcher.finished,
         )

@@ -147,6 +147,9 @@ class LimitsSection:
     #: Seconds a client has to send a complete request head (slowloris guard); also how
     #: long a keep-alive connection may wait for its next request.
     head_timeout: float = _reloadable(10.0)
+    #: Seconds a client has, once the head is in, to send the whole request body (slow
+    #: body guard): past it the request is answered 408 and the connection closed.
+    body_timeout: float = _reloadable(30.0)
     #: Requests one WebSocket or IPC connection may have in flight at once (fair share:
     #: past it the gateway stops reading that WebSocket; IPC requests wait in a queue).
     max_inflight: int = _reloadable(64)
@@ -380,6 +383,7 @@ def _check(c: Config) -> None:
         "limits.header_count": c.limits.header_count,
         "limits.header_size": c.limits.header_size,
         "limits.head_timeout": c.limits.head_timeout,
+        "limits.body_timeout": c.limits.body_timeout,
         "ratelimit.block_base": c.ratelimit.block_base,
         "ratelimit.block_max": c.ratelimit.block_max,
         "ratelimit.block_after": c.ratelimit.block_after,

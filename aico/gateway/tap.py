@@ -12,6 +12,7 @@ import os
 from twisted.python import usage
 
 from aico.gateway import config as configuration
+from aico.gateway import logs
 from aico.gateway.composition import compose
 from aico.gateway.config import Config, ConfigError
 from aico.gateway.service import GatewayService
@@ -36,6 +37,9 @@ class Options(usage.Options):
 
 
 def makeService(options: Options) -> GatewayService:
+    # Before twistd adds its log observer (text, --logger, syslog) or the tac file its
+    # own: the guard runs first, so no log line can be forged (aico.gateway.logs).
+    logs.guard_log_lines()
     config: Config = options.config
     state_dir = resolve_state_dir(options["state-dir"], os.environ, config.gateway.state_dir)
     return compose(config, state_dir, config_path=options["config"])

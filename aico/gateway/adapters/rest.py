@@ -21,16 +21,26 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.http import HTTPChannel
 from twisted.web.iweb import IRequest
-from twisted.web.resource import IResource
+from twisted.web.resource import IResource, Resource
+from twisted.web.server import NOT_DONE_YET, Site
 from twisted.web.server import Request as WebRequest
-from twisted.web.server import Site
 from werkzeug.exceptions import HTTPException
 
 from aico.gateway.errors import ApiError, BadRequest, PayloadTooLarge, problem_body
 from aico.gateway.lifecycle import InFlight
 from aico.gateway.routing.dispatch import Dispatcher, error_response
 from aico.gateway.routing.messages import Request, Response, request_id_from
+from aico.gateway.routing.table import RouteEntry
 from aico.net import is_loopback
+
+#: The ``Server`` field of every HTTP response (never the framework and its version).
+SERVER = b"aico-gateway"
+
+
+class RequestTimeout(ApiError):
+    """The request body did not arrive within ``limits.body_timeout``."""
+
+    status, code, title = 408, "request_timeout", "Request timeout"
 
 
 class _Discard:
@@ -81,11 +91,24 @@ class LimitedRequest(WebRequest):
         self._received += len(data)
         content: Any = self.content
         if self._received > self._limit():
+            # A chunked body (its length unknown up front) just crossed the limit: answer
+            # 413 and close now, rather than read and drop the rest of it.
             self.too_large = True
             content.close()
             self.content = _Discard()
+            channel = self.channel
+            if isinstance(channel, LimitedChannel):
+                channel.refuse(PayloadTooLarge(f"the request body is larger than "
+                                               f"{self._limit()} bytes"))
             return
         content.write(data)
+
+    def write(self, data: bytes) -> None:
+        if not self.startedWriting:
+            # Every response that goes through twisted.web (ours, Klein's, Twisted's own
+            # error pages) names the gateway, not the framework and its version.
+            self.responseHeaders.setRawHeaders(b"server", [SERVER])
+        super().write(data)  # type: ignore[no-untyped-call]
 
 
 _CONNECTION_DONE = Failure(ConnectionDone())
@@ -130,9 +153,32 @@ class LimitedChannel(HTTPChannel):
         if transport is not None:
             transport.abortConnection()
 
+    # Then body_timeout seconds for the whole body: trickling it a byte at a time keeps
+    # the idle timer alive, not this one (a slow body).
+    _body_deadline: Any = None
+
     def allHeadersReceived(self) -> None:
         self._cancel_head_deadline()
         super().allHeadersReceived()  # type: ignore[no-untyped-call]
+        if self.length != 0 and self.transport is not None and not self._refused:
+            get: Callable[[], float] | None = getattr(getattr(self, "site", None),
+                                                      "body_timeout", None)
+            self._body_deadline = self.callLater(  # type: ignore[no-untyped-call]
+                get() if get is not None else 30.0, self._body_timed_out)
+
+    def allContentReceived(self) -> None:
+        self._cancel_body_deadline()
+        super().allContentReceived()  # type: ignore[no-untyped-call]
+
+    def _cancel_body_deadline(self) -> None:
+        if self._body_deadline is not None and self._body_deadline.active():
+            self._body_deadline.cancel()
+        self._body_deadline = None
+
+    def _body_timed_out(self) -> None:
+        self._body_deadline = None
+        if self.transport is not None and not self._refused:
+            self.refuse(RequestTimeout("the request body did not arrive in time"))
 
     def requestDone(self, request: Any) -> None:
         super().requestDone(request)  # type: ignore[no-untyped-call]
@@ -141,6 +187,7 @@ class LimitedChannel(HTTPChannel):
 
     def connectionLost(self, reason: Failure = _CONNECTION_DONE) -> None:
         self._cancel_head_deadline()
+        self._cancel_body_deadline()
         channels = getattr(getattr(self, "site", None), "channels", None)
         if channels is not None:
             channels.discard(self)
@@ -171,8 +218,15 @@ class LimitedChannel(HTTPChannel):
         self.refuse(BadRequest("the request line or header fields are malformed or exceed "
                                "the limits"))
 
+    _refused = False
+
     def refuse(self, error: ApiError) -> None:
         """Answer *error* as problem+json (with its request ID) and close the connection."""
+        if self._refused:
+            return
+        self._refused = True
+        self._cancel_head_deadline()
+        self._cancel_body_deadline()
         request_id = request_id_from(None)
         body = problem_body(error, request_id)
         finished: Callable[[Request, int, int], None] | None = getattr(
@@ -187,6 +241,7 @@ class LimitedChannel(HTTPChannel):
                              loopback=is_loopback(peer)), error.status, len(body))
         head = (f"HTTP/1.1 {error.status} {error.title}\r\n"
                 "Content-Type: application/problem+json\r\n"
+                f"Server: {SERVER.decode()}\r\nCache-Control: no-store\r\n"
                 f"X-Request-ID: {request_id}\r\nConnection: close\r\n"
                 f"Content-Length: {len(body)}\r\n\r\n").encode("latin-1")
         assert self.transport is not None
@@ -206,6 +261,7 @@ class GatewaySite(Site):
         header_limits: Callable[[], tuple[int, int]],
         head_timeout: Callable[[], float] = lambda: 10.0,
         reactor: Any = None,
+        body_timeout: Callable[[], float] = lambda: 30.0,
         finished: Callable[[Request, int, int], None] | None = None,
     ) -> None:
         # A JSON API never parses form bodies: that saves Twisted's costly e-mail-style
@@ -216,6 +272,7 @@ class GatewaySite(Site):
         self.body_limit = body_limit
         self.header_limits = header_limits
         self.head_timeout = head_timeout
+        self.body_timeout = body_timeout
         #: Told of requests the channel refuses before any resource sees them.
         self.finished = finished
         #: Open HTTP connections (weakly: one a WebSocket took over is forgotten).
@@ -273,7 +330,9 @@ def normalize(request: IRequest, transport: str) -> Request:
     path = request.path.decode("latin-1")
     body = request.content.read() if request.content is not None else b""
     return Request(
-        method=request.method.decode("ascii", "replace").upper(),
+        # As sent: methods are case-sensitive (RFC 9110 §9.1), so ``get`` is not GET
+        # (no route has it: 405).
+        method=request.method.decode("ascii", "replace"),
         path=path,
         request_id=request_id_from(headers.get("x-request-id")),
         transport=transport,
@@ -284,6 +343,52 @@ def normalize(request: IRequest, transport: str) -> Request:
         body=body,
         accepts_stream=query.get("stream") == "true",
     )
+
+
+def _bad_target(request: Request) -> Response:
+    raise BadRequest("the request target (or Host) is not valid UTF-8 after percent-decoding")
+
+
+#: The route of a request whose target Klein cannot decode: not in the table, it runs
+#: the whole chain (so it is rate-limited like any request) and is answered 400.
+_BAD_TARGET = RouteEntry("GET", "/.bad-target", _bad_target, owner="rest", public=True,
+                         tier="public", raw_body=True)
+
+
+def _decodable(request: IRequest) -> bool:
+    """Can Klein decode this request's path and host (UTF-8 after percent-decoding)?"""
+    try:
+        b"/".join(request.postpath or []).decode("utf-8")
+        request.getRequestHostname().decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+class _Front(Resource):
+    """The site's root: every request meets the gateway, including one whose target
+    Klein cannot decode (Klein would answer an HTML page and log a traceback)."""
+
+    isLeaf = True
+
+    def __init__(self, adapter: RestAdapter, klein: IResource) -> None:
+        super().__init__()  # type: ignore[no-untyped-call]
+        self.adapter = adapter
+        self.klein = klein
+
+    def render(self, request: IRequest) -> Any:
+        if _decodable(request):
+            return self.klein.render(request)
+        d = self.adapter.refuse_target(request)
+
+        def written(body: bytes) -> None:
+            if not getattr(request, "finished", False) and not getattr(request, "_disconnected", False):
+                request.write(body)
+                request.finish()
+
+        d.addCallback(written)
+        d.addErrback(lambda f: self.adapter.log.failure("answering a bad request target failed", f))
+        return NOT_DONE_YET
 
 
 class RestAdapter:
@@ -305,8 +410,16 @@ class RestAdapter:
         self.inflight = inflight or InFlight()
 
     def resource(self) -> IResource:
-        resource: IResource = self.app.resource()
-        return resource
+        return _Front(self, self.app.resource())
+
+    def refuse_target(self, web: IRequest) -> Deferred[bytes]:
+        """Answer a request whose target is not UTF-8: 400 problem+json through the
+        dispatcher (rate-limited, access-logged, with its request ID)."""
+        self.inflight.enter()
+        web.notifyFinish().addBoth(lambda _: self.inflight.leave())  # type: ignore[attr-defined]
+        request = normalize(web, self.transport)
+        d = self.dispatcher.handle_control(request, _BAD_TARGET, self.dispatcher.steps)
+        return d.addCallback(lambda response: self._write_head(web, request, response))
 
     @app.route("/ws", branch=False)
     def ws(self, request: IRequest) -> Any:
@@ -357,7 +470,7 @@ class RestAdapter:
         if response.status != 204:  # 204 No Content has no body, so no body type either
             set_header(b"content-type", [response.content_type.encode("latin-1")])
         set_header(b"x-request-id", [request.request_id.encode("ascii")])
-        set_header(b"server", [b"aico-gateway"])  # not the framework and its version
+        set_header(b"server", [SERVER])  # not the framework and its version
         if not web.responseHeaders.hasHeader(b"cache-control"):
             set_header(b"cache-control", [b"no-store"])
         return response.body

@@ -300,9 +300,17 @@ class Session:
         then calls :meth:`refused`)."""
         if len(token) > MAX_TOKEN_BYTES:
             token = token[: MAX_TOKEN_BYTES + 1]  # the chain refuses it without parsing
-        request, d = self._control("AUTH", "/.session/auth", "Bearer " + token,
-                                   self.services.auth_route,
-                                   self.services.auth_steps, request_id)
+        # Without the connection's ID: a refused token is charged to the peer's address
+        # (or its device), as a bad token on REST is, so a new connection is no fresh
+        # budget for presenting tokens.
+        request = Request(method="AUTH", path="/.session/auth",
+                          request_id=request_id_from(request_id), transport=self.name,
+                          peer_host=self.peer_host, loopback=self.loopback,
+                          headers={"authorization": "Bearer " + token},
+                          device_id=self.conn.info.device_id,
+                          started=self.services.clock.seconds())
+        d = self.services.dispatcher.handle_control(request, self.services.auth_route,
+                                                    self.services.auth_steps)
 
         def done(response: Response) -> tuple[Principal | None, Response]:
             if response.status == 200 and request.principal is not None:

@@ -22,8 +22,12 @@ transitions in one place; the session only asks it questions, see :class:`Sessio
 Every socket closes after ``idle_timeout`` without a frame from the client (4002).
 Outgoing frames go straight to the TCP transport while it keeps up; when the transport
 pauses us (its buffer is full), frames queue, and past ``send_buffer`` queued bytes the
-socket is closed as a slow consumer (4004) and the queue dropped: memory per socket is
+socket is closed as a slow consumer (4004) and the queue dropped. Pongs too: while the
+transport is full only the latest ping is answered (once it drains), and the pongs owed
+count toward ``send_buffer`` (a ping flood is closed with 1008). Memory per socket is
 bounded by the transport's buffer plus ``send_buffer``.
+
+Refused upgrades are answered as problem+json (:meth:`WebSocketSession.failHandshake`).
 """
 
 from __future__ import annotations
@@ -54,14 +58,18 @@ from aico.gateway.adapters.session import Session, SessionServices, problem_of, 
 from aico.gateway.config import WebSocketSection
 from aico.gateway.connections import ConnectionInfo, Event, IConnection
 from aico.gateway.errors import (
+    PROBLEM_CONTENT_TYPE,
     ApiError,
     BadRequest,
     Forbidden,
+    InternalError,
     MalformedJson,
+    MethodNotAllowed,
     PayloadTooLarge,
+    problem_body,
     to_api_error,
 )
-from aico.gateway.routing.messages import Principal, Request, Response
+from aico.gateway.routing.messages import Principal, Request, Response, request_id_from
 from aico.gateway.security.topics import may_subscribe
 from aico.gateway.security.validate import loads as strict_json
 from aico.net import is_loopback
@@ -87,6 +95,39 @@ MAX_AUTH_REFUSALS = session_layer.MAX_AUTH_REFUSALS
 MAX_SUBSCRIPTIONS = session_layer.MAX_SUBSCRIPTIONS
 _MAX_ID = 128
 _JSON_TYPES = ("application/json", "application/problem+json")
+#: Bytes of a server's pong frame around its payload (unmasked, payload <= 125 bytes).
+_PONG_OVERHEAD = 2
+#: The ``Server`` field of the upgrade's answers (never the library and its version).
+SERVER_NAME = "aico-gateway"
+
+
+def _handshake_error(reason: str, code: int) -> ApiError:
+    """The gateway's problem for an upgrade Autobahn refused itself. Its *reason* may
+    quote what the client sent (an Origin, a key): it is never echoed back."""
+    lowered = reason.lower()
+    if code == 405:
+        return MethodNotAllowed(["GET"])
+    if code >= 500:
+        return InternalError()
+    if "origin" in lowered and "not allowed" in lowered:
+        return Forbidden("this Origin may not open a WebSocket to the gateway "
+                         "([websocket] allowed_origins)")
+    if "origin" in lowered:
+        return BadRequest("the Origin header is malformed")
+    if "sec-websocket-key" in lowered:
+        return BadRequest("the Sec-WebSocket-Key header is missing or malformed")
+    if "sec-websocket-version" in lowered or "websocket version" in lowered or "hixie" in lowered:
+        return BadRequest("only WebSocket version 13 is supported",
+                          headers={"Sec-WebSocket-Version": "13"})
+    if "sec-websocket-protocol" in lowered or "protocol" in lowered:
+        return _subprotocol_error()
+    return BadRequest("the WebSocket upgrade request is malformed")
+
+
+def _subprotocol_error() -> BadRequest:
+    return BadRequest(f"no supported WebSocket subprotocol offered: the gateway speaks "
+                      f"{SUBPROTOCOL_JSON} and {SUBPROTOCOL_PROTO} (or none, for JSON)",
+                      extra={"supported": [SUBPROTOCOL_JSON, SUBPROTOCOL_PROTO]})
 
 
 class FrameError(Exception):
@@ -426,6 +467,20 @@ class SessionInputs(Protocol):
         """The state's name (``connecting``, ``anonymous``, ``authenticated``, …)."""
 
 
+def _problem_error(response: Response) -> ApiError:
+    """An :class:`ApiError` that answers as *response* (a problem of the chain) does."""
+    problem = problem_of(response)
+
+    class Refused(ApiError):
+        status = response.status
+        code = str(problem.get("code", "bad_request"))
+        title = str(problem.get("title", "Bad request"))
+
+    extra = {k: v for k, v in problem.items()
+             if k not in ("type", "title", "status", "detail", "code", "request_id")}
+    return Refused(str(problem.get("detail", "")), headers=dict(response.headers), extra=extra)
+
+
 class _NoCore:
     """The machine only decides; the session acts on its answers, so it needs no core."""
 
@@ -509,6 +564,12 @@ class WebSocketSession(WebSocketServerProtocol):
         self._paused = False
         self._queue: deque[bytes] = deque()
         self._queued = 0
+        #: While the transport's buffer is full, only the latest ping is answered once it
+        #: drains (RFC 6455 §5.5.3), but every pong owed counts toward ``send_buffer``.
+        self._pong: bytes | None = None
+        self._pong_owed = 0
+        #: The gateway's own refusal of the upgrade (see :meth:`failHandshake`).
+        self._deny: ApiError | None = None
         #: Largest number of bytes ever queued on this socket (for tests and metrics).
         self.max_queued = 0
         self._streams: dict[int, Any] = {}
@@ -535,6 +596,11 @@ class WebSocketSession(WebSocketServerProtocol):
         return Session(f.services, self, self, name=f.transport_name, peer_host=peer_host,
                        loopback=is_loopback(peer_host), host=host)
 
+    def _refuse(self, error: ApiError) -> ConnectionDeny:
+        """Refuse the upgrade with *error* (answered by :meth:`failHandshake`)."""
+        self._deny = error
+        return ConnectionDeny(error.status, error.detail)  # type: ignore[no-untyped-call]
+
     def onConnect(self, request: ConnectionRequest) -> Any:
         protocols = list(request.protocols or [])
         chosen: str | None = None
@@ -542,24 +608,53 @@ class WebSocketSession(WebSocketServerProtocol):
             self.codec, chosen = ProtoCodec(), SUBPROTOCOL_PROTO
         elif SUBPROTOCOL_JSON in protocols:
             chosen = SUBPROTOCOL_JSON
+        elif protocols:
+            # Only unknown ones: an upgrade without a subprotocol would be aborted by a
+            # browser anyway; say which ones the gateway speaks.
+            raise self._refuse(_subprotocol_error())
         self.core = core = self._make_core(str(request.headers.get("host", "")))
         header = request.headers.get("authorization")
         if not header:
             return chosen, {}
         scheme, _, token = str(header).strip().partition(" ")
+        # A malformed header goes through the chain as well (an empty token): it is
+        # refused as on REST, and charged to the rate limiter like any refused token.
         token = token.strip() if scheme.lower() == "bearer" else ""
-        if not token:
-            raise ConnectionDeny(401, "the Authorization header must be 'Bearer <token>'")  # type: ignore[no-untyped-call]
 
         def decided(outcome: tuple[Principal | None, Response]) -> tuple[str | None, dict[str, str]]:
             principal, response = outcome
             if principal is None:
-                raise ConnectionDeny(response.status, problem_of(response).get("detail", ""))  # type: ignore[no-untyped-call]
+                raise self._refuse(_problem_error(response))
             self._upgrade_principal = principal
             self.token = token
             return chosen, {}
 
         return core.authenticate(token).addCallback(decided)
+
+    def failHandshake(self, reason: str, code: int = 400, responseHeaders: Any = None) -> None:
+        """Every refused upgrade is answered like any gateway error: problem+json with
+        the gateway's code and an ``X-Request-ID``, one access-log line, and nothing of
+        what the client sent echoed back (Autobahn's own answer is a bare status line
+        quoting it)."""
+        error, self._deny = self._deny or _handshake_error(reason, code), None
+        self.wasNotCleanReason = error.detail
+        sent: dict[str, str] = getattr(self, "http_headers", None) or {}
+        request_id = request_id_from(sent.get("x-request-id"))
+        body = problem_body(error, request_id)
+        lines = [f"HTTP/1.1 {error.status} {error.title}", f"Server: {SERVER_NAME}",
+                 f"Content-Type: {PROBLEM_CONTENT_TYPE}", "Cache-Control: no-store",
+                 f"X-Request-ID: {request_id}"]
+        lines += [f"{name}: {value}" for name, value in error.headers.items()]
+        lines += ["Connection: close", f"Content-Length: {len(body)}"]
+        self.sendData(("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body)
+        f = self.factory
+        peer = getattr(self.transport.getPeer(), "host", "") if self.transport else ""
+        path = getattr(self, "http_request_path", "") or "/ws"
+        f.services.dispatcher.finished(
+            Request(method="GET", path=path, request_id=request_id, transport=f.transport_name,
+                    peer_host=peer, loopback=is_loopback(peer)),
+            error.status, len(body))
+        self.dropConnection(abort=False)
 
     def onOpen(self) -> None:
         f = self.factory
@@ -614,6 +709,9 @@ class WebSocketSession(WebSocketServerProtocol):
             payload = self._queue.popleft()
             self._queued -= len(payload)
             self.sendMessage(payload, isBinary=binary)  # type: ignore[no-untyped-call]
+        if self._pong is not None and not self._paused and not self._queue and not self._ended:
+            pong, self._pong, self._pong_owed = self._pong, None, 0
+            self.sendPong(pong)  # type: ignore[no-untyped-call]
 
     def stopProducing(self) -> None:
         self._paused = True
@@ -630,7 +728,7 @@ class WebSocketSession(WebSocketServerProtocol):
             self._queued += len(payload)
             if self._queued > self.max_queued:
                 self.max_queued = self._queued
-            if self._queued > self.factory.settings().send_buffer:
+            if self._queued + self._pong_owed > self.factory.settings().send_buffer:
                 self._slow_consumer()
             return
         self.sendMessage(payload, isBinary=self.codec.binary)  # type: ignore[no-untyped-call]
@@ -683,7 +781,37 @@ class WebSocketSession(WebSocketServerProtocol):
 
     def onPing(self, payload: bytes) -> None:
         self._touch(0)
-        super().onPing(payload)
+        if self._ended or self.close_code is not None:
+            return
+        if not self._paused and not self._queue:
+            super().onPing(payload)
+            return
+        # The transport's buffer is full (the client is not reading): a pong written now
+        # would pile up in it without bound. Keep only the latest (RFC 6455 §5.5.3 lets
+        # an endpoint answer just the most recent ping), sent once the buffer drains, and
+        # count every pong owed toward send_buffer: a flood of pings from a client that
+        # does not read is closed as a policy violation.
+        self._pong = payload
+        self._pong_owed += len(payload) + _PONG_OVERHEAD
+        if self._queued + self._pong_owed > self.factory.settings().send_buffer:
+            self._log.warn("websocket {id} ({peer}) sent {bytes} bytes of pings without "
+                           "reading the pongs: closed", id=self.info.id, peer=self.info.peer,
+                           bytes=self._pong_owed)
+            self._queue.clear()
+            self._queued = 0
+            self.close(CLOSE_POLICY, "ping flood")
+
+    def buffered_bytes(self) -> int:
+        """What the gateway holds for this socket: the transport's pending write buffer,
+        the queued frames and the pong owed (for tests and metrics)."""
+        transport: Any = self.transport
+        pending = 0
+        if transport is not None:
+            data_buffer = getattr(transport, "dataBuffer", b"")
+            pending = (len(data_buffer) - int(getattr(transport, "offset", 0))
+                       + int(getattr(transport, "_tempDataLen", 0)))
+            pending += int(getattr(transport, "pending", 0))  # the in-memory transport
+        return pending + self._queued + (len(self._pong) + _PONG_OVERHEAD if self._pong else 0)
 
     def _touch(self, size: int) -> None:
         self.info.bytes_in += size
@@ -876,6 +1004,7 @@ class WebSocketSession(WebSocketServerProtocol):
         self.close_code = code
         self._queue.clear()
         self._queued = 0
+        self._pong, self._pong_owed = None, 0
         self._paused = False
         # sendClose() refuses 1001 (going away); the frame itself is fine for a server.
         self.sendCloseFrame(code=code, reasonUtf8=reason.encode("utf-8")[:123], isReply=False)
@@ -916,7 +1045,7 @@ class GatewayWebSocketFactory(WebSocketServerFactory):
         transport_name: str = "websocket",
         device_id_of: Callable[[Any], str] | None = None,
     ) -> None:
-        super().__init__()  # type: ignore[no-untyped-call]
+        super().__init__(server=SERVER_NAME)  # type: ignore[no-untyped-call]
         self.services = services
         self.connections = services.connections
         self.settings = settings
@@ -934,6 +1063,7 @@ class GatewayWebSocketFactory(WebSocketServerFactory):
             # configured browser origins: a web page elsewhere cannot drive the gateway.
             webStatus=False,
             allowedOrigins=list(settings().allowed_origins),
+            versions=[13],  # RFC 6455 only, not the drafts (hybi-10, version 8)
         )
 
     def close_all(self, code: int = CLOSE_GOING_AWAY, reason: str = "gateway stopping") -> int:
