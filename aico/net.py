@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from urllib.parse import urlsplit
 
@@ -32,6 +33,7 @@ def is_loopback_endpoint(endpoint: str) -> bool:
     return is_loopback(host)
 
 
+@functools.lru_cache(maxsize=4096)
 def source_identity(host: str) -> str:
     """Who a peer address stands for, for counting (rate limits, login failures).
 
