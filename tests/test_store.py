@@ -24,7 +24,7 @@ from aico.gateway.store import (
 )
 
 TABLES = {"users", "revoked_tokens", "refresh_tokens", "audit_log", "devices", "deleted_users",
-          "login_failures"}
+          "login_failures", "pairing_windows"}
 
 
 def _columns(conn: sqlite3.Connection, table: str) -> list[str]:

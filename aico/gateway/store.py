@@ -130,6 +130,26 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
             PRIMARY KEY (username, source)
         )""",
     ),
+    (
+        # Detached mode: the device registry grows the user a device was paired for and
+        # when it was revoked; pairing windows opened by `aico-gateway pair` or the admin
+        # API are rows, so a running gateway sees one opened from another process.
+        "ALTER TABLE devices ADD COLUMN paired_for TEXT",
+        "ALTER TABLE devices ADD COLUMN revoked_at REAL",
+        """CREATE TABLE pairing_windows (
+            window_id TEXT PRIMARY KEY,
+            code TEXT NOT NULL,
+            device_name TEXT,
+            paired_for TEXT,
+            opened_by TEXT NOT NULL,
+            opened_at REAL NOT NULL,
+            expires_at REAL NOT NULL,
+            failures INTEGER NOT NULL DEFAULT 0,
+            state TEXT NOT NULL DEFAULT 'open',
+            device_id TEXT
+        )""",
+        "CREATE INDEX pairing_windows_state ON pairing_windows (state, expires_at)",
+    ),
 )
 
 #: The schema version this code reads and writes (``PRAGMA user_version``).
