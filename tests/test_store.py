@@ -75,6 +75,8 @@ class MigrationTests(SynchronousTestCase):
                     "revoked",
                     "created_at",
                     "last_seen",
+                    "paired_for",
+                    "revoked_at",
                 ],
             )
             self.assertEqual(conn.execute("PRAGMA journal_mode").fetchone()[0], "wal")
