@@ -42,7 +42,7 @@ class MakeServiceTests(SynchronousTestCase):
                          ["module", "heartbeat"])
         self.assertEqual([c.name for c in service.child("listeners")], ["http", "ipc"])
         self.assertEqual(sorted(c.name for c in service.child("jobs")),
-                         ["ipc-peer-sweep", "ratelimit-sweep", "token-prune"])
+                         ["ipc-peer-sweep", "ratelimit-sweep", "registry-watch", "token-prune"])
 
     def test_listeners_and_modules_follow_the_config(self) -> None:
         cfg = Path(self.mktemp() + ".toml")

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.threads import deferToThreadPool
@@ -53,6 +55,8 @@ from aico.gateway.api.users.router import routes as user_routes
 from aico.gateway.config import Config, ConfigError, load
 from aico.gateway.config import reload as reload_config
 from aico.gateway.connections import ConnectionManager
+from aico.gateway.devices.ca import DeviceCA, load_certificate, load_private_key
+from aico.gateway.devices.registry import ChangeWatcher, DeviceStore, PairingWindowStore
 from aico.gateway.lifecycle import InFlight, write_ports
 from aico.gateway.listeners import IListener, TcpListener, tcp_endpoint
 from aico.gateway.routing.backend import BusForwarder, ModuleRoutes
@@ -78,6 +82,9 @@ log = Logger(namespace="aico.gateway.composition")
 
 #: Seconds between prunes of expired token revocations.
 TOKEN_PRUNE_INTERVAL = 3600.0
+#: Seconds between two looks for registry changes made by another process (a device
+#: revoked or a pairing window opened from the CLI takes effect within this time).
+REGISTRY_WATCH_INTERVAL = 0.25
 
 
 @dataclass
@@ -95,6 +102,10 @@ class Materials:
     audit_anchor: Path | None = None
     #: The thread pool that runs CPU work (Argon2), when the gateway owns one.
     cpu_pool: ThreadPool | None = field(default=None)
+    #: The device CA (issues device certificates at pairing); ``None`` in memory.
+    device_ca: DeviceCA | None = None
+    #: The gateway's TLS server certificate and key (``tls``, ``sync``); ``None`` in memory.
+    server_identity: tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None = None
 
 
 def materials_from_state(paths: StatePaths, reactor: Any) -> Materials:
@@ -107,6 +118,8 @@ def materials_from_state(paths: StatePaths, reactor: Any) -> Materials:
     try:
         keyring = KeyRing.load(paths.jwt_dir, now=reactor.seconds())
         curve_public = load_public(paths.curve.gateway_public).decode()
+        device_ca = DeviceCA.load(paths.ca_cert, paths.ca_key)
+        server_identity = (load_certificate(paths.server_cert), load_private_key(paths.server_key))
     except (KeyRingError, OSError, ValueError) as e:
         raise SystemExit(f"aico-gateway: cannot load the gateway's keys: {e}") from e
     pool = ThreadPool(minthreads=0, maxthreads=max(2, os.cpu_count() or 2), name="aico-cpu")
@@ -118,6 +131,8 @@ def materials_from_state(paths: StatePaths, reactor: Any) -> Materials:
         paths=paths,
         audit_anchor=paths.root / "audit-head.json",
         cpu_pool=pool,
+        device_ca=device_ca,
+        server_identity=server_identity,
     )
 
 
@@ -161,6 +176,11 @@ class GatewayParts:
         self.ipc = self._ipc_listener()
         #: The users table; its session generations feed the token service at start.
         self.user_store = UserStore(self.db, reactor)
+        #: Paired devices and pairing windows (detached mode); the watcher tells the
+        #: gateway when another process (the CLI) changed the registry.
+        self.devices = DeviceStore(self.db, reactor)
+        self.pairing_windows = PairingWindowStore(self.db, reactor)
+        self.registry_watcher = ChangeWatcher(self.db)
         users = UsersDeps(store=self.user_store, passwords=self.passwords,
                           tokens=self.tokens, chain=self.chain, audit=self.audit, clock=reactor,
                           config=lambda: self.config, on_revoke=self.connections.revoke_token,
@@ -241,6 +261,9 @@ class GatewayParts:
             PeriodicJob("ratelimit-sweep", self.limiter.sweep_interval, self.limiter.sweep,
                         self.reactor),
         ]
+        if self.materials.paths is not None:
+            jobs.append(PeriodicJob("registry-watch", REGISTRY_WATCH_INTERVAL,
+                                    self.registry_watcher.check, self.reactor))
         if self.ipc is not None:
             jobs.append(PeriodicJob("ipc-peer-sweep", self.ipc.sweep_interval, self.ipc.sweep,
                                     self.reactor))
