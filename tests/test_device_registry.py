@@ -106,12 +106,17 @@ class PairingWindowTests(unittest.TestCase):
 
 
 class ChangeWatcherTests(unittest.TestCase):
-    def test_a_commit_by_another_connection_is_seen_and_its_own_are_not(self) -> None:
+    def two_connections(self) -> tuple[SyncDatabase, SyncDatabase]:
+        """The gateway's and the CLI's connections to one registry file."""
         path = Path(self.mktemp())
         path.parent.mkdir(parents=True, exist_ok=True)
         gateway, cli = SyncDatabase(path), SyncDatabase(path)
         self.addCleanup(gateway.close)
         self.addCleanup(cli.close)
+        return gateway, cli
+
+    def test_a_commit_by_another_connection_is_seen_and_its_own_are_not(self) -> None:
+        gateway, cli = self.two_connections()
         watcher = ChangeWatcher(gateway)
         seen: list[int] = []
         watcher.add_listener(lambda: seen.append(1))
@@ -126,11 +131,7 @@ class ChangeWatcherTests(unittest.TestCase):
         self.assertEqual(seen, [1], "nothing new")
 
     def test_a_failing_listener_does_not_stop_the_others(self) -> None:
-        path = Path(self.mktemp())
-        path.parent.mkdir(parents=True, exist_ok=True)
-        gateway, cli = SyncDatabase(path), SyncDatabase(path)
-        self.addCleanup(gateway.close)
-        self.addCleanup(cli.close)
+        gateway, cli = self.two_connections()
         watcher = ChangeWatcher(gateway)
         seen: list[str] = []
 
