@@ -256,7 +256,8 @@ class GatewayParts:
         return PairingService(reactor, lambda: self.config.pairing, self.pairing_windows,
                               self.devices, self.audit, self.materials.device_ca,
                               identity[0] if identity is not None else None, listen, run_cpu,
-                              tls_address=lambda: self.listener_addresses.get("tls"))
+                              tls_address=lambda: self.listener_addresses.get("tls"),
+                              baseline=self.registry_watcher.check)
 
     def mdns(self) -> MdnsAdvertiser | None:
         """The mDNS advertiser, when ``[mdns]`` and the listeners' hosts ask for one."""

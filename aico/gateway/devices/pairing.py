@@ -349,7 +349,8 @@ class PairingService(Service):
                  ca: DeviceCA | None, server_cert: x509.Certificate | None,
                  listen: Callable[[Factory], Deferred[IListeningPort]],
                  run_cpu: Callable[..., Deferred[Any]],
-                 tls_address: Callable[[], dict[str, Any] | None] = lambda: None) -> None:
+                 tls_address: Callable[[], dict[str, Any] | None] = lambda: None,
+                 baseline: Callable[[], Deferred[None]] | None = None) -> None:
         self.reactor = reactor
         self.settings = settings
         self.windows = windows
@@ -360,6 +361,7 @@ class PairingService(Service):
         self._listen = listen
         self._run_cpu = run_cpu
         self.tls_address = tls_address
+        self._baseline = baseline
         self.factory = PairingFactory(self)
         self.port: IListeningPort | None = None
         #: Called with ``(open, port)`` whenever the listener opens or closes (mDNS).
@@ -387,10 +389,18 @@ class PairingService(Service):
 
     # ------------------------------------------------------------------ service
 
-    def startService(self) -> None:
+    def startService(self) -> Deferred[None]:
+        """First the registry watcher's baseline (*baseline*: its first check only records
+        the database's version, so a window opened before it would go unnoticed), then a
+        first look at the windows (one opened while the gateway was down opens now)."""
         Service.startService(self)
         self._stopped = False
-        self.refresh().addErrback(lambda f: log.failure("pairing: first look at windows failed", f))
+        d: Deferred[Any] = maybeDeferred(self._baseline) if self._baseline else Deferred()
+        if self._baseline is None:
+            d.callback(None)
+        d.addCallback(lambda _: self.refresh())
+        d.addErrback(lambda f: log.failure("pairing: first look at windows failed", f))
+        return d
 
     def stopService(self) -> Deferred[None]:
         Service.stopService(self)
