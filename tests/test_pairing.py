@@ -145,7 +145,7 @@ class PairingFlowTests(SynchronousTestCase):
         attempt = Attempt(env, opened["code"].lower())  # the code as a person may type it
         result = attempt.run()
         self.assertIsInstance(result, PairingResult)
-        G, D = GatewayState, DeviceState  # noqa: N806
+        G, D = GatewayState, DeviceState
         self.assertEqual([(a, b) for a, _, b in attempt.gateway.machine.trace], [
             (G.WAIT_HELLO, G.PAKE), (G.PAKE, G.WAIT_CONFIRM), (G.WAIT_CONFIRM, G.WAIT_REQUEST),
             (G.WAIT_REQUEST, G.ISSUING), (G.ISSUING, G.PAIRED), (G.PAIRED, G.PAIRED)])

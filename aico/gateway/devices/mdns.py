@@ -111,6 +111,7 @@ class MdnsAdvertiser(Service):
         txt = self._txt(port is not None, port)
         interfaces: Any = list(self.config.mdns.interfaces) or InterfaceChoice.All
         d: Deferred[None] = self._run(self._register_blocking, interfaces, txt)
+        d.addCallback(self._published, txt)
         return d.addErrback(lambda f: log.failure("mDNS: could not advertise the gateway", f))
 
     def _register_blocking(self, interfaces: Any, txt: dict[str, str]) -> None:
@@ -119,12 +120,11 @@ class MdnsAdvertiser(Service):
         info = self._service_info(txt)
         zc.register_service(info, allow_name_change=True)
         self._info = info
-        self.published = txt
         log.info("mDNS: advertising {name} ({type})", name=info.name, type=SERVICE_TYPE)
 
     def _pairing_changed(self, pairing_open: bool, port: int | None) -> None:
         txt = self._txt(pairing_open, port)
-        self._run(self._update_blocking, txt).addErrback(
+        self._run(self._update_blocking, txt).addCallback(self._published, txt).addErrback(
             lambda f: log.failure("mDNS: could not update the advertisement", f))
 
     def _update_blocking(self, txt: dict[str, str]) -> None:
@@ -136,7 +136,9 @@ class MdnsAdvertiser(Service):
                            server=old.server, parsed_addresses=old.parsed_addresses())
         self._zc.update_service(info)
         self._info = info
-        self.published = txt
+
+    def _published(self, _: object, txt: dict[str, str]) -> None:
+        self.published = txt  # on the reactor thread
 
     def stopService(self) -> Deferred[None]:
         Service.stopService(self)
