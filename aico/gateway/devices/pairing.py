@@ -410,7 +410,7 @@ class PairingService(Service):
         self._timer = None
         for p in list(self.factory.live):
             p.transport.abortConnection()  # type: ignore[union-attr]
-        return self._lock.run(self._stop_listening)
+        return self._lock.run(lambda: Deferred.fromCoroutine(self._stop_listening()))
 
     # ------------------------------------------------------------------ windows
 
