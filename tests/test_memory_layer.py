@@ -28,7 +28,7 @@ class MemoryGatewayTests(SynchronousTestCase):
         gw = MemoryGateway()
         names = [c.name for c in gw.service]
         self.assertEqual(names, ["security", "bus", "directory", "modules", "connections",
-                                 "listeners", "jobs", "ports-file"])
+                                 "listeners", "pairing", "jobs", "ports-file"])
         self.assertTrue(gw.service.running)
         self.successResultOf(gw.service.when_ready())
         self.successResultOf(gw.stop())

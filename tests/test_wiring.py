@@ -36,13 +36,22 @@ class MakeServiceTests(SynchronousTestCase):
         service = tap.makeService(options)
         self.assertEqual([c.name for c in service], [
             "cpu-pool", "security", "broker", "bus", "directory", "modules", "connections",
-            "listeners", "jobs", "ports-file"])
+            "listeners", "pairing", "jobs", "ports-file"])
         self.assertEqual([c.name for c in service.child("modules")], ["conversation", "health"])
         self.assertEqual([c.name for c in service.child("modules", "conversation")],
                          ["module", "heartbeat"])
         self.assertEqual([c.name for c in service.child("listeners")], ["http", "ipc"])
         self.assertEqual(sorted(c.name for c in service.child("jobs")),
                          ["ipc-peer-sweep", "ratelimit-sweep", "registry-watch", "token-prune"])
+
+    def test_the_mdns_advertiser_comes_last_when_a_listener_is_on_the_lan(self) -> None:
+        cfg = Path(self.mktemp() + ".toml")
+        cfg.write_text('[pairing]\nhost = "0.0.0.0"\n')
+        options = tap.Options()
+        options.parseOptions(["--config", str(cfg), "--state-dir",
+                              str(Path(os.path.abspath(self.mktemp())))])
+        service = tap.makeService(options)
+        self.assertEqual([c.name for c in service][-3:], ["jobs", "ports-file", "mdns"])
 
     def test_listeners_and_modules_follow_the_config(self) -> None:
         cfg = Path(self.mktemp() + ".toml")

@@ -11,6 +11,10 @@ Subcommands (``aico-gateway COMMAND --help`` for each):
   registry (the password comes from a file or standard input, never the command line);
   ``user unlock USERNAME`` — clear every login lock of an account (audited).
 * ``keys rotate`` — a new JWT signing key; the old one verifies until its tokens expire.
+* ``pair [--name N] [--minutes M] [--for USER] [--no-wait]`` — open a pairing window
+  (closing any other), print its one-time code, the port and the expiry; then wait and
+  report how the window ended (Ctrl-C closes it). A running gateway opens its ``pairing``
+  listener within a second.
 
 Adding a subcommand: write ``_add_NAME(subparsers)`` that builds its parser and sets
 ``handler=`` to a function ``(args, ctx: Context) -> int``, and list it in :data:`_COMMANDS`.
@@ -309,10 +313,101 @@ def _cmd_keys_rotate(args: argparse.Namespace, ctx: Context) -> int:
     return EXIT_OK
 
 
+# --------------------------------------------------------------------------- pair
+
+
+def _add_pair(subparsers: _Subparsers) -> None:
+    p = subparsers.add_parser(
+        "pair",
+        help="open a pairing window and print its one-time code",
+        description="Open a pairing window (any other open window closes: one code works at "
+        "a time). A running gateway opens its pairing listener while the window is open. "
+        "The device runs `aico-client pair --code CODE …`. Without --no-wait the command "
+        "waits and reports how the window ended; Ctrl-C closes the window.",
+    )
+    p.add_argument("--name", help="the name the paired device gets (default: the name it asks for)")
+    p.add_argument("--minutes", type=float, help="how long the window stays open "
+                   "(default: [pairing] window_minutes, 5)")
+    p.add_argument("--for", dest="paired_for", metavar="USER",
+                   help="the user the device is paired for")
+    p.add_argument("--no-wait", action="store_true", help="print the code and return at once")
+    add_state_options(p)
+    p.set_defaults(handler=_cmd_pair)
+
+
+def _cmd_pair(args: argparse.Namespace, ctx: Context, *,
+              sleep: Callable[[float], None] | None = None) -> int:
+    import time
+
+    from twisted.internet import reactor  # its clock only; it never runs here
+
+    from aico.gateway.devices.pairing import format_code
+    from aico.gateway.devices.registry import PairingWindowStore, new_code
+    from aico.gateway.security.audit import AuditLog
+
+    paths, config = state_paths(args, ctx.env)
+    minutes = args.minutes if args.minutes is not None else config.pairing.window_minutes
+    if not 0 < minutes <= 24 * 60:
+        raise _Exit(EXIT_USAGE, "--minutes: expected more than 0 and at most 1440")
+    if not config.pairing.enabled:
+        raise _Exit(EXIT_USAGE, "pairing is turned off ([pairing] enabled = false)")
+    with _open_registry(paths) as db:
+        if args.paired_for and sync_result(UserStore(db).get(args.paired_for)) is None:
+            raise _Exit(EXIT_USAGE, f"--for: no user {args.paired_for!r}")
+        windows = PairingWindowStore(db)
+        for old in sync_result(windows.active()):
+            sync_result(windows.close(old.window_id))
+            print(f"closed the pairing window opened at "
+                  f"{_local_time(old.opened_at)} (one window at a time)", file=ctx.out)
+        window = sync_result(windows.open(seconds=minutes * 60, opened_by="cli",
+                                          device_name=args.name, paired_for=args.paired_for,
+                                          code=new_code()))
+        audit = AuditLog(db, reactor, anchor_path=paths.root / "audit-head.json")
+        sync_result(audit.append("pairing_opened", "cli", {
+            "window_id": window.window_id, "device_name": window.device_name,
+            "paired_for": window.paired_for, "expires_at": window.expires_at}))
+        port = config.pairing.port or "(picked by the gateway)"
+        print(f"pairing code: {format_code(window.code)}\n"
+              f"pairing port: {config.pairing.host}:{port}\n"
+              f"open until:   {_local_time(window.expires_at)}\n"
+              f"on the device: aico-client pair --host HOST --port {port} "
+              f"--code {format_code(window.code)} --name NAME --out DIR", file=ctx.out)
+        if args.no_wait:
+            return EXIT_OK
+        ctx.out.flush()
+        pause = sleep or time.sleep
+        try:
+            while True:
+                now = sync_result(windows.get(window.window_id))
+                if now is None or now.state != "open" or not now.is_open(time.time()):
+                    break
+                pause(0.5)
+        except KeyboardInterrupt:
+            sync_result(windows.close(window.window_id))
+            print("pairing window closed", file=ctx.out)
+            return EXIT_FAILURE
+    state = now.state if now is not None else "gone"
+    if now is not None and state == "used":
+        print(f"paired device {now.device_id}", file=ctx.out)
+        return EXIT_OK
+    if now is not None and state == "open":
+        state = "expired"
+    failures = f" after {now.failures} failed attempt(s)" if now is not None and now.failures else ""
+    print(f"pairing window {state}{failures}; no device paired", file=ctx.out)
+    return EXIT_FAILURE
+
+
+def _local_time(ts: float) -> str:
+    import datetime
+
+    return datetime.datetime.fromtimestamp(ts).astimezone().strftime("%Y-%m-%d %H:%M:%S %Z")
+
+
 # --------------------------------------------------------------------------- main
 
 #: Every subcommand's registration function, in ``--help`` order.
-_COMMANDS: tuple[Callable[[_Subparsers], None], ...] = (_add_init, _add_config, _add_user, _add_keys)
+_COMMANDS: tuple[Callable[[_Subparsers], None], ...] = (_add_init, _add_config, _add_user, _add_keys,
+                                                        _add_pair)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -25,7 +25,7 @@ from typing import Any
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from twisted.application.service import MultiService
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -56,6 +56,8 @@ from aico.gateway.config import Config, ConfigError, load
 from aico.gateway.config import reload as reload_config
 from aico.gateway.connections import ConnectionManager
 from aico.gateway.devices.ca import DeviceCA, load_certificate, load_private_key
+from aico.gateway.devices.mdns import MdnsAdvertiser, should_advertise
+from aico.gateway.devices.pairing import PairingService
 from aico.gateway.devices.registry import ChangeWatcher, DeviceStore, PairingWindowStore
 from aico.gateway.lifecycle import InFlight, write_ports
 from aico.gateway.listeners import IListener, TcpListener, tcp_endpoint
@@ -181,6 +183,11 @@ class GatewayParts:
         self.devices = DeviceStore(self.db, reactor)
         self.pairing_windows = PairingWindowStore(self.db, reactor)
         self.registry_watcher = ChangeWatcher(self.db)
+        #: Every listener's ``ports.json`` entry, once they are up.
+        self.listener_addresses: dict[str, dict[str, Any]] = {}
+        #: Pairing windows and the ``pairing`` listener open while one is.
+        self.pairing = self._pairing_service()
+        self.registry_watcher.add_listener(self.pairing.refresh)
         users = UsersDeps(store=self.user_store, passwords=self.passwords,
                           tokens=self.tokens, chain=self.chain, audit=self.audit, clock=reactor,
                           config=lambda: self.config, on_revoke=self.connections.revoke_token,
@@ -230,6 +237,34 @@ class GatewayParts:
             return None
         return IpcListener(self.sessions, paths.curve, ipc.endpoint, ipc.fallback, ipc.curve,
                            self.reactor)
+
+    def _pairing_service(self) -> PairingService:
+        pool = self.materials.cpu_pool
+        reactor = self.reactor
+
+        def run_cpu(fn: Any, *args: Any) -> Deferred[Any]:
+            if pool is None:  # in memory: synchronous, as everything there
+                return maybeDeferred(fn, *args)
+            return deferToThreadPool(reactor, pool, fn, *args)
+
+        def listen(factory: Any) -> Deferred[Any]:
+            cfg = self.config.pairing
+            d: Deferred[Any] = tcp_endpoint(reactor, cfg.host, cfg.port).listen(factory)
+            return d
+
+        identity = self.materials.server_identity
+        return PairingService(reactor, lambda: self.config.pairing, self.pairing_windows,
+                              self.devices, self.audit, self.materials.device_ca,
+                              identity[0] if identity is not None else None, listen, run_cpu,
+                              tls_address=lambda: self.listener_addresses.get("tls"),
+                              baseline=self.registry_watcher.check)
+
+    def mdns(self) -> MdnsAdvertiser | None:
+        """The mDNS advertiser, when ``[mdns]`` and the listeners' hosts ask for one."""
+        if not should_advertise(self.config):
+            return None
+        return MdnsAdvertiser(self.reactor, self.config, self.pairing,
+                              lambda: self.listener_addresses)
 
     def _blocked(self, client: str, tier: str, seconds: float) -> None:
         d = self.audit.append("client_blocked", client, {"tier": tier, "seconds": seconds})
@@ -386,6 +421,7 @@ def build_tree(
     add(CallbackService("connections", None, parts.connections.stop))
     listeners = add(ListenerGroup(parts.listeners(), parts.inflight, reactor,
                                   lambda: parts.config.gateway.shutdown_grace))
+    add(parts.pairing)
     jobs = MultiService()
     jobs.setName("jobs")
     add(jobs)
@@ -395,6 +431,7 @@ def build_tree(
     def ready() -> Deferred[None]:
         ports = listeners.addresses()
         parts.http_addresses = {k: v for k, v in ports.items() if k == "http"}
+        parts.listener_addresses = dict(ports)
         if isinstance(bus, BusClient):
             ports["bus"] = {"pub": bus.pub_endpoint, "sub": bus.sub_endpoint}
         d: Deferred[None]
@@ -406,6 +443,9 @@ def build_tree(
         return d.addCallback(lambda _: _announce(ports, parts))
 
     add(CallbackService("ports-file", ready))
+    advertiser = parts.mdns()
+    if advertiser is not None:
+        add(advertiser)
     return root
 
 

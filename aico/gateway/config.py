@@ -62,6 +62,39 @@ def _listener(port: int, enabled: bool = True, host: str = "127.0.0.1") -> Any:
 
 
 @dataclass(frozen=True)
+class PairingSection:
+    """``[pairing]``: the listener that is open only while a pairing window is."""
+
+    host: str = "127.0.0.1"
+    port: int = 8776
+    #: ``false``: the gateway never opens the listener (no device can pair).
+    enabled: bool = True
+    allow_remote: bool = False
+    #: Minutes a window stays open (``aico-gateway pair --minutes`` overrides it).
+    window_minutes: float = _reloadable(5.0)
+    #: Failed attempts (wrong code, or a peer that went silent after the PAKE) that close
+    #: a window.
+    max_failures: int = _reloadable(3)
+    #: Seconds one attempt may take from connect to certificate.
+    attempt_timeout: float = _reloadable(30.0)
+    #: Pairing connections at once (each costs ~30 ms of CPU for SPAKE2).
+    max_connections: int = _reloadable(4)
+
+
+@dataclass(frozen=True)
+class MdnsSection:
+    """``[mdns]``: advertising the gateway on the LAN as ``_aico-gateway._tcp``."""
+
+    #: ``"auto"``: advertise when the ``tls`` or ``pairing`` listener is on a non-loopback
+    #: host; ``"on"``: always (tests use it on loopback); ``"off"``: never.
+    advertise: Literal["auto", "on", "off"] = "auto"
+    #: Interface addresses to advertise on (``[]``: every interface).
+    interfaces: tuple[str, ...] = ()
+    #: The gateway's name in the advertisement (``""``: the host name).
+    name: str = ""
+
+
+@dataclass(frozen=True)
 class IpcSection:
     #: ``ipc://`` endpoint; ``"default"`` is ``ipc://STATE_DIR/gateway.ipc``, ``""`` turns it off.
     endpoint: str = "default"
@@ -226,7 +259,8 @@ class Config:
     http: ListenerSection = _listener(8771)
     tls: ListenerSection = _listener(8772)
     admin: ListenerSection = _listener(8773)
-    pairing: ListenerSection = _listener(8776, enabled=False)
+    pairing: PairingSection = field(default_factory=PairingSection)
+    mdns: MdnsSection = field(default_factory=MdnsSection)
     ipc: IpcSection = field(default_factory=IpcSection)
     bus: BusSection = field(default_factory=BusSection)
     modules: ModulesSection = field(default_factory=ModulesSection)
@@ -399,6 +433,9 @@ def _check(c: Config) -> None:
         for i, cap in enumerate(caps):
             if not cap or any(ch.isspace() for ch in cap):
                 raise ConfigError(f"roles.{role}[{i}]", f"not a capability: {cap!r}", src)
+    for key in ("window_minutes", "max_failures", "attempt_timeout", "max_connections"):
+        if getattr(c.pairing, key) <= 0:
+            raise ConfigError(f"pairing.{key}", "must be greater than 0", src)
     if c.auth.lockout_threshold < 1:
         raise ConfigError("auth.lockout_threshold", "must be at least 1", src)
     if c.auth.leeway < 0:
