@@ -270,6 +270,12 @@ class DetachedClientTests(TestCase):
             error = await self.refused(self.certs(server), server.url, order)
             self.assertRegex(error.lower(), "version|protocol")
 
+    async def test_a_url_that_is_not_https_host_port_is_refused(self) -> None:
+        certs = self.certs(self.serve())
+        for url in ("http://127.0.0.1:8772", "https://127.0.0.1", "https://127.0.0.1:8772/other"):
+            with self.assertRaises(ValueError):
+                await connect(reactor, cert_dir=certs, url=url)
+
     async def test_the_device_key_is_read_through_one_function(self) -> None:
         server = self.serve()
         certs = self.certs(server)
