@@ -72,7 +72,7 @@ class TokenStore:
 
     @classmethod
     def for_cert_dir(cls, cert_dir: str | Path) -> TokenStore:
-        return cls(Path(cert_dir) / "tokens.json")
+        return cls(Path(cert_dir).expanduser() / "tokens.json")
 
     @classmethod
     def for_state_dir(cls, state_dir: str | Path, client_dir: str | Path | None = None) -> TokenStore:

@@ -80,7 +80,7 @@ def load_device_key(cert_dir: str | Path) -> DevicePrivateKey:
     change here only. Today: an unencrypted PEM (PKCS#8 or traditional), EC P-256 or
     Ed25519.
     """
-    path = Path(cert_dir) / "device.key"
+    path = Path(cert_dir).expanduser() / "device.key"
     try:
         key = serialization.load_pem_private_key(path.read_bytes(), password=None)
     except (OSError, ValueError, TypeError) as e:
@@ -115,7 +115,7 @@ class PairedGateway:
 
     @classmethod
     def load(cls, cert_dir: str | Path) -> PairedGateway:
-        root = Path(cert_dir)
+        root = Path(cert_dir).expanduser()
         try:
             info = json.loads((root / "gateway.json").read_text())
         except (OSError, ValueError) as e:
