@@ -15,6 +15,7 @@ import io
 import json
 import secrets
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
@@ -269,6 +270,23 @@ class DetachedClientTests(TestCase):
         for order in (("https",), ("wss",)):
             error = await self.refused(self.certs(server), server.url, order)
             self.assertRegex(error.lower(), "version|protocol")
+
+    async def test_a_gateway_that_refuses_the_device_certificate_is_an_error_not_a_hang(self) -> None:
+        # TLS 1.3: the server's refusal of our certificate arrives after the handshake.
+        server = DetachedServer(self, self.rt, DeviceCA.create(), server_ca=self.ca)
+        certs = self.certs(server)
+        for order in (("https",), ("wss",)):
+            await self.refused(certs, server.url, order)
+
+    async def test_no_deprecated_pyopenssl_call_on_the_client_side(self) -> None:
+        server = self.serve()
+        certs = self.certs(server)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", DeprecationWarning)
+            client = await self.connect(certs, server.url, order=("https",))
+            self.assertEqual((await client.request("GET", "/peer")).status, 200)
+            client = await self.connect(certs, server.url, order=("wss",))
+            self.assertEqual((await client.request("GET", "/api/v1/ping")).status, 200)
 
     async def test_a_url_that_is_not_https_host_port_is_refused(self) -> None:
         certs = self.certs(self.serve())
