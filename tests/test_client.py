@@ -138,3 +138,21 @@ class ClientTests(TestCase):
         self.assertEqual(info.endpoints[0].address, self.rt.ipc.endpoints["endpoint"]
                          if self.rt.ipc else "")
         self.assertTrue(info.endpoints[1].curve_server_key)
+
+
+class ClientCommandLineTests(TestCase):
+    def test_request_and_login_need_exactly_one_of_state_dir_and_cert_dir(self) -> None:
+        for command in (["request", "GET", "/api/v1/health"], ["login", "--username", "a"]):
+            for where in ([], ["--state-dir", "s", "--cert-dir", "c"]):
+                with self.assertRaises(SystemExit):
+                    parser().parse_args([*command, *where])
+            coupled = parser().parse_args([*command, "--state-dir", "s"])
+            detached = parser().parse_args([*command, "--cert-dir", "c", "--url", "https://h:8772"])
+            self.assertEqual((coupled.state_dir, coupled.cert_dir), ("s", None))
+            self.assertEqual((detached.cert_dir, detached.url), ("c", "https://h:8772"))
+
+    async def test_a_missing_cert_dir_is_a_clear_error(self) -> None:
+        out, err = io.StringIO(), io.StringIO()
+        args = parser().parse_args(["request", "GET", "/x", "--token", "t", "--cert-dir", "/nonexistent"])
+        self.assertEqual(await run_request(reactor, args, out, err), 2)
+        self.assertIn("gateway.json", err.getvalue())

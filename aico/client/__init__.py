@@ -2,7 +2,10 @@
 
 ``connect()`` finds the best transport to a local gateway (ZeroMQ IPC, its TCP
 fallback, then WebSocket) and returns a :class:`Client` whose ``request()`` and
-``subscribe()`` behave the same on each. It shares only ``aico.proto`` with the server.
+``subscribe()`` behave the same on each. With ``cert_dir=`` (a paired certificate
+directory) it connects in detached mode: WSS, then HTTPS, mutual TLS 1.3 with the
+gateway's certificate pinned (:mod:`aico.client.tls`). It shares only ``aico.proto``
+with the server.
 
 ```python
 client = await connect(reactor, state_dir="./var", token=access_token)

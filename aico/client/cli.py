@@ -1,9 +1,16 @@
 """``aico-client``: a command line on top of :mod:`aico.client` (docs/protocols.md §4).
 
 ``aico-client request METHOD PATH [--body JSON] [--token T] --state-dir DIR`` connects
-to the gateway of DIR the way ``connect()`` does (IPC first, then WebSocket), prints the
-response body on stdout and the status (and transport) on stderr; the exit status is 0
-for a 2xx/3xx answer, 1 for an error answer, 2 when no transport could be reached.
+to the gateway of DIR the way ``connect()`` does (IPC first, then WebSocket); with
+``--cert-dir DIR [--url https://HOST:PORT]`` instead it connects in detached mode (HTTPS,
+then WSS, mutual TLS with the paired certificate). It prints the response body on stdout
+and the status (and transport) on stderr; the exit status is 0 for a 2xx/3xx answer, 1
+for an error answer, 2 when no transport could be reached.
+
+``aico-client login`` (same ``--state-dir`` or ``--cert-dir``/``--url``) asks for the
+password (``getpass``, or ``--password-file``), logs in and keeps the token pair in the
+client's state (:mod:`aico.client.state`); ``request`` without ``--token`` uses it and
+refreshes it when it has expired. Tokens are never printed.
 
 ``aico-client pair [--host H --port P] --code CODE --name NAME --out DIR`` pairs this
 device (``docs/devices.md``): without ``--host`` it finds a gateway with an open pairing
@@ -14,13 +21,17 @@ gateway found or reachable.
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, TextIO
 
-from aico.client.connect import connect
-from aico.client.transports import ClientError
+from aico.client.connect import Client, connect
+from aico.client.state import StoredTokens, TokenStore
+from aico.client.tls import CertDirError
+from aico.client.transports import ClientError, ClientResponse
 
 
 def parser() -> argparse.ArgumentParser:
@@ -30,13 +41,78 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("method")
     r.add_argument("path")
     r.add_argument("--body", help="JSON request body")
-    r.add_argument("--token", default="", help="bearer access token")
-    r.add_argument("--state-dir", required=True, help="the gateway's state directory (coupled mode)")
+    r.add_argument("--token", default="",
+                   help="bearer access token (default: the one stored by aico-client login)")
+    _gateway_arguments(r)
     r.add_argument("--timeout", type=float, default=10.0)
-    r.add_argument("--transport", choices=["ipc", "ipc-tcp", "websocket"], action="append",
-                   help="only try these transports (repeatable)")
+    r.add_argument("--transport", choices=["ipc", "ipc-tcp", "websocket", "https", "wss"],
+                   action="append", help="only try these transports (repeatable)")
+    li = sub.add_parser("login", help="log in and keep the tokens for later requests")
+    li.add_argument("--username", help="account name (asked when not given)")
+    li.add_argument("--password-file", help="read the password from this file (first line)")
+    _gateway_arguments(li)
+    li.add_argument("--timeout", type=float, default=10.0)
     _add_pair(sub)
     return p
+
+
+def _gateway_arguments(p: argparse.ArgumentParser) -> None:
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--state-dir", help="the gateway's state directory (coupled mode)")
+    where.add_argument("--cert-dir", help="the certificate directory from aico-client pair (detached mode)")
+    p.add_argument("--url", default="",
+                   help="detached mode: https://HOST:PORT of the tls listener (default: from gateway.json)")
+    p.add_argument("--client-dir",
+                   help="coupled mode: where login keeps tokens (default: the per-user state dir)")
+
+
+def token_store(args: argparse.Namespace) -> TokenStore:
+    """Where ``login`` keeps (and ``request`` finds) the tokens for this gateway."""
+    if args.cert_dir:
+        return TokenStore.for_cert_dir(args.cert_dir)
+    return TokenStore.for_state_dir(args.state_dir, args.client_dir)
+
+
+async def _open(reactor: Any, args: argparse.Namespace, token: str,
+                order: Sequence[str] | None = None) -> Client:
+    if args.cert_dir:
+        return await connect(reactor, cert_dir=args.cert_dir, url=args.url, token=token,
+                             order=order or ("https", "wss"))
+    if args.url:
+        raise ClientError("--url is for detached mode (with --cert-dir)")
+    return await connect(reactor, args.state_dir, token=token,
+                         order=order or ("ipc", "ipc-tcp", "websocket"))
+
+
+async def _call(reactor: Any, args: argparse.Namespace, token: str, method: str, path: str,
+                body: Any, order: Sequence[str] | None = None) -> tuple[ClientResponse, str]:
+    client = await _open(reactor, args, token, order)
+    name = client.transport_name
+    try:
+        response = await client.request(method, path, body, timeout=args.timeout)
+    finally:
+        await client.close()
+    return response, name
+
+
+def _problem_text(response: ClientResponse) -> str:
+    try:
+        problem = response.json() or {}
+    except ValueError:
+        problem = {}
+    return f"{response.status} {problem.get('code', '')}: {problem.get('detail', '')}".rstrip(": ")
+
+
+async def _refresh(reactor: Any, args: argparse.Namespace, store: TokenStore,
+                   tokens: StoredTokens) -> StoredTokens:
+    response, _ = await _call(reactor, args, "", "POST", "/api/v1/users/refresh",
+                              {"refresh_token": tokens.refresh_token})
+    if response.status != 200:
+        raise ClientError(f"the stored login could not be refreshed ({_problem_text(response)}); "
+                          "run aico-client login again")
+    fresh = StoredTokens.from_answer(response.json(), tokens.username, tokens.gateway)
+    store.save(fresh)
+    return fresh
 
 
 def _add_pair(sub: Any) -> None:
@@ -97,6 +173,11 @@ async def run(reactor: Any, argv: Sequence[str], out: TextIO | None = None,
     out, err = out or sys.stdout, err or sys.stderr
     if args.command == "pair":
         return await run_pair(reactor, args, out, err)
+    if args.command == "login":
+        if not (args.username and args.password_file):
+            err.write("aico-client: login here needs --username and --password-file\n")
+            return 2
+        return await run_login(reactor, args, read_password(args), out, err)
     return await run_request(reactor, args, out, err)
 
 
@@ -106,23 +187,58 @@ async def run_request(reactor: Any, args: argparse.Namespace, out: TextIO, err: 
     except ValueError as e:
         err.write(f"aico-client: --body is not JSON: {e}\n")
         return 2
-    order = args.transport or ("ipc", "ipc-tcp", "websocket")
+    token, store, stored = args.token, None, None
     try:
-        client = await connect(reactor, args.state_dir, token=args.token, order=order)
-    except ClientError as e:
+        if not token:
+            store = token_store(args)
+            stored = store.load()
+            if stored is not None and stored.expired():
+                stored = await _refresh(reactor, args, store, stored)
+            token = stored.access_token if stored is not None else ""
+        response, name = await _call(reactor, args, token, args.method, args.path, body, args.transport)
+        if (store is not None and stored is not None and response.status == 401
+                and (response.json() or {}).get("code") == "token_expired"):
+            stored = await _refresh(reactor, args, store, stored)  # the clocks disagreed
+            response, name = await _call(reactor, args, stored.access_token, args.method, args.path,
+                                         body, args.transport)
+    except (ClientError, CertDirError, ValueError) as e:
         err.write(f"aico-client: {e}\n")
         return 2
-    name = client.transport_name
-    try:
-        response = await client.request(args.method, args.path, body, timeout=args.timeout)
-    except ClientError as e:
-        err.write(f"aico-client: {e}\n")
-        return 2
-    finally:
-        await client.close()
     err.write(f"{response.status} via {name}\n")
     out.write(response.body.decode("utf-8", "replace") + "\n")
     return 0 if response.status < 400 else 1
+
+
+def read_password(args: argparse.Namespace) -> str:
+    """The password for ``login``: ``--password-file`` (first line), else asked with getpass.
+
+    Called before the reactor runs (getpass blocks)."""
+    if args.password_file:
+        lines = Path(args.password_file).read_text().splitlines()
+        return lines[0] if lines else ""
+    return getpass.getpass(f"Password for {args.username}: ")
+
+
+async def run_login(reactor: Any, args: argparse.Namespace, password: str, out: TextIO,
+                    err: TextIO) -> int:
+    """Log in and keep the token pair; the tokens are never written to *out* or *err*."""
+    gateway = args.url or (f"cert-dir {args.cert_dir}" if args.cert_dir else str(args.state_dir))
+    try:
+        store = token_store(args)
+        response, name = await _call(reactor, args, "", "POST", "/api/v1/users/authenticate",
+                                     {"username": args.username, "password": password})
+    except (ClientError, CertDirError, ValueError) as e:
+        err.write(f"aico-client: {e}\n")
+        return 2
+    if response.status != 200:
+        err.write(f"aico-client: login refused: {_problem_text(response)}\n")
+        return 1
+    tokens = StoredTokens.from_answer(response.json(), args.username, gateway)
+    store.save(tokens)
+    lifetime = int(response.json().get("expires_in") or 0)
+    err.write(f"logged in as {args.username} via {name}; tokens kept in {store.path} "
+              f"(access token valid {lifetime} s, refreshed when needed)\n")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -130,10 +246,20 @@ def main(argv: Sequence[str] | None = None) -> None:
     from twisted.internet.defer import Deferred
     from twisted.internet.task import react
 
+    password = ""
+    if args.command == "login":
+        if not args.username:
+            args.username = input("Username: ").strip()
+        password = read_password(args)
+
     def run(reactor: Any) -> Deferred[None]:
         async def go() -> None:
-            run_command = run_pair if args.command == "pair" else run_request
-            code = await run_command(reactor, args, sys.stdout, sys.stderr)
+            if args.command == "login":
+                code = await run_login(reactor, args, password, sys.stdout, sys.stderr)
+            elif args.command == "pair":
+                code = await run_pair(reactor, args, sys.stdout, sys.stderr)
+            else:
+                code = await run_request(reactor, args, sys.stdout, sys.stderr)
             if code:
                 raise SystemExit(code)
 

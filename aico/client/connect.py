@@ -5,6 +5,13 @@ exists, then the ZeroMQ TCP fallback, then the WebSocket on the http listener. E
 candidate is probed with a ``HEARTBEAT`` (a client that cannot reach it, or holds the
 wrong server key, hears nothing, so the probe times out and the next one is tried).
 
+Detached mode (a gateway elsewhere, reached through its ``tls`` listener): give
+``connect()`` the certificate directory written by pairing (``cert_dir=``) and optionally
+the ``url`` (``https://host:port``, by default the host and ``tls_port`` of
+``gateway.json``). It then dials WSS first (requests and events), then HTTPS (treq;
+requests only), both with mutual TLS 1.3, our CA only, the pinned server certificate and
+a host-name check (:mod:`aico.client.tls`).
+
 The :class:`Client` offers the same ``request()`` and ``subscribe()`` on every transport.
 It heartbeats every ``heartbeat_interval`` seconds (which also keeps a WebSocket within
 the gateway's idle timeout and re-subscribes whatever the gateway forgot); when the
@@ -21,22 +28,27 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 
+from aico.client.tls import PairedGateway, PinnedPolicy
 from aico.client.transports import (
     ClientError,
     ClientResponse,
+    HttpsTransport,
     IpcTransport,
     TransportUnavailable,
     WebSocketTransport,
     load_server_key,
 )
 
-Transport = IpcTransport | WebSocketTransport
+Transport = IpcTransport | WebSocketTransport | HttpsTransport
 DEFAULT_ORDER = ("ipc", "ipc-tcp", "websocket")
+#: Detached mode: a WebSocket over TLS first (events), then plain HTTPS requests.
+DETACHED_ORDER = ("wss", "https")
 
 
 @dataclass(frozen=True)
@@ -286,23 +298,75 @@ async def _dial(reactor: Any, endpoints: Endpoints, token: str, order: Sequence[
     raise TransportUnavailable("no transport to the gateway: " + ("; ".join(tried) or "none configured"))
 
 
+async def _dial_detached(reactor: Any, paired: PairedGateway, url: str, token: str,
+                         order: Sequence[str], connect_timeout: float) -> Transport:
+    tried: list[str] = []
+    host = urlsplit(url).hostname or ""
+    for name in order:
+        if name == "wss":
+            ws = WebSocketTransport(reactor, "wss" + url[len("https"):] + "/ws", token,
+                                    connect_timeout=connect_timeout,
+                                    tls=paired.creator(host))
+            try:
+                return await ws.connect()
+            except (TransportUnavailable, ClientError) as e:
+                tried.append(str(e))
+                await ws.close()
+        elif name == "https":
+            # No probe: the TLS handshake (and a refusal of it) happens on the first request.
+            return HttpsTransport(reactor, url, PinnedPolicy(paired), token)
+    raise TransportUnavailable("no transport to the gateway: " + ("; ".join(tried) or "none configured"))
+
+
+def _https_base(url: str) -> str:
+    parts = urlsplit(url.rstrip("/"))
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    if parts.scheme != "https" or not parts.hostname or port is None or parts.path not in ("", "/api/v1"):
+        raise ValueError(f"a detached gateway URL looks like https://host:port, not {url!r}")
+    return f"https://{parts.netloc}"
+
+
 def connect(reactor: Any = None, state_dir: str | Path | None = None, *,
             endpoints: Endpoints | None = None, token: str = "",
-            order: Sequence[str] = DEFAULT_ORDER, probe_timeout: float = 1.0,
+            order: Sequence[str] | None = None, probe_timeout: float = 1.0,
+            url: str = "", cert_dir: str | Path | None = None,
             **client_options: Any) -> Deferred[Client]:
-    """Connect to the gateway of *state_dir* (or at *endpoints*): IPC first, then WebSocket."""
+    """Connect to the gateway of *state_dir* (or at *endpoints*): IPC first, then WebSocket.
+
+    With *cert_dir* (a paired certificate directory), connect in detached mode to *url*
+    (``https://host:port``; by default from ``gateway.json``): WSS, then HTTPS.
+    """
     if reactor is None:
         from twisted.internet import reactor as global_reactor
 
         reactor = global_reactor
+    if cert_dir is not None:
+        paired = PairedGateway.load(cert_dir)
+        base = _https_base(url or paired.url)
+        detached_order = order or DETACHED_ORDER
+        timeout = max(probe_timeout, 5.0)
+
+        def dial_detached() -> Deferred[Transport]:
+            return Deferred.fromCoroutine(
+                _dial_detached(reactor, paired, base, token, detached_order, timeout))
+
+        def made_detached(transport: Transport) -> Client:
+            return Client(reactor, transport, dial_detached, token, **client_options)
+
+        return dial_detached().addCallback(made_detached)
+    if order is None:
+        order = DEFAULT_ORDER
     if endpoints is None:
         if state_dir is None:
             raise ValueError("connect() needs a state_dir or endpoints")
         endpoints = Endpoints.from_state_dir(state_dir)
-    found = endpoints
+    found, coupled_order = endpoints, order
 
     def dial() -> Deferred[Transport]:
-        return Deferred.fromCoroutine(_dial(reactor, found, token, order, probe_timeout))
+        return Deferred.fromCoroutine(_dial(reactor, found, token, coupled_order, probe_timeout))
 
     def made(transport: Transport) -> Client:
         return Client(reactor, transport, dial, token, **client_options)

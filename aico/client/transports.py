@@ -1,4 +1,5 @@
-"""The transports of ``aico.client``: ZeroMQ IPC (DEALER) and WebSocket (Autobahn).
+"""The transports of ``aico.client``: ZeroMQ IPC (DEALER), WebSocket (Autobahn; WSS with
+mutual TLS in detached mode) and HTTPS (treq, detached mode, requests only).
 
 Both speak the gateway's wire contract (docs/protocols.md) and offer the same small
 surface to :class:`aico.client.connect.Client`: ``request``, ``subscribe``,
@@ -21,10 +22,13 @@ import zmq
 import zmq.auth
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from google.protobuf.message import DecodeError
-from twisted.internet.defer import Deferred, succeed
-from twisted.internet.interfaces import IDelayedCall
+from treq import content as read_body
+from treq.client import HTTPClient
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.interfaces import IDelayedCall, IOpenSSLClientConnectionCreator
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web.client import Agent, HTTPConnectionPool
 
 from aico.proto import AicoMessage, ApiEvent, ApiRequest, ApiResponse, EnvelopeError, unpack, wrap
 from aico.zmqreactor import SocketReader
@@ -249,10 +253,15 @@ class WebSocketTransport(_Base):
     name = "websocket"
     log = Logger()
 
-    def __init__(self, reactor: Any, url: str, token: str = "", *, connect_timeout: float = 5.0) -> None:
+    def __init__(self, reactor: Any, url: str, token: str = "", *, connect_timeout: float = 5.0,
+                 tls: IOpenSSLClientConnectionCreator | None = None) -> None:
         super().__init__()
         self.reactor = reactor
         self.url = url
+        #: Client TLS for ``wss://`` (detached mode: :class:`aico.client.tls.PinnedClientTLS`).
+        self.tls = tls
+        if tls is not None:
+            self.name = "wss"
         self.token = token
         self.connect_timeout = connect_timeout
         self.proto: _WsProtocol | None = None
@@ -276,8 +285,12 @@ class WebSocketTransport(_Base):
         factory.protocol = Proto
         hostport = self.url.split("//", 1)[1].split("/", 1)[0]
         host, _, port = hostport.rpartition(":")
-        self._connector = self.reactor.connectTCP(host.strip("[]"), int(port), factory,
-                                                  timeout=self.connect_timeout)
+        if self.tls is not None:
+            self._connector = self.reactor.connectSSL(host.strip("[]"), int(port), factory, self.tls,
+                                                      timeout=self.connect_timeout)
+        else:
+            self._connector = self.reactor.connectTCP(host.strip("[]"), int(port), factory,
+                                                      timeout=self.connect_timeout)
         def failed(connector: Any, reason: Failure) -> None:
             self._fail_ready(reason.value or ConnectionError("connection failed"))
 
@@ -288,6 +301,9 @@ class WebSocketTransport(_Base):
         return self._ready
 
     def _fail_ready(self, error: BaseException) -> None:
+        refused = getattr(self.tls, "last_error", None)  # our pin or name check said no
+        if refused is not None:
+            error = refused
         if not self._ready.called:
             self._ready.errback(TransportUnavailable(f"{self.url}: {error}"))
             self._connector.disconnect()
@@ -414,3 +430,84 @@ class WebSocketTransport(_Base):
         if self.proto is None and hasattr(self, "_connector"):
             self._connector.disconnect()
         return succeed(None)
+
+
+# --------------------------------------------------------------------------- HTTPS
+
+
+def _tls_reason(failure: Failure, policy: Any) -> str:
+    """The most telling reason of a failed HTTPS exchange (our pin/name refusal first)."""
+    creator = getattr(policy, "last", None)
+    error = getattr(creator, "last_error", None)
+    if error is not None:
+        return str(error)
+    value = failure.value
+    reasons = getattr(value, "reasons", None)  # ResponseNeverReceived, RequestTransmissionFailed
+    if reasons:
+        return "; ".join(str(r.value) or r.type.__name__ for r in reasons)
+    return str(value) or type(value).__name__
+
+
+class HttpsTransport(_Base):
+    """REST over HTTPS with treq (detached mode): ``request()`` only.
+
+    Events need a socket: :meth:`subscribe` is refused (``connect()`` prefers ``wss``).
+    Each request carries ``Authorization: Bearer`` when a token was given.
+    """
+
+    name = "https"
+    log = Logger()
+
+    def __init__(self, reactor: Any, base_url: str, policy: Any, token: str = "") -> None:
+        super().__init__()
+        self.reactor = reactor
+        self.base_url = base_url.rstrip("/")
+        self.token = token
+        self.policy = policy
+        self._pool = HTTPConnectionPool(reactor, persistent=True)
+        self._pool.retryAutomatically = False
+        self._http = HTTPClient(Agent(reactor, contextFactory=policy, pool=self._pool))
+        self._closed = False
+
+    async def _request(self, method: str, path: str, body: bytes, headers: Mapping[str, str],
+                       query: Mapping[str, str] | None, timeout: float) -> ClientResponse:
+        if self._closed:
+            raise ClientError("the HTTPS transport is closed")
+        hdrs = {k.lower(): v for k, v in headers.items()}
+        if self.token:
+            hdrs.setdefault("authorization", f"Bearer {self.token}")
+        if body:
+            hdrs.setdefault("content-type", "application/json")
+        sent: dict[bytes | str, bytes | str] = {k: v for k, v in hdrs.items()}
+        try:
+            response = await self._http.request(
+                method, self.base_url + path, data=body or None,
+                headers=sent, params=dict(query or {}),
+                timeout=timeout)
+            raw = await read_body(response)
+        except Exception as e:  # treq reports TLS refusals, resets and timeouts alike
+            raise TransportUnavailable(f"{self.base_url}: {_tls_reason(Failure(e), self.policy)}") from e
+        out = {name.decode("latin-1").lower(): b", ".join(values).decode("latin-1")
+               for name, values in response.headers.getAllRawHeaders()}
+        return ClientResponse(int(response.code), raw, out)
+
+    def request(self, method: str, path: str, body: bytes = b"", headers: Mapping[str, str] | None = None,
+                query: Mapping[str, str] | None = None, timeout: float = 10.0,
+                oneway: bool = False) -> Deferred[ClientResponse]:
+        return Deferred.fromCoroutine(self._request(method, path, body, headers or {}, query, timeout))
+
+    def subscribe(self, topic: str, token: str, timeout: float = 10.0) -> Deferred[Any]:
+        return fail(ClientError("events need a WebSocket: connect over wss to subscribe"))
+
+    def unsubscribe(self, topic: str, timeout: float = 10.0) -> Deferred[Any]:
+        return succeed(None)
+
+    def heartbeat(self, timeout: float = 5.0) -> Deferred[Any]:
+        """Any HTTP answer to ``GET /api/v1/health`` means the gateway is there."""
+        d = self.request("GET", "/api/v1/health", timeout=timeout)
+        return d.addCallback(lambda r: {"type": "heartbeat_ack", "status": r.status})
+
+    def close(self) -> Deferred[None]:
+        self._closed = True
+        done: Deferred[None] = self._pool.closeCachedConnections()
+        return done
