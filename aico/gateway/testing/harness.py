@@ -14,6 +14,8 @@ from twisted.trial.unittest import TestCase
 from aico.gateway import config as configuration
 from aico.gateway.composition import GatewayParts, compose
 from aico.gateway.service import GatewayService
+from aico.gateway.state import bootstrap
+from aico.keystore import TEST_KDF
 
 #: Every listener on a free port (TOML), so gateways run side by side.
 FREE_LISTENERS = """
@@ -93,7 +95,12 @@ class RunningGateway:
 
 def start_gateway(test: TestCase, extra: str = "", state_dir: Path | None = None,
                   reactor: Any = None) -> Deferred[RunningGateway]:
-    """Start a gateway configured by ``FREE_PORTS`` + *extra*; stopped in the test's cleanup."""
+    """Start a gateway configured by ``FREE_PORTS`` + *extra*; stopped in the test's cleanup.
+
+    A fresh state directory is bootstrapped first with the test KDF parameters
+    (:data:`aico.keystore.TEST_KDF`), so opening its keystore costs nothing; production
+    starts make theirs with the strong ones.
+    """
     if reactor is None:
         from twisted.internet import reactor as global_reactor
 
@@ -101,6 +108,8 @@ def start_gateway(test: TestCase, extra: str = "", state_dir: Path | None = None
     config = configuration.from_mapping(merge(tomllib.loads(FREE_PORTS), tomllib.loads(extra)),
                                         "<test>")
     root = state_dir or Path(test.mktemp())
+    if not (root / "keystore.json").exists():
+        bootstrap(root, config.modules.builtin, kdf=TEST_KDF)
     service = compose(config, root, reactor)
     service.on_fatal = None  # a test's gateway that fails to start fails the test, not trial
     service.privilegedStartService()
