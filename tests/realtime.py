@@ -27,6 +27,7 @@ from twisted.trial.unittest import TestCase
 from aico.bus.broker import EmbeddedBroker
 from aico.bus.client import BusClient, BusReactor, CurveClientKeys
 from aico.bus.curve import CurveLayout, create_keypair, ensure_client, load_public
+from aico.keystore import Keystore
 from aico.gateway.adapters.ipc import IpcListener
 from aico.gateway.adapters.rest import GatewaySite, RestAdapter
 from aico.gateway.adapters.session import SessionServices
@@ -175,9 +176,10 @@ class Realtime:
         self.settings = WebSocketSection()
         self.root = Path(tempfile.mkdtemp(prefix="aico-rt-"))
         case.addCleanup(shutil.rmtree, self.root, True)
-        self.layout = CurveLayout(self.root)
+        self.keystore = Keystore.ephemeral()
+        self.layout = CurveLayout(self.root, self.keystore)
         for name in ("broker", "gateway"):
-            create_keypair(self.layout.root, name)
+            create_keypair(self.layout.root, name, self.keystore)
         self.tokens = Tokens()
         self.with_bus = bus
         self.bus: BusClient | None = None

@@ -39,6 +39,11 @@ class CurveLayout:
     keystore: Keystore | None = field(default=None, compare=False, repr=False)
 
     @property
+    def sealer(self) -> Keystore:
+        """The keystore; ValueError if this layout has none."""
+        return _require(self.keystore)
+
+    @property
     def root(self) -> Path:
         return self.state_dir / "curve"
 

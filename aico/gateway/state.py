@@ -459,10 +459,13 @@ def bootstrap(root: Path, builtin_modules: Sequence[str] = (), *, kdf: KdfParams
     if _prepare_root(root):
         created.append("state_dir")
     with _locked(paths.bootstrap_lock):
+        made_keystore = not paths.keystore_file.exists()
         try:
             paths = StatePaths(root, _open_keystore(paths, kdf, env))
         except ValueError as e:  # KeystoreError: one line naming the file or the source
             raise StateDirError(str(e)) from e
+        if made_keystore:
+            created.append("keystore")
         created += _migrate_plain_keys(paths)
         ca, made = _ensure_ca(paths)
         if made:
