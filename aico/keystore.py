@@ -50,6 +50,7 @@ import base64
 import binascii
 import json
 import os
+import re
 import secrets
 import stat
 import threading
@@ -60,6 +61,7 @@ from typing import Any, TypeVar
 
 from argon2.low_level import Type, hash_secret_raw
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from twisted.logger import Logger
 
@@ -278,12 +280,19 @@ def is_sealed(data: bytes) -> bool:
     return data.lstrip().startswith(BEGIN.encode("ascii"))
 
 
+_ZMQ_SECRET = re.compile(rb'^\s*secret-key\s*=\s*"[^"]{40}"\s*$', re.MULTILINE)
+
+
 def _is_legacy_plain(data: bytes) -> bool:
-    """A plain PEM private key, or a plain ZeroMQ certificate with a secret key."""
-    text = data.lstrip()
-    return (text.startswith(b"-----BEGIN ") and b"PRIVATE KEY-----" in text[:64]) or (
-        b"secret-key" in data and b"curve" in data
-    )
+    """A readable plain PEM private key, or a plain ZeroMQ certificate with a secret key
+    (what a directory from before keys were sealed holds); a damaged file is neither."""
+    if data.lstrip().startswith(b"-----BEGIN ") and b"PRIVATE KEY-----" in data:
+        try:
+            serialization.load_pem_private_key(data, password=None)
+        except (ValueError, TypeError):
+            return False
+        return True
+    return _ZMQ_SECRET.search(data) is not None
 
 
 class Keystore:

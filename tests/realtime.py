@@ -27,7 +27,6 @@ from twisted.trial.unittest import TestCase
 from aico.bus.broker import EmbeddedBroker
 from aico.bus.client import BusClient, BusReactor, CurveClientKeys
 from aico.bus.curve import CurveLayout, create_keypair, ensure_client, load_public
-from aico.keystore import Keystore
 from aico.gateway.adapters.ipc import IpcListener
 from aico.gateway.adapters.rest import GatewaySite, RestAdapter
 from aico.gateway.adapters.session import SessionServices
@@ -47,6 +46,7 @@ from aico.gateway.routing.messages import Principal, Request, Response, StreamBo
 from aico.gateway.routing.table import RouteEntry, RouteTable
 from aico.gateway.security import validate
 from aico.gateway.security.topics import may_subscribe
+from aico.keystore import Keystore
 from aico.proto import ApiEvent, wrap
 
 reactor = cast(Any, _reactor)

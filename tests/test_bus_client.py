@@ -18,10 +18,10 @@ from aico.bus import client as client_module
 from aico.bus.broker import EmbeddedBroker
 from aico.bus.client import BusClient, BusReactor, CurveClientKeys, Integration
 from aico.bus.curve import CurveLayout, create_keypair, ensure_client, load_pair, load_public
-from aico.keystore import Keystore
 from aico.bus.errors import BusError, BusStopped, BusTimeout
 from aico.bus.interfaces import ATTR_CORRELATION_ID, ATTR_REPLY_TO, ATTR_STREAM, IMessageBus
 from aico.gateway.testing.waiting import eventually, sleep
+from aico.keystore import Keystore
 from aico.proto import AicoMessage, ApiEvent, ApiRequest, ApiResponse, unpack, wrap
 
 reactor = cast(Any, _reactor)
@@ -34,10 +34,11 @@ async def wait_for(predicate: Callable[[], bool], timeout: float = 3.0) -> None:
 class BusHarness:
     """A broker in the test's temp dir, and admitted clients that are stopped on cleanup."""
 
-    def __init__(self, case: TestCase) -> None:
+    def __init__(self, case: TestCase, state_dir: Path | None = None,
+                 keystore: Keystore | None = None) -> None:
         self.case = case
-        self.keystore = Keystore.ephemeral()
-        self.layout = CurveLayout(Path(case.mktemp()), self.keystore)
+        self.keystore = keystore or Keystore.ephemeral()
+        self.layout = CurveLayout(state_dir or Path(case.mktemp()), self.keystore)
         create_keypair(self.layout.root, "broker", self.keystore)
         self.layout.modules_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.broker = EmbeddedBroker(self.layout, "tcp://127.0.0.1:*", "tcp://127.0.0.1:*")

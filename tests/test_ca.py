@@ -13,7 +13,6 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from twisted.trial.unittest import SynchronousTestCase
 
 from aico.gateway.devices import ca as ca_mod
-from aico.keystore import Keystore, KeystoreError
 from aico.gateway.devices.ca import (
     CSRError,
     DeviceCA,
@@ -24,6 +23,7 @@ from aico.gateway.devices.ca import (
     generate_key,
     parse_device_id,
 )
+from aico.keystore import Keystore, KeystoreError
 
 # Syncthing's own test vector (lib/protocol/deviceid_test.go).
 SYNCTHING_RAW = "P56IOI7MZJNU2IQGDREYDM2MGTMGL3BXNPQ6W5BTBBZ4TJXZWICQ"

@@ -18,8 +18,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.verification import PolicyBuilder, Store
 from twisted.trial.unittest import SynchronousTestCase
 
-from aico.gateway import state as state_module
 from aico.bus.curve import load_pair
+from aico.gateway import state as state_module
 from aico.gateway.devices.ca import load_certificate, load_private_key, save_certificate
 from aico.gateway.security.keys import KeyRing, thumbprint
 from aico.gateway.security.passwords import PARAMETERS, hash_password, verify_password

@@ -22,7 +22,6 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
 from aico.gateway.config import AuthSection
-from aico.keystore import Keystore
 from aico.gateway.security.keys import KeyRing, KeyRingError, thumbprint
 from aico.gateway.security.tokens import (
     MAX_TOKEN_BYTES,
@@ -38,6 +37,7 @@ from aico.gateway.security.tokens import (
     TokenService,
 )
 from aico.gateway.store import SyncDatabase
+from aico.keystore import Keystore
 
 T = TypeVar("T")
 START = 1_700_000_000.0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,7 +110,9 @@ def start_gateway(test: TestCase, extra: str = "", state_dir: Path | None = None
                                         "<test>")
     root = state_dir or Path(test.mktemp())
     if not (root / "keystore.json").exists():
-        bootstrap(root, config.modules.builtin, kdf=TEST_KDF)
+        # The master-key file, never the keyring of whoever runs the tests.
+        bootstrap(root, config.modules.builtin, kdf=TEST_KDF,
+                  env={**os.environ, "AICO_NO_KEYRING": "1"})
     service = compose(config, root, reactor)
     service.on_fatal = None  # a test's gateway that fails to start fails the test, not trial
     service.privilegedStartService()
