@@ -46,6 +46,7 @@ from aico.gateway.routing.messages import Principal, Request, Response, StreamBo
 from aico.gateway.routing.table import RouteEntry, RouteTable
 from aico.gateway.security import validate
 from aico.gateway.security.topics import may_subscribe
+from aico.keystore import Keystore
 from aico.proto import ApiEvent, wrap
 
 reactor = cast(Any, _reactor)
@@ -175,9 +176,10 @@ class Realtime:
         self.settings = WebSocketSection()
         self.root = Path(tempfile.mkdtemp(prefix="aico-rt-"))
         case.addCleanup(shutil.rmtree, self.root, True)
-        self.layout = CurveLayout(self.root)
+        self.keystore = Keystore.ephemeral()
+        self.layout = CurveLayout(self.root, self.keystore)
         for name in ("broker", "gateway"):
-            create_keypair(self.layout.root, name)
+            create_keypair(self.layout.root, name, self.keystore)
         self.tokens = Tokens()
         self.with_bus = bus
         self.bus: BusClient | None = None

@@ -16,13 +16,14 @@ from aico.bus.directory import ModuleDirectory
 from aico.bus.errors import BrokerBindError
 from aico.bus.interfaces import TOPIC_REGISTERED
 from aico.bus.zap import ModuleKeyStore
+from aico.keystore import Keystore
 from aico.proto import ModuleRegistration, Route, wrap
 from tests.test_bus_client import BusHarness, event, reactor, sleep, text_of, wait_for
 
 
 def _layout(case: SynchronousTestCase) -> CurveLayout:
-    layout = CurveLayout(Path(case.mktemp()))
-    create_keypair(layout.root, "broker")
+    layout = CurveLayout(Path(case.mktemp()), Keystore.ephemeral())
+    create_keypair(layout.root, "broker", layout.sealer)
     return layout
 
 
@@ -75,7 +76,7 @@ class BrokerLifecycleTests(SynchronousTestCase):
     def test_key_store_rereads_the_directory_when_a_key_is_added(self) -> None:
         layout = _layout(self)
         store = ModuleKeyStore(layout.modules_dir)
-        public_file, _ = create_keypair(layout.state_dir / "elsewhere", "late")
+        public_file, _ = create_keypair(layout.state_dir / "elsewhere", "late", layout.sealer)
         public = public_file.read_text()
         key = next(line.split('"')[1] for line in public.splitlines() if "public-key" in line).encode()
         self.assertIsNone(store.lookup(key))

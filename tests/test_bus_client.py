@@ -21,6 +21,7 @@ from aico.bus.curve import CurveLayout, create_keypair, ensure_client, load_pair
 from aico.bus.errors import BusError, BusStopped, BusTimeout
 from aico.bus.interfaces import ATTR_CORRELATION_ID, ATTR_REPLY_TO, ATTR_STREAM, IMessageBus
 from aico.gateway.testing.waiting import eventually, sleep
+from aico.keystore import Keystore
 from aico.proto import AicoMessage, ApiEvent, ApiRequest, ApiResponse, unpack, wrap
 
 reactor = cast(Any, _reactor)
@@ -33,10 +34,12 @@ async def wait_for(predicate: Callable[[], bool], timeout: float = 3.0) -> None:
 class BusHarness:
     """A broker in the test's temp dir, and admitted clients that are stopped on cleanup."""
 
-    def __init__(self, case: TestCase) -> None:
+    def __init__(self, case: TestCase, state_dir: Path | None = None,
+                 keystore: Keystore | None = None) -> None:
         self.case = case
-        self.layout = CurveLayout(Path(case.mktemp()))
-        create_keypair(self.layout.root, "broker")
+        self.keystore = keystore or Keystore.ephemeral()
+        self.layout = CurveLayout(state_dir or Path(case.mktemp()), self.keystore)
+        create_keypair(self.layout.root, "broker", self.keystore)
         self.layout.modules_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.broker = EmbeddedBroker(self.layout, "tcp://127.0.0.1:*", "tcp://127.0.0.1:*")
         self.broker.start()
@@ -60,8 +63,9 @@ class BusHarness:
 
     def stranger_keys(self, name: str) -> tuple[CurveClientKeys, Path]:
         """Keys the broker does not know (made outside ``modules/``) and their public file."""
-        public_file, secret_file = create_keypair(self.layout.state_dir / "strangers", name)
-        public, secret = load_pair(secret_file)
+        public_file, secret_file = create_keypair(self.layout.state_dir / "strangers", name,
+                                                  self.keystore)
+        public, secret = load_pair(secret_file, self.keystore)
         return (
             CurveClientKeys(public, secret, load_public(self.layout.broker_public)),
             public_file,

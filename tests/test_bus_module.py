@@ -41,6 +41,7 @@ from aico.bus.module import (
 )
 from aico.bus.runner import RunnerError, bus_endpoints
 from aico.bus.testing import MemoryBroker, MemoryBus
+from aico.keystore import TEST_KDF, state_keystore
 from aico.proto import (
     AicoMessage,
     ApiRequest,
@@ -551,7 +552,12 @@ class RunnerTests(TestCase):
         self.assertEqual(bus_endpoints(state, "p", "s"), ("p", "s"))
 
     async def test_module_runs_as_a_process_registers_and_exits_0_on_sigterm(self) -> None:
-        bus = BusHarness(self)
+        # A state directory's own keystore (master-key file): the runner, another process,
+        # finds the master secret as the gateway does and opens its sealed Curve key.
+        state = Path(self.mktemp())
+        state.mkdir(mode=0o700)
+        keystore = state_keystore(state, create=True, kdf=TEST_KDF, env={"AICO_NO_KEYRING": "1"})
+        bus = BusHarness(self, state, keystore)
         ports = {"bus": {"pub": bus.broker.pub_endpoint, "sub": bus.broker.sub_endpoint}}
         (bus.layout.state_dir / "ports.json").write_text(json.dumps(ports))
         gateway = bus.client("gateway")
@@ -560,7 +566,9 @@ class RunnerTests(TestCase):
         await gateway.start()
         self.addCleanup(directory.stop)
         exit = _Exit()
-        env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent))
+        env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parent.parent),
+                   AICO_NO_KEYRING="1")
+        env.pop("AICO_MASTER_PASSWORD", None)
         process = reactor.spawnProcess(
             exit,
             sys.executable,

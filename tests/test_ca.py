@@ -23,6 +23,7 @@ from aico.gateway.devices.ca import (
     generate_key,
     parse_device_id,
 )
+from aico.keystore import Keystore, KeystoreError
 
 # Syncthing's own test vector (lib/protocol/deviceid_test.go).
 SYNCTHING_RAW = "P56IOI7MZJNU2IQGDREYDM2MGTMGL3BXNPQ6W5BTBBZ4TJXZWICQ"
@@ -154,22 +155,57 @@ class DeviceIDTests(SynchronousTestCase):
 
 
 class FileTests(SynchronousTestCase):
-    def test_private_key_written_0600_and_never_overwritten(self) -> None:
+    def test_private_key_written_sealed_0600_and_never_overwritten(self) -> None:
         d = Path(self.mktemp())
         d.mkdir()
+        keystore = Keystore.ephemeral()
         ca = DeviceCA.create()
-        ca.save(d / "ca.pem", d / "ca.key")
+        ca.save(d / "ca.pem", d / "ca.key", keystore)
         self.assertEqual(stat.S_IMODE((d / "ca.key").stat().st_mode), 0o600)
         before = (d / "ca.key").read_bytes()
-        self.assertRaises(FileExistsError, DeviceCA.create().save, d / "ca.pem", d / "ca.key")
+        self.assertTrue(before.startswith(b"-----BEGIN AICO ENCRYPTED KEY-----"))
+        self.assertRaises(ValueError, serialization.load_pem_private_key, before, None)
+        self.assertRaises(FileExistsError, DeviceCA.create().save, d / "ca.pem", d / "ca.key",
+                          keystore)
         self.assertEqual((d / "ca.key").read_bytes(), before)
-        loaded = DeviceCA.load(d / "ca.pem", d / "ca.key")
+        loaded = DeviceCA.load(d / "ca.pem", d / "ca.key", keystore)
         self.assertEqual(loaded.cert, ca.cert)
         self.assertEqual([p.name for p in sorted(d.iterdir())], ["ca.key", "ca.pem"])
 
     def test_load_refuses_mismatched_key(self) -> None:
         d = Path(self.mktemp())
         d.mkdir()
+        keystore = Keystore.ephemeral()
         ca_mod.save_certificate(d / "ca.pem", DeviceCA.create().cert)
-        ca_mod.save_private_key(d / "ca.key", generate_key())
-        self.assertRaises(ValueError, DeviceCA.load, d / "ca.pem", d / "ca.key")
+        ca_mod.save_private_key(d / "ca.key", generate_key(), keystore)
+        self.assertRaises(ValueError, DeviceCA.load, d / "ca.pem", d / "ca.key", keystore)
+
+    def test_key_of_another_role_or_master_secret_is_refused_naming_the_file(self) -> None:
+        d = Path(self.mktemp())
+        d.mkdir()
+        keystore = Keystore.ephemeral()
+        ca = DeviceCA.create()
+        ca.save(d / "ca.pem", d / "ca.key", keystore)
+        (d / "server.key").write_bytes((d / "ca.key").read_bytes())
+        with self.assertRaises(KeystoreError) as swapped:
+            ca_mod.load_private_key(d / "server.key", keystore)
+        self.assertIn(str(d / "server.key"), str(swapped.exception))
+        self.assertIn("swapped", str(swapped.exception))
+        with self.assertRaises(KeystoreError) as wrong:
+            DeviceCA.load(d / "ca.pem", d / "ca.key", Keystore.ephemeral())
+        self.assertIn(str(d / "ca.key"), str(wrong.exception))
+        self.assertIn("wrong master secret", str(wrong.exception))
+
+    def test_a_plain_pem_key_is_sealed_in_place_when_loaded(self) -> None:
+        d = Path(self.mktemp())
+        d.mkdir()
+        key = generate_key()
+        plain = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                  serialization.NoEncryption())
+        (d / "server.key").write_bytes(plain)
+        keystore = Keystore.ephemeral()
+        loaded = ca_mod.load_private_key(d / "server.key", keystore)
+        self.assertEqual(loaded.private_numbers(), key.private_numbers())
+        self.assertTrue((d / "server.key").read_bytes().startswith(b"-----BEGIN AICO ENCRYPTED"))
+        self.assertEqual(ca_mod.load_private_key(d / "server.key", keystore).private_numbers(),
+                         key.private_numbers())

@@ -12,14 +12,15 @@ from twisted.trial.unittest import SynchronousTestCase
 
 import aico
 from aico.gateway.cli import main
-from aico.gateway.state import StatePaths
+from aico.gateway.state import StatePaths, bootstrap
+from aico.keystore import TEST_KDF
 
 REPO = Path(aico.__file__).resolve().parent.parent
 
 
 def _run(*argv: str) -> tuple[int, str, str]:
     out, err = io.StringIO(), io.StringIO()
-    status = main(list(argv), stdout=out, stderr=err, environ={})
+    status = main(list(argv), stdout=out, stderr=err, environ={"AICO_NO_KEYRING": "1"})
     return status, out.getvalue(), err.getvalue()
 
 
@@ -68,7 +69,9 @@ class InitTests(SynchronousTestCase):
         self.assertEqual((status, err), (0, ""))
         paths = StatePaths(self.root)
         password = paths.admin_password.read_text().strip()
-        self.assertIn("created: state_dir, ca, server_cert, jwt_key", out)
+        self.assertIn("created: state_dir, keystore, ca, server_cert, jwt_key", out)
+        self.assertIn(f"master secret from {self.root.absolute() / 'master-key'}", out)
+        self.assertIn("warning: that file lies beside the keys", out)
         self.assertIn(str(paths.admin_password), out)
         self.assertNotIn(password, out)
 
@@ -157,3 +160,57 @@ class SubprocessTests(SynchronousTestCase):
         self.assertIn("nothing to create", second.stdout)
         for r in (first, second):
             self.assertNotIn(password, r.stdout + r.stderr)
+
+
+class KeysAtRestTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        from aico.gateway import state as state_module
+        from aico.gateway.security.passwords import hash_password
+        from aico.gateway.testing.memory import CHEAP_HASHER
+
+        self.patch(state_module, "hash_password", lambda pw: hash_password(pw, CHEAP_HASHER))
+        self.root = Path(self.mktemp()) / "state"
+        bootstrap(self.root, ("health",), kdf=TEST_KDF, env={"AICO_NO_KEYRING": "1"})
+
+    def test_keys_rotate_writes_the_new_key_sealed(self) -> None:
+        status, out, err = _run("keys", "rotate", "--state-dir", str(self.root))
+        self.assertEqual((status, err), (0, ""), out)
+        kid = (self.root / "jwt" / "current").read_text().strip()
+        data = (self.root / "jwt" / f"{kid}.pem").read_bytes()
+        self.assertTrue(data.startswith(b"-----BEGIN AICO ENCRYPTED KEY-----"))
+        self.assertIn(kid, out)
+
+    def test_keys_rotate_with_a_wrong_master_secret_fails_with_one_line(self) -> None:
+        (self.root / "master-key").unlink()
+        out, err = io.StringIO(), io.StringIO()
+        status = main(["keys", "rotate", "--state-dir", str(self.root)], stdout=out, stderr=err,
+                      environ={"AICO_NO_KEYRING": "1", "AICO_MASTER_PASSWORD": "wrong"})
+        self.assertEqual(status, 1)
+        self.assertIn("wrong master secret", err.getvalue())
+        self.assertIn(str(self.root / "keystore.json"), err.getvalue())
+        self.assertEqual(len(err.getvalue().strip().splitlines()), 1)
+
+    def test_keys_master_to_keyring_moves_the_file_into_the_keyring(self) -> None:
+        import keyring
+
+        from tests.test_keystore import FakeKeyring
+
+        fake = FakeKeyring()
+        previous = keyring.get_keyring()
+        keyring.set_keyring(fake)
+        self.addCleanup(keyring.set_keyring, previous)
+        text = (self.root / "master-key").read_text().strip()
+        out, err = io.StringIO(), io.StringIO()
+        status = main(["keys", "master", "--to-keyring", "--state-dir", str(self.root)],
+                      stdout=out, stderr=err, environ={})
+        self.assertEqual((status, err.getvalue()), (0, ""))
+        self.assertIn("moved from", out.getvalue())
+        self.assertNotIn(text, out.getvalue())
+        self.assertFalse((self.root / "master-key").exists())
+        self.assertEqual(fake.entries, {("aico-gateway", str(self.root.absolute())): text})
+
+    def test_keys_master_without_a_usable_keyring_fails_and_keeps_the_file(self) -> None:
+        status, _, err = _run("keys", "master", "--to-keyring", "--state-dir", str(self.root))
+        self.assertEqual(status, 1)
+        self.assertIn("no usable platform keyring", err)
+        self.assertTrue((self.root / "master-key").exists())

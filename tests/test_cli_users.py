@@ -20,6 +20,7 @@ from aico.gateway.state import StatePaths, bootstrap
 from aico.gateway.store import SyncDatabase, sync_result
 from aico.gateway.testing.harness import http_client, login, start_gateway
 from aico.gateway.users import UserStore
+from aico.keystore import TEST_KDF
 
 
 def run(*argv: str, stdin: str = "") -> tuple[int, str, str]:
@@ -29,7 +30,7 @@ def run(*argv: str, stdin: str = "") -> tuple[int, str, str]:
     old = sys.stdin
     sys.stdin = io.StringIO(stdin)
     try:
-        code = main(list(argv), stdout=out, stderr=err, environ={})
+        code = main(list(argv), stdout=out, stderr=err, environ={"AICO_NO_KEYRING": "1"})
     finally:
         sys.stdin = old
     return code, out.getvalue(), err.getvalue()
@@ -38,7 +39,7 @@ def run(*argv: str, stdin: str = "") -> tuple[int, str, str]:
 class UserCommandTests(TestCase):
     def setUp(self) -> None:
         self.state = Path(self.mktemp())
-        bootstrap(self.state, ["conversation"])
+        bootstrap(self.state, ["conversation"], kdf=TEST_KDF, env={"AICO_NO_KEYRING": "1"})
 
     def test_user_add_then_list(self) -> None:
         code, out, _ = run("user", "add", "grace", "--role", "user", "--role", "device",

@@ -23,6 +23,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from aico.gateway.testing.harness import http_client
+from aico.keystore import TEST_KDF
 
 ROOT = Path(__file__).resolve().parent.parent
 TWISTD = str(Path(sys.executable).parent / "twistd")
@@ -78,7 +79,9 @@ class ProcessTests(TestCase):
 
     def spawn(self, args: list[str], env: dict[str, str] | None = None) -> Twistd:
         proto = Twistd()
-        full_env = {**os.environ, **(env or {})}
+        # Never the keyring of whoever runs the tests; no master password unless given.
+        base = {k: v for k, v in os.environ.items() if k != "AICO_MASTER_PASSWORD"}
+        full_env = {**base, "AICO_NO_KEYRING": "1", **(env or {})}
         self.transport = reactor.spawnProcess(proto, TWISTD, [TWISTD, *args], env=full_env, path=str(ROOT))
         self.addCleanup(self._kill, proto)
         return proto
@@ -99,7 +102,8 @@ class ProcessTests(TestCase):
 
         path = Path(os.path.abspath(self.mktemp()))
         self.patch(state_module, "hash_password", lambda pw: hash_password(pw, CHEAP_HASHER))
-        state_module.bootstrap(path, ("conversation", "health"))
+        state_module.bootstrap(path, ("conversation", "health"), kdf=TEST_KDF,
+                               env={"AICO_NO_KEYRING": "1"})
         return path
 
     def config(self, http: int = 0, timeout: float = 5.0) -> Path:
@@ -240,6 +244,52 @@ start_timeout = 0.5
         self.assertNotIn("Traceback", output)
         self.assertFalse((state / "ports.json").exists())
 
+    async def test_a_fresh_state_directory_starts_unattended_without_a_master_password(
+            self) -> None:
+        # What `make run` does on a fresh clone: no keyring, no AICO_MASTER_PASSWORD.
+        state = Path(os.path.abspath(self.mktemp()))
+        proto = self.spawn(["-n", "--pidfile=", "aico-gateway", "--config", str(self.config()),
+                            "--state-dir", str(state)])
+        ports = await self.wait_ports(state, proto)
+        code, _ = await self.health(ports)
+        self.assertEqual(code, 200)
+        meta = json.loads((state / "keystore.json").read_text())
+        self.assertEqual((meta["t"], meta["m"], meta["p"]), (3, 65536, 4))  # production KDF
+        self.assertTrue((state / "master-key").exists())
+        self.assertTrue((state / "ca" / "ca.key").read_bytes().startswith(
+            b"-----BEGIN AICO ENCRYPTED KEY-----"))
+        self.assertIn(f"the master key {state / 'master-key'} lies beside the keys".encode(),
+                      proto.output)
+        self.transport.signalProcess("TERM")
+        self.assertEqual(await proto.ended, 0)
+
+    async def test_a_wrong_master_password_exits_1_with_one_line_naming_the_file(self) -> None:
+        state = self.state()
+        text = (state / "master-key").read_text().strip()
+        (state / "master-key").unlink()
+        proto = self.spawn(["-n", "--pidfile=", "aico-gateway", "--config", str(self.config()),
+                            "--state-dir", str(state)], env={"AICO_MASTER_PASSWORD": text + "x"})
+        self.assertEqual(await proto.ended, 1, proto.output.decode(errors="replace"))
+        output = proto.output.decode(errors="replace")
+        (line,) = [x for x in output.splitlines() if "aico-gateway: cannot" in x]
+        self.assertIn(str(state / "keystore.json"), line)
+        self.assertIn("wrong master secret", line)
+        self.assertNotIn("Traceback", output)
+        self.assertNotIn(text, output)
+
+    async def test_a_swapped_key_file_exits_1_with_one_line_naming_it(self) -> None:
+        state = self.state()
+        kid = (state / "jwt" / "current").read_text().strip()
+        (state / "jwt" / f"{kid}.pem").write_bytes((state / "tls" / "server.key").read_bytes())
+        proto = self.spawn(["-n", "--pidfile=", "aico-gateway", "--config", str(self.config()),
+                            "--state-dir", str(state)])
+        self.assertEqual(await proto.ended, 1, proto.output.decode(errors="replace"))
+        output = proto.output.decode(errors="replace")
+        (line,) = [x for x in output.splitlines() if "aico-gateway: cannot" in x]
+        self.assertIn(str(state / "jwt" / f"{kid}.pem"), line)
+        self.assertIn("swapped", line)
+        self.assertNotIn("Traceback", output)
+
     async def test_tac_file_starts_the_same_service(self) -> None:
         state = self.state()
         proto = self.spawn(["-ny", "tac/aico-gateway.tac", "--pidfile="],
@@ -298,7 +348,7 @@ start_timeout = 0.5
         module_process = reactor.spawnProcess(
             module, sys.executable,
             [sys.executable, "-m", "aico.bus.runner", "conversation", "--state-dir", str(state)],
-            env=dict(os.environ), path=str(ROOT))
+            env={**os.environ, "AICO_NO_KEYRING": "1"}, path=str(ROOT))
         http = http_client(self)
         base = f"http://127.0.0.1:{ports['http']['port']}"
         from aico.gateway.testing.harness import login

@@ -18,8 +18,9 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.verification import PolicyBuilder, Store
 from twisted.trial.unittest import SynchronousTestCase
 
+from aico.bus.curve import load_pair
 from aico.gateway import state as state_module
-from aico.gateway.devices.ca import load_certificate, save_certificate
+from aico.gateway.devices.ca import load_certificate, load_private_key, save_certificate
 from aico.gateway.security.keys import KeyRing, thumbprint
 from aico.gateway.security.passwords import PARAMETERS, hash_password, verify_password
 from aico.gateway.state import (
@@ -32,8 +33,11 @@ from aico.gateway.state import (
 from aico.gateway.store import SyncDatabase, sync_result
 from aico.gateway.testing.memory import CHEAP_HASHER
 from aico.gateway.users import UserStore
+from aico.keystore import TEST_KDF, Keystore, state_keystore
 
 MODULES = ("conversation", "health")
+#: No platform keyring, no AICO_MASTER_PASSWORD: the master-key file (hermetic tests).
+ENV = {"AICO_NO_KEYRING": "1"}
 
 # RFC 8037 appendix A.2/A.3: the Ed25519 example key and its RFC 7638 thumbprint.
 RFC8037_X = "11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo"
@@ -65,20 +69,24 @@ class _StateTestCase(SynchronousTestCase):
         self.patch(state_module, "hash_password", cheap_hash)
 
     def _bootstrap(self) -> BootstrapReport:
-        return bootstrap(self.root, MODULES)
+        return bootstrap(self.root, MODULES, kdf=TEST_KDF, env=ENV)
+
+    def _keystore(self) -> Keystore:
+        return state_keystore(self.root, env=ENV)
 
 
 class BootstrapCreatesTests(_StateTestCase):
     def setUp(self) -> None:
         super().setUp()
         self.report = self._bootstrap()
-        self.paths = StatePaths(self.root)
+        self.paths = self.report.paths
 
     def test_report_lists_every_item(self) -> None:
         self.assertEqual(
             self.report.created,
             (
                 "state_dir",
+                "keystore",
                 "ca",
                 "server_cert",
                 "jwt_key",
@@ -103,8 +111,10 @@ class BootstrapCreatesTests(_StateTestCase):
         secrets = [
             p.ca_key,
             p.server_key,
-            p.jwt_key(KeyRing.load(p.jwt_dir).current_kid),
+            p.jwt_key(KeyRing.load(p.jwt_dir, p.sealer).current_kid),
             p.jwt_current,
+            p.keystore_file,
+            p.root / "master-key",
             p.registry_db,
             p.admin_password,
             p.curve.broker_secret,
@@ -140,26 +150,28 @@ class BootstrapCreatesTests(_StateTestCase):
                 .build_server_verifier(x509.IPAddress(ipaddress.ip_address(ip)))
             )
             ip_verifier.verify(server, [])
-        key = serialization.load_pem_private_key(self.paths.server_key.read_bytes(), None)
+        key = load_private_key(self.paths.server_key, self.paths.sealer)
         self.assertEqual(key.public_key(), server.public_key())
 
     def test_jwt_key_is_named_by_its_thumbprint_and_current(self) -> None:
         kid = self.paths.jwt_current.read_text().strip()
-        key = serialization.load_pem_private_key(self.paths.jwt_key(kid).read_bytes(), None)
+        key = serialization.load_pem_private_key(
+            self.paths.sealer.read_sealed(self.paths.jwt_key(kid), f"jwt/{kid}.pem"), None)
         assert isinstance(key, ed25519.Ed25519PrivateKey)
         self.assertEqual(thumbprint(key.public_key()), kid)
         self.assertEqual(self.paths.jwt_current.read_text(), kid + "\n")
 
-    def test_curve_keys_load_with_zmq(self) -> None:
+    def test_curve_keys_are_pairs_whose_public_halves_load_with_zmq(self) -> None:
         c = self.paths.curve
-        public, secret = zmq.auth.load_certificate(c.broker_secret)
+        public, secret = load_pair(c.broker_secret, c.keystore)
         self.assertEqual(zmq.auth.load_certificate(c.broker_public)[0], public)
-        self.assertIsNotNone(secret)
-        self.assertIsNotNone(zmq.auth.load_certificate(c.gateway_secret)[1])
+        self.assertEqual(zmq.curve_public(secret), public)
+        self.assertEqual(zmq.auth.load_certificate(c.gateway_public)[0],
+                         load_pair(c.gateway_secret, c.keystore)[0])
         for name in ("gateway", *MODULES):
             self.assertEqual(
                 zmq.auth.load_certificate(c.client_public(name))[0],
-                zmq.auth.load_certificate(c.client_secret(name))[0],
+                load_pair(c.client_secret(name), c.keystore)[0],
             )
 
     def test_admin_user_has_argon2id_hash_matching_password_file(self) -> None:
@@ -192,10 +204,12 @@ class BootstrapCreatesTests(_StateTestCase):
         self.assertEqual(leftovers, [])
 
 
-class ProductionHashTests(SynchronousTestCase):
-    def test_the_bootstrap_admin_is_hashed_with_the_production_parameters(self) -> None:
+class ProductionParametersTests(SynchronousTestCase):
+    def test_the_bootstrap_uses_the_production_kdf_and_password_hash_parameters(self) -> None:
         root = Path(self.mktemp()) / "state"
-        bootstrap(root, MODULES)
+        bootstrap(root, MODULES, env=ENV)
+        meta = json.loads((root / "keystore.json").read_text())
+        self.assertEqual((meta["kdf"], meta["t"], meta["m"], meta["p"]), ("argon2id", 3, 65536, 4))
         conn = sqlite3.connect(StatePaths(root).registry_db)
         try:
             (password_hash,) = conn.execute("SELECT password_hash FROM users").fetchone()
@@ -225,7 +239,7 @@ class IdempotenceTests(_StateTestCase):
 
     def test_new_module_gets_its_client_key(self) -> None:
         self._bootstrap()
-        report = bootstrap(self.root, (*MODULES, "extra"))
+        report = bootstrap(self.root, (*MODULES, "extra"), env=ENV)
         self.assertEqual(report.created, ("curve/client/extra",))
 
     def test_deleted_password_file_is_not_recreated(self) -> None:
@@ -319,7 +333,7 @@ class JWTKeyTests(_StateTestCase):
     def test_bootstrap_key_is_the_keyrings_own(self) -> None:
         self._bootstrap()
         jwt_dir = StatePaths(self.root).jwt_dir
-        ring = KeyRing.load(jwt_dir)
+        ring = KeyRing.load(jwt_dir, self._keystore())
         self.assertEqual(ring.kids(), [ring.current_kid])
         self.assertEqual(_mode(jwt_dir / "current"), 0o600)
 
@@ -331,7 +345,7 @@ class JWTKeyTests(_StateTestCase):
         self.assertEqual(self._bootstrap().created, ("jwt_key",))
         second = (jwt_dir / "current").read_text().strip()
         self.assertNotEqual(first, second)
-        self.assertEqual(KeyRing.load(jwt_dir).current_kid, second)
+        self.assertEqual(KeyRing.load(jwt_dir, self._keystore()).current_kid, second)
         self.assertTrue((jwt_dir / f"{first}.pem").exists())
         self.assertEqual(_mode(jwt_dir), 0o700)
         self.assertEqual(_mode(jwt_dir / f"{second}.pem"), 0o600)
@@ -343,7 +357,7 @@ class JWTKeyTests(_StateTestCase):
     def test_current_naming_a_missing_key_is_refused(self) -> None:
         self._bootstrap()
         jwt_dir = StatePaths(self.root).jwt_dir
-        kid = KeyRing.load(jwt_dir).current_kid
+        kid = KeyRing.load(jwt_dir, self._keystore()).current_kid
         (jwt_dir / f"{kid}.pem").unlink()
         with self.assertRaises(StateDirError) as cm:
             self._bootstrap()

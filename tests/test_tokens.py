@@ -37,6 +37,7 @@ from aico.gateway.security.tokens import (
     TokenService,
 )
 from aico.gateway.store import SyncDatabase
+from aico.keystore import Keystore
 
 T = TypeVar("T")
 START = 1_700_000_000.0
@@ -72,7 +73,8 @@ def decode_unverified(token: str) -> dict[str, Any]:
 class TokenTestBase(SynchronousTestCase):
     def setUp(self) -> None:
         self.jwt_dir = Path(self.mktemp())
-        self.keyring = KeyRing.generate(self.jwt_dir)
+        self.keystore = Keystore.ephemeral()
+        self.keyring = KeyRing.generate(self.jwt_dir, self.keystore)
         self.clock = Clock()
         self.clock.advance(START)
         self.auth = AuthSection(issuer="aico-gateway", audience="aico", leeway=5)
@@ -431,10 +433,12 @@ class KeyRotationTests(TokenTestBase):
         self.assertEqual((self.jwt_dir / "current").read_text().strip(), kid)
         pem = self.jwt_dir / f"{kid}.pem"
         self.assertEqual(pem.stat().st_mode & 0o777, 0o600)
-        key = serialization.load_pem_private_key(pem.read_bytes(), None)
+        self.assertTrue(pem.read_bytes().startswith(b"-----BEGIN AICO ENCRYPTED KEY-----"))
+        key = serialization.load_pem_private_key(
+            self.keystore.read_sealed(pem, f"jwt/{kid}.pem"), None)
         assert isinstance(key, Ed25519PrivateKey)
         self.assertEqual(thumbprint(key.public_key()), kid)
-        self.assertEqual(KeyRing.load(self.jwt_dir).current_kid, kid)
+        self.assertEqual(KeyRing.load(self.jwt_dir, self.keystore).current_kid, kid)
 
     def test_thumbprint_matches_rfc_8037_example(self) -> None:
         # RFC 8037 Appendix A.3: the thumbprint of the example Ed25519 key.
@@ -454,7 +458,7 @@ class KeyRotationTests(TokenTestBase):
             serialization.NoEncryption(),
         )
         (self.jwt_dir / f"{self.keyring.current_kid}.pem").write_bytes(pem)
-        self.assertRaises(KeyRingError, KeyRing.load, self.jwt_dir)
+        self.assertRaises(KeyRingError, KeyRing.load, self.jwt_dir, self.keystore)
 
     def test_rotation_keeps_old_tokens_valid_until_expiry_then_not(self) -> None:
         old = self.service.issue_pair("alice", ["user"], [])
@@ -466,7 +470,7 @@ class KeyRotationTests(TokenTestBase):
         self.assertEqual(jwt.get_unverified_header(new.access_token)["kid"], new_kid)
         # Both verify, also through a keyring reloaded from disk.
         self.assertEqual(self.service.verify_access(old.access_token).kid, old_kid)
-        reloaded = KeyRing.load(self.jwt_dir, self.clock.seconds())
+        reloaded = KeyRing.load(self.jwt_dir, self.keystore, self.clock.seconds())
         fresh = TokenService(reloaded, self.auth, self.clock, self.store)
         self.assertEqual(fresh.verify_access(old.access_token).kid, old_kid)
         self.assertEqual({k["kid"] for k in fresh.jwks()["keys"]}, {old_kid, new_kid})
@@ -490,7 +494,7 @@ class KeyRotationTests(TokenTestBase):
         self.assertTrue((self.jwt_dir / f"{old_kid}.pem").exists())
         self.assertEqual(self.keyring.prune(self.jwt_dir, START + 61), [old_kid])
         self.assertFalse((self.jwt_dir / f"{old_kid}.pem").exists())
-        self.assertEqual(KeyRing.load(self.jwt_dir).kids(), [self.keyring.current_kid])
+        self.assertEqual(KeyRing.load(self.jwt_dir, self.keystore).kids(), [self.keyring.current_kid])
 
     def test_stray_pem_file_is_not_trusted(self) -> None:
         other = Ed25519PrivateKey.generate()
@@ -501,7 +505,7 @@ class KeyRotationTests(TokenTestBase):
             serialization.NoEncryption(),
         )
         (self.jwt_dir / f"{kid}.pem").write_bytes(pem)
-        service = TokenService(KeyRing.load(self.jwt_dir), self.auth, self.clock, self.store)
+        service = TokenService(KeyRing.load(self.jwt_dir, self.keystore), self.auth, self.clock, self.store)
         token = sign_ed(self.header(kid=kid), self.claims(), other)
         self.assertRaises(TokenInvalid, service.verify_access, token)
 
@@ -509,7 +513,7 @@ class KeyRotationTests(TokenTestBase):
 class JwksTests(SynchronousTestCase):
     def test_jwks_verifies_issued_tokens_with_plain_pyjwt(self) -> None:
         jwt_dir = Path(self.mktemp())
-        keyring = KeyRing.generate(jwt_dir)
+        keyring = KeyRing.generate(jwt_dir, Keystore.ephemeral())
         clock = Clock()
         clock.advance(time.time())  # PyJWT checks exp against the real clock
         auth = AuthSection()
@@ -614,7 +618,7 @@ class PersistenceTests(TokenTestBase):
         self.addCleanup(db.close)
         store = SqliteRevocationStore(db, self.clock)
         self.successResultOf(store.load())
-        keyring = KeyRing.load(self.jwt_dir, self.clock.seconds())
+        keyring = KeyRing.load(self.jwt_dir, self.keystore, self.clock.seconds())
         return TokenService(keyring, self.auth, self.clock, store), store, db
 
     def test_revocations_survive_a_restart(self) -> None:

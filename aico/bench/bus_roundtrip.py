@@ -27,6 +27,7 @@ import zmq
 from aico.bus.broker import EmbeddedBroker
 from aico.bus.client import BusClient, CurveClientKeys, Integration
 from aico.bus.curve import CurveLayout, create_keypair, ensure_client
+from aico.keystore import Keystore
 from aico.proto import AicoMessage, ApiRequest, ApiResponse, wrap
 
 TOPIC = "bench/echo/v1"
@@ -166,8 +167,9 @@ async def _pipelined(caller: BusClient, message: AicoMessage, total: int, window
 
 async def run(reactor: Any, args: argparse.Namespace) -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        layout = CurveLayout(Path(tmp))
-        create_keypair(layout.root, "broker")
+        keystore = Keystore.ephemeral()  # the keys live only as long as the run
+        layout = CurveLayout(Path(tmp), keystore)
+        create_keypair(layout.root, "broker", keystore)
         for name in ("bench-caller", "bench-responder"):
             ensure_client(layout, name)
         broker = EmbeddedBroker(layout, "tcp://127.0.0.1:*", "tcp://127.0.0.1:*")

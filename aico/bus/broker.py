@@ -68,7 +68,7 @@ class EmbeddedBroker:
         for address in (self.pub, self.sub):
             if not is_loopback_endpoint(address):
                 raise BrokerBindError(address, "the embedded broker binds loopback only")
-        _, secret = load_pair(self.layout.broker_secret)
+        _, secret = load_pair(self.layout.broker_secret, self.layout.keystore)
         context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         zap = ZapHandler(context, ModuleKeyStore(self.layout.modules_dir))
         sockets: list[zmq.Socket[bytes]] = []

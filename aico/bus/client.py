@@ -77,7 +77,7 @@ class CurveClientKeys:
     @classmethod
     def from_layout(cls, layout: CurveLayout, name: str) -> CurveClientKeys:
         """The keys of local client *name*: ``curve/private/NAME.key_secret`` + broker key."""
-        public, secret = load_pair(layout.client_secret(name))
+        public, secret = load_pair(layout.client_secret(name), layout.keystore)
         return cls(public=public, secret=secret, server=load_public(layout.broker_public))
 
     def __repr__(self) -> str:  # never show key material, even by accident

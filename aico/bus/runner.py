@@ -5,7 +5,10 @@ Runs one backend module — a built-in one by name, or your own
 its own: the bus endpoints come from
 ``STATE_DIR/ports.json`` (written by the gateway once its listeners are up) unless given,
 the Curve key pair from ``STATE_DIR/curve/private/NAME.key_secret`` (created, with its
-public half in ``curve/modules/``, if missing). SIGTERM or SIGINT stops it cleanly.
+public half in ``curve/modules/``, if missing). The secret file is sealed
+(:mod:`aico.keystore`): the master secret is found as the gateway finds it — the platform
+keyring, else ``AICO_MASTER_PASSWORD``, else ``STATE_DIR/master-key``. SIGTERM or SIGINT
+stops it cleanly.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from aico.bus.builtin import BUILTIN_MODULES
 from aico.bus.client import BusClient
 from aico.bus.curve import CurveLayout, ensure_client
 from aico.bus.module import BackendModule
+from aico.keystore import KeystoreError, state_keystore
 
 log = Logger(namespace="aico.bus.runner")
 
@@ -89,13 +93,19 @@ def module_factory(spec: str) -> tuple[str, Callable[[Any, Any], BackendModule]]
 async def run(reactor: Any, args: argparse.Namespace) -> None:
     """Start the module and wait until the reactor shuts down (then stop it cleanly)."""
     name, factory = module_factory(args.name)
-    layout = CurveLayout(args.state_dir)
-    if not layout.broker_public.exists():
-        raise RunnerError(f"{layout.broker_public} does not exist: initialise the state dir")
+    broker_public = CurveLayout(args.state_dir).broker_public
+    if not broker_public.exists():
+        raise RunnerError(f"{broker_public} does not exist: initialise the state dir")
     pub, sub = bus_endpoints(args.state_dir, args.pub, args.sub)
-    if ensure_client(layout, name):
-        log.info("created the Curve key pair of module {name}", name=name)
-    bus = BusClient.from_layout(reactor, layout, name, pub, sub, start_timeout=args.start_timeout)
+    try:
+        # Blocking (Argon2id, once): before the module does anything else.
+        layout = CurveLayout(args.state_dir, state_keystore(args.state_dir))
+        if ensure_client(layout, name):
+            log.info("created the Curve key pair of module {name}", name=name)
+        bus = BusClient.from_layout(reactor, layout, name, pub, sub,
+                                    start_timeout=args.start_timeout)
+    except (KeystoreError, ValueError, OSError) as e:
+        raise RunnerError(f"cannot read the module's Curve keys: {e}") from e
     module = factory(bus, reactor)
     done: Deferred[None] = Deferred()
 

@@ -136,7 +136,7 @@ def _cmd_init(args: argparse.Namespace, ctx: Context) -> int:
     out = ctx.out
     paths, config = state_paths(args, ctx.env)
     try:
-        report = bootstrap(paths.root, config.modules.builtin)
+        report = bootstrap(paths.root, config.modules.builtin, env=ctx.env)
     except (StateDirError, SchemaError) as e:
         raise _Exit(EXIT_FAILURE, str(e)) from e
     except OSError as e:
@@ -146,6 +146,12 @@ def _cmd_init(args: argparse.Namespace, ctx: Context) -> int:
         print("created: " + ", ".join(report.created), file=out)
     else:
         print("nothing to create: the state directory is complete", file=out)
+    keystore = report.keystore
+    print(f"private keys are encrypted with the master secret from {keystore.where}", file=out)
+    if keystore.source == "file":
+        print("  warning: that file lies beside the keys it protects; move the secret to the\n"
+              "  platform keyring (aico-gateway keys master --to-keyring) or to\n"
+              "  AICO_MASTER_PASSWORD (docs/security.md, 'Keys at rest')", file=out)
     password_file = report.admin_password_file
     if password_file is not None:
         print(
@@ -283,7 +289,7 @@ def _cmd_user_unlock(args: argparse.Namespace, ctx: Context) -> int:
 
 
 def _add_keys(subparsers: _Subparsers) -> None:
-    p = subparsers.add_parser("keys", help="JWT signing keys")
+    p = subparsers.add_parser("keys", help="JWT signing keys and the master secret")
     sub = p.add_subparsers(dest="keys_command", metavar="ACTION", required=True)
     rotate = sub.add_parser(
         "rotate",
@@ -294,22 +300,52 @@ def _add_keys(subparsers: _Subparsers) -> None:
     )
     add_state_options(rotate)
     rotate.set_defaults(handler=_cmd_keys_rotate)
+    master = sub.add_parser(
+        "master",
+        help="move the master secret that seals the private keys",
+        description="--to-keyring stores the master secret (from AICO_MASTER_PASSWORD or the "
+        "state directory's master-key file) in the platform keyring and deletes the "
+        "master-key file. Nothing is re-encrypted. See docs/security.md.",
+    )
+    master.add_argument("--to-keyring", action="store_true", required=True,
+                        help="move it into the platform keyring")
+    add_state_options(master)
+    master.set_defaults(handler=_cmd_keys_master)
 
 
 def _cmd_keys_rotate(args: argparse.Namespace, ctx: Context) -> int:
     import time
 
     from aico.gateway.security.keys import KeyRing, KeyRingError
+    from aico.keystore import KeystoreError, state_keystore
 
     paths, config = state_paths(args, ctx.env)
     try:
-        ring = KeyRing.load(paths.jwt_dir)
+        keystore = state_keystore(paths.root, env=ctx.env)
+        ring = KeyRing.load(paths.jwt_dir, keystore)
         old = ring.current_kid
         new = ring.rotate(paths.jwt_dir, time.time(), config.auth.refresh_ttl + config.auth.leeway)
-    except (KeyRingError, OSError) as e:
+    except (KeyRingError, KeystoreError, OSError) as e:
         raise _Exit(EXIT_FAILURE, f"cannot rotate: {e}") from e
     print(f"new signing key {new}; {old} verifies until its tokens expire\n"
           "send SIGHUP to a running gateway to start signing with it", file=ctx.out)
+    return EXIT_OK
+
+
+def _cmd_keys_master(args: argparse.Namespace, ctx: Context) -> int:
+    from aico.keystore import KeystoreError, move_master_to_keyring
+
+    paths, _ = state_paths(args, ctx.env)
+    try:
+        before = move_master_to_keyring(paths.root, env=ctx.env)
+    except (KeystoreError, OSError) as e:
+        raise _Exit(EXIT_FAILURE, f"cannot move the master secret: {e}") from e
+    if before.source == "keyring":
+        print("the master secret is already in the platform keyring", file=ctx.out)
+    else:
+        print(f"the master secret moved from {before.where} to the platform keyring", file=ctx.out)
+        if before.source == "env":
+            print("AICO_MASTER_PASSWORD is no longer needed", file=ctx.out)
     return EXIT_OK
 
 

@@ -113,15 +113,18 @@ class Materials:
 def materials_from_state(paths: StatePaths, reactor: Any) -> Materials:
     """Read the keys and open the registry of a bootstrapped state directory.
 
-    Raises ``SystemExit`` with one line naming the file (exit status 1) for a key or file
-    that cannot be read: this runs in ``makeService``, before twistd's logging starts, so
-    the line goes to standard error.
+    *paths* carries the keystore that the bootstrap opened (``report.paths``); the private
+    keys are decrypted with it. Raises ``SystemExit`` with one line naming the file (exit
+    status 1) for a key or file that cannot be read or decrypted: this runs in
+    ``makeService``, before twistd's logging starts, so the line goes to standard error.
     """
     try:
-        keyring = KeyRing.load(paths.jwt_dir, now=reactor.seconds())
+        keystore = paths.sealer
+        keyring = KeyRing.load(paths.jwt_dir, keystore, now=reactor.seconds())
         curve_public = load_public(paths.curve.gateway_public).decode()
-        device_ca = DeviceCA.load(paths.ca_cert, paths.ca_key)
-        server_identity = (load_certificate(paths.server_cert), load_private_key(paths.server_key))
+        device_ca = DeviceCA.load(paths.ca_cert, paths.ca_key, keystore)
+        server_identity = (load_certificate(paths.server_cert),
+                           load_private_key(paths.server_key, keystore))
     except (KeyRingError, OSError, ValueError) as e:
         raise SystemExit(f"aico-gateway: cannot load the gateway's keys: {e}") from e
     pool = ThreadPool(minthreads=0, maxthreads=max(2, os.cpu_count() or 2), name="aico-cpu")
@@ -335,7 +338,8 @@ class GatewayParts:
         if paths is None:
             return succeed(None)
         d: Deferred[KeyRing] = deferToThreadPool(self.reactor, self.reactor.getThreadPool(),
-                                                 KeyRing.load, paths.jwt_dir, self.reactor.seconds())
+                                                 KeyRing.load, paths.jwt_dir, paths.sealer,
+                                                 self.reactor.seconds())
 
         def use(ring: KeyRing) -> None:
             if ring.current_kid != self.tokens.keyring.current_kid:
@@ -474,10 +478,10 @@ def compose(config: Config, state_dir: Path, reactor: Any = None,
 
         reactor = global_reactor
     try:
-        bootstrap(state_dir, config.modules.builtin)
+        report = bootstrap(state_dir, config.modules.builtin)
     except (StateDirError, SchemaError, OSError) as e:
         raise SystemExit(f"aico-gateway: cannot prepare the state directory {state_dir}: {e}") from e
-    paths = StatePaths(state_dir)
+    paths = report.paths
     materials = materials_from_state(paths, reactor)
     c = config
     broker = EmbeddedBroker(paths.curve, c.bus.pub, c.bus.sub) if c.bus.embedded_broker else None

@@ -3,10 +3,13 @@
 Layout (``docs/state.md`` has the whole story, with modes and how to back up and rotate)::
 
     STATE_DIR/                      0700
-      ca/ca.pem, ca/ca.key          device CA (ECDSA P-256), key 0600
-      tls/server.pem, server.key    server certificate signed by the CA, key 0600
-      jwt/<kid>.pem, jwt/current    Ed25519 signing keys (0600), the active kid
-      curve/…                       CurveZMQ key pairs (see aico.bus.curve)
+      keystore.json                 KDF parameters and salt of the key-encryption key, 0600
+      master-key                    the master secret, only when neither the platform
+                                    keyring nor AICO_MASTER_PASSWORD has it, 0600
+      ca/ca.pem, ca/ca.key          device CA (ECDSA P-256), key sealed, 0600
+      tls/server.pem, server.key    server certificate signed by the CA, key sealed, 0600
+      jwt/<kid>.pem, jwt/current    Ed25519 signing keys (sealed, 0600), the active kid
+      curve/…                       CurveZMQ key pairs, secrets sealed (see aico.bus.curve)
       registry.db                   SQLite registry, 0600
       initial-admin-password        the bootstrap admin's password, 0600
       ports.json                    written once every listener is up
@@ -14,7 +17,11 @@ Layout (``docs/state.md`` has the whole story, with modes and how to back up and
 
 :func:`bootstrap` is synchronous: it runs before the reactor starts (from ``makeService``)
 and from ``aico-gateway init``. It is idempotent: each item is made only if it is missing,
-and nothing that exists is ever overwritten.
+and nothing that exists is ever overwritten, except that a private key still stored as
+plain text (a directory from before keys were sealed) is sealed in place.
+
+Every private key is sealed with :mod:`aico.keystore`: the key-encryption key comes from
+a master secret in the platform keyring, ``$AICO_MASTER_PASSWORD`` or ``master-key``.
 
 Permissions policy: a missing state directory is created 0700. An existing directory that
 group or others can reach is tightened to 0700 if it is empty, and refused
@@ -33,13 +40,13 @@ import sqlite3
 import stat
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import closing, contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import platformdirs
 from twisted.logger import Logger
 
-from aico.bus.curve import CurveLayout, create_keypair, ensure_client
+from aico.bus.curve import CurveLayout, create_keypair, ensure_client, migrate_secrets
 from aico.files import write_atomic
 from aico.gateway.devices.ca import DeviceCA, load_certificate, load_private_key
 from aico.gateway.devices.ca import save_certificate as _save_certificate
@@ -48,6 +55,7 @@ from aico.gateway.security.keys import KeyRing, KeyRingError, read_current_kid
 from aico.gateway.security.passwords import hash_password
 from aico.gateway.store import SCHEMA_VERSION, SyncDatabase, schema_version, sync_result
 from aico.gateway.users import UserStore
+from aico.keystore import KEYSTORE_FILE, KdfParams, Keystore, is_sealed, state_keystore
 
 __all__ = [
     "ADMIN_USERNAME",
@@ -78,9 +86,22 @@ class StateDirError(RuntimeError):
 
 @dataclass(frozen=True)
 class StatePaths:
-    """Every path in one state directory."""
+    """Every path in one state directory (and, once opened, its keystore)."""
 
     root: Path
+    #: Seals and opens the private keys; set by :func:`bootstrap`.
+    keystore: Keystore | None = field(default=None, compare=False, repr=False)
+
+    @property
+    def keystore_file(self) -> Path:
+        return self.root / KEYSTORE_FILE
+
+    @property
+    def sealer(self) -> Keystore:
+        """The keystore; ValueError if this StatePaths has none."""
+        if self.keystore is None:
+            raise ValueError(f"the keystore of {self.root} is not open")
+        return self.keystore
 
     @property
     def ca_dir(self) -> Path:
@@ -139,7 +160,7 @@ class StatePaths:
 
     @property
     def curve(self) -> CurveLayout:
-        return CurveLayout(self.root)
+        return CurveLayout(self.root, self.keystore)
 
 
 def resolve_state_dir(cli: str | None, env: Mapping[str, str], config_value: str) -> Path:
@@ -165,6 +186,11 @@ class BootstrapReport:
     paths: StatePaths
     #: The items created (or migrated) by this run, in order; empty when all existed.
     created: tuple[str, ...]
+
+    @property
+    def keystore(self) -> Keystore:
+        """The state directory's keystore (opened by the bootstrap)."""
+        return self.paths.sealer
 
     @property
     def created_anything(self) -> bool:
@@ -251,12 +277,12 @@ def _ensure_ca(paths: StatePaths) -> tuple[DeviceCA, bool]:
     if _pair_state(paths.ca_cert, paths.ca_key, "device CA", remedy):
         _tighten(paths.ca_key)
         try:
-            return DeviceCA.load(paths.ca_cert, paths.ca_key), False
+            return DeviceCA.load(paths.ca_cert, paths.ca_key, paths.sealer), False
         except ValueError as e:
             raise StateDirError(f"device CA in {paths.ca_dir}: {e}") from e
     _ensure_dir(paths.ca_dir)
     ca = DeviceCA.create()
-    ca.save(paths.ca_cert, paths.ca_key)
+    ca.save(paths.ca_cert, paths.ca_key, paths.sealer)
     return ca, True
 
 
@@ -266,7 +292,7 @@ def _ensure_server_cert(paths: StatePaths, ca: DeviceCA) -> bool:
         _tighten(paths.server_key)
         try:
             cert = load_certificate(paths.server_cert)
-            key = load_private_key(paths.server_key)
+            key = load_private_key(paths.server_key, paths.sealer)
         except ValueError as e:
             raise StateDirError(f"server certificate in {paths.tls_dir}: {e}; {remedy}") from e
         if cert.public_key() != key.public_key():
@@ -278,7 +304,7 @@ def _ensure_server_cert(paths: StatePaths, ca: DeviceCA) -> bool:
         return False
     _ensure_dir(paths.tls_dir)
     cert, key = ca.issue_server_cert(SERVER_HOSTNAMES, SERVER_IPS)
-    _save_private_key(paths.server_key, key)
+    _save_private_key(paths.server_key, key, paths.sealer)
     _save_certificate(paths.server_cert, cert)
     return True
 
@@ -287,7 +313,7 @@ def _ensure_jwt_key(paths: StatePaths) -> bool:
     """The first signing key (:meth:`KeyRing.generate`), or check the one ``current`` names."""
     if not paths.jwt_current.exists():
         _ensure_dir(paths.jwt_dir)
-        KeyRing.generate(paths.jwt_dir)
+        KeyRing.generate(paths.jwt_dir, paths.sealer)
         return True
     try:
         kid = read_current_kid(paths.jwt_dir)
@@ -312,7 +338,7 @@ def _ensure_curve(paths: StatePaths, clients: Sequence[str]) -> list[str]:
             _tighten(secret)
         else:
             _ensure_dir(layout.root)
-            create_keypair(layout.root, name)
+            create_keypair(layout.root, name, paths.sealer)
             created.append(f"curve/{name}")
     for name in dict.fromkeys(clients):
         if ensure_client(layout, name):
@@ -385,13 +411,46 @@ def _ensure_admin(paths: StatePaths, users: UserStore) -> bool:
     return sync_result(users.create_first(ADMIN_USERNAME, password_hash, ("admin",)))
 
 
-def bootstrap(root: Path, builtin_modules: Sequence[str] = ()) -> BootstrapReport:
+def _open_keystore(paths: StatePaths, kdf: KdfParams | None,
+                   env: Mapping[str, str] | None) -> Keystore:
+    """The keystore, made if the directory has none (unless sealed keys exist already)."""
+    if not paths.keystore_file.exists():
+        for key in (paths.ca_key, paths.server_key):
+            if key.is_file() and is_sealed(key.read_bytes()):
+                raise StateDirError(
+                    f"{paths.keystore_file} is missing but {key} is encrypted: restore "
+                    "keystore.json from a backup (without it no key can be decrypted)"
+                )
+    return state_keystore(paths.root, create=True, kdf=kdf, env=env)
+
+
+def _migrate_plain_keys(paths: StatePaths) -> list[str]:
+    """Seal every private key still stored as plain text; the items sealed."""
+    keystore = paths.sealer
+    done: list[str] = []
+    for path in (paths.ca_key, paths.server_key):
+        if keystore.migrate(path, path.name):
+            done.append(str(path.relative_to(paths.root)))
+    if paths.jwt_dir.is_dir():
+        for path in sorted(paths.jwt_dir.glob("*.pem")):
+            if keystore.migrate(path, f"jwt/{path.name}"):
+                done.append(str(path.relative_to(paths.root)))
+    done += [str(p.relative_to(paths.root)) for p in migrate_secrets(paths.curve)]
+    return [f"sealed {item}" for item in done]
+
+
+def bootstrap(root: Path, builtin_modules: Sequence[str] = (), *, kdf: KdfParams | None = None,
+              env: Mapping[str, str] | None = None) -> BootstrapReport:
     """Make every missing item of the state directory at *root*; never overwrite one.
 
     Creates, as needed: the directory (0700), the device CA, the server certificate, the
     first JWT signing key, the CurveZMQ key pairs (broker, gateway, and a local client key
     for ``gateway`` and each name in *builtin_modules*), the registry database with its
     schema (or migrates an older one), and the ``admin`` user with its password file.
+    First of all it opens the keystore (:mod:`aico.keystore`; made with *kdf*, default the
+    strong production parameters, when the directory has none; tests pass
+    :data:`~aico.keystore.TEST_KDF`) and seals any private key still stored in plain text.
+    The report carries the keystore (``report.keystore``) and paths that know it.
     Blocking; call it before the reactor runs. Raises :class:`StateDirError` when the
     directory is unsafe or inconsistent (a key without its certificate, …).
     """
@@ -400,6 +459,14 @@ def bootstrap(root: Path, builtin_modules: Sequence[str] = ()) -> BootstrapRepor
     if _prepare_root(root):
         created.append("state_dir")
     with _locked(paths.bootstrap_lock):
+        made_keystore = not paths.keystore_file.exists()
+        try:
+            paths = StatePaths(root, _open_keystore(paths, kdf, env))
+        except ValueError as e:  # KeystoreError: one line naming the file or the source
+            raise StateDirError(str(e)) from e
+        if made_keystore:
+            created.append("keystore")
+        created += _migrate_plain_keys(paths)
         ca, made = _ensure_ca(paths)
         if made:
             created.append("ca")

@@ -218,7 +218,7 @@ class IpcListener:
 
     def listen(self) -> None:
         """Bind every enabled endpoint now; raise :class:`IpcBindError` naming the address."""
-        public, secret = load_pair(self.layout.gateway_secret)
+        public, secret = load_pair(self.layout.gateway_secret, self.layout.keystore)
         context = self._context if self._context is not None else zmq.Context.instance()
         try:
             for key, address, transport, curve in (

@@ -12,7 +12,8 @@ A device is identified by its *device ID*: the SHA-256 of its DER certificate in
 Syncthing's text form (base32, four Luhn check characters, groups of seven).
 
 Everything here is synchronous and CPU-cheap (one ECDSA signature per certificate), so
-it may run on the reactor thread; the file helpers block on disk and belong at start-up or
+it may run on the reactor thread; the file helpers block on disk (and private keys are
+sealed with :mod:`aico.keystore`) and belong at start-up or
 in the CLI.
 """
 
@@ -34,6 +35,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from aico.files import write_atomic
+from aico.keystore import Keystore
 
 __all__ = [
     "CA_DAYS",
@@ -330,15 +332,21 @@ def device_id(cert: x509.Certificate | bytes) -> str:
 
 
 def save_private_key(
-    path: Path, key: ec.EllipticCurvePrivateKey, *, overwrite: bool = False
+    path: Path,
+    key: ec.EllipticCurvePrivateKey,
+    keystore: Keystore,
+    *,
+    role: str | None = None,
+    overwrite: bool = False,
 ) -> None:
-    """Write *key* as unencrypted PKCS#8 PEM, mode 0600 (never overwrites unless asked)."""
+    """Write *key* as PKCS#8 PEM sealed by *keystore*, mode 0600 (never overwrites unless
+    asked). The role (associated data) is the file name unless given."""
     data = key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    write_atomic(path, data, 0o600, overwrite=overwrite)
+    keystore.write_sealed(path, data, role or path.name, overwrite=overwrite)
 
 
 def save_certificate(path: Path, cert: x509.Certificate, *, overwrite: bool = False) -> None:
@@ -351,9 +359,19 @@ def load_certificate(path: Path) -> x509.Certificate:
     return x509.load_pem_x509_certificate(path.read_bytes())
 
 
-def load_private_key(path: Path) -> ec.EllipticCurvePrivateKey:
-    """The unencrypted PEM EC private key at *path*."""
-    key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+def load_private_key(
+    path: Path, keystore: Keystore, *, role: str | None = None
+) -> ec.EllipticCurvePrivateKey:
+    """The EC private key sealed in *path* (a plain PEM file is sealed in place first).
+
+    Raises :class:`~aico.keystore.KeystoreError` (wrong master secret, swapped file) or
+    ValueError (not an EC key), each naming the file.
+    """
+    data = keystore.read_sealed(path, role or path.name)
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{path} does not hold a PEM private key") from e
     if not isinstance(key, ec.EllipticCurvePrivateKey):
         raise ValueError(f"{path} does not hold an EC private key")
     return key
@@ -375,16 +393,17 @@ class DeviceCA:
         return cls(cert, key)
 
     @classmethod
-    def load(cls, cert_path: Path, key_path: Path) -> DeviceCA:
-        """Read the CA from its PEM files; the key must match the certificate."""
-        cert, key = load_certificate(cert_path), load_private_key(key_path)
+    def load(cls, cert_path: Path, key_path: Path, keystore: Keystore) -> DeviceCA:
+        """Read the CA from its files (the key sealed by *keystore*); the key must match
+        the certificate."""
+        cert, key = load_certificate(cert_path), load_private_key(key_path, keystore)
         if cert.public_key() != key.public_key():
             raise ValueError(f"{key_path} is not the key of {cert_path}")
         return cls(cert, key)
 
-    def save(self, cert_path: Path, key_path: Path) -> None:
-        """Write the key (0600) then the certificate; refuses to overwrite either."""
-        save_private_key(key_path, self.key)
+    def save(self, cert_path: Path, key_path: Path, keystore: Keystore) -> None:
+        """Write the key (sealed, 0600) then the certificate; refuses to overwrite either."""
+        save_private_key(key_path, self.key, keystore)
         save_certificate(cert_path, self.cert)
 
     def issue_server_cert(

@@ -3,7 +3,8 @@
 On-disk layout (``STATE_DIR/jwt/``, made by :meth:`KeyRing.generate`, which the bootstrap
 calls, and changed by :meth:`KeyRing.rotate`); every file is mode 0600::
 
-    jwt/<kid>.pem      PKCS#8 PEM, unencrypted; kid = RFC 7638 thumbprint
+    jwt/<kid>.pem      PKCS#8 PEM sealed with aico.keystore (role jwt/<kid>.pem);
+                       kid = RFC 7638 thumbprint
     jwt/current        the kid that signs new tokens
     jwt/retired.json   {"<kid>": <unix time after which it no longer verifies>, ...}
 
@@ -36,6 +37,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 from twisted.logger import Logger
 
 from aico.files import write_atomic
+from aico.keystore import Keystore, KeystoreError
 
 CURRENT_FILE = "current"
 RETIRED_FILE = "retired.json"
@@ -70,6 +72,11 @@ def _is_kid(kid: str) -> bool:
     return len(kid) == 43 and all(c.isascii() and (c.isalnum() or c in "-_") for c in kid)
 
 
+def _role(kid: str) -> str:
+    """The keystore role (associated data) of the key file of *kid*."""
+    return f"jwt/{kid}.pem"
+
+
 def read_current_kid(jwt_dir: str | Path) -> str:
     """The kid that ``jwt_dir/current`` names, checked to be a key id.
 
@@ -100,45 +107,49 @@ class KeyRing:
 
     log = Logger()
 
-    def __init__(self, current: _Key, retired: Mapping[str, _Key] | None = None) -> None:
+    def __init__(self, current: _Key, retired: Mapping[str, _Key] | None = None,
+                 keystore: Keystore | None = None) -> None:
         self._current = current
+        #: Seals the keys this keyring writes (:meth:`rotate`); None in memory.
+        self._keystore = keystore
         self._retired: dict[str, _Key] = dict(retired or {})
 
     # ------------------------------------------------------------------ disk
 
     @classmethod
-    def generate(cls, jwt_dir: str | Path) -> KeyRing:
-        """Create *jwt_dir* (0700) with one fresh key as current; refuses to overwrite."""
+    def generate(cls, jwt_dir: str | Path, keystore: Keystore) -> KeyRing:
+        """Create *jwt_dir* (0700) with one fresh key (sealed by *keystore*) as current;
+        refuses to overwrite."""
         d = Path(jwt_dir)
         d.mkdir(mode=0o700, parents=True, exist_ok=True)
         if (d / CURRENT_FILE).exists():
             raise KeyRingError(f"{d}: already holds a keyring")
-        key = cls._new_key(d)
+        key = cls._new_key(d, keystore)
         try:
             # Linked into place, so a keyring made meanwhile by another process is kept.
             write_atomic(d / CURRENT_FILE, key.kid.encode("ascii") + b"\n", 0o600, overwrite=False)
         except FileExistsError:
             (d / f"{key.kid}.pem").unlink(missing_ok=True)
             raise KeyRingError(f"{d}: already holds a keyring") from None
-        return cls(key)
+        return cls(key, keystore=keystore)
 
     @classmethod
-    def load(cls, jwt_dir: str | Path, now: float | None = None) -> KeyRing:
+    def load(cls, jwt_dir: str | Path, keystore: Keystore, now: float | None = None) -> KeyRing:
         """Read the keyring; with *now*, retired keys past their time are left out."""
         d = Path(jwt_dir)
         kid = read_current_kid(d)
-        current = cls._read_key(d, kid)
+        current = cls._read_key(d, kid, keystore)
         retired: dict[str, _Key] = {}
         for rkid, drop_at in cls._read_retired(d).items():
             if rkid == kid or (now is not None and drop_at <= now):
                 continue
             try:
-                key = cls._read_key(d, rkid)
+                key = cls._read_key(d, rkid, keystore)
             except KeyRingError:
                 cls.log.warn("retired JWT key {kid} is unreadable; skipped", kid=rkid)
                 continue
             retired[rkid] = _Key(rkid, key.private, key.public, drop_at)
-        return cls(current, retired)
+        return cls(current, retired, keystore)
 
     @classmethod
     def ephemeral(cls) -> KeyRing:
@@ -149,7 +160,7 @@ class KeyRing:
         return cls(_Key(thumbprint(public), private, public))
 
     @staticmethod
-    def _new_key(d: Path) -> _Key:
+    def _new_key(d: Path, keystore: Keystore) -> _Key:
         private = Ed25519PrivateKey.generate()
         public = private.public_key()
         kid = thumbprint(public)
@@ -158,17 +169,19 @@ class KeyRing:
             serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption(),
         )
-        write_atomic(d / f"{kid}.pem", pem, 0o600, overwrite=False)
+        keystore.write_sealed(d / f"{kid}.pem", pem, _role(kid), overwrite=False)
         return _Key(kid, private, public)
 
     @classmethod
-    def _read_key(cls, d: Path, kid: str) -> _Key:
+    def _read_key(cls, d: Path, kid: str, keystore: Keystore) -> _Key:
         if not _is_kid(kid):
             raise KeyRingError(f"{d}: {kid!r} is not a key id")
         path = d / f"{kid}.pem"
         try:
             st = path.stat()
-            data = path.read_bytes()
+            data = keystore.read_sealed(path, _role(kid))
+        except KeystoreError as e:
+            raise KeyRingError(str(e)) from e
         except OSError as e:
             raise KeyRingError(f"{path}: cannot read ({e.strerror})") from e
         if stat.S_IMODE(st.st_mode) & 0o077:
@@ -176,7 +189,7 @@ class KeyRing:
         try:
             private = serialization.load_pem_private_key(data, password=None)
         except (ValueError, TypeError) as e:
-            raise KeyRingError(f"{path}: not an unencrypted PKCS#8 PEM key") from e
+            raise KeyRingError(f"{path}: not a PKCS#8 PEM key") from e
         if not isinstance(private, Ed25519PrivateKey):
             raise KeyRingError(f"{path}: not an Ed25519 key")
         public = private.public_key()
@@ -214,8 +227,10 @@ class KeyRing:
         Returns the new kid. Blocking: call it in a thread once the reactor runs.
         """
         d = Path(jwt_dir)
+        if self._keystore is None:
+            raise KeyRingError("this keyring was not loaded from disk; it cannot rotate there")
         self.prune(d, now)
-        new = self._new_key(d)
+        new = self._new_key(d, self._keystore)
         old = self._current
         self._retired[old.kid] = _Key(old.kid, old.private, old.public, now + keep_for)
         # retired.json first: a crash between the writes leaves the old key current

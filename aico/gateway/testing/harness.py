@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,8 @@ from twisted.trial.unittest import TestCase
 from aico.gateway import config as configuration
 from aico.gateway.composition import GatewayParts, compose
 from aico.gateway.service import GatewayService
+from aico.gateway.state import bootstrap
+from aico.keystore import TEST_KDF
 
 #: Every listener on a free port (TOML), so gateways run side by side.
 FREE_LISTENERS = """
@@ -93,7 +96,12 @@ class RunningGateway:
 
 def start_gateway(test: TestCase, extra: str = "", state_dir: Path | None = None,
                   reactor: Any = None) -> Deferred[RunningGateway]:
-    """Start a gateway configured by ``FREE_PORTS`` + *extra*; stopped in the test's cleanup."""
+    """Start a gateway configured by ``FREE_PORTS`` + *extra*; stopped in the test's cleanup.
+
+    A fresh state directory is bootstrapped first with the test KDF parameters
+    (:data:`aico.keystore.TEST_KDF`), so opening its keystore costs nothing; production
+    starts make theirs with the strong ones.
+    """
     if reactor is None:
         from twisted.internet import reactor as global_reactor
 
@@ -101,6 +109,10 @@ def start_gateway(test: TestCase, extra: str = "", state_dir: Path | None = None
     config = configuration.from_mapping(merge(tomllib.loads(FREE_PORTS), tomllib.loads(extra)),
                                         "<test>")
     root = state_dir or Path(test.mktemp())
+    if not (root / "keystore.json").exists():
+        # The master-key file, never the keyring of whoever runs the tests.
+        bootstrap(root, config.modules.builtin, kdf=TEST_KDF,
+                  env={**os.environ, "AICO_NO_KEYRING": "1"})
     service = compose(config, root, reactor)
     service.on_fatal = None  # a test's gateway that fails to start fails the test, not trial
     service.privilegedStartService()
