@@ -40,6 +40,7 @@ from aico.gateway.devices.ca import (
     save_private_key,
 )
 from aico.gateway.testing.waiting import eventually
+from aico.keystore import TEST_KDF, client_keystore
 from tests.realtime import USER_CAPS, Realtime, reactor
 
 # ----------------------------------------------------------------------- the test server
@@ -161,7 +162,8 @@ def paired_dir(root: Path, ca: DeviceCA, server_cert: x509.Certificate, *, tls_p
     root.mkdir(parents=True, exist_ok=True)
     key = generate_key()
     cert = ca.issue_client_cert(create_csr(key, name), name)
-    save_private_key(root / "device.key", key)
+    keystore = client_keystore(root, kdf=TEST_KDF, env={"AICO_NO_KEYRING": "1"})
+    save_private_key(root / "device.key", key, keystore)
     save_certificate(root / "device.pem", cert)
     save_certificate(root / "ca.pem", ca.cert)
     (root / "gateway.json").write_text(json.dumps({

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 import socket
 import stat
@@ -20,6 +21,7 @@ from aico.gateway import cli as gateway_cli
 from aico.gateway.devices.ca import device_id
 from aico.gateway.testing.harness import RunningGateway, start_gateway
 from aico.gateway.testing.waiting import eventually
+from aico.keystore import is_sealed
 
 
 def free_port() -> int:
@@ -60,13 +62,19 @@ class PairingRealTests(TestCase):
         # The gateway sees the CLI's window through the registry watcher.
         await eventually(lambda: gw.parts.pairing.port is not None, timeout=2)
         out_dir = Path(self.mktemp())
+        self.patch(os, "environ", {**os.environ, "AICO_NO_KEYRING": "1"})
         status, out, err = await client("pair", "--host", "127.0.0.1", "--port", str(port),
                                         "--code", code, "--name", "android", "--out",
                                         str(out_dir))
         self.assertEqual(status, 0, err)
+        # SPEC §7's four files, plus the keystore that seals device.key (its master secret
+        # in a 0600 master-key file: this test turns the platform keyring off).
         self.assertEqual(sorted(p.name for p in out_dir.iterdir()),
-                         ["ca.pem", "device.key", "device.pem", "gateway.json"])
+                         ["ca.pem", "device.key", "device.pem", "gateway.json", "keystore.json",
+                          "master-key"])
         self.assertEqual(stat.S_IMODE((out_dir / "device.key").stat().st_mode), 0o600)
+        self.assertTrue(is_sealed((out_dir / "device.key").read_bytes()),
+                        "the device key is sealed at rest, not plain PEM")
         cert = x509.load_pem_x509_certificate((out_dir / "device.pem").read_bytes())
         gateway = json.loads((out_dir / "gateway.json").read_text())
         server_cert = gw.parts.materials.server_identity[0]  # type: ignore[index]

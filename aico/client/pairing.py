@@ -31,6 +31,7 @@ from twisted.python.failure import Failure
 
 from aico.gateway.devices import protocol as wire
 from aico.gateway.devices.ca import create_csr, device_id, generate_key
+from aico.keystore import client_keystore
 
 __all__ = ["DeviceInput", "DevicePairing", "DeviceState", "PairingFailed", "PairingResult", "pair"]
 
@@ -332,7 +333,9 @@ def _write_device_key(out_dir: Path, key: ec.EllipticCurvePrivateKey) -> None:
     """Write the device's private key (the one place that does; mode 0600)."""
     data = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
                              serialization.NoEncryption())
-    _write(out_dir / DEVICE_KEY, data, 0o600)
+    # Sealed at rest like the gateway's keys (aico.keystore: the master secret from the
+    # keyring, $AICO_MASTER_PASSWORD, or cert_dir/master-key).
+    client_keystore(out_dir).write_sealed(out_dir / DEVICE_KEY, data, DEVICE_KEY)
 
 
 def _write(path: Path, data: bytes, mode: int) -> None:

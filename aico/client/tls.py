@@ -27,6 +27,7 @@ connection reports as lost, and is also kept in :attr:`PinnedClientTLS.last_erro
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 from dataclasses import dataclass
@@ -52,6 +53,7 @@ from twisted.web.iweb import IPolicyForHTTPS
 from zope.interface import implementer
 
 from aico.gateway.devices.ca import DeviceIDError, device_id, parse_device_id
+from aico.keystore import Keystore, client_keystore
 
 __all__ = [
     "CATrust",
@@ -73,16 +75,23 @@ class CertDirError(ValueError):
     """A certificate directory that is missing a file or holds something unusable."""
 
 
+@functools.lru_cache(maxsize=16)
+def _keystore(cert_dir: Path) -> Keystore:
+    """A certificate directory's keystore, its key derived (Argon2id) once per process."""
+    return client_keystore(cert_dir)
+
+
 def load_device_key(cert_dir: str | Path) -> DevicePrivateKey:
     """The device's private key from ``cert_dir/device.key``.
 
-    The one place the key is read, so that reading an encrypted key (keys at rest) is a
-    change here only. Today: an unencrypted PEM (PKCS#8 or traditional), EC P-256 or
-    Ed25519.
+    The one place the key is read. It is sealed at rest (:func:`aico.keystore.client_keystore`:
+    the master secret from the keyring, ``$AICO_MASTER_PASSWORD`` or ``cert_dir/master-key``);
+    a plain PEM from before is sealed in place on first read. EC P-256 or Ed25519.
     """
     path = Path(cert_dir).expanduser() / "device.key"
     try:
-        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+        pem = _keystore(path.parent.absolute()).read_sealed(path, "device.key")
+        key = serialization.load_pem_private_key(pem, password=None)
     except (OSError, ValueError, TypeError) as e:
         raise CertDirError(f"cannot read the device key {path}: {e}") from e
     if not isinstance(key, ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey):
