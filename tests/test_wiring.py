@@ -40,13 +40,13 @@ class MakeServiceTests(SynchronousTestCase):
         self.assertEqual([c.name for c in service.child("modules")], ["conversation", "health"])
         self.assertEqual([c.name for c in service.child("modules", "conversation")],
                          ["module", "heartbeat"])
-        self.assertEqual([c.name for c in service.child("listeners")], ["http", "ipc"])
+        self.assertEqual([c.name for c in service.child("listeners")], ["http", "tls", "ipc"])
         self.assertEqual(sorted(c.name for c in service.child("jobs")),
                          ["ipc-peer-sweep", "ratelimit-sweep", "registry-watch", "token-prune"])
 
     def test_listeners_and_modules_follow_the_config(self) -> None:
         cfg = Path(self.mktemp() + ".toml")
-        cfg.write_text('[http]\nenabled = false\n[ipc]\nendpoint = ""\n[bus]\n'
+        cfg.write_text('[http]\nenabled = false\n[tls]\nenabled = false\n[ipc]\nendpoint = ""\n[bus]\n'
                        'embedded_broker = false\n[modules]\nin_process = false\n')
         options = tap.Options()
         options.parseOptions(["--config", str(cfg), "--state-dir",
