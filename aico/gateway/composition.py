@@ -329,6 +329,9 @@ class GatewayParts:
     async def _start(self) -> None:
         await self.revocations.load()
         self.tokens.load_generations(await self.user_store.session_generations())
+        # The watcher's first look only records the registry's version: take it before
+        # the devices are read, so a change the CLI commits from now on is never missed.
+        await self.registry_watcher.check()
         await self.device_gate.load()
         await self.passwords.prepare()
 
