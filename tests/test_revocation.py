@@ -48,7 +48,7 @@ class RevocationTests(TestCase):
         self.assertEqual(gw.parts.device_gate.live(phone.device_id), 2)
 
         revoked_at = time.monotonic()
-        status, out, err = await deferToThread(
+        status, _, err = await deferToThread(
             _cli, "devices", "revoke", phone.device_id, "--state-dir", str(gw.state_dir))
         self.assertEqual(status, 0, err)
         await waiting
