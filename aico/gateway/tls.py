@@ -73,7 +73,7 @@ class _DeviceCATrust:
     def _addCACertsToContext(self, context: SSL.Context) -> None:
         context.get_cert_store().add_cert(X509.from_cryptography(self.ca_cert))  # type: ignore[union-attr]
         # Tell clients which CA we want (CertificateRequest's certificate_authorities).
-        context.add_client_ca(X509.from_cryptography(self.ca_cert))
+        context.add_client_ca(self.ca_cert)
 
 
 def server_options(ca_cert: x509.Certificate, server_cert: x509.Certificate,
