@@ -4,6 +4,9 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STATE  ?= ./var
 STAMP  := $(VENV)/.installed
+# sslyze pins an older cryptography and nassl: it gets a venv of its own (tests/test_sslyze.py).
+SSLYZE_VENV  := .venv-sslyze
+SSLYZE_STAMP := $(SSLYZE_VENV)/.installed
 
 .PHONY: run test lint proto proto-check bench clean
 
@@ -21,7 +24,14 @@ lint: $(STAMP) proto-check
 	$(VENV)/bin/ruff check aico tests twisted
 	$(VENV)/bin/mypy aico
 
-test: lint
+$(SSLYZE_STAMP):
+	@test -x $(SSLYZE_VENV)/bin/python || $(PYTHON) -m venv $(SSLYZE_VENV)
+	$(SSLYZE_VENV)/bin/python -m pip install -q 'sslyze>=6.3,<7'
+	@touch $(SSLYZE_STAMP)
+
+$(SSLYZE_VENV): $(SSLYZE_STAMP)
+
+test: lint $(SSLYZE_STAMP)
 	$(VENV)/bin/python -m aico.dev.runtests -j2 tests
 
 proto: $(STAMP)
@@ -36,4 +46,4 @@ bench: $(STAMP)
 	$(PY) -m aico.bench
 
 clean:
-	rm -rf $(VENV) build *.egg-info _trial_temp*
+	rm -rf $(VENV) $(SSLYZE_VENV) build *.egg-info _trial_temp*

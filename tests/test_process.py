@@ -31,6 +31,8 @@ TWISTD = str(Path(sys.executable).parent / "twistd")
 FREE = """
 [http]
 port = {http}
+[tls]
+port = 0
 [bus]
 pub = "tcp://127.0.0.1:*"
 sub = "tcp://127.0.0.1:*"
@@ -199,6 +201,8 @@ class ProcessTests(TestCase):
         config = Path(os.path.abspath(self.mktemp() + ".toml"))
         config.write_text(f"""
 [http]
+port = 0
+[tls]
 port = 0
 [ipc]
 fallback = "tcp://127.0.0.1:*"

@@ -15,6 +15,9 @@ Subcommands (``aico-gateway COMMAND --help`` for each):
   (closing any other), print its one-time code, the port and the expiry; then wait and
   report how the window ended (Ctrl-C closes it). A running gateway opens its ``pairing``
   listener within a second.
+* ``devices list [--json]`` / ``devices revoke DEVICE_ID`` / ``devices rename DEVICE_ID NAME``
+  — paired devices (revoke and rename are audited; a running gateway sees them within
+  0.25 s and cuts a revoked device's connections, ``docs/devices.md``).
 
 Adding a subcommand: write ``_add_NAME(subparsers)`` that builds its parser and sets
 ``handler=`` to a function ``(args, ctx: Context) -> int``, and list it in :data:`_COMMANDS`.
@@ -439,11 +442,116 @@ def _local_time(ts: float) -> str:
     return datetime.datetime.fromtimestamp(ts).astimezone().strftime("%Y-%m-%d %H:%M:%S %Z")
 
 
+# --------------------------------------------------------------------------- devices
+
+
+def _add_devices(subparsers: _Subparsers) -> None:
+    p = subparsers.add_parser("devices", help="paired devices (detached mode)")
+    sub = p.add_subparsers(dest="devices_command", metavar="ACTION", required=True)
+    listing = sub.add_parser("list", help="list paired devices (ID, name, trust, state)")
+    listing.add_argument("--json", action="store_true", help="one JSON object per line")
+    add_state_options(listing)
+    listing.set_defaults(handler=_cmd_devices_list)
+    revoke = sub.add_parser(
+        "revoke",
+        help="revoke a device",
+        description="Revoke DEVICE_ID: a running gateway refuses its next handshake and "
+        "closes its open connections within a second. Recorded in the audit log as "
+        "device_revoked.",
+    )
+    revoke.add_argument("device_id", metavar="DEVICE_ID")
+    add_state_options(revoke)
+    revoke.set_defaults(handler=_cmd_devices_revoke)
+    rename = sub.add_parser("rename", help="rename a device (audited as device_renamed)")
+    rename.add_argument("device_id", metavar="DEVICE_ID")
+    rename.add_argument("name", metavar="NAME")
+    add_state_options(rename)
+    rename.set_defaults(handler=_cmd_devices_rename)
+
+
+def _device_id_arg(text: str) -> str:
+    from aico.gateway.devices.ca import DeviceIDError, format_device_id, parse_device_id
+
+    try:
+        return format_device_id(parse_device_id(text.strip()))
+    except DeviceIDError as e:
+        raise _Exit(EXIT_USAGE, f"device ID {text!r}: {e}") from e
+
+
+def _cmd_devices_list(args: argparse.Namespace, ctx: Context) -> int:
+    import json
+    import time
+
+    from aico.gateway.devices.registry import DeviceStore
+
+    paths, _ = state_paths(args, ctx.env)
+    with _open_registry(paths) as db:
+        devices = sync_result(DeviceStore(db).list())
+    for d in devices:
+        if args.json:
+            print(json.dumps(d.public(), sort_keys=True), file=ctx.out)
+            continue
+        state = "revoked" if d.revoked else "active"
+        seen = (time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(d.last_seen))
+                if d.last_seen else "never")
+        print(f"{d.device_id}\t{d.name}\t{d.trust}\t{state}\tpaired for "
+              f"{d.paired_for or '-'}\tlast seen {seen}", file=ctx.out)
+    if not devices and not args.json:
+        print("no paired devices", file=ctx.out)
+    return EXIT_OK
+
+
+def _audit_cli(db: SyncDatabase, paths: StatePaths, event: str, details: dict[str, Any]) -> None:
+    from twisted.internet import reactor  # its clock only; it never runs here
+
+    from aico.gateway.security.audit import AuditLog
+
+    audit = AuditLog(db, reactor, anchor_path=paths.root / "audit-head.json")
+    sync_result(audit.append(event, "cli", details))
+
+
+def _cmd_devices_revoke(args: argparse.Namespace, ctx: Context) -> int:
+    from aico.gateway.devices.registry import DeviceStore
+
+    device_id = _device_id_arg(args.device_id)
+    paths, _ = state_paths(args, ctx.env)
+    with _open_registry(paths) as db:
+        store = DeviceStore(db)
+        device = sync_result(store.get(device_id))
+        if device is None:
+            raise _Exit(EXIT_FAILURE, f"no device {device_id}")
+        if not sync_result(store.revoke(device_id)):
+            raise _Exit(EXIT_FAILURE, f"device {device_id} ({device.name}) was revoked already")
+        _audit_cli(db, paths, "device_revoked", {"device_id": device_id, "name": device.name})
+    print(f"revoked {device_id} ({device.name}); a running gateway closes its connections "
+          "within a second", file=ctx.out)
+    return EXIT_OK
+
+
+def _cmd_devices_rename(args: argparse.Namespace, ctx: Context) -> int:
+    from aico.gateway.devices.registry import DeviceStore
+
+    device_id = _device_id_arg(args.device_id)
+    name = args.name.strip()
+    if not name or len(name) > 64 or any(not ch.isprintable() for ch in name):
+        raise _Exit(EXIT_USAGE, "name: 1-64 printable characters")
+    paths, _ = state_paths(args, ctx.env)
+    with _open_registry(paths) as db:
+        store = DeviceStore(db)
+        device = sync_result(store.get(device_id))
+        if device is None or not sync_result(store.rename(device_id, name)):
+            raise _Exit(EXIT_FAILURE, f"no device {device_id}")
+        _audit_cli(db, paths, "device_renamed",
+                   {"device_id": device_id, "old_name": device.name, "name": name})
+    print(f"renamed {device_id}: {device.name} -> {name}", file=ctx.out)
+    return EXIT_OK
+
+
 # --------------------------------------------------------------------------- main
 
 #: Every subcommand's registration function, in ``--help`` order.
-_COMMANDS: tuple[Callable[[_Subparsers], None], ...] = (_add_init, _add_config, _add_user, _add_keys,
-                                                        _add_pair)
+_COMMANDS: tuple[Callable[[_Subparsers], None], ...] = (
+    _add_init, _add_config, _add_user, _add_keys, _add_pair, _add_devices)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -46,6 +46,8 @@ from aico.gateway.adapters.session import SessionServices
 from aico.gateway.adapters.websocket import websocket_resource
 from aico.gateway.api.conversations.dependencies import ConversationsDeps
 from aico.gateway.api.conversations.router import routes as conversation_routes
+from aico.gateway.api.devices.dependencies import DevicesDeps
+from aico.gateway.api.devices.router import routes as device_routes
 from aico.gateway.api.health.dependencies import HealthDeps
 from aico.gateway.api.health.router import routes as health_routes
 from aico.gateway.api.transport.dependencies import TransportDeps
@@ -75,6 +77,14 @@ from aico.gateway.security.tokens import SqliteRevocationStore, TokenService
 from aico.gateway.service import GatewayService, ListenerGroup, ProcessExit
 from aico.gateway.state import StateDirError, StatePaths, bootstrap
 from aico.gateway.store import Database, SchemaError
+from aico.gateway.tls import (
+    DeviceGate,
+    DeviceSite,
+    DeviceTLSFactory,
+    device_id_of_request,
+    device_id_of_transport,
+    server_options,
+)
 from aico.gateway.users import UserStore
 from aico.services import CallbackService, PeriodicJob, SequentialMultiService, ThreadPoolService
 
@@ -186,6 +196,12 @@ class GatewayParts:
         self.devices = DeviceStore(self.db, reactor)
         self.pairing_windows = PairingWindowStore(self.db, reactor)
         self.registry_watcher = ChangeWatcher(self.db)
+        #: The registry in memory for the tls listener (the hot path never waits on
+        #: SQLite), its live connections per device, and revocation that cuts them.
+        self.device_gate = DeviceGate(self.devices, reactor,
+                                      close_sessions=self.connections.close_device)
+        self.chain.devices = self.device_gate.lookup
+        self.registry_watcher.add_listener(self.device_gate.refresh)
         #: Every listener's ``ports.json`` entry, once they are up.
         self.listener_addresses: dict[str, dict[str, Any]] = {}
         #: Pairing windows and the ``pairing`` listener open while one is.
@@ -197,11 +213,15 @@ class GatewayParts:
                           on_revoke_subject=self.connections.revoke_subject,
                           on_revoke_family=self.connections.revoke_family)
         self.http_addresses: dict[str, dict[str, Any]] = {}
+        ca = materials.device_ca
         transport = TransportDeps(
+            tls_address=lambda: self.http_addresses.get("tls"),
+            ca_fingerprint=lambda: ca.fingerprint if ca is not None else "",
             ipc_endpoints=lambda: self.ipc.endpoints if self.ipc is not None else {},
             curve_server_key=lambda: materials.curve_public,
             ipc_curve=lambda: self.config.ipc.curve,
-            http_bases=lambda: {name: f"http://{a['host']}:{a['port']}"
+            http_bases=lambda: {name: f"{'https' if name == 'tls' else 'http'}://"
+                                      f"{a['host']}:{a['port']}"
                                 for name, a in self.http_addresses.items()},
             version=_version(),
         )
@@ -215,6 +235,7 @@ class GatewayParts:
             *conversation_routes(ConversationsDeps(self.forwarder)),
             *user_routes(users),
             *transport_routes(transport),
+            *device_routes(DevicesDeps(device=self.device_gate.known)),
             self.openapi.entry(),
         ])
         self.module_routes.own_routes = self.own_routes
@@ -231,6 +252,26 @@ class GatewayParts:
             body_timeout=lambda: self.config.limits.body_timeout,
             reactor=reactor,
             finished=self.dispatcher.finished,
+        )
+
+        # Detached mode: the tls listener serves the same routes, chain and WebSocket
+        # adapter (WSS) over mutual TLS 1.3; its device is the principal.
+        wss, self.wss_factory = websocket_resource(
+            self.sessions, lambda: self.config.websocket, transport_name="wss",
+            device_id_of=device_id_of_transport,
+            device_principal=lambda did: (self.chain.device_principal(d)
+                                          if (d := self.device_gate.known(did)) else None))
+        self.tls_rest = RestAdapter(self.dispatcher, "tls", websocket=wss, inflight=self.inflight,
+                                    identify=device_id_of_request)
+        self.tls_site = DeviceSite(
+            self.tls_rest.resource(),
+            body_limit=lambda: self.config.limits.body_max,
+            header_limits=lambda: (self.config.limits.header_count, self.config.limits.header_size),
+            head_timeout=lambda: self.config.limits.head_timeout,
+            body_timeout=lambda: self.config.limits.body_timeout,
+            reactor=reactor,
+            finished=self.dispatcher.finished,
+            gate=self.device_gate,
         )
 
     def _ipc_listener(self) -> IpcListener | None:
@@ -260,7 +301,8 @@ class GatewayParts:
                               self.devices, self.audit, self.materials.device_ca,
                               identity[0] if identity is not None else None, listen, run_cpu,
                               tls_address=lambda: self.listener_addresses.get("tls"),
-                              baseline=self.registry_watcher.check)
+                              baseline=self.registry_watcher.check,
+                              on_paired=self.device_gate.remember)
 
     def mdns(self) -> MdnsAdvertiser | None:
         """The mDNS advertiser, when ``[mdns]`` and the listeners' hosts ask for one."""
@@ -283,9 +325,21 @@ class GatewayParts:
             out.append(TcpListener("http", tcp_endpoint(self.reactor, http.host, http.port),
                                    self.http_site, describe=f"{http.host}:{http.port}",
                                    close=self._close_http))
+        tls = self.config.tls
+        m = self.materials
+        if tls.enabled and m.device_ca is not None and m.server_identity is not None:
+            options = server_options(m.device_ca.cert, *m.server_identity)
+            out.append(TcpListener("tls", tcp_endpoint(self.reactor, tls.host, tls.port),
+                                   DeviceTLSFactory(options, self.tls_site, self.device_gate),
+                                   describe=f"{tls.host}:{tls.port}", close=self._close_tls))
         if self.ipc is not None:
             out.append(self.ipc)
         return out
+
+    def _close_tls(self) -> Deferred[None]:
+        """As ``http``: WSS sockets closed (1001), HTTPS connections gracefully."""
+        self.wss_factory.close_all()
+        return self.tls_site.close_connections(self.reactor)
 
     def _close_http(self) -> Deferred[None]:
         """After the drain: WebSockets are closed (1001), HTTP connections gracefully."""
@@ -314,6 +368,10 @@ class GatewayParts:
     async def _start(self) -> None:
         await self.revocations.load()
         self.tokens.load_generations(await self.user_store.session_generations())
+        # The watcher's first look only records the registry's version: take it before
+        # the devices are read, so a change the CLI commits from now on is never missed.
+        await self.registry_watcher.check()
+        await self.device_gate.load()
         await self.passwords.prepare()
 
     def stop(self) -> Deferred[None]:
@@ -434,7 +492,7 @@ def build_tree(
 
     def ready() -> Deferred[None]:
         ports = listeners.addresses()
-        parts.http_addresses = {k: v for k, v in ports.items() if k == "http"}
+        parts.http_addresses = {k: v for k, v in ports.items() if k in ("http", "tls")}
         parts.listener_addresses = dict(ports)
         if isinstance(bus, BusClient):
             ports["bus"] = {"pub": bus.pub_endpoint, "sub": bus.sub_endpoint}

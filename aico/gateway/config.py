@@ -229,9 +229,12 @@ def _default_roles() -> dict[str, tuple[str, ...]]:
         # "*" grants every capability; "x:*" every capability that starts with "x:".
         "admin": ("*",),
         "user": ("users:self", "conversations:read", "conversations:write",
-                 "events:conversation", "events:user", "sync:read", "sync:write"),
+                 "events:conversation", "events:user", "sync:read", "sync:write",
+                 "devices:self"),
+        # A paired device on the tls listener (docs/devices.md), plus its own capabilities.
         "device": ("users:self", "conversations:read", "conversations:write",
-                   "events:conversation", "events:user", "sync:read", "sync:write"),
+                   "events:conversation", "events:user", "sync:read", "sync:write",
+                   "devices:self"),
         "service": ("events:*", "conversations:read"),
     }
 

@@ -403,11 +403,21 @@ class RestAdapter:
         transport: str = "http",
         websocket: IResource | None = None,
         inflight: InFlight | None = None,
+        identify: Callable[[IRequest], str] | None = None,
     ) -> None:
         self.dispatcher = dispatcher
         self.transport = transport
         self.websocket = websocket
         self.inflight = inflight or InFlight()
+        #: The device ID of a request's connection (the ``tls`` listener's client
+        #: certificate); the security chain makes it the principal.
+        self.identify = identify
+
+    def _normalize(self, web: IRequest) -> Request:
+        request = normalize(web, self.transport)
+        if self.identify is not None:
+            request.device_id = self.identify(web)
+        return request
 
     def resource(self) -> IResource:
         return _Front(self, self.app.resource())
@@ -417,7 +427,7 @@ class RestAdapter:
         dispatcher (rate-limited, access-logged, with its request ID)."""
         self.inflight.enter()
         web.notifyFinish().addBoth(lambda _: self.inflight.leave())  # type: ignore[attr-defined]
-        request = normalize(web, self.transport)
+        request = self._normalize(web)
         d = self.dispatcher.handle_control(request, _BAD_TARGET, self.dispatcher.steps)
         return d.addCallback(lambda response: self._write_head(web, request, response))
 
@@ -427,7 +437,7 @@ class RestAdapter:
             return self._handle(request)
         upgrade = request.requestHeaders.getRawHeaders(b"upgrade") or [b""]
         if upgrade[0].lower() != b"websocket":
-            normalized = normalize(request, self.transport)
+            normalized = self._normalize(request)
             error = BadRequest("/ws is a WebSocket endpoint: open it with an Upgrade request",
                                headers={"Upgrade": "websocket"})
             response = error_response(error, normalized.request_id)
@@ -453,7 +463,7 @@ class RestAdapter:
         return self._serve(web)
 
     def _serve(self, web: IRequest) -> Deferred[bytes] | bytes:
-        request = normalize(web, self.transport)
+        request = self._normalize(web)
         if getattr(web, "too_large", False):
             response = error_response(PayloadTooLarge("the request body is too large"),
                                       request.request_id)

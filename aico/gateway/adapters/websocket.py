@@ -615,6 +615,10 @@ class WebSocketSession(WebSocketServerProtocol):
         self.core = core = self._make_core(str(request.headers.get("host", "")))
         header = request.headers.get("authorization")
         if not header:
+            # WSS: a device's socket is authenticated by its certificate from the start.
+            f = self.factory
+            if f.device_principal is not None and self.info.device_id:
+                self._upgrade_principal = f.device_principal(self.info.device_id)
             return chosen, {}
         scheme, _, token = str(header).strip().partition(" ")
         # A malformed header goes through the chain as well (an empty token): it is
@@ -1044,8 +1048,11 @@ class GatewayWebSocketFactory(WebSocketServerFactory):
         *,
         transport_name: str = "websocket",
         device_id_of: Callable[[Any], str] | None = None,
+        device_principal: Callable[[str], Principal | None] | None = None,
     ) -> None:
         super().__init__(server=SERVER_NAME)  # type: ignore[no-untyped-call]
+        #: WSS: the principal of a device that opens a socket without a token.
+        self.device_principal = device_principal
         self.services = services
         self.connections = services.connections
         self.settings = settings
@@ -1081,9 +1088,11 @@ def websocket_resource(
     *,
     transport_name: str = "websocket",
     device_id_of: Callable[[Any], str] | None = None,
+    device_principal: Callable[[str], Principal | None] | None = None,
 ) -> tuple[IResource, GatewayWebSocketFactory]:
     """The resource to mount at ``/ws`` (``RestAdapter(websocket=...)``) and its factory."""
     factory = GatewayWebSocketFactory(services, settings, transport_name=transport_name,
-                                      device_id_of=device_id_of)
+                                      device_id_of=device_id_of,
+                                      device_principal=device_principal)
     resource: IResource = WebSocketResource(factory)  # type: ignore[no-untyped-call]
     return resource, factory

@@ -33,7 +33,13 @@ from twisted.python.failure import Failure
 
 from aico.gateway.devices import protocol as wire
 from aico.gateway.devices.ca import CSRError, DeviceCA, device_id
-from aico.gateway.devices.registry import DeviceStore, PairingWindow, PairingWindowStore, normalise_code
+from aico.gateway.devices.registry import (
+    Device,
+    DeviceStore,
+    PairingWindow,
+    PairingWindowStore,
+    normalise_code,
+)
 from aico.gateway.devices.registry import new_code as _new_code
 
 __all__ = [
@@ -350,8 +356,11 @@ class PairingService(Service):
                  listen: Callable[[Factory], Deferred[IListeningPort]],
                  run_cpu: Callable[..., Deferred[Any]],
                  tls_address: Callable[[], dict[str, Any] | None] = lambda: None,
-                 baseline: Callable[[], Deferred[None]] | None = None) -> None:
+                 baseline: Callable[[], Deferred[None]] | None = None,
+                 on_paired: Callable[[Device], object] = lambda device: None) -> None:
         self.reactor = reactor
+        #: Told each device paired here (the tls listener admits it at once).
+        self.on_paired = on_paired
         self.settings = settings
         self.windows = windows
         self.devices = devices
@@ -543,6 +552,7 @@ class PairingService(Service):
             raise PairingRefused("window_closed")
         cert_pem = cert.public_bytes(serialization.Encoding.PEM).decode("ascii")
         device = await self.devices.add(cert_pem, name, paired_for=window.paired_for)
+        self.on_paired(device)
         await self.audit.append("device_paired", "gateway", {
             "device_id": did, "name": name, "paired_for": window.paired_for,
             "window_id": window.window_id, "peer": peer})

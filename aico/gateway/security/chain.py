@@ -8,11 +8,14 @@ REST, WebSocket, IPC and every later adapter; no adapter has checks of its own.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from twisted.logger import Logger
 
+from aico.gateway.api.devices.exceptions import DeviceRefused
 from aico.gateway.config import Config
 from aico.gateway.errors import (
     ApiError,
@@ -30,6 +33,14 @@ from aico.gateway.security.capabilities import capabilities_for, grants
 from aico.gateway.security.ratelimit import IRateLimiter
 from aico.gateway.security.topics import may_subscribe
 from aico.net import source_identity
+
+if TYPE_CHECKING:
+    from aico.gateway.devices.registry import Device
+
+#: Transports whose connections carry a device certificate (the ``tls`` listener).
+DEVICE_TRANSPORTS = frozenset({"tls", "wss"})
+#: The role every device principal has (``[roles] device``).
+DEVICE_ROLE = "device"
 
 #: Capabilities with this prefix are narrowed by context: only over loopback, or from a
 #: device trusted for administration.
@@ -114,6 +125,9 @@ class SecurityChain:
         self.tokens = tokens
         self.limiter = limiter
         self.config = config
+        #: The paired, unrevoked device with this ID, or ``None`` (the composition sets
+        #: it to the device cache's lookup; ``None`` here refuses every device).
+        self.devices: Callable[[str], Device | None] = lambda device_id: None
 
     # ------------------------------------------------------------------ authentication
 
@@ -138,15 +152,43 @@ class SecurityChain:
         )
         return principal, claims
 
+    def device_principal(self, device: Device) -> Principal:
+        """A device acting on its own: role ``device`` plus the device's own capabilities,
+        as the user it was paired for when there is one (else ``device:ID``)."""
+        caps = capabilities_for((DEVICE_ROLE,), self.config().roles) | frozenset(device.capabilities)
+        return Principal(subject=device.paired_for or f"device:{device.device_id}",
+                         roles=(DEVICE_ROLE,), caps=caps, device_id=device.device_id)
+
     def authenticate(self, request: Request) -> None:
-        """Step 1: who is calling. A public route needs no token, but a bad one is refused."""
+        """Step 1: who is calling. A public route needs no token, but a bad one is refused.
+
+        On the ``tls`` listener the connection's device (its client certificate) must be
+        paired and not revoked; without a token it is the principal; with one, the
+        token's user acts through the device, narrowed to what the device may do.
+        """
+        device = None
+        if request.device_id and request.transport in DEVICE_TRANSPORTS:
+            device = self.devices(request.device_id)
+            if device is None:
+                raise DeviceRefused()
+            request.device_admin = device.trust == "admin"
         token = bearer_token(request.headers.get("authorization"))
         if token is None:
+            if device is not None:
+                request.principal = self.device_principal(device)
+                return
             if request.route is not None and request.route.public:
                 return
             raise Unauthenticated("authenticate before subscribing" if request.method == "SUBSCRIBE"
                                   else "this route needs a bearer token")
-        request.principal, request.claims = self.principal_for_token(token)
+        principal, request.claims = self.principal_for_token(token)
+        if device is not None:
+            allowed = self.device_principal(device).caps
+            principal = dataclasses.replace(
+                principal, device_id=device.device_id,
+                caps=frozenset({c for c in principal.caps if grants(allowed, c)}
+                               | {c for c in allowed if grants(principal.caps, c)}))
+        request.principal = principal
 
     # ------------------------------------------------------------------ authorization
 

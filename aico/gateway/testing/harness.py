@@ -22,6 +22,8 @@ from aico.keystore import TEST_KDF
 FREE_LISTENERS = """
 [http]
 port = 0
+[tls]
+port = 0
 [bus]
 pub = "tcp://127.0.0.1:*"
 sub = "tcp://127.0.0.1:*"
@@ -80,6 +82,12 @@ class RunningGateway:
     def base(self) -> str:
         http = self.ports["http"]
         return f"http://{http['host']}:{http['port']}"
+
+    @property
+    def tls_address(self) -> tuple[str, int]:
+        """``(host, port)`` of the ``tls`` listener."""
+        tls = self.ports["tls"]
+        return str(tls["host"]), int(tls["port"])
 
     @property
     def admin_password(self) -> str:

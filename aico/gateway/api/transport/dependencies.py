@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 
 def _none() -> Mapping[str, str]:
@@ -22,5 +23,9 @@ class TransportDeps:
     #: (``{"http": "http://127.0.0.1:8771"}``); the request's Host is used otherwise.
     http_bases: Callable[[], Mapping[str, str]] = _none
     version: str = ""
+    #: The bound ``tls`` listener (``{"host", "port"}``, as in ports.json), None when off.
+    tls_address: Callable[[], Mapping[str, Any] | None] = lambda: None
+    #: The device CA's fingerprint (device-ID form) that a paired device pins.
+    ca_fingerprint: Callable[[], str] = lambda: ""
     #: WebSocket subprotocols offered.
     subprotocols: tuple[str, ...] = field(default=("aico.v1.json", "aico.v1.proto"))

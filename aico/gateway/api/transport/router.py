@@ -2,9 +2,11 @@
 
 Local transports (ZeroMQ ``ipc://`` and its TCP fallback) are offered only to callers on
 a loopback connection; every caller gets the WebSocket and REST addresses of the
-listener it reached. Lower ``priority`` is preferred (``aico.client`` tries them in that
-order). ``Accept: application/x-protobuf`` answers a ``TransportInfo`` message instead
-of JSON.
+listener it reached, and, when the ``tls`` listener is on, its ``wss://`` and
+``https://`` addresses with the device CA's fingerprint (``ca_fingerprint``: mutual TLS
+with a paired device's certificate, docs/devices.md). Lower ``priority`` is preferred
+(``aico.client`` tries them in that order). ``Accept: application/x-protobuf`` answers a
+``TransportInfo`` message instead of JSON.
 """
 
 from __future__ import annotations
@@ -46,6 +48,16 @@ def offers(deps: TransportDeps, request: Request) -> list[dict[str, Any]]:
         out.append({"transport": "websocket", "address": ws + "/ws",
                     "subprotocols": list(deps.subprotocols), "priority": 30})
         out.append({"transport": "rest", "address": base + "/api/v1", "priority": 40})
+    tls = deps.tls_address()
+    if tls:
+        host = str(tls["host"])
+        host = f"[{host}]" if ":" in host else host
+        fingerprint = deps.ca_fingerprint()
+        out.append({"transport": "wss", "address": f"wss://{host}:{tls['port']}/ws",
+                    "subprotocols": list(deps.subprotocols), "ca_fingerprint": fingerprint,
+                    "priority": 50})
+        out.append({"transport": "https", "address": f"https://{host}:{tls['port']}/api/v1",
+                    "ca_fingerprint": fingerprint, "priority": 60})
     return out
 
 

@@ -7,11 +7,12 @@ from typing import Any
 ENDPOINT: dict[str, Any] = {
     "type": "object",
     "properties": {
-        "transport": {"enum": ["ipc", "ipc-tcp", "websocket", "rest"]},
+        "transport": {"enum": ["ipc", "ipc-tcp", "websocket", "rest", "wss", "https"]},
         "address": {"type": "string"},
         "curve_server_key": {"type": "string"},
         "subprotocols": {"type": "array", "items": {"type": "string"}},
         "priority": {"type": "integer"},
+        "ca_fingerprint": {"type": "string"},
     },
     "required": ["transport", "address", "priority"],
     "additionalProperties": False,

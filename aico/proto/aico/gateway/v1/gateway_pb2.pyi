@@ -127,18 +127,20 @@ class ModuleHeartbeat(_message.Message):
     def __init__(self, name: _Optional[str] = ...) -> None: ...
 
 class Endpoint(_message.Message):
-    __slots__ = ("transport", "address", "curve_server_key", "subprotocols", "priority")
+    __slots__ = ("transport", "address", "curve_server_key", "subprotocols", "priority", "ca_fingerprint")
     TRANSPORT_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     CURVE_SERVER_KEY_FIELD_NUMBER: _ClassVar[int]
     SUBPROTOCOLS_FIELD_NUMBER: _ClassVar[int]
     PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    CA_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     transport: str
     address: str
     curve_server_key: str
     subprotocols: _containers.RepeatedScalarFieldContainer[str]
     priority: int
-    def __init__(self, transport: _Optional[str] = ..., address: _Optional[str] = ..., curve_server_key: _Optional[str] = ..., subprotocols: _Optional[_Iterable[str]] = ..., priority: _Optional[int] = ...) -> None: ...
+    ca_fingerprint: str
+    def __init__(self, transport: _Optional[str] = ..., address: _Optional[str] = ..., curve_server_key: _Optional[str] = ..., subprotocols: _Optional[_Iterable[str]] = ..., priority: _Optional[int] = ..., ca_fingerprint: _Optional[str] = ...) -> None: ...
 
 class TransportInfo(_message.Message):
     __slots__ = ("endpoints", "version")
