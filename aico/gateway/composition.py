@@ -379,6 +379,7 @@ class GatewayParts:
         return Deferred.fromCoroutine(self._stop())
 
     async def _stop(self) -> None:
+        self.device_gate.stop()
         await self.revocations.flush()
         self.db.close()
 

@@ -30,7 +30,7 @@ from OpenSSL import SSL
 from OpenSSL.crypto import X509
 from twisted.internet._sslverify import IOpenSSLTrustRoot
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.ssl import CertificateOptions, TLSVersion
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
@@ -115,6 +115,15 @@ class DeviceGate:
         #: Live TLS connections by device ID.
         self._live: dict[str, set[TLSMemoryBIOProtocol]] = {}
         self._touched: dict[str, float] = {}
+        #: Pending aborts of revoked devices' connections (cancelled at stop).
+        self._aborts: set[IDelayedCall] = set()
+
+    def stop(self) -> None:
+        """Cancel pending aborts (the listeners close every connection anyway)."""
+        for call in list(self._aborts):
+            if call.active():
+                call.cancel()
+        self._aborts.clear()
 
     # -- the cache ---------------------------------------------------------------------
 
@@ -220,13 +229,15 @@ class DeviceGate:
             if isinstance(getattr(transport, "wrappedProtocol", None), LimitedChannel):
                 transport.loseConnection()
         if transports:
-            self.clock.callLater(ABORT_AFTER, self._abort, device_id, transports)
+            call = self.clock.callLater(ABORT_AFTER, self._abort, device_id, transports)
+            self._aborts.add(call)
             self.log.info("device {device_id} revoked: closing {n} connection(s) "
                           "({sessions} session(s))", device_id=device_id, n=len(transports),
                           sessions=sessions)
         return len(transports)
 
     def _abort(self, device_id: str, transports: list[TLSMemoryBIOProtocol]) -> None:
+        self._aborts = {c for c in self._aborts if c.active()}
         live = self._live.get(device_id, set())
         for transport in transports:
             if transport in live:
