@@ -517,12 +517,15 @@ def _announce(ports: dict[str, Any], parts: GatewayParts) -> None:
     url = f"http://{http['host']}:{http['port']}" if http else ""
     ipc = ports.get("ipc") or {}
     paths = parts.materials.paths
+    tls = ports.get("tls")
     log.info(
         "aico-gateway ready: REST {url}/api/v1/health, OpenAPI {url}/openapi.json, "
-        "WebSocket {ws}/ws, IPC {ipc}; state in {state}; the bootstrap admin password "
-        "is in {password_file}",
+        "WebSocket {ws}/ws, IPC {ipc}, detached mode (mutual TLS) {tls}; state in {state}; "
+        "the bootstrap admin password is in {password_file}",
         url=url or "(http off)",
         ws=url.replace("http://", "ws://") or "(http off)",
+        tls=f"https://{tls['host']}:{tls['port']} and wss://{tls['host']}:{tls['port']}/ws"
+        if tls else "off",
         ipc=" and ".join(v for v in (ipc.get("endpoint"), ipc.get("fallback")) if v) or "off",
         state=str(paths.root) if paths else "(memory)",
         password_file=str(paths.admin_password) if paths else "(memory)",
