@@ -102,6 +102,36 @@ class ExpositionTests(SynchronousTestCase):
         names = {f.name for f in openmetrics_families(text)}
         self.assertLessEqual(set(FAMILIES), names)
 
+    def test_state_is_read_at_the_scrape_and_the_text_is_made_by_the_formatter(self) -> None:
+        gw = MemoryGateway(test=self)
+        token = gw.token()
+        held: list[tuple[Any, Deferred[bytes]]] = []
+
+        def formatter(make: Any) -> Deferred[bytes]:
+            held.append((make, Deferred()))
+            return held[-1][1]
+
+        gw.parts.metrics.formatter = formatter
+        stub = StubTreq(gw.parts.metrics.resource())
+        answer = stub.get("http://127.0.0.1/admin/metrics")
+        self.assertNoResult(answer)
+        self.assertEqual(len(held), 1)
+        # A WebSocket opened after the scrape began is not in it: the gateway's state was
+        # read at once, on the reactor; only the text is made later (on a pool thread in
+        # production), where nothing but prometheus_client's own locked values is read.
+        gw.websocket(headers={"Authorization": f"Bearer {token}"}).recv_all()
+        self.assertEqual(len(gw.parts.connections), 1)
+        make, d = held[0]
+        d.callback(make())
+        stub.flush()
+        response = self.successResultOf(answer)
+        self.assertEqual(response.code, 200)
+        _, samples = parse(self.successResultOf(stub.content(response)).decode())
+        self.assertEqual(value(samples, "aico_open_connections", transport="websocket"), 0)
+        self.assertEqual(value(samples, "aico_requests_total", method="POST",
+                               route="/api/v1/users/authenticate", status="200",
+                               transport="http"), 1)
+
     def test_each_gateway_has_a_registry_of_its_own_never_the_global_one(self) -> None:
         one, two = MemoryGateway(test=self), MemoryGateway(test=self)
         self.assertIsNot(one.parts.metrics.registry, prometheus_client.REGISTRY)

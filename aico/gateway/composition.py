@@ -277,10 +277,12 @@ class GatewayParts:
 
         # Metrics (docs/metrics.md): events counted as they happen, state read at scrape
         # time; the admin site serves ``self.metrics.resource()`` at /admin/metrics.
+        pool = materials.cpu_pool
         self.metrics = GatewayMetrics(reactor, StateCollector(
             connections=lambda: self.connections,
             http_sites=lambda: {"http": self.http_site, "tls": self.tls_site},
-            directory=directory, limiter=lambda: self.limiter, audit=self.audit))
+            directory=directory, limiter=lambda: self.limiter, audit=self.audit),
+            formatter=(lambda f: deferToThreadPool(reactor, pool, f)) if pool is not None else None)
         self.dispatcher.observers.append(self.metrics.observe_request)
         self.forwarder.on_round_trip = self.metrics.observe_round_trip
 

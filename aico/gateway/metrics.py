@@ -34,11 +34,13 @@ from prometheus_client.gc_collector import GCCollector
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
-from twisted.web.iweb import IRequest
+from twisted.python.failure import Failure
 from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
+from twisted.web.server import Request as WebRequest
 
 from aico.gateway.routing.messages import Request
 
@@ -46,6 +48,7 @@ __all__ = [
     "BUS_BUCKETS",
     "REQUEST_BUCKETS",
     "UNMATCHED",
+    "Formatter",
     "GatewayMetrics",
     "MetricsResource",
     "StateCollector",
@@ -62,6 +65,9 @@ BUS_BUCKETS = (0.0002, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.2
 UNMATCHED = "(unmatched)"
 #: Method labels a request that matched no route may carry; any other is ``OTHER``.
 _METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
+
+#: Runs a function elsewhere (a thread pool) and fires with its result.
+Formatter = Callable[[Callable[[], bytes]], "Deferred[bytes]"]
 
 
 class _Connection(Protocol):
@@ -170,34 +176,44 @@ class GatewayMetrics:
     log = Logger()
 
     def __init__(self, clock: IReactorTime, state: StateCollector | None = None, *,
-                 process: bool = True) -> None:
+                 process: bool = True, formatter: Formatter | None = None) -> None:
         self.clock = clock
-        #: This gateway's registry (never ``prometheus_client.REGISTRY``).
-        self.registry = CollectorRegistry(auto_describe=False)
+        #: Runs the text formatting of a scrape (a thread pool in production); ``None``:
+        #: formatted at once, on the calling thread.
+        self.formatter = formatter
+        #: The metrics that are safe to read from any thread (``prometheus_client``'s own
+        #: types lock their values; the process collectors read /proc and ``gc``).
+        self.events = CollectorRegistry(auto_describe=False)
         self.requests = Counter(
             "aico_requests", "Finished requests by method, route template, status and "
-            "transport.", ["method", "route", "status", "transport"], registry=self.registry)
+            "transport.", ["method", "route", "status", "transport"], registry=self.events)
         self.latency = Histogram(
             "aico_request_duration_seconds", "Time from a request's arrival until its "
             "response (or the end of its stream) went out, by method, route template and "
             "transport.", ["method", "route", "transport"], buckets=REQUEST_BUCKETS,
-            registry=self.registry)
+            registry=self.events)
         self.bus_round_trip = Histogram(
             "aico_bus_round_trip_seconds", "Time from sending a request to a backend module "
             "on the bus until its reply (the first message of a streamed one) came back, by "
-            "topic.", ["topic"], buckets=BUS_BUCKETS, registry=self.registry)
+            "topic.", ["topic"], buckets=BUS_BUCKETS, registry=self.events)
         self.blocks = Counter(
             "aico_ratelimit_blocks", "Temporary blocks of a client by the rate limiter, by "
-            "the tier whose refusals caused them.", ["tier"], registry=self.registry)
-        self.state = state if state is not None else StateCollector()
-        self.registry.register(self.state)
+            "the tier whose refusals caused them.", ["tier"], registry=self.events)
         if process:
             # The process's own CPU, memory, file descriptors, GC and Python version.
-            ProcessCollector(registry=self.registry)
-            PlatformCollector(registry=self.registry)
-            GCCollector(registry=self.registry)
+            ProcessCollector(registry=self.events)
+            PlatformCollector(registry=self.events)
+            GCCollector(registry=self.events)
+        #: The gateway's state, read on the reactor thread only.
+        self.state = state if state is not None else StateCollector()
+        #: This gateway's registry, everything in it (never ``prometheus_client.REGISTRY``).
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(self.events)
+        self.registry.register(self.state)
         #: (method, route, status, transport) -> (counter child, histogram child).
         self._children: dict[tuple[str, str, int, str], tuple[Any, Any]] = {}
+        #: topic -> bus round-trip histogram child.
+        self._topics: dict[str, Any] = {}
 
     # -- events ------------------------------------------------------------------------
 
@@ -223,7 +239,10 @@ class GatewayMetrics:
 
     def observe_round_trip(self, topic: str, seconds: float) -> None:
         """A bus request to *topic* was answered after *seconds*."""
-        self.bus_round_trip.labels(topic).observe(max(0.0, seconds))
+        child = self._topics.get(topic)
+        if child is None:
+            child = self._topics[topic] = self.bus_round_trip.labels(topic)
+        child.observe(max(0.0, seconds))
 
     def blocked(self, client: str, tier: str, seconds: float) -> None:
         """The rate limiter blocked *client* (its ``on_block``)."""
@@ -249,23 +268,47 @@ class GatewayMetrics:
 
     # -- exposition --------------------------------------------------------------------
 
-    def render(self, accept: str = "") -> tuple[bytes, str]:
-        """The registry in the format *accept* asks for (Prometheus text by default)."""
+    def render(self, accept: str = "") -> Deferred[tuple[bytes, str]]:
+        """The registry in the format *accept* asks for (Prometheus text by default).
+
+        The gateway's state (:class:`StateCollector`) is read at once, on the calling
+        (reactor) thread — it is only ever touched there; the rest (``prometheus_client``'s
+        own counters and histograms, which lock their values) is read and formatted by
+        :attr:`formatter`, in production on a pool thread: that is nearly all of a
+        scrape's cost (docs/performance.md)."""
         encoder, content_type = choose_encoder(accept)
-        return encoder(self.registry), content_type
+        scrape = _Scrape(self.events, list(self.state.collect()))
+        if self.formatter is None:
+            return succeed((encoder(scrape), content_type))
+        return self.formatter(lambda: encoder(scrape)).addCallback(
+            lambda body: (body, content_type))
 
     def resource(self) -> MetricsResource:
         """A ``twisted.web`` resource serving this registry (``GET``/``HEAD``)."""
         return MetricsResource(self)
 
 
+class _Scrape:
+    """One scrape: the thread-safe metrics as they are when the encoder reads them, and
+    the gateway's state as it was read on the reactor thread."""
+
+    def __init__(self, events: CollectorRegistry, state: list[Metric]) -> None:
+        self.events = events
+        self.state = state
+
+    def collect(self) -> Iterator[Metric]:
+        yield from self.events.collect()
+        yield from self.state
+
+
 class MetricsResource(Resource):
-    """Serves a :class:`GatewayMetrics` registry on the reactor thread.
+    """Serves a :class:`GatewayMetrics` registry (``GET`` and ``HEAD``).
 
     Not ``prometheus_client.twisted.MetricsResource``: that one is a WSGI resource on the
-    *global* reactor's thread pool — importing it installs the default reactor, and
-    reading the gateway's state from a pool thread would race with the reactor. Every
-    value here is read from memory, so a scrape costs about a millisecond on the reactor.
+    *global* reactor's thread pool — importing it installs the default reactor — and it
+    would read the gateway's state from a pool thread, racing with the reactor. Here the
+    values are read on the reactor and only the text is made elsewhere
+    (:meth:`GatewayMetrics.render`).
     """
 
     isLeaf = True
@@ -274,9 +317,28 @@ class MetricsResource(Resource):
         super().__init__()  # type: ignore[no-untyped-call]
         self.metrics = metrics
 
-    def render_GET(self, request: IRequest) -> bytes:
-        accept = request.getHeader("accept") or ""
-        body, content_type = self.metrics.render(accept)
-        request.setHeader("Content-Type", content_type)
-        request.setHeader("Cache-Control", "no-store")
-        return body
+    def render_GET(self, request: WebRequest) -> int:
+        gone: list[bool] = []
+        request.notifyFinish().addErrback(lambda _: gone.append(True))
+        d = self.metrics.render(request.getHeader("accept") or "")
+
+        def send(result: tuple[bytes, str]) -> None:
+            if gone:
+                return
+            body, content_type = result
+            request.setHeader("Content-Type", content_type)
+            request.setHeader("Content-Length", str(len(body)))
+            request.setHeader("Cache-Control", "no-store")
+            request.write(body)
+            request.finish()
+
+        def failed(failure: Failure) -> None:
+            self.metrics.log.failure("metrics scrape failed", failure)
+            if not gone:
+                request.setResponseCode(500)
+                request.setHeader("Content-Type", "text/plain; charset=utf-8")
+                request.write(b"metrics could not be rendered\n")
+                request.finish()
+
+        d.addCallbacks(send, failed)
+        return NOT_DONE_YET
