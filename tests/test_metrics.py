@@ -12,8 +12,11 @@ from prometheus_client.openmetrics.parser import (
 )
 from prometheus_client.parser import text_string_to_metric_families
 from treq.testing import StubTreq
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, succeed
-from twisted.internet.testing import MemoryReactorClock
+from twisted.internet.error import ConnectionDone
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from aico.gateway.metrics import GatewayMetrics, StateCollector
@@ -207,6 +210,13 @@ class TrafficTests(SynchronousTestCase):
         ws.close()
         self.gw.settle()
         self.assertEqual(open_ws(), 0)
+
+    def test_an_open_http_connection_is_counted_until_it_closes(self) -> None:
+        channel = self.gw.parts.http_site.buildProtocol(IPv4Address("TCP", "127.0.0.1", 4242))
+        channel.makeConnection(StringTransport())
+        self.assertEqual(value(self.samples(), "aico_open_connections", transport="http"), 1)
+        channel.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(value(self.samples(), "aico_open_connections", transport="http"), 0)
 
     def test_a_module_going_down_sets_its_health_to_zero(self) -> None:
         self.assertEqual(value(self.samples(), "aico_module_up", module="echo"), 1)
