@@ -63,6 +63,7 @@ from aico.gateway.devices.pairing import PairingService
 from aico.gateway.devices.registry import ChangeWatcher, DeviceStore, PairingWindowStore
 from aico.gateway.lifecycle import InFlight, write_ports
 from aico.gateway.listeners import IListener, TcpListener, tcp_endpoint
+from aico.gateway.metrics import GatewayMetrics, StateCollector
 from aico.gateway.routing.backend import BusForwarder, ModuleRoutes
 from aico.gateway.routing.dispatch import Dispatcher
 from aico.gateway.routing.openapi import OpenApiView
@@ -274,6 +275,17 @@ class GatewayParts:
             gate=self.device_gate,
         )
 
+        # Metrics (docs/metrics.md): events counted as they happen, state read at scrape
+        # time; the admin site serves ``self.metrics.resource()`` at /admin/metrics.
+        pool = materials.cpu_pool
+        self.metrics = GatewayMetrics(reactor, StateCollector(
+            connections=lambda: self.connections,
+            http_sites=lambda: {"http": self.http_site, "tls": self.tls_site},
+            directory=directory, limiter=lambda: self.limiter, audit=self.audit),
+            formatter=(lambda f: deferToThreadPool(reactor, pool, f)) if pool is not None else None)
+        self.dispatcher.observers.append(self.metrics.observe_request)
+        self.forwarder.on_round_trip = self.metrics.observe_round_trip
+
     def _ipc_listener(self) -> IpcListener | None:
         paths = self.materials.paths
         ipc = self.config.ipc
@@ -312,6 +324,7 @@ class GatewayParts:
                               lambda: self.listener_addresses)
 
     def _blocked(self, client: str, tier: str, seconds: float) -> None:
+        self.metrics.blocked(client, tier, seconds)
         d = self.audit.append("client_blocked", client, {"tier": tier, "seconds": seconds})
         d.addErrback(lambda f: self.log.failure("could not audit a block", f))
 
@@ -373,6 +386,7 @@ class GatewayParts:
         await self.registry_watcher.check()
         await self.device_gate.load()
         await self.passwords.prepare()
+        await self.metrics.start()
 
     def stop(self) -> Deferred[None]:
         """Flush pending writes and close the registry."""

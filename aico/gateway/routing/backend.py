@@ -88,6 +88,9 @@ class BusForwarder:
         self.is_served = is_served
         self.timeout = timeout
         self.clock = clock
+        #: Told ``(topic, seconds)`` when a module's reply (the first message of a stream)
+        #: comes back: the bus round trip (metrics). ``None``: nothing is timed.
+        self.on_round_trip: Callable[[str, float], None] | None = None
 
     def handler(self, topics: tuple[str, ...]) -> Callable[[Request], Deferred[Response]]:
         """The handler of a route served from *topics* (several: fanned out)."""
@@ -106,16 +109,28 @@ class BusForwarder:
         message = self._message(request)
         if not request.accepts_stream:
             d = self.bus.request(topic, message, timeout=self.timeout())
+            if self.on_round_trip is not None:
+                d.addCallback(self._timed, topic, self.clock.seconds())
             return d.addCallback(lambda reply: from_api_response(unpack_reply(reply)))
         return self._forward_streaming(topic, message)
+
+    def _timed(self, reply: AicoMessage, topic: str, sent: float) -> AicoMessage:
+        if self.on_round_trip is not None:
+            try:
+                self.on_round_trip(topic, self.clock.seconds() - sent)
+            except Exception:
+                self.log.failure("round-trip observer failed")
+        return reply
 
     def _forward_streaming(self, topic: str, message: AicoMessage) -> Deferred[Response]:
         result: Deferred[Response] = Deferred()
         stream = StreamBody()
+        sent = self.clock.seconds()
 
         def on_chunk(chunk: AicoMessage) -> None:
             api = unpack_reply(chunk)
             if not result.called:
+                self._timed(chunk, topic, sent)
                 response = from_api_response(api)
                 response.stream = stream
                 response.content_type = "application/x-ndjson"
@@ -126,6 +141,7 @@ class BusForwarder:
         def on_end(reply: AicoMessage) -> None:
             api = unpack_reply(reply)
             if not result.called:
+                self._timed(reply, topic, sent)
                 # The module chose to answer in one piece.
                 result.callback(from_api_response(api))
                 return
@@ -156,7 +172,8 @@ class BusForwarder:
             def go() -> Deferred[Any]:
                 m = AicoMessage()
                 m.CopyFrom(message)
-                return self.bus.request(topic, m, timeout=self.timeout()).addCallback(
+                d = self.bus.request(topic, m, timeout=self.timeout())
+                return d.addCallback(self._timed, topic, self.clock.seconds()).addCallback(
                     lambda reply: _json_or_text(from_api_response(unpack_reply(reply)).body)
                 )
             return go

@@ -156,6 +156,8 @@ class GcraLimiter:
         self.sweep_interval = sweep_interval
         self.evicted = 0
         self.blocks = 0
+        #: Decisions made, by (tier, allowed): metrics read it at scrape time.
+        self.decision_counts: dict[tuple[str, bool], int] = {}
         self._tiers: dict[str, RateTier] = {}
         self._policy: dict[str, str] = {}
         self.block_after = block_after
@@ -237,6 +239,8 @@ class GcraLimiter:
         blocked: bool,
     ) -> Decision:
         reset_after = max(0.0, reset_after)
+        counts = self.decision_counts
+        counts[tier, allowed] = counts.get((tier, allowed), 0) + 1
         return Decision(
             allowed=allowed,
             limit=t.requests,
