@@ -275,3 +275,83 @@ class SnapshotTests(LimiterTestBase):
     def provoke(self) -> None:
         while not self.check("b").blocked:
             pass
+
+
+class LiveTierChangeTests(LimiterTestBase):
+    """A tier changed live (SIGHUP, admin PATCH → ``update``) governs every client from
+    its next request: stored state never holds a client longer than the new tier allows."""
+
+    def test_a_raised_tier_frees_a_limited_client_at_once(self) -> None:
+        self.limiter.update({"t": RateTier(requests=1, per_seconds=60, burst=1)})
+        self.assertTrue(self.check().allowed)
+        refused = self.check()
+        self.assertFalse(refused.allowed)
+        self.assertEqual(refused.retry_after, 60)
+        self.limiter.update({"t": RateTier(requests=1_000_000_000, per_seconds=60, burst=1)})
+        # The used request still counts, as one new interval (60 ns): a millisecond later
+        # the client is free, not 60 s later.
+        self.clock.advance(0.001)
+        freed = self.check()
+        self.assertTrue(freed.allowed, freed)
+        self.assertLess(freed.reset_after, 1e-6)
+
+    def test_the_wait_never_exceeds_one_new_interval(self) -> None:
+        self.limiter.update({"t": RateTier(requests=1, per_seconds=3600, burst=5)})
+        for _ in range(5):
+            self.assertTrue(self.check().allowed)
+        self.assertEqual(self.check().retry_after, 3600)
+        # Ten times faster, burst one: the used quota counts (the client is at its
+        # limit) but waits at most one new interval, 360 s, not the old 3600 s.
+        self.limiter.update({"t": RateTier(requests=10, per_seconds=3600, burst=1)})
+        self.assertEqual(self.check().retry_after, 360)
+        self.clock.advance(360)
+        self.assertTrue(self.check().allowed)
+
+    def test_a_lowered_tier_applies_from_the_next_request(self) -> None:
+        self.assertTrue(self.check().allowed)  # one of three used at 1/s
+        self.limiter.update({"t": RateTier(requests=1, per_seconds=100, burst=3)})
+        # The one used request still counts: two more, then one per 100 s.
+        self.assertTrue(self.check().allowed)
+        self.assertTrue(self.check().allowed)
+        refused = self.check()
+        self.assertFalse(refused.allowed)
+        self.assertEqual(refused.retry_after, 100)
+        self.clock.advance(99)
+        self.assertFalse(self.check().allowed)
+        self.clock.advance(1)
+        self.assertTrue(self.check().allowed)
+
+    def test_a_smaller_burst_clamps_the_stored_backlog(self) -> None:
+        self.limiter.update({"t": RateTier(requests=10, per_seconds=10, burst=50)})
+        for _ in range(50):
+            self.assertTrue(self.check().allowed)
+        self.limiter.update({"t": RateTier(requests=10, per_seconds=10, burst=2)})
+        self.assertEqual(self.check().retry_after, 1)  # not 49 s
+        self.clock.advance(1)
+        self.assertTrue(self.check().allowed)
+
+    def test_a_rescaled_backlog_drains_in_real_time(self) -> None:
+        self.drain()  # three used at 1/s
+        self.limiter.update({"t": RateTier(requests=1, per_seconds=10, burst=3)})
+        self.assertFalse(self.check().allowed)  # rescaled: 30 s of backlog
+        self.clock.advance(10)
+        self.assertTrue(self.check().allowed)
+        self.assertFalse(self.check().allowed)
+
+    def test_a_block_survives_a_raised_tier(self) -> None:
+        self.drain()
+        while not self.check().blocked:
+            pass
+        self.limiter.update({"t": RateTier(requests=1_000_000_000, per_seconds=10, burst=1000)})
+        decision = self.check()
+        self.assertTrue(decision.blocked)
+        self.assertEqual(decision.retry_after, 10)
+        self.clock.advance(10)
+        self.assertTrue(self.check().allowed)
+
+    def test_snapshot_reports_state_in_the_new_tier_terms(self) -> None:
+        self.limiter.update({"t": RateTier(requests=1, per_seconds=60, burst=1)})
+        self.check()
+        self.limiter.update({"t": RateTier(requests=1_000_000_000, per_seconds=60, burst=5)})
+        tier = self.limiter.snapshot()[0]["tiers"]["t"]
+        self.assertEqual((tier["remaining"], tier["reset_after"]), (4, 1))
