@@ -21,7 +21,7 @@ from aico.gateway.routing.messages import Request, Response, json_response
 from aico.gateway.routing.table import RouteEntry
 from aico.gateway.security import tokens as tk
 from aico.gateway.security.capabilities import capabilities_for
-from aico.gateway.security.chain import token_error
+from aico.gateway.security.chain import PROBE_TIER, token_error
 from aico.gateway.users import RESERVED_USERNAMES, NoAdminLeft, UserChange, username_problem
 from aico.net import source_identity
 
@@ -239,7 +239,7 @@ def routes(deps: UsersDeps) -> list[RouteEntry]:
                    response_schema=schemas.USER, summary="Change a user (admin)"),
         RouteEntry("DELETE", f"{base}/{{username}}", delete_user, capability="admin:users",
                    tier="admin", success_status=204, summary="Delete a user (admin)"),
-        RouteEntry("GET", "/.well-known/jwks.json", jwks, public=True, tier="public",
+        RouteEntry("GET", "/.well-known/jwks.json", jwks, public=True, tier=PROBE_TIER,
                    response_schema=schemas.JWKS,
                    summary="Public keys that verify the gateway's tokens (RFC 7517)"),
     ]
