@@ -24,7 +24,7 @@ from aico.gateway.state import bootstrap
 from aico.gateway.testing.harness import RunningGateway, http_client, login, start_gateway
 from aico.keystore import TEST_KDF
 
-PASSWORD = "carol-password-for-tests"  # noqa: S105 - a test fixture
+PASSWORD = "carol-password-for-tests"
 ENV = {"AICO_NO_KEYRING": "1"}
 
 

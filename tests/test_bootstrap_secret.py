@@ -19,7 +19,7 @@ from aico.gateway.testing.memory import CHEAP_HASHER
 from aico.gateway.users import UserStore
 from aico.keystore import TEST_KDF
 
-NEW_PASSWORD = "a-password-of-my-own-42"  # noqa: S105 - a test fixture
+NEW_PASSWORD = "a-password-of-my-own-42"
 
 
 class BootstrapPasswordTests(TestCase):

@@ -53,7 +53,7 @@ class UnitFileTests(TestCase):
         directory.mkdir()
         files = [local_copy("aico-gateway.service", directory),
                  local_copy("aico-module@.service", directory, "conversation")]
-        result = subprocess.run(  # noqa: S603 - fixed arguments
+        result = subprocess.run(
             [analyze, "verify", "--man=no", *map(str, files)], capture_output=True,
             text=True, timeout=60, cwd=directory, env={**os.environ, "SYSTEMD_LOG_COLOR": "0"})
         self.assertEqual(result.returncode, 0, result.stderr)
@@ -106,6 +106,6 @@ class UnitFileTests(TestCase):
 
     def test_deploy_doc_reaches_the_admin_site_through_an_ssh_tunnel(self) -> None:
         doc = (ROOT / "docs" / "deploy.md").read_text()
-        self.assertIn("ssh -L 8773:127.0.0.1:8773", doc)
+        self.assertIn("ssh -L 8773:127.0.0.1:8773 ", doc)
         for name in (*UNITS, "aico-gateway.logrotate"):
             self.assertIn(f"deploy/{name}", doc)

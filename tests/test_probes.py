@@ -9,7 +9,6 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from twisted.trial.unittest import SynchronousTestCase
 
-
 from aico.gateway.testing.memory import MemoryGateway
 
 #: How old a health answer may be (issue 11: "a result at most 1 s old").
