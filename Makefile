@@ -31,7 +31,10 @@ $(SSLYZE_STAMP):
 
 $(SSLYZE_VENV): $(SSLYZE_STAMP)
 
+# tests/test_deploy.py checks deploy/*.service with systemd-analyze (Debian's systemd
+# package, installed where it is missing).
 test: lint $(SSLYZE_STAMP)
+	@command -v systemd-analyze >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq --no-install-recommends systemd; }
 	$(VENV)/bin/python -m aico.dev.runtests -j2 tests
 
 proto: $(STAMP)

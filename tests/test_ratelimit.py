@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
-from twisted.internet.task import Clock
-from twisted.trial.unittest import SynchronousTestCase
+import json
+import os
+import tomllib
+from pathlib import Path
+
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock, deferLater
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface.verify import verifyObject
 
-from aico.gateway.config import RateLimitSection, RateTier
+from aico.gateway.config import RateLimitSection, RateTier, from_mapping
+from aico.gateway.config import reload as reload_config
 from aico.gateway.security.ratelimit import Decision, GcraLimiter, IRateLimiter
+from aico.gateway.testing.harness import http_client, merge
+from aico.gateway.testing.memory import MEMORY_CONFIG, MemoryGateway
+from aico.keystore import TEST_KDF
 from aico.services import PeriodicJob
 
 # One request per second, bursts of three.
@@ -275,3 +286,197 @@ class SnapshotTests(LimiterTestBase):
     def provoke(self) -> None:
         while not self.check("b").blocked:
             pass
+
+
+class LiveTierChangeTests(LimiterTestBase):
+    """A tier changed live (SIGHUP, admin PATCH → ``update``) governs every client from
+    its next request: stored state never holds a client longer than the new tier allows."""
+
+    def test_a_raised_tier_frees_a_limited_client_at_once(self) -> None:
+        self.limiter.update({"t": RateTier(requests=1, per_seconds=60, burst=1)})
+        self.assertTrue(self.check().allowed)
+        refused = self.check()
+        self.assertFalse(refused.allowed)
+        self.assertEqual(refused.retry_after, 60)
+        self.limiter.update({"t": RateTier(requests=1_000_000_000, per_seconds=60, burst=1)})
+        # The used request still counts, as one new interval (60 ns): a millisecond later
+        # the client is free, not 60 s later.
+        self.clock.advance(0.001)
+        freed = self.check()
+        self.assertTrue(freed.allowed, freed)
+        self.assertLess(freed.reset_after, 1e-6)
+
+    def test_the_wait_never_exceeds_one_new_interval(self) -> None:
+        self.limiter.update({"t": RateTier(requests=1, per_seconds=3600, burst=5)})
+        for _ in range(5):
+            self.assertTrue(self.check().allowed)
+        self.assertEqual(self.check().retry_after, 3600)
+        # Ten times faster, burst one: the used quota counts (the client is at its
+        # limit) but waits at most one new interval, 360 s, not the old 3600 s.
+        self.limiter.update({"t": RateTier(requests=10, per_seconds=3600, burst=1)})
+        self.assertEqual(self.check().retry_after, 360)
+        self.clock.advance(360)
+        self.assertTrue(self.check().allowed)
+
+    def test_a_lowered_tier_applies_from_the_next_request(self) -> None:
+        self.assertTrue(self.check().allowed)  # one of three used at 1/s
+        self.limiter.update({"t": RateTier(requests=1, per_seconds=100, burst=3)})
+        # The one used request still counts: two more, then one per 100 s.
+        self.assertTrue(self.check().allowed)
+        self.assertTrue(self.check().allowed)
+        refused = self.check()
+        self.assertFalse(refused.allowed)
+        self.assertEqual(refused.retry_after, 100)
+        self.clock.advance(99)
+        self.assertFalse(self.check().allowed)
+        self.clock.advance(1)
+        self.assertTrue(self.check().allowed)
+
+    def test_a_smaller_burst_clamps_the_stored_backlog(self) -> None:
+        self.limiter.update({"t": RateTier(requests=10, per_seconds=10, burst=50)})
+        for _ in range(50):
+            self.assertTrue(self.check().allowed)
+        self.limiter.update({"t": RateTier(requests=10, per_seconds=10, burst=2)})
+        self.assertEqual(self.check().retry_after, 1)  # not 49 s
+        self.clock.advance(1)
+        self.assertTrue(self.check().allowed)
+
+    def test_a_rescaled_backlog_drains_in_real_time(self) -> None:
+        self.drain()  # three used at 1/s
+        self.limiter.update({"t": RateTier(requests=1, per_seconds=10, burst=3)})
+        self.assertFalse(self.check().allowed)  # rescaled: 30 s of backlog
+        self.clock.advance(10)
+        self.assertTrue(self.check().allowed)
+        self.assertFalse(self.check().allowed)
+
+    def test_a_block_survives_a_raised_tier(self) -> None:
+        self.drain()
+        while not self.check().blocked:
+            pass
+        self.limiter.update({"t": RateTier(requests=1_000_000_000, per_seconds=10, burst=1000)})
+        decision = self.check()
+        self.assertTrue(decision.blocked)
+        self.assertEqual(decision.retry_after, 10)
+        self.clock.advance(10)
+        self.assertTrue(self.check().allowed)
+
+    def test_snapshot_reports_state_in_the_new_tier_terms(self) -> None:
+        self.limiter.update({"t": RateTier(requests=1, per_seconds=60, burst=1)})
+        self.check()
+        self.limiter.update({"t": RateTier(requests=1_000_000_000, per_seconds=60, burst=5)})
+        tier = self.limiter.snapshot()[0]["tiers"]["t"]
+        self.assertEqual((tier["remaining"], tier["reset_after"]), (4, 1))
+
+
+TINY_PUBLIC = """
+[ratelimit]
+block_after = {block_after}
+[ratelimit.tiers.public]
+requests = {requests}
+per_seconds = 60
+burst = 1
+"""
+
+
+class ReloadTests(SynchronousTestCase):
+    """The reload path (``GatewayParts.reconfigure``, what SIGHUP and the admin PATCH call)
+    on the in-memory gateway: requests through the real chain."""
+
+    def gateway(self, block_after: int = 1000) -> MemoryGateway:
+        return MemoryGateway(TINY_PUBLIC.format(block_after=block_after, requests=1), test=self)
+
+    def reconfigure(self, gw: MemoryGateway, requests: int) -> None:
+        new = from_mapping(merge(tomllib.loads(MEMORY_CONFIG),
+                                 tomllib.loads(TINY_PUBLIC.format(block_after=1000,
+                                                                  requests=requests))),
+                           "<memory>")
+        result = reload_config(gw.parts.config, new)
+        self.assertIn("ratelimit.tiers", result.live)
+        gw.parts.reconfigure(result.config)
+
+    def test_a_tier_raised_by_reload_frees_a_limited_client_at_once(self) -> None:
+        gw = self.gateway()
+        self.assertEqual(gw.get("/openapi.json").code, 200)
+        refused = gw.get("/openapi.json")
+        self.assertEqual((refused.code, refused.header("Retry-After")), (429, "60"))
+        self.reconfigure(gw, 1_000_000_000)
+        gw.advance(0.001)
+        self.assertEqual(gw.get("/openapi.json").code, 200)
+
+    def test_a_tier_lowered_by_reload_applies_from_the_next_request(self) -> None:
+        gw = MemoryGateway(TINY_PUBLIC.format(block_after=1000, requests=1000), test=self)
+        self.assertEqual(gw.get("/openapi.json").code, 200)  # the burst of one, spent
+        self.reconfigure(gw, 1)
+        refused = gw.get("/openapi.json")
+        self.assertEqual(refused.code, 429)
+        self.assertEqual(refused.header("Retry-After"), "60")
+
+    def test_a_block_survives_the_reload(self) -> None:
+        gw = self.gateway(block_after=2)
+        codes = [gw.get("/openapi.json").json().get("code") for _ in range(3)]
+        self.assertEqual(codes[-1], "temporarily_blocked")
+        self.reconfigure(gw, 1_000_000_000)
+        gw.advance(0.001)
+        still = gw.get("/openapi.json")
+        self.assertEqual((still.code, still.json()["code"]), (429, "temporarily_blocked"))
+        gw.advance(60)
+        self.assertEqual(gw.get("/openapi.json").code, 200)
+
+
+class SighupProcessTests(TestCase):
+    """A tier raised by SIGHUP in a real ``twistd aico-gateway`` frees a limited client."""
+
+    timeout = 60
+
+    async def test_a_tier_raised_by_sighup_frees_a_limited_client(self) -> None:
+        from aico.gateway import state as state_module
+        from aico.gateway.security.passwords import hash_password
+        from aico.gateway.testing.memory import CHEAP_HASHER
+        from tests.test_process import FREE, ROOT, TWISTD, Twistd
+
+        state = Path(os.path.abspath(self.mktemp()))
+        self.patch(state_module, "hash_password", lambda pw: hash_password(pw, CHEAP_HASHER))
+        state_module.bootstrap(state, ("conversation", "health"), kdf=TEST_KDF,
+                               env={"AICO_NO_KEYRING": "1"})
+        config = Path(os.path.abspath(self.mktemp() + ".toml"))
+        base_config = FREE.format(http=0, timeout=5.0)
+        config.write_text(base_config + TINY_PUBLIC.format(block_after=1000, requests=1))
+        proto = Twistd()
+        env = {k: v for k, v in os.environ.items() if k != "AICO_MASTER_PASSWORD"}
+        process = reactor.spawnProcess(
+            proto, TWISTD, [TWISTD, "-n", "--pidfile=", "aico-gateway", "--config", str(config),
+                            "--state-dir", str(state)],
+            env={**env, "AICO_NO_KEYRING": "1"}, path=str(ROOT))
+
+        def kill() -> Deferred[int] | None:
+            if proto.ended.called:
+                return None
+            process.signalProcess("KILL")
+            return proto.ended
+
+        self.addCleanup(kill)
+        for _ in range(300):
+            if (state / "ports.json").exists() or proto.ended.called:
+                break
+            await deferLater(reactor, 0.05, lambda: None)
+        ports = json.loads((state / "ports.json").read_text())
+        url = f"http://127.0.0.1:{ports['http']['port']}/openapi.json"
+        http = http_client(self)
+        self.assertEqual((await http.get(url)).code, 200)
+        refused = await http.get(url)
+        await refused.content()
+        self.assertEqual(refused.code, 429)
+        self.assertEqual(int(refused.headers.getRawHeaders("Retry-After")[0]), 60)
+        config.write_text(base_config + TINY_PUBLIC.format(block_after=1000,
+                                                           requests=1_000_000_000))
+        process.signalProcess("HUP")
+        for _ in range(100):
+            if b"config reloaded" in proto.output:
+                break
+            await deferLater(reactor, 0.05, lambda: None)
+        self.assertIn(b"ratelimit.tiers", proto.output)
+        freed = await http.get(url)
+        await freed.content()
+        self.assertEqual(freed.code, 200)
+        process.signalProcess("TERM")
+        self.assertEqual(await proto.ended, 0)

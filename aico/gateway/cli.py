@@ -18,6 +18,10 @@ Subcommands (``aico-gateway COMMAND --help`` for each):
 * ``devices list [--json]`` / ``devices revoke DEVICE_ID`` / ``devices rename DEVICE_ID NAME``
   — paired devices (revoke and rename are audited; a running gateway sees them within
   0.25 s and cuts a revoked device's connections, ``docs/devices.md``).
+* ``backup DIR`` — a consistent copy of the state directory while the gateway runs
+  (SQLite's online backup for the registry, a manifest with checksums);
+  ``restore DIR [--force]`` — into a new or empty state directory, then verified
+  (``aico/gateway/backup.py``, ``docs/state.md``).
 
 Adding a subcommand: write ``_add_NAME(subparsers)`` that builds its parser and sets
 ``handler=`` to a function ``(args, ctx: Context) -> int``, and list it in :data:`_COMMANDS`.
@@ -547,11 +551,91 @@ def _cmd_devices_rename(args: argparse.Namespace, ctx: Context) -> int:
     return EXIT_OK
 
 
+# --------------------------------------------------------------------------- backup
+
+
+def _add_backup(subparsers: _Subparsers) -> None:
+    p = subparsers.add_parser(
+        "backup",
+        help="copy the state directory into DIR (consistent while the gateway runs)",
+        description="Copy the state directory into DIR, which must be new or empty: the "
+        "registry with SQLite's online backup, every key file as it is (sealed), and "
+        "backup-manifest.json with SHA-256 checksums. master-key is included only when "
+        "the master secret lives in that file. See docs/state.md.",
+    )
+    p.add_argument("target", metavar="DIR")
+    add_state_options(p)
+    p.set_defaults(handler=_cmd_backup)
+    r = subparsers.add_parser(
+        "restore",
+        help="restore a backup DIR into the state directory, then verify it",
+        description="Check DIR against its manifest, copy it into the state directory "
+        "(which must be new or empty unless --force; stop the gateway first) and verify "
+        "the copy: checksums, the registry's integrity and its audit chain.",
+    )
+    r.add_argument("source", metavar="DIR")
+    r.add_argument("--force", action="store_true",
+                   help="restore into a non-empty state directory, replacing its files")
+    add_state_options(r)
+    r.set_defaults(handler=_cmd_restore)
+
+
+def _cmd_backup(args: argparse.Namespace, ctx: Context) -> int:
+    from pathlib import Path
+
+    from aico.gateway.backup import BackupError, backup
+
+    paths, _ = state_paths(args, ctx.env)
+    try:
+        report = backup(paths.root, Path(args.target).absolute(), version=_gateway_version())
+    except BackupError as e:
+        raise _Exit(EXIT_FAILURE, str(e)) from e
+    except OSError as e:
+        raise _Exit(EXIT_FAILURE, f"{e.filename or args.target}: {e.strerror}") from e
+    print(f"backup of {paths.root} in {report.target}: {len(report.files)} files, "
+          "manifest backup-manifest.json", file=ctx.out)
+    if report.master_key_included:
+        print("  it holds master-key, the secret that opens its keys: keep it encrypted "
+              "and as private as the state directory", file=ctx.out)
+    else:
+        print("  the master secret (platform keyring or AICO_MASTER_PASSWORD) is not in it: "
+              "keep it apart, a restore needs it", file=ctx.out)
+    return EXIT_OK
+
+
+def _cmd_restore(args: argparse.Namespace, ctx: Context) -> int:
+    from pathlib import Path
+
+    from aico.gateway.backup import BackupError, restore
+
+    paths, _ = state_paths(args, ctx.env)
+    try:
+        report = restore(Path(args.source).absolute(), paths.root, force=args.force)
+    except BackupError as e:
+        raise _Exit(EXIT_FAILURE, str(e)) from e
+    except OSError as e:
+        raise _Exit(EXIT_FAILURE, f"{e.filename or args.source}: {e.strerror}") from e
+    print(f"restored {len(report.files)} files into {report.target}; verified: checksums, "
+          f"registry integrity, audit chain ({report.audit_entries} entries)", file=ctx.out)
+    for note in report.notes:
+        print(f"  note: {note}", file=ctx.out)
+    return EXIT_OK
+
+
+def _gateway_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("aico-gateway")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
 # --------------------------------------------------------------------------- main
 
 #: Every subcommand's registration function, in ``--help`` order.
 _COMMANDS: tuple[Callable[[_Subparsers], None], ...] = (
-    _add_init, _add_config, _add_user, _add_keys, _add_pair, _add_devices)
+    _add_init, _add_config, _add_user, _add_keys, _add_pair, _add_devices, _add_backup)
 
 
 def build_parser() -> argparse.ArgumentParser:

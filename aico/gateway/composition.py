@@ -76,7 +76,7 @@ from aico.gateway.security.passwords import PasswordService, thread_pool_runner
 from aico.gateway.security.ratelimit import GcraLimiter
 from aico.gateway.security.tokens import SqliteRevocationStore, TokenService
 from aico.gateway.service import GatewayService, ListenerGroup, ProcessExit
-from aico.gateway.state import StateDirError, StatePaths, bootstrap
+from aico.gateway.state import ADMIN_USERNAME, StateDirError, StatePaths, bootstrap
 from aico.gateway.store import Database, SchemaError
 from aico.gateway.tls import (
     DeviceGate,
@@ -212,7 +212,11 @@ class GatewayParts:
                           tokens=self.tokens, chain=self.chain, audit=self.audit, clock=reactor,
                           config=lambda: self.config, on_revoke=self.connections.revoke_token,
                           on_revoke_subject=self.connections.revoke_subject,
-                          on_revoke_family=self.connections.revoke_family)
+                          on_revoke_family=self.connections.revoke_family,
+                          on_password_changed=self.forget_bootstrap_password)
+        #: Whether STATE_DIR/initial-admin-password is there (checked at start, cleared
+        #: when it is removed); the "ready" line names the file only while it is.
+        self.bootstrap_password_present = False
         self.http_addresses: dict[str, dict[str, Any]] = {}
         ca = materials.device_ca
         transport = TransportDeps(
@@ -387,6 +391,50 @@ class GatewayParts:
         await self.device_gate.load()
         await self.passwords.prepare()
         await self.metrics.start()
+        await self._check_bootstrap_password()
+
+    async def _check_bootstrap_password(self) -> None:
+        """At start: remove the bootstrap admin's password file if it no longer opens
+        ``admin`` (its password was changed, or ``admin`` is gone)."""
+        paths = self.materials.paths
+        if paths is None:
+            return
+        pool = self.reactor.getThreadPool()
+        try:
+            password = await deferToThreadPool(self.reactor, pool, _read_secret,
+                                               paths.admin_password)
+            if password is None:
+                return
+            self.bootstrap_password_present = True
+            admin = await self.user_store.get(ADMIN_USERNAME)
+            valid = admin is not None and await self.passwords.verify(admin.password_hash,
+                                                                      password)
+            del password
+            if not valid:
+                await self.forget_bootstrap_password(ADMIN_USERNAME)
+        except Exception:
+            self.log.failure("could not check the bootstrap admin password file")
+
+    def forget_bootstrap_password(self, username: str) -> Deferred[None]:
+        """``admin`` has a password of its own (or is gone): remove the bootstrap
+        password file (in the thread pool), so no stale secret stays on disk."""
+        paths = self.materials.paths
+        if username != ADMIN_USERNAME or paths is None:
+            return succeed(None)
+        path = paths.admin_password
+        d: Deferred[bool] = deferToThreadPool(self.reactor, self.reactor.getThreadPool(),
+                                              _remove, path)
+
+        def removed(gone: bool) -> None:
+            self.bootstrap_password_present = False
+            if gone:
+                self.log.info("removed {path}: the admin has a password of their own",
+                              path=str(path))
+
+        def failed(f: Failure) -> None:
+            self.log.failure("could not remove {path}", f, path=str(path))
+
+        return d.addCallbacks(removed, failed)
 
     def stop(self) -> Deferred[None]:
         """Flush pending writes and close the registry."""
@@ -526,16 +574,37 @@ def build_tree(
     return root
 
 
+def _read_secret(path: Path) -> str | None:
+    """The stripped text of *path*, ``None`` when it does not exist (blocking)."""
+    try:
+        return path.read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        return None
+
+
+def _remove(path: Path) -> bool:
+    """Delete *path*; False when it was already gone (blocking)."""
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return False
+    return True
+
+
 def _announce(ports: dict[str, Any], parts: GatewayParts) -> None:
     http = ports.get("http")
     url = f"http://{http['host']}:{http['port']}" if http else ""
     ipc = ports.get("ipc") or {}
     paths = parts.materials.paths
     tls = ports.get("tls")
+    # The password file is named only while it is there (it goes once the admin has a
+    # password of their own).
+    password = ("; the bootstrap admin password is in {password_file}"
+                if paths is not None and parts.bootstrap_password_present else "")
     log.info(
         "aico-gateway ready: REST {url}/api/v1/health, OpenAPI {url}/openapi.json, "
-        "WebSocket {ws}/ws, IPC {ipc}, detached mode (mutual TLS) {tls}; state in {state}; "
-        "the bootstrap admin password is in {password_file}",
+        "WebSocket {ws}/ws, IPC {ipc}, detached mode (mutual TLS) {tls}; state in {state}"
+        + password,
         url=url or "(http off)",
         ws=url.replace("http://", "ws://") or "(http off)",
         tls=f"https://{tls['host']}:{tls['port']} and wss://{tls['host']}:{tls['port']}/ws"

@@ -46,6 +46,14 @@ DEVICE_ROLE = "device"
 #: device trusted for administration.
 ADMIN_PREFIX = "admin:"
 
+#: The rate-limit tier of probe routes (``GET /api/v1/health``,
+#: ``/.well-known/jwks.json``): load balancers and monitors poll them, so they are never
+#: rate-limited nor refused by a block. They still pass the whole chain; only a probe
+#: that the chain refuses (a bad token) is charged, to the ``public`` tier.
+PROBE_TIER = "probe"
+#: The tier a refused probe is charged to.
+PROBE_REFUSAL_TIER = "public"
+
 def token_error(error: tk.TokenError) -> ApiError:
     """The 401 problem for a refused token (the reason is for logs, not the client)."""
     return to_api_error(error)
@@ -218,7 +226,12 @@ class SecurityChain:
         """Spend one request of the route's tier; refuse (429) past the limit."""
         if not self.config().ratelimit.enabled or request.route is None:
             return
-        decision = self.limiter.check(limit_key(request, self.tokens), request.route.tier)
+        tier = request.route.tier
+        if tier == PROBE_TIER:
+            if cause is None:
+                return  # probes are never limited nor blocked
+            tier = PROBE_REFUSAL_TIER
+        decision = self.limiter.check(limit_key(request, self.tokens), tier)
         request.response_headers.update(decision.headers())
         if decision.allowed:
             return

@@ -30,6 +30,19 @@ block doubles, up to ``block_max``. The escalation level is remembered for
 do not extend the block. ``on_block(client_key, tier, seconds)`` is called once per
 block (for the audit log).
 
+Live changes (``update``, called by ``SIGHUP`` and the admin API through
+``GatewayParts.reconfigure``): a changed tier governs every client from its next request.
+Each stored TAT remembers the emission interval it was computed under, and the limiter
+remembers when each tier's interval last changed. On the client's next check of that
+tier (lazily — a reload costs nothing, however many entries there are) the backlog the
+client had at the change is rescaled to the new interval, so the requests it has used
+keep counting, and drains in real time from then; every backlog is clamped to the new
+tolerance ``burst * T``, so the wait never exceeds what the new tier allows (at most
+one new interval ``T``). A
+tier raised a billionfold frees a limited client at once; a tier lowered applies from
+the next request. Blocks are not touched by an update: they end only when they expire
+or when an operator lifts them by hand (the admin API's unblock).
+
 Memory: one small entry per client key, kept in LRU order. A periodic sweep on the
 injected clock drops entries with nothing to remember (quota full, no block, no
 escalation); past ``max_entries`` the least recently seen entry is evicted (an attacker
@@ -123,6 +136,8 @@ def _ceil(x: float) -> int:
 class _Client:
     last_seen: float
     tats: dict[str, float] = field(default_factory=dict)
+    #: The emission interval each TAT in ``tats`` was computed under (live tier changes).
+    scales: dict[str, float] = field(default_factory=dict)
     refusals: int = 0
     window_end: float = 0.0
     blocked_until: float = 0.0
@@ -159,6 +174,8 @@ class GcraLimiter:
         #: Decisions made, by (tier, allowed): metrics read it at scrape time.
         self.decision_counts: dict[tuple[str, bool], int] = {}
         self._tiers: dict[str, RateTier] = {}
+        #: When each tier's emission interval last changed (live tier changes).
+        self._changed_at: dict[str, float] = {}
         self._policy: dict[str, str] = {}
         self.block_after = block_after
         self.block_base = block_base
@@ -195,6 +212,12 @@ class GcraLimiter:
         for name, t in tiers.items():
             if t.requests <= 0 or t.per_seconds <= 0 or t.burst <= 0:
                 raise ValueError(f"rate tier {name!r}: requests, per_seconds, burst must be > 0")
+        now = self._clock.seconds()
+        for name, t in tiers.items():
+            before = self._tiers.get(name)
+            if before is not None and (before.per_seconds / before.requests
+                                       != t.per_seconds / t.requests):
+                self._changed_at[name] = now
         self._tiers = dict(tiers)
         self._policy = {
             name: f"{_sf_string(name)};q={t.requests};w={_ceil(t.per_seconds)}"
@@ -253,6 +276,26 @@ class GcraLimiter:
             tier=tier,
         )
 
+    def _current_tat(self, entry: _Client, tier: str, t: RateTier, now: float) -> float:
+        """The client's TAT for *tier* under the tier's current settings.
+
+        A TAT stored under another emission interval (the tier changed since) has its
+        backlog at the time of the change rescaled to the new interval, and from then on
+        drained in real time; every backlog is clamped to the tier's tolerance, so stored
+        state never holds a client longer than the tier allows.
+        """
+        stored = entry.tats.get(tier)
+        if stored is None or stored <= now:
+            return now
+        interval = t.per_seconds / t.requests
+        tolerance = t.burst * interval
+        scale = entry.scales.get(tier, interval)
+        if scale != interval:
+            since = min(self._changed_at.get(tier, now), now)
+            backlog = min(max(0.0, stored - since) * interval / scale, tolerance)
+            stored = since + backlog
+        return max(now, min(stored, now + tolerance))
+
     def check(self, client_key: str, tier: str) -> Decision:
         t = self._tiers.get(tier)
         if t is None:
@@ -261,7 +304,12 @@ class GcraLimiter:
         entry = self._entry(client_key, now)
         interval = t.per_seconds / t.requests
         tolerance = t.burst * interval
-        tat = max(entry.tats.get(tier, now), now)
+        tat = self._current_tat(entry, tier, t, now)
+        if tier in entry.tats:
+            # Keep the state in the tier's current terms (a rescaled backlog then drains
+            # in real time, as any other).
+            entry.tats[tier] = tat
+            entry.scales[tier] = interval
 
         if entry.blocked_until > now:
             wait = entry.blocked_until - now
@@ -272,6 +320,7 @@ class GcraLimiter:
         new_tat = tat + interval
         if new_tat - now <= tolerance + _EPSILON:
             entry.tats[tier] = new_tat
+            entry.scales[tier] = interval
             remaining = max(0, math.floor((tolerance - (new_tat - now)) / interval + _EPSILON))
             return self._decision(tier, t, True, remaining, new_tat - now, 0, False)
 
@@ -350,12 +399,12 @@ class GcraLimiter:
                 break
             e = self._clients[key]
             tiers: dict[str, Any] = {}
-            for name, tat in e.tats.items():
+            for name in e.tats:
                 t = self._tiers.get(name)
                 if t is None:
                     continue
                 interval = t.per_seconds / t.requests
-                backlog = max(0.0, tat - now)
+                backlog = self._current_tat(e, name, t, now) - now
                 tiers[name] = {
                     "limit": t.requests,
                     "remaining": max(

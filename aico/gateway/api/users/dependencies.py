@@ -37,3 +37,6 @@ class UsersDeps:
     on_revoke_subject: Callable[[str], object] = lambda subject: None
     #: Told each session family revoked here (logout, refresh-token reuse).
     on_revoke_family: Callable[[str], object] = lambda family: None
+    #: Told the user whose password was changed (or who was deleted) here: the bootstrap
+    #: admin's password file is removed then (a Deferred it returns is waited for).
+    on_password_changed: Callable[[str], object] = lambda username: None

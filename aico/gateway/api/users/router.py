@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 from urllib.parse import quote
 
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from aico.gateway.api.users import schemas
@@ -21,7 +22,7 @@ from aico.gateway.routing.messages import Request, Response, json_response
 from aico.gateway.routing.table import RouteEntry
 from aico.gateway.security import tokens as tk
 from aico.gateway.security.capabilities import capabilities_for
-from aico.gateway.security.chain import token_error
+from aico.gateway.security.chain import PROBE_TIER, token_error
 from aico.gateway.users import RESERVED_USERNAMES, NoAdminLeft, UserChange, username_problem
 from aico.net import source_identity
 
@@ -170,6 +171,12 @@ def routes(deps: UsersDeps) -> list[RouteEntry]:
         deps.on_revoke_subject(change.after.username)
         await audit.append("sessions_revoked", change.after.username, {"tokens_revoked": True})
 
+    async def password_changed(username: str) -> None:
+        # The bootstrap admin's password file goes once it no longer opens the account.
+        result = deps.on_password_changed(username)
+        if isinstance(result, Deferred):
+            await result
+
     async def update_user(request: Request) -> Response:
         username = request.path_params["username"]
         body: dict[str, Any] = request.json
@@ -194,6 +201,8 @@ def routes(deps: UsersDeps) -> list[RouteEntry]:
             await end_sessions(change)
         actor = request.principal.subject if request.principal else "?"
         await audit.append("user_updated", actor, {"username": username, "changed": sorted(body)})
+        if hashed is not None:
+            await password_changed(username)
         return json_response(change.after.public())
 
     async def delete_user(request: Request) -> Response:
@@ -207,6 +216,7 @@ def routes(deps: UsersDeps) -> list[RouteEntry]:
         await end_sessions(change)
         actor = request.principal.subject if request.principal else "?"
         await audit.append("user_deleted", actor, {"username": username})
+        await password_changed(username)
         return Response(status=204)
 
     def jwks(request: Request) -> Response:
@@ -239,7 +249,7 @@ def routes(deps: UsersDeps) -> list[RouteEntry]:
                    response_schema=schemas.USER, summary="Change a user (admin)"),
         RouteEntry("DELETE", f"{base}/{{username}}", delete_user, capability="admin:users",
                    tier="admin", success_status=204, summary="Delete a user (admin)"),
-        RouteEntry("GET", "/.well-known/jwks.json", jwks, public=True, tier="public",
+        RouteEntry("GET", "/.well-known/jwks.json", jwks, public=True, tier=PROBE_TIER,
                    response_schema=schemas.JWKS,
                    summary="Public keys that verify the gateway's tokens (RFC 7517)"),
     ]
