@@ -40,12 +40,12 @@ from aico.bus.interfaces import IMessageBus
 from aico.bus.module import BackendModule
 from aico.bus.service import BrokerService, BusService, DirectoryService, ModuleService
 from aico.gateway.access import AccessLog
-from aico.gateway.admin.hosts import host_allowed
-from aico.gateway.admin.logbuffer import LogBuffer
 from aico.gateway.adapters.ipc import IpcListener
 from aico.gateway.adapters.rest import GatewaySite, RestAdapter
 from aico.gateway.adapters.session import SessionServices
 from aico.gateway.adapters.websocket import websocket_resource
+from aico.gateway.admin.hosts import host_allowed
+from aico.gateway.admin.logbuffer import LogBuffer
 from aico.gateway.api.conversations.dependencies import ConversationsDeps
 from aico.gateway.api.conversations.router import routes as conversation_routes
 from aico.gateway.api.devices.dependencies import DevicesDeps

@@ -400,7 +400,7 @@ def _check(c: Config) -> None:
     for name in ("http", "admin"):
         section = getattr(c, name)
         for i, allowed in enumerate(section.allowed_hosts):
-            if not allowed or any(ch in allowed for ch in " /:@") and not allowed.startswith("["):
+            if not allowed or (any(ch in allowed for ch in " /:@") and not allowed.startswith("[")):
                 raise ConfigError(f"{name}.allowed_hosts[{i}]",
                                   f"expected a host name without a port, got {allowed!r}", src)
         if section.enabled and not is_loopback(section.host) and not section.allow_remote:

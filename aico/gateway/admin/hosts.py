@@ -13,7 +13,7 @@ from collections.abc import Iterable
 
 from aico.net import is_loopback
 
-__all__ = ["host_name", "host_allowed"]
+__all__ = ["host_allowed", "host_name"]
 
 LOOPBACK_NAMES = frozenset({"localhost", "localhost."})
 

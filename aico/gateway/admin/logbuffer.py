@@ -15,9 +15,8 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from twisted.logger import LogEvent, LogLevel, formatEvent
+from twisted.logger import ILogObserver, LogEvent, LogLevel, formatEvent
 from zope.interface import implementer
-from twisted.logger import ILogObserver
 
 from aico.gateway.logs import line_safe
 

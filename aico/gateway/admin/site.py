@@ -30,10 +30,10 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.web.template import Tag, flattenString, tags
 
+from aico.gateway.adapters.rest import GatewaySite, RestAdapter
 from aico.gateway.admin.api import api_routes
 from aico.gateway.admin.hosts import host_allowed
 from aico.gateway.admin.sessions import COOKIE, AdminSession, AdminSessions
-from aico.gateway.adapters.rest import GatewaySite, RestAdapter
 from aico.gateway.errors import ApiError, Forbidden
 from aico.gateway.routing.dispatch import Dispatcher
 from aico.gateway.routing.messages import Request, Response

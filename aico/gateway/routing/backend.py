@@ -238,8 +238,11 @@ def admin_entries(module: str, routes: list[RouteMsg], forwarder: BusForwarder) 
         path = r.path[len(ADMIN_PATH) - 1:] if r.path.startswith(ADMIN_PATH) else r.path
         if not path.startswith("/"):
             path = "/" + path
-        entry = entries_from_registration(module, [r], forwarder, prefix=base)[0]
         cap = r.capability if r.capability.startswith("admin:") else "admin:modules"
+        route = RouteMsg()
+        route.CopyFrom(r)
+        route.capability, route.public = cap, False
+        entry = entries_from_registration(module, [route], forwarder)[0]
         entries.append(RouteEntry(
             method=entry.method, path=base + path, handler=entry.handler, owner=module,
             capability=cap, public=False, tier="admin", request_schema=entry.request_schema,
