@@ -31,7 +31,7 @@ class ConfigCheckTests(SynchronousTestCase):
 
     def test_good_file_prints_ok(self) -> None:
         path = self.dir / "good.toml"
-        path.write_text("[http]\nport = 0\n")
+        path.write_text("[http]\nport = 0\n[admin]\nport = 0\n")
         self.assertEqual(_run("config", "check", str(path)), (0, "ok\n", ""))
 
     def test_bad_file_exits_2_naming_key_and_file(self) -> None:

@@ -33,6 +33,8 @@ FREE = """
 port = {http}
 [tls]
 port = 0
+[admin]
+port = 0
 [bus]
 pub = "tcp://127.0.0.1:*"
 sub = "tcp://127.0.0.1:*"
@@ -203,6 +205,8 @@ class ProcessTests(TestCase):
 [http]
 port = 0
 [tls]
+port = 0
+[admin]
 port = 0
 [ipc]
 fallback = "tcp://127.0.0.1:*"

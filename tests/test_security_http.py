@@ -414,7 +414,7 @@ class LimitTests(GatewayCase):
     async def test_too_many_or_too_large_header_fields_are_400_problems(self) -> None:
         for headers in ["".join(f"X-H{i}: v\r\n" for i in range(150)), f"X-Big: {'v' * 17000}\r\n"]:
             data, closed = self.gw.raw_http(
-                f"GET /api/v1/health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{headers}\r\n".encode())
+                f"GET /api/v1/health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n{headers}\r\n".encode())
             self.assertTrue(closed)
             head, _, body = data.partition(b"\r\n\r\n")
             self.assertTrue(head.startswith(b"HTTP/1.1 400"), head)
@@ -422,7 +422,7 @@ class LimitTests(GatewayCase):
             self.assertEqual(json.loads(body)["code"], "bad_request")
             self.assertIn(b"X-Request-ID: " + json.loads(body)["request_id"].encode(), head)
         # A declared body over the limit is refused at once, before any of it is sent.
-        data, closed = self.gw.raw_http(b"POST /api/v1/conversations/messages HTTP/1.1\r\nHost: x\r\n"
+        data, closed = self.gw.raw_http(b"POST /api/v1/conversations/messages HTTP/1.1\r\nHost: localhost\r\n"
                                         b"Content-Type: application/json\r\nContent-Length: 99999999999\r\n\r\n")
         self.assertTrue(closed)
         head, _, body = data.partition(b"\r\n\r\n")
@@ -593,7 +593,7 @@ class SlowlorisTests(GatewayCase):
     async def test_a_request_head_sent_too_slowly_is_dropped_but_websockets_live_on(self) -> None:
         # One header line every 0.2 s of gateway time: never a complete head.
         start = self.gw.clock.seconds()
-        data, closed = self.gw.raw_http(b"GET /api/v1/health HTTP/1.1\r\nHost: x\r\n",
+        data, closed = self.gw.raw_http(b"GET /api/v1/health HTTP/1.1\r\nHost: localhost\r\n",
                                         *[b"X-Slow: 1\r\n"] * 10, gap=0.2)
         elapsed = self.gw.clock.seconds() - start
         self.assertEqual(data, b"", "the server answered a head that never completed")

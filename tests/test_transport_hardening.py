@@ -148,7 +148,7 @@ class PingFloodTests(SynchronousTestCase):
 
 # -- 6. slow bodies ------------------------------------------------------------------
 
-LOGIN_HEAD = (b"POST /api/v1/users/authenticate HTTP/1.1\r\nHost: x\r\n"
+LOGIN_HEAD = (b"POST /api/v1/users/authenticate HTTP/1.1\r\nHost: localhost\r\n"
               b"Content-Type: application/json\r\n")
 
 
@@ -196,7 +196,7 @@ class RequestTargetTests(SynchronousTestCase):
         gw = self.gw()
         before = gw.parts.access_log.count
         for target in (b"/%ff", b"/api/v1/%c3%28", b"/%80abc"):
-            out, _ = gw.raw_http(b"GET " + target + b" HTTP/1.1\r\nHost: x\r\n\r\n")
+            out, _ = gw.raw_http(b"GET " + target + b" HTTP/1.1\r\nHost: localhost\r\n\r\n")
             status, fields, body = split(out)
             self.assertEqual(status.split(" ")[1], "400", target)
             problem = json.loads(body)
@@ -218,18 +218,18 @@ class RequestTargetTests(SynchronousTestCase):
         gw = self.gw("[ratelimit.tiers.public]\nrequests = 2\nper_seconds = 60\nburst = 2\n")
         codes = []
         for _ in range(4):
-            out, _ = gw.raw_http(b"GET /%ff HTTP/1.1\r\nHost: x\r\n\r\n")
+            out, _ = gw.raw_http(b"GET /%ff HTTP/1.1\r\nHost: localhost\r\n\r\n")
             codes.append(json.loads(split(out)[2])["code"])
         self.assertEqual(codes, ["bad_request", "bad_request", "rate_limited", "rate_limited"])
 
     def test_no_answer_names_the_framework(self) -> None:
         gw = self.gw()
         answers = [
-            gw.raw_http(b"GET /%ff HTTP/1.1\r\nHost: x\r\n\r\n")[0],
-            gw.raw_http(b"GET /nowhere HTTP/1.1\r\nHost: x\r\n\r\n")[0],
-            gw.raw_http(b"GET /api/v1/health HTTP/1.1\r\nHost: x\r\n\r\n")[0],
-            gw.raw_http(b"GET /ws HTTP/1.1\r\nHost: x\r\n\r\n")[0],
-            gw.raw_http(b"GET / HTTP/1.1\r\nHost: x\r\nBad Header\r\n\r\n")[0],
+            gw.raw_http(b"GET /%ff HTTP/1.1\r\nHost: localhost\r\n\r\n")[0],
+            gw.raw_http(b"GET /nowhere HTTP/1.1\r\nHost: localhost\r\n\r\n")[0],
+            gw.raw_http(b"GET /api/v1/health HTTP/1.1\r\nHost: localhost\r\n\r\n")[0],
+            gw.raw_http(b"GET /ws HTTP/1.1\r\nHost: localhost\r\n\r\n")[0],
+            gw.raw_http(b"GET / HTTP/1.1\r\nHost: localhost\r\nBad Header\r\n\r\n")[0],
             gw.raw_http(LOGIN_HEAD + b"Content-Length: 99999999\r\n\r\n")[0],
             raw_upgrade(gw, upgrade("Origin: http://evil.example"))[0],
             raw_upgrade(gw, upgrade())[0],  # the 101 itself
@@ -243,7 +243,7 @@ class RequestTargetTests(SynchronousTestCase):
     def test_lower_case_methods_are_not_get(self) -> None:
         gw = self.gw()
         token = gw.token()
-        out, _ = gw.raw_http(b"get /api/v1/users/me HTTP/1.1\r\nHost: x\r\n"
+        out, _ = gw.raw_http(b"get /api/v1/users/me HTTP/1.1\r\nHost: localhost\r\n"
                              b"Authorization: Bearer " + token.encode() + b"\r\n\r\n")
         status, _fields, body = split(out)
         self.assertEqual((status.split(" ")[1], json.loads(body)["code"]),
@@ -288,8 +288,8 @@ class LogForgingTests(SynchronousTestCase):
             r = gw.post("/api/v1/users/authenticate", {"username": username, "password": "x"})
             self.assertEqual(r.code, 401)
         gw.raw_http(b"GET /a%0d%0a2026-11-30T00:00:00+0000%20[x#info]%20forged HTTP/1.1\r\n"
-                    b"Host: x\r\n\r\n")
-        gw.raw_http(b"GET /a%e2%80%a8forged HTTP/1.1\r\nHost: x\r\n\r\n")
+                    b"Host: localhost\r\n\r\n")
+        gw.raw_http(b"GET /a%e2%80%a8forged HTTP/1.1\r\nHost: localhost\r\n\r\n")
         # Any call site that logs what a client sent, formatted in any way:
         log = Logger(namespace="aico.test")
         header = "ok\x85\x1b[2J\u2029forged"
@@ -478,7 +478,7 @@ class RealSocketTests(TestCase):
         self.assertEqual((status, json.loads(body)["code"]), ("HTTP/1.1 408 Request timeout",
                                                               "request_timeout"))
         for target in (b"/%ff", b"/%c3%28x"):
-            bad = await self.raw(port, b"GET " + target + b" HTTP/1.1\r\nHost: x\r\n"
+            bad = await self.raw(port, b"GET " + target + b" HTTP/1.1\r\nHost: localhost\r\n"
                                        b"Connection: close\r\n\r\n")
             await bad.closed
             status, fields, body = split(bad.data)

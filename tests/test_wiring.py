@@ -18,7 +18,7 @@ from aico.gateway.service import GatewayService
 class MakeServiceTests(SynchronousTestCase):
     def test_make_service_builds_from_a_config_file_and_state_dir(self) -> None:
         cfg = Path(self.mktemp() + ".toml")
-        cfg.write_text('[http]\nport = 0\n[bus]\npub = "tcp://127.0.0.1:*"\nsub = "tcp://127.0.0.1:*"\n')
+        cfg.write_text('[http]\nport = 0\n[admin]\nport = 0\n[bus]\npub = "tcp://127.0.0.1:*"\nsub = "tcp://127.0.0.1:*"\n')
         state = Path(os.path.abspath(self.mktemp()))
         options = tap.Options()
         options.parseOptions(["--config", str(cfg), "--state-dir", str(state)])
@@ -40,7 +40,7 @@ class MakeServiceTests(SynchronousTestCase):
         self.assertEqual([c.name for c in service.child("modules")], ["conversation", "health"])
         self.assertEqual([c.name for c in service.child("modules", "conversation")],
                          ["module", "heartbeat"])
-        self.assertEqual([c.name for c in service.child("listeners")], ["http", "tls", "ipc"])
+        self.assertEqual([c.name for c in service.child("listeners")], ["http", "tls", "ipc", "admin"])
         self.assertEqual(sorted(c.name for c in service.child("jobs")),
                          ["ipc-peer-sweep", "ratelimit-sweep", "registry-watch", "token-prune"])
 
@@ -55,7 +55,7 @@ class MakeServiceTests(SynchronousTestCase):
 
     def test_listeners_and_modules_follow_the_config(self) -> None:
         cfg = Path(self.mktemp() + ".toml")
-        cfg.write_text('[http]\nenabled = false\n[tls]\nenabled = false\n[ipc]\nendpoint = ""\n[bus]\n'
+        cfg.write_text('[http]\nenabled = false\n[tls]\nenabled = false\n[admin]\nenabled = false\n[ipc]\nendpoint = ""\n[bus]\n'
                        'embedded_broker = false\n[modules]\nin_process = false\n')
         options = tap.Options()
         options.parseOptions(["--config", str(cfg), "--state-dir",

@@ -27,7 +27,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from twisted.application.service import MultiService
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
 from twisted.internet.threads import deferToThreadPool
-from twisted.logger import Logger
+from twisted.logger import Logger, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
@@ -44,6 +44,8 @@ from aico.gateway.adapters.ipc import IpcListener
 from aico.gateway.adapters.rest import GatewaySite, RestAdapter
 from aico.gateway.adapters.session import SessionServices
 from aico.gateway.adapters.websocket import websocket_resource
+from aico.gateway.admin.hosts import host_allowed
+from aico.gateway.admin.logbuffer import LogBuffer
 from aico.gateway.api.conversations.dependencies import ConversationsDeps
 from aico.gateway.api.conversations.router import routes as conversation_routes
 from aico.gateway.api.devices.dependencies import DevicesDeps
@@ -54,7 +56,7 @@ from aico.gateway.api.transport.dependencies import TransportDeps
 from aico.gateway.api.transport.router import routes as transport_routes
 from aico.gateway.api.users.dependencies import UsersDeps
 from aico.gateway.api.users.router import routes as user_routes
-from aico.gateway.config import Config, ConfigError, load
+from aico.gateway.config import Config, ConfigError, Reload, load
 from aico.gateway.config import reload as reload_config
 from aico.gateway.connections import ConnectionManager
 from aico.gateway.devices.ca import DeviceCA, load_certificate, load_private_key
@@ -75,7 +77,7 @@ from aico.gateway.security.keys import KeyRing, KeyRingError
 from aico.gateway.security.passwords import PasswordService, thread_pool_runner
 from aico.gateway.security.ratelimit import GcraLimiter
 from aico.gateway.security.tokens import SqliteRevocationStore, TokenService
-from aico.gateway.service import GatewayService, ListenerGroup, ProcessExit
+from aico.gateway.service import GatewayService, ListenerGroup, ProcessExit, StartupError
 from aico.gateway.state import ADMIN_USERNAME, StateDirError, StatePaths, bootstrap
 from aico.gateway.store import Database, SchemaError
 from aico.gateway.tls import (
@@ -87,6 +89,7 @@ from aico.gateway.tls import (
     server_options,
 )
 from aico.gateway.users import UserStore
+from aico.net import is_loopback
 from aico.services import CallbackService, PeriodicJob, SequentialMultiService, ThreadPoolService
 
 __all__ = ["GatewayParts", "Materials", "build_tree", "compose", "materials_from_state"]
@@ -166,6 +169,12 @@ class GatewayParts:
         self.materials = materials
         #: Requests in progress on every listener (SIGTERM's drain waits for them).
         self.inflight = InFlight()
+        #: The config file the gateway runs from (``None``: defaults only); the admin API
+        #: changes it and ``SIGHUP`` re-reads it.
+        self.config_path: str | None = None
+        self.version = _version()
+        #: Recent log lines for the admin API (added to the log publisher at start).
+        self.log_buffer = LogBuffer()
 
         # Security: tokens, passwords, rate limits, audit log.
         self.db = materials.database
@@ -248,7 +257,8 @@ class GatewayParts:
 
         # Adapters: REST and WebSocket on the http site, IPC on its own sockets.
         ws, self.ws_factory = websocket_resource(self.sessions, lambda: self.config.websocket)
-        self.rest = RestAdapter(self.dispatcher, "http", websocket=ws, inflight=self.inflight)
+        self.rest = RestAdapter(self.dispatcher, "http", websocket=ws, inflight=self.inflight,
+                                host_allowed=self._http_host_allowed)
         self.http_site = GatewaySite(
             self.rest.resource(),
             body_limit=lambda: self.config.limits.body_max,
@@ -289,6 +299,26 @@ class GatewayParts:
             formatter=(lambda f: deferToThreadPool(reactor, pool, f)) if pool is not None else None)
         self.dispatcher.observers.append(self.metrics.observe_request)
         self.forwarder.on_round_trip = self.metrics.observe_round_trip
+
+        # The admin site: its own listener, dispatcher and routes (docs/admin.md).
+        from aico.gateway.admin.site import AdminSite
+
+        admin_remote = not is_loopback(config.admin.host)
+        self.admin = AdminSite(self, Reloader(self, None),
+                               identify=device_id_of_request if admin_remote else None,
+                               gate=self.device_gate if admin_remote else None)
+
+    def _http_host_allowed(self, host: str | None) -> bool:
+        """The DNS-rebinding guard of the ``http`` listener, while it is on loopback."""
+        http = self.config.http
+        return not is_loopback(http.host) or host_allowed(host, http.allowed_hosts)
+
+    def run_blocking(self, fn: Any, *args: Any) -> Deferred[Any]:
+        """Run blocking work (file I/O) off the reactor thread; in memory (no thread
+        pool of the gateway's own) on the calling thread."""
+        if self.materials.cpu_pool is None:
+            return maybeDeferred(fn, *args)
+        return deferToThreadPool(self.reactor, self.reactor.getThreadPool(), fn, *args)
 
     def _ipc_listener(self) -> IpcListener | None:
         paths = self.materials.paths
@@ -351,7 +381,39 @@ class GatewayParts:
                                    describe=f"{tls.host}:{tls.port}", close=self._close_tls))
         if self.ipc is not None:
             out.append(self.ipc)
+        admin = self.admin_listener()
+        if admin is not None:
+            out.append(admin)
         return out
+
+    def admin_listener(self) -> IListener | None:
+        """The ``admin`` listener: on loopback, plain HTTP; elsewhere only with
+        ``allow_remote = true``, and then only over mutual TLS with the device CA (a
+        device trusted ``admin`` is needed for every request: :mod:`aico.gateway.admin`)."""
+        admin = self.config.admin
+        if not admin.enabled:
+            return None
+        endpoint = tcp_endpoint(self.reactor, admin.host, admin.port)
+        describe = f"{admin.host}:{admin.port}"
+        if is_loopback(admin.host):
+            return TcpListener("admin", endpoint, self.admin.site, describe=describe,
+                               close=self._close_admin)
+        m = self.materials
+        if not admin.allow_remote:
+            raise StartupError(f"aico-gateway: admin.host {admin.host!r} is not a loopback "
+                               "address and admin.allow_remote is not set")
+        if m.device_ca is None or m.server_identity is None:
+            raise StartupError("aico-gateway: admin.allow_remote needs the device CA and the "
+                               "server certificate (mutual TLS); refusing to serve the admin "
+                               "site without them")
+        options = server_options(m.device_ca.cert, *m.server_identity)
+        site = self.admin.site
+        assert isinstance(site, DeviceSite)
+        return TcpListener("admin", endpoint, DeviceTLSFactory(options, site, self.device_gate),
+                           describe=describe, close=self._close_admin)
+
+    def _close_admin(self) -> Deferred[None]:
+        return self.admin.site.close_connections(self.reactor)
 
     def _close_tls(self) -> Deferred[None]:
         """As ``http``: WSS sockets closed (1001), HTTPS connections gracefully."""
@@ -383,6 +445,7 @@ class GatewayParts:
         return Deferred.fromCoroutine(self._start())
 
     async def _start(self) -> None:
+        globalLogPublisher.addObserver(self.log_buffer)
         await self.revocations.load()
         self.tokens.load_generations(await self.user_store.session_generations())
         # The watcher's first look only records the registry's version: take it before
@@ -441,6 +504,7 @@ class GatewayParts:
         return Deferred.fromCoroutine(self._stop())
 
     async def _stop(self) -> None:
+        globalLogPublisher.removeObserver(self.log_buffer)
         self.device_gate.stop()
         await self.revocations.flush()
         self.db.close()
@@ -480,19 +544,25 @@ class Reloader:
 
     def __init__(self, parts: GatewayParts, config_path: str | None) -> None:
         self.parts = parts
-        self.config_path = config_path
+        if config_path is not None:
+            parts.config_path = config_path
 
-    def __call__(self) -> Deferred[None]:
+    @property
+    def config_path(self) -> str | None:
+        return self.parts.config_path
+
+    def reload_now(self) -> Deferred[Reload]:
+        """Re-read and apply the config file; fails with ``ConfigError`` (nothing changed)
+        for an invalid one. ``POST /admin/api/config/reload`` calls this."""
         parts = self.parts
-        if self.config_path is None:
-            self.log.info("SIGHUP: no config file to reload (running on defaults)")
-            parts.reconfigure(parts.config)
-            return succeed(None)
         path = self.config_path
-        d: Deferred[Config] = deferToThreadPool(parts.reactor, parts.reactor.getThreadPool(),
-                                                load, path)
+        if path is None:
+            self.log.info("reload: no config file to reload (running on defaults)")
+            parts.reconfigure(parts.config)
+            return succeed(Reload(parts.config, [], []))
+        d: Deferred[Config] = parts.run_blocking(load, path)
 
-        def apply(new: Config) -> None:
+        def apply(new: Config) -> Reload:
             result = reload_config(parts.config, new)
             if result.restart:
                 self.log.warn("config reload: {keys} change only on restart",
@@ -500,13 +570,21 @@ class Reloader:
             parts.reconfigure(result.config)
             self.log.info("config reloaded from {path}: {keys}", path=path,
                           keys=", ".join(result.live) or "no live changes")
+            return result
 
-        def refused(failure: Failure) -> None:
+        def refused(failure: Failure) -> Failure:
             failure.trap(ConfigError)
             self.log.error("config reload refused, keeping the running config: {error}",
                            error=str(failure.value))
+            return failure
 
         return d.addCallback(apply).addErrback(refused)
+
+    def __call__(self) -> Deferred[None]:
+        """``SIGHUP``: :meth:`reload_now`, an invalid file logged and kept out."""
+        d = self.reload_now()
+        d.addErrback(lambda f: f.trap(ConfigError))
+        return d.addCallback(lambda _: None)
 
 
 def build_tree(

@@ -62,6 +62,19 @@ def _listener(port: int, enabled: bool = True, host: str = "127.0.0.1") -> Any:
 
 
 @dataclass(frozen=True)
+class GuardedListenerSection(ListenerSection):
+    """``[http]`` and ``[admin]``: a listener with the DNS-rebinding guard."""
+
+    #: Host names (besides the loopback names) a request's ``Host`` may carry while the
+    #: listener is on loopback (docs/security.md, "DNS rebinding"); compared without the port.
+    allowed_hosts: tuple[str, ...] = _reloadable(())
+
+
+def _guarded_listener(port: int) -> Any:
+    return field(default_factory=lambda: GuardedListenerSection(port=port))
+
+
+@dataclass(frozen=True)
 class PairingSection:
     """``[pairing]``: the listener that is open only while a pairing window is."""
 
@@ -259,9 +272,9 @@ class Config:
     """The whole configuration. Build it with :func:`load` or :func:`from_string`."""
 
     gateway: GatewaySection = field(default_factory=GatewaySection)
-    http: ListenerSection = _listener(8771)
+    http: GuardedListenerSection = _guarded_listener(8771)
     tls: ListenerSection = _listener(8772)
-    admin: ListenerSection = _listener(8773)
+    admin: GuardedListenerSection = _guarded_listener(8773)
     pairing: PairingSection = field(default_factory=PairingSection)
     mdns: MdnsSection = field(default_factory=MdnsSection)
     ipc: IpcSection = field(default_factory=IpcSection)
@@ -386,6 +399,10 @@ def _check(c: Config) -> None:
             raise ConfigError(f"{name}.host", "must not be empty", src)
     for name in ("http", "admin"):
         section = getattr(c, name)
+        for i, allowed in enumerate(section.allowed_hosts):
+            if not allowed or (any(ch in allowed for ch in " /:@") and not allowed.startswith("[")):
+                raise ConfigError(f"{name}.allowed_hosts[{i}]",
+                                  f"expected a host name without a port, got {allowed!r}", src)
         if section.enabled and not is_loopback(section.host) and not section.allow_remote:
             raise ConfigError(
                 f"{name}.host",

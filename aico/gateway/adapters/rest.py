@@ -26,7 +26,7 @@ from twisted.web.server import NOT_DONE_YET, Site
 from twisted.web.server import Request as WebRequest
 from werkzeug.exceptions import HTTPException
 
-from aico.gateway.errors import ApiError, BadRequest, PayloadTooLarge, problem_body
+from aico.gateway.errors import ApiError, BadRequest, Forbidden, PayloadTooLarge, problem_body
 from aico.gateway.lifecycle import InFlight
 from aico.gateway.routing.dispatch import Dispatcher, error_response
 from aico.gateway.routing.messages import Request, Response, request_id_from
@@ -355,6 +355,22 @@ _BAD_TARGET = RouteEntry("GET", "/.bad-target", _bad_target, owner="rest", publi
                          tier="public", raw_body=True)
 
 
+def _foreign_host(request: Request) -> Response:
+    raise Forbidden("this listener answers only requests whose Host is a loopback name or "
+                    "one of its allowed_hosts (DNS-rebinding guard)")
+
+
+#: The route of a request whose ``Host`` the listener does not answer (the DNS-rebinding
+#: guard): like :data:`_BAD_TARGET`, it runs the whole chain and is answered 403.
+_FOREIGN_HOST = RouteEntry("GET", "/.foreign-host", _foreign_host, owner="rest", public=True,
+                           tier="public", raw_body=True)
+
+
+def _host_of(request: IRequest) -> str | None:
+    values = request.requestHeaders.getRawHeaders(b"host")
+    return values[0].decode("latin-1") if values else None
+
+
 def _decodable(request: IRequest) -> bool:
     """Can Klein decode this request's path and host (UTF-8 after percent-decoding)?"""
     try:
@@ -377,9 +393,11 @@ class _Front(Resource):
         self.klein = klein
 
     def render(self, request: IRequest) -> Any:
-        if _decodable(request):
+        decodable = _decodable(request)
+        guard = self.adapter.host_allowed
+        if decodable and (guard is None or guard(_host_of(request))):
             return self.klein.render(request)
-        d = self.adapter.refuse_target(request)
+        d = self.adapter.refuse_target(request, _BAD_TARGET if not decodable else _FOREIGN_HOST)
 
         def written(body: bytes) -> None:
             if not getattr(request, "finished", False) and not getattr(request, "_disconnected", False):
@@ -404,8 +422,12 @@ class RestAdapter:
         websocket: IResource | None = None,
         inflight: InFlight | None = None,
         identify: Callable[[IRequest], str] | None = None,
+        host_allowed: Callable[[str | None], bool] | None = None,
     ) -> None:
         self.dispatcher = dispatcher
+        #: The DNS-rebinding guard: may a request with this ``Host`` be served (WebSocket
+        #: upgrades included)? ``None``: every ``Host`` is.
+        self.host_allowed = host_allowed
         self.transport = transport
         self.websocket = websocket
         self.inflight = inflight or InFlight()
@@ -422,13 +444,14 @@ class RestAdapter:
     def resource(self) -> IResource:
         return _Front(self, self.app.resource())
 
-    def refuse_target(self, web: IRequest) -> Deferred[bytes]:
-        """Answer a request whose target is not UTF-8: 400 problem+json through the
-        dispatcher (rate-limited, access-logged, with its request ID)."""
+    def refuse_target(self, web: IRequest, route: RouteEntry = _BAD_TARGET) -> Deferred[bytes]:
+        """Answer a request whose target is not UTF-8 (400), or whose ``Host`` is foreign
+        (403), with problem+json through the dispatcher (rate-limited, access-logged, with
+        its request ID)."""
         self.inflight.enter()
         web.notifyFinish().addBoth(lambda _: self.inflight.leave())  # type: ignore[attr-defined]
         request = self._normalize(web)
-        d = self.dispatcher.handle_control(request, _BAD_TARGET, self.dispatcher.steps)
+        d = self.dispatcher.handle_control(request, route, self.dispatcher.steps)
         return d.addCallback(lambda response: self._write_head(web, request, response))
 
     @app.route("/ws", branch=False)

@@ -241,6 +241,33 @@ def entries_from_registration(
     return entries
 
 
+#: Paths under this prefix belong to the admin site.
+ADMIN_PATH = "/admin/"
+
+
+def admin_entries(module: str, routes: list[RouteMsg], forwarder: BusForwarder) -> list[RouteEntry]:
+    """Route entries for a module's admin routes, served by the admin site under
+    ``/admin/api/modules/MODULE/…``: never public, always an ``admin:`` capability (the
+    route's own when it names one, else ``admin:modules``), on the ``admin`` tier."""
+    base = f"/admin/api/modules/{module}"
+    entries = []
+    for r in routes:
+        path = r.path[len(ADMIN_PATH) - 1:] if r.path.startswith(ADMIN_PATH) else r.path
+        if not path.startswith("/"):
+            path = "/" + path
+        cap = r.capability if r.capability.startswith("admin:") else "admin:modules"
+        route = RouteMsg()
+        route.CopyFrom(r)
+        route.capability, route.public = cap, False
+        entry = entries_from_registration(module, [route], forwarder)[0]
+        entries.append(RouteEntry(
+            method=entry.method, path=base + path, handler=entry.handler, owner=module,
+            capability=cap, public=False, tier="admin", request_schema=entry.request_schema,
+            response_schema=entry.response_schema, topics=entry.topics,
+            summary=f"Admin route of module {module}", streaming=True))
+    return entries
+
+
 class ModuleRoutes:
     """Keeps the dispatcher's route table in step with the module directory.
 
@@ -262,6 +289,14 @@ class ModuleRoutes:
         self.prepare = prepare
         self.forwarder: BusForwarder | None = None
         self._served_topics: frozenset[str] = frozenset()
+        #: Modules an operator disabled (``POST /admin/api/modules/{name}/disable``):
+        #: their routes answer 503 ``backend_unavailable`` until enabled again.
+        self.disabled: set[str] = set()
+        #: Each module's admin routes, as the admin site serves them
+        #: (``/admin/api/modules/NAME/…``); never in the dispatcher's table.
+        self.admin_entries: dict[str, list[RouteEntry]] = {}
+        #: Told when :attr:`admin_entries` changed (the admin site rebuilds its table).
+        self.on_admin_routes: Callable[[], None] | None = None
 
     def attach(self, forwarder: BusForwarder) -> None:
         """Serve module routes through *forwarder*; start following the directory."""
@@ -273,19 +308,39 @@ class ModuleRoutes:
         """Whether a live module serves *topic* (one of its routes names it)."""
         return topic in self._served_topics
 
-    def on_module(self, event: str, info: Any) -> None:
+    def _recompute(self) -> None:
         self._served_topics = frozenset(
             t.strip()
-            for module in self.directory.modules.values() if module.alive
-            for r in module.registration.routes
+            for module in self.directory.modules.values()
+            if module.alive and module.name not in self.disabled
+            for r in [*module.registration.routes, *module.registration.admin_routes]
             for t in r.topic.split(",")
         )
+
+    def disable(self, name: str) -> None:
+        """Stop forwarding to module *name*: its routes answer 503 until :meth:`enable`."""
+        self.disabled.add(name)
+        self._recompute()
+
+    def enable(self, name: str) -> None:
+        self.disabled.discard(name)
+        self._recompute()
+
+    def on_module(self, event: str, info: Any) -> None:
+        self._recompute()
         if event != "registered" or self.forwarder is None:
             return
         own = {(e.method, e.path): e for e in self.own_routes}
         try:
-            entries = entries_from_registration(info.name, list(info.registration.routes),
-                                                self.forwarder)
+            # A route whose path starts with /admin/ is an admin route too: served by
+            # the admin site only, never on http or tls.
+            public_routes = [r for r in info.registration.routes
+                             if not r.path.startswith(ADMIN_PATH)]
+            admin = admin_entries(info.name, [
+                *info.registration.admin_routes,
+                *(r for r in info.registration.routes if r.path.startswith(ADMIN_PATH))],
+                self.forwarder)
+            entries = entries_from_registration(info.name, public_routes, self.forwarder)
             entries = [e for e in entries
                        if not ((e.method, e.path) in own and own[(e.method, e.path)].topics == e.topics)]
             table = self.dispatcher.table.with_routes(info.name, self.prepare(entries))
@@ -294,6 +349,9 @@ class ModuleRoutes:
                            error=str(e))
             return
         self.dispatcher.set_table(table)
+        self.admin_entries[info.name] = self.prepare(admin)
+        if self.on_admin_routes is not None:
+            self.on_admin_routes()
         self.log.info("module {module} {version} serves {count} route(s)", module=info.name,
                       version=info.version, count=len(entries))
 
@@ -324,6 +382,7 @@ __all__ = [
     "ModuleRoutes",
     "RouteConflict",
     "RouteTable",
+    "admin_entries",
     "entries_from_registration",
     "from_api_response",
     "to_api_request",

@@ -381,6 +381,11 @@ class GcraLimiter:
     def __len__(self) -> int:
         return len(self._clients)
 
+    def unblock(self, client_key: str) -> bool:
+        """Forget everything about *client_key* (an operator's manual unblock): its block,
+        its escalation level and its spent budget; False when it was not known."""
+        return self._clients.pop(client_key, None) is not None
+
     def stats(self) -> dict[str, int]:
         """Counters for metrics."""
         now = self._clock.seconds()

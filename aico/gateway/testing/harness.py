@@ -24,6 +24,8 @@ FREE_LISTENERS = """
 port = 0
 [tls]
 port = 0
+[admin]
+port = 0
 [bus]
 pub = "tcp://127.0.0.1:*"
 sub = "tcp://127.0.0.1:*"

@@ -349,7 +349,7 @@ class MemoryGateway:
     """
 
     def __init__(self, config: str = "", *, test: Any = None,
-                 modules: Iterable[str] | None = None) -> None:
+                 modules: Iterable[str] | None = None, config_path: str | None = None) -> None:
         self.clock = MemoryReactorClock()
         # Time starts at the wall clock's (tokens made outside carry realistic times),
         # then moves only when the test advances it.
@@ -367,6 +367,8 @@ class MemoryGateway:
         materials = Materials(keyring=KeyRing.ephemeral(), database=self.database,
                               passwords=self.passwords)
         self.parts = GatewayParts(self.config, self.clock, self.bus, self.directory, materials)
+        #: The config file the admin API changes (``None``: the gateway has none).
+        self.parts.config_path = config_path
         names = self.config.modules.builtin if modules is None else tuple(modules)
         self.modules: list[BackendModule] = [BUILTIN_MODULES[n](self.bus, self.clock) for n in names]
         self.fatal: list[int] = []
@@ -381,6 +383,8 @@ class MemoryGateway:
         self._treq_clients: list[Any] = []
         self._extra: list[Any] = []
         self.http = self._stub()
+        #: The admin site (``[admin]`` listener): :meth:`admin_request`.
+        self.admin_http = self._stub(self.parts.admin.site)
         self.service.privilegedStartService()
         self.service.startService()
         self.settle()
@@ -423,22 +427,24 @@ class MemoryGateway:
 
     # -- REST --------------------------------------------------------------------------
 
-    def _stub(self) -> Any:
+    def _stub(self, site: Any = None) -> Any:
         from treq.testing import StubTreq
 
-        fake = StubTreq(self.parts.http_site.resource)
+        site = site if site is not None else self.parts.http_site
+        fake = StubTreq(site.resource)
         # The gateway's own site (its request and channel classes, limits and timers on the
         # gateway's clock) instead of a plain Site around the same resource.
-        fake._agent._serverFactory = self.parts.http_site
+        fake._agent._serverFactory = site
         self._treq_clients.append(fake)
         return fake
 
     def send(self, method: str, path: str, *, json_body: Any = None, data: bytes | None = None,
              headers: dict[str, str] | None = None, token: str | None = None,
-             unbuffered: bool = False) -> Deferred[Any]:
+             unbuffered: bool = False, admin: bool = False) -> Deferred[Any]:
         """Send one HTTP request and return at once: a Deferred of the whole
         :class:`MemoryResponse` (of treq's response itself, with *unbuffered*), which fires
-        as the gateway settles (:meth:`settle`, :meth:`advance`)."""
+        as the gateway settles (:meth:`settle`, :meth:`advance`). *admin*: to the admin
+        site (``Host: 127.0.0.1:8773``) instead of the ``http`` listener's."""
         headers = dict(headers or {})
         if token is not None:
             headers["Authorization"] = f"Bearer {token}"
@@ -449,7 +455,12 @@ class MemoryGateway:
             kwargs["data"] = data
         if unbuffered:
             kwargs["unbuffered"] = True
-        d: Deferred[Any] = self.http.request(method, "http://127.0.0.1:8771" + path, **kwargs)
+        if admin:  # a test sees the admin site's redirects (303 after a login) itself
+            kwargs["allow_redirects"] = False
+            d: Deferred[Any] = self.admin_http.request(method, "http://127.0.0.1:8773" + path,
+                                                       **kwargs)
+        else:
+            d = self.http.request(method, "http://127.0.0.1:8771" + path, **kwargs)
         return d if unbuffered else d.addCallback(self._read)
 
     def request(self, method: str, path: str, *, json_body: Any = None, data: bytes | None = None,
@@ -457,6 +468,15 @@ class MemoryGateway:
                 advance: float = 0.0) -> MemoryResponse:
         """Send one HTTP request and read the whole answer (synchronously)."""
         d = self.send(method, path, json_body=json_body, data=data, headers=headers, token=token)
+        response: MemoryResponse = self._finish(d, advance, lambda r: r)
+        return response
+
+    def admin_request(self, method: str, path: str, *, json_body: Any = None,
+                      data: bytes | None = None, headers: dict[str, str] | None = None,
+                      token: str | None = None, advance: float = 0.0) -> MemoryResponse:
+        """Send one HTTP request to the admin site and read the whole answer."""
+        d = self.send(method, path, json_body=json_body, data=data, headers=headers,
+                      token=token, admin=True)
         response: MemoryResponse = self._finish(d, advance, lambda r: r)
         return response
 
@@ -484,12 +504,15 @@ class MemoryGateway:
             result.raiseException()
         return result
 
-    def raw_http(self, *chunks: bytes, gap: float = 0.0) -> tuple[bytes, bool]:
-        """Write *chunks* to a fresh connection of the site, *gap* seconds apart on the
-        gateway's clock: ``(everything the gateway wrote, whether it closed)``."""
+    def raw_http(self, *chunks: bytes, gap: float = 0.0,
+                 admin: bool = False) -> tuple[bytes, bool]:
+        """Write *chunks* to a fresh connection of the site (the admin site's, with
+        *admin*), *gap* seconds apart on the gateway's clock: ``(everything the gateway
+        wrote, whether it closed)``."""
         from twisted.internet.testing import StringTransport
 
-        channel = self.parts.http_site.buildProtocol(  # type: ignore[no-untyped-call]
+        site = self.parts.admin.site if admin else self.parts.http_site
+        channel = site.buildProtocol(  # type: ignore[no-untyped-call]
             IPv4Address("TCP", "127.0.0.1", 31337))
         transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 31337))
         channel.makeConnection(transport)
