@@ -2,7 +2,7 @@
 
 Every page is plain HTML made with :mod:`twisted.web.template` — no build step, nothing
 loaded from elsewhere, one small stylesheet served by the site (``/admin/ui.css``) and a
-few lines of inline script for the live log tail (an ``EventSource`` on
+few lines of script for the live log tail (``/admin/ui.js``: an ``EventSource`` on
 ``/admin/api/logs/tail``). A page needs a browser session (else ``303 → /admin/login``).
 
 A page gathers its data by running the ``/admin/api`` routes themselves, in process
@@ -76,8 +76,10 @@ textarea:focus-visible { outline: 3px solid var(--accent); outline-offset: 2px; 
 #tail li { font: 13px/1.35 ui-monospace, monospace; }
 """
 
-#: The live tail: new lines from the server-sent events, appended to ``#tail``.
-TAIL_SCRIPT = """\
+#: The live tail (``/admin/ui.js``, loaded by the logs page only): new lines from the
+#: server-sent events, appended to ``#tail``. A file of its own, not inline: the flattener
+#: would escape ``<`` and ``>`` in a ``<script>``.
+TAIL_SCRIPT = b"""\
 (function () {
   var list = document.getElementById("tail"), state = document.getElementById("tail-state");
   var source = new EventSource(list.dataset.src);
@@ -134,6 +136,7 @@ class AdminUI:
             page("GET", "/admin/", self.dashboard, "Web UI: dashboard"),
             page("GET", "/admin", self.dashboard, "Web UI: dashboard"),
             page("GET", "/admin/ui.css", self.stylesheet, "Web UI: the stylesheet"),
+            page("GET", "/admin/ui.js", self.script, "Web UI: the live log tail"),
             page("GET", "/admin/config", self.config, "Web UI: the effective config"),
             page("POST", "/admin/config", self.config_patch, "Web UI: change the config"),
             page("POST", "/admin/config/reload", self.config_reload,
@@ -234,6 +237,11 @@ class AdminUI:
 
     def stylesheet(self, request: Request) -> Response:
         return Response(status=200, body=STYLESHEET, content_type="text/css; charset=utf-8",
+                        headers={"Cache-Control": "max-age=300"})
+
+    def script(self, request: Request) -> Response:
+        return Response(status=200, body=TAIL_SCRIPT,
+                        content_type="text/javascript; charset=utf-8",
                         headers={"Cache-Control": "max-age=300"})
 
     # -- dashboard -----------------------------------------------------------------------
@@ -402,7 +410,7 @@ class AdminUI:
                                                  ")", class_="mute"), id="live"),
                 tags.ol(id="tail", **{"data-src": "/admin/api/logs/tail?level=" + quote(level),
                                       "aria-live": "polite"}),
-                tags.script(TAIL_SCRIPT)]
+                tags.script(src="/admin/ui.js", defer="defer")]
         return await self._render(request, "Logs", *out)
 
     # -- devices -------------------------------------------------------------------------
