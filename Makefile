@@ -32,9 +32,11 @@ $(SSLYZE_STAMP):
 $(SSLYZE_VENV): $(SSLYZE_STAMP)
 
 # tests/test_deploy.py checks deploy/*.service with systemd-analyze (Debian's systemd
-# package, installed where it is missing).
+# package, installed where it is missing); tests/test_admin_ui.py drives Debian's headless
+# chromium through chromedriver (installed where missing).
 test: lint $(SSLYZE_STAMP)
 	@command -v systemd-analyze >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq --no-install-recommends systemd; }
+	@command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq chromium chromium-driver; }
 	$(VENV)/bin/python -m aico.dev.runtests -j2 tests
 
 proto: $(STAMP)

@@ -14,7 +14,7 @@ from typing import Any
 from weakref import WeakSet
 
 from klein import Klein
-from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.defer import CancelledError, Deferred, DeferredList, succeed
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
@@ -523,6 +523,8 @@ class RestAdapter:
             return b""
 
         def broke(failure: Failure) -> bytes:
+            if failure.check(CancelledError):
+                return b""  # the client went away (Klein cancels on a lost connection)
             # Headers are out: the only honest signal left is a final error line.
             problem = self.dispatcher.convert(failure, request)
             web.write(problem.body + b"\n")

@@ -34,6 +34,7 @@ from aico.gateway.adapters.rest import GatewaySite, RestAdapter
 from aico.gateway.admin.api import api_routes
 from aico.gateway.admin.hosts import host_allowed
 from aico.gateway.admin.sessions import COOKIE, AdminSession, AdminSessions
+from aico.gateway.admin.ui import AdminUI
 from aico.gateway.errors import ApiError, Forbidden
 from aico.gateway.routing.dispatch import Dispatcher
 from aico.gateway.routing.messages import Request, Response
@@ -80,8 +81,9 @@ def _form(request: Request) -> dict[str, str]:
 
 def _page(title: str, *body: Any, csrf: str | None = None) -> Deferred[bytes]:
     head = tags.head(tags.meta(charset="utf-8"), tags.title(title),
+                     tags.link(rel="stylesheet", href="/admin/ui.css"),
                      *( [tags.meta(name="csrf-token", content=csrf)] if csrf else []))
-    doc = tags.html(head, tags.body(tags.h1(title), *body), lang="en")
+    doc = tags.html(head, tags.body(Tag("main")(tags.h1(title), *body)), lang="en")
     d: Deferred[bytes] = flattenString(None, doc)
     return d.addCallback(lambda html: b"<!DOCTYPE html>\n" + html)
 
@@ -100,7 +102,10 @@ class AdminSite:
         self._authenticate = users[("POST", "/api/v1/users/authenticate")]
         self._refresh = users[("POST", "/api/v1/users/refresh")]
         self._logout = users[("POST", "/api/v1/users/logout")]
-        self.own_routes: list[RouteEntry] = validate.prepare([*self._pages(), *api_routes(self)])
+        #: The web UI's pages (:mod:`.ui`).
+        self.ui = AdminUI(self)
+        self.own_routes: list[RouteEntry] = validate.prepare([*self._pages(), *self.ui.routes(),
+                                                              *api_routes(self)])
         self.dispatcher = Dispatcher(RouteTable(self.own_routes),
                                      [self.session_step, *parts.chain.steps()],
                                      clock=parts.reactor,
@@ -223,8 +228,6 @@ class AdminSite:
             page("GET", "/admin/login", self.login_page, "The login form"),
             page("POST", "/admin/login", self.login, "Log in (form: username, password)"),
             page("POST", "/admin/logout", self.logout, "Log out (ends the session)"),
-            page("GET", "/admin/", self.home, "Who is logged in (the web UI comes later)"),
-            page("GET", "/admin", self.home, "Who is logged in"),
         ]
 
     def _html(self, body: Deferred[bytes], status: int = 200,
@@ -289,16 +292,3 @@ class AdminSite:
                               token=session.access_token)
         return Response(status=303, headers={"Location": "/admin/login",
                                              "Set-Cookie": self._cookie_header("", 0)})
-
-    def home(self, request: Request) -> Deferred[Response] | Response:
-        session = self.session_of(request)
-        if session is None:
-            return Response(status=303, headers={"Location": "/admin/login"})
-        logout = tags.form(tags.input(type="hidden", name="csrf_token", value=session.csrf_token),
-                           tags.button("Log out", type="submit"),
-                           method="post", action="/admin/logout")
-        return self._html(_page("aico-gateway admin", tags.p(
-            "Logged in as ", tags.strong(session.username), "."),
-            tags.p("The web UI comes in a later release; the JSON API is under ",
-                   tags.code("/admin/api/"), "."), logout, csrf=session.csrf_token))
-
