@@ -56,7 +56,7 @@ from aico.gateway.api.transport.dependencies import TransportDeps
 from aico.gateway.api.transport.router import routes as transport_routes
 from aico.gateway.api.users.dependencies import UsersDeps
 from aico.gateway.api.users.router import routes as user_routes
-from aico.gateway.config import Config, ConfigError, Reload, load
+from aico.gateway.config import Config, ConfigError, LimitsSection, Reload, load
 from aico.gateway.config import reload as reload_config
 from aico.gateway.connections import ConnectionManager
 from aico.gateway.devices.ca import DeviceCA, load_certificate, load_private_key
@@ -259,15 +259,7 @@ class GatewayParts:
         ws, self.ws_factory = websocket_resource(self.sessions, lambda: self.config.websocket)
         self.rest = RestAdapter(self.dispatcher, "http", websocket=ws, inflight=self.inflight,
                                 host_allowed=self._http_host_allowed)
-        self.http_site = GatewaySite(
-            self.rest.resource(),
-            body_limit=lambda: self.config.limits.body_max,
-            header_limits=lambda: (self.config.limits.header_count, self.config.limits.header_size),
-            head_timeout=lambda: self.config.limits.head_timeout,
-            body_timeout=lambda: self.config.limits.body_timeout,
-            reactor=reactor,
-            finished=self.dispatcher.finished,
-        )
+        self.http_site = GatewaySite(self.rest.resource(), **self.site_options(self.dispatcher))
 
         # Detached mode: the tls listener serves the same routes, chain and WebSocket
         # adapter (WSS) over mutual TLS 1.3; its device is the principal.
@@ -278,16 +270,8 @@ class GatewayParts:
                                           if (d := self.device_gate.known(did)) else None))
         self.tls_rest = RestAdapter(self.dispatcher, "tls", websocket=wss, inflight=self.inflight,
                                     identify=device_id_of_request)
-        self.tls_site = DeviceSite(
-            self.tls_rest.resource(),
-            body_limit=lambda: self.config.limits.body_max,
-            header_limits=lambda: (self.config.limits.header_count, self.config.limits.header_size),
-            head_timeout=lambda: self.config.limits.head_timeout,
-            body_timeout=lambda: self.config.limits.body_timeout,
-            reactor=reactor,
-            finished=self.dispatcher.finished,
-            gate=self.device_gate,
-        )
+        self.tls_site = DeviceSite(self.tls_rest.resource(), gate=self.device_gate,
+                                   **self.site_options(self.dispatcher))
 
         # Metrics (docs/metrics.md): events counted as they happen, state read at scrape
         # time; the admin site serves ``self.metrics.resource()`` at /admin/metrics.
@@ -307,6 +291,21 @@ class GatewayParts:
         self.admin = AdminSite(self, Reloader(self, None),
                                identify=device_id_of_request if admin_remote else None,
                                gate=self.device_gate if admin_remote else None)
+
+    def site_options(self, dispatcher: Dispatcher) -> dict[str, Any]:
+        """What every HTTP site (``http``, ``tls``, ``admin``) is bounded by: the live
+        ``[limits]`` and the dispatcher whose requests it finishes."""
+        def limits() -> LimitsSection:  # read at each use: [limits] is reloadable
+            return self.config.limits
+
+        return dict(
+            body_limit=lambda: limits().body_max,
+            header_limits=lambda: (limits().header_count, limits().header_size),
+            head_timeout=lambda: limits().head_timeout,
+            body_timeout=lambda: limits().body_timeout,
+            reactor=self.reactor,
+            finished=dispatcher.finished,
+        )
 
     def _http_host_allowed(self, host: str | None) -> bool:
         """The DNS-rebinding guard of the ``http`` listener, while it is on loopback."""

@@ -114,15 +114,7 @@ class AdminSite:
         self.rebuild()
         self.adapter = RestAdapter(self.dispatcher, "admin", inflight=parts.inflight,
                                    identify=identify, host_allowed=self.host_allowed)
-        options: dict[str, Any] = dict(
-            body_limit=lambda: parts.config.limits.body_max,
-            header_limits=lambda: (parts.config.limits.header_count,
-                                   parts.config.limits.header_size),
-            head_timeout=lambda: parts.config.limits.head_timeout,
-            body_timeout=lambda: parts.config.limits.body_timeout,
-            reactor=parts.reactor,
-            finished=self.dispatcher.finished,
-        )
+        options = parts.site_options(self.dispatcher)
         #: The site the ``admin`` listener serves: over mutual TLS (a :class:`DeviceSite`)
         #: when the listener is off loopback (``allow_remote``).
         self.site: GatewaySite = (DeviceSite(self.adapter.resource(), gate=gate, **options)
