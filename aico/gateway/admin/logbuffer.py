@@ -40,10 +40,14 @@ class LogBuffer:
 
     def __call__(self, event: LogEvent) -> None:
         level = event.get("log_level")
-        try:
-            text = formatEvent(event)
-        except Exception:
-            text = "(unformattable log event)"
+        line = event.get("line")
+        if event.get("log_format") == "{line}" and isinstance(line, str):
+            text = line  # the access log's lines come formatted (one per request: keep it cheap)
+        else:
+            try:
+                text = formatEvent(event)
+            except Exception:
+                text = "(unformattable log event)"
         failure = event.get("log_failure")
         if failure is not None:
             text = f"{text} ({failure.getErrorMessage()})"
