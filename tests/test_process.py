@@ -388,3 +388,14 @@ start_timeout = 0.5
         self.assertIn(b"http.prot", proto.output)
         self.assertIn(str(bad).encode(), proto.output)
         self.assertFalse(state.exists())
+
+    async def test_a_non_loopback_admin_host_stops_the_gateway_before_it_binds(self) -> None:
+        cfg = Path(os.path.abspath(self.mktemp() + ".toml"))
+        cfg.write_text('[admin]\nhost = "0.0.0.0"\nport = 0\n')
+        state = Path(os.path.abspath(self.mktemp()))
+        proto = self.spawn(["-n", "--pidfile=", "aico-gateway", "--config", str(cfg),
+                            "--state-dir", str(state)])
+        self.assertNotEqual(await proto.ended, 0)
+        self.assertIn(b"admin.host", proto.output)
+        self.assertIn(b"allow_remote", proto.output)
+        self.assertFalse((state / "ports.json").exists())
