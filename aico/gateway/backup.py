@@ -40,6 +40,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from aico.gateway.security.audit import read_anchor
+
 __all__ = [
     "MANIFEST",
     "BackupError",
@@ -120,11 +122,8 @@ def _make_dir(path: Path) -> None:
 
 def _read_anchor(path: Path) -> tuple[int, str] | None:
     try:
-        raw = json.loads(path.read_text(encoding="ascii"))
-        return int(raw["seq"]), str(raw["hash"])
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError, KeyError, TypeError) as e:
+        return read_anchor(path)
+    except (OSError, ValueError) as e:
         raise BackupError(f"{path}: unreadable audit anchor ({e})") from e
 
 

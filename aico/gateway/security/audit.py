@@ -273,13 +273,24 @@ def _write_anchor(path: Path, seq: int, h: str) -> None:
     write_atomic(path, json.dumps({"seq": seq, "hash": h}).encode("ascii"), 0o600)
 
 
-def _read_anchor(path: Path) -> tuple[int, str] | None:
+def read_anchor(path: Path) -> tuple[int, str] | None:
+    """The ``(seq, hash)`` an anchor file holds; ``None`` when there is none. Raises
+    ``ValueError`` (or ``OSError``) for a file that cannot be read as an anchor."""
     try:
         raw = json.loads(path.read_text(encoding="ascii"))
-        return int(raw["seq"]), str(raw["hash"])
     except FileNotFoundError:
         return None
-    except (OSError, ValueError, KeyError, TypeError):
+    try:
+        return int(raw["seq"]), str(raw["hash"])
+    except (KeyError, TypeError) as e:
+        raise ValueError(f"not an audit anchor: {e}") from e
+
+
+def _read_anchor(path: Path) -> tuple[int, str] | None:
+    """:func:`read_anchor`, an unreadable anchor counting as a mismatch (``-1``)."""
+    try:
+        return read_anchor(path)
+    except (OSError, ValueError):
         return (-1, "")
 
 
