@@ -60,10 +60,11 @@ def _wait(path: Path, proc: subprocess.Popen[Any], what: str) -> None:
     raise SystemExit(f"{what} did not start")
 
 
-def wrk(url: str, script: Path) -> Result:
-    cmd = ["wrk", "-t2", f"-c{CONNECTIONS}", f"-d{SECONDS}s", "--latency", "-s", str(script), url]
+def wrk(url: str, script: Path, seconds: int = SECONDS) -> Result:
+    cmd = ["wrk", "-t2", f"-c{CONNECTIONS}", f"-d{seconds}s", "--latency", "-s", str(script), url]
     out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout  # noqa: S603
-    result = {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))}  # type: ignore[union-attr]
+    result = {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),  # type: ignore[union-attr]
+              "requests": float(re.search(r"(\d+) requests in", out).group(1))}  # type: ignore[union-attr]
     for pct in ("50", "99"):
         m = re.search(rf"^\s+{pct}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
         result[f"p{pct}"] = float(m.group(1)) * _UNITS[m.group(2)] if m else 0.0
@@ -149,6 +150,16 @@ def _token(base: str, state: Path) -> str:
         return str(json.loads(r.read())["access_token"])
 
 
+def post_script(tmp: Path, token: str) -> Path:
+    """The ``wrk`` script: ``POST /api/v1/conversations/messages`` with a bearer token."""
+    script = tmp / "post.lua"
+    script.write_text(
+        'wrk.method = "POST"\nwrk.body = \'{"message": "hello there"}\'\n'
+        'wrk.headers["Content-Type"] = "application/json"\n'
+        f'wrk.headers["Authorization"] = "Bearer {token}"\n')
+    return script
+
+
 def run(tmp: Path) -> tuple[list[tuple[str, Result, Result]], tuple[float, int]]:
     import zmq.auth
 
@@ -165,11 +176,7 @@ def run(tmp: Path) -> tuple[list[tuple[str, Result, Result]], tuple[float, int]]
         base = f"http://127.0.0.1:{ports['http']['port']}"
         token = _token(base, state)
         gateway_key = zmq.auth.load_certificate(state / "curve" / "gateway.key")[0].decode()
-        script = tmp / "post.lua"
-        script.write_text(
-            'wrk.method = "POST"\nwrk.body = \'{"message": "hello there"}\'\n'
-            'wrk.headers["Content-Type"] = "application/json"\n'
-            f'wrk.headers["Authorization"] = "Bearer {token}"\n')
+        script = post_script(tmp, token)
         n, s = str(CONNECTIONS), str(SECONDS)
         rows = [
             ("REST full chain (JWT+RBAC+schema+limit+bus)",

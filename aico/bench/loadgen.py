@@ -28,7 +28,8 @@ def _summary(latencies: list[float], seconds: float, errors: int) -> dict[str, f
     def pct(p: float) -> float:
         return latencies[min(n - 1, int(n * p))] * 1000 if n else 0.0
 
-    return {"rps": n / seconds, "p50": pct(0.50), "p99": pct(0.99), "errors": float(errors)}
+    return {"rps": n / seconds, "p50": pct(0.50), "p99": pct(0.99), "errors": float(errors),
+            "requests": float(n)}
 
 
 async def _ws(url: str, token: str, conns: int, seconds: float) -> dict[str, float]:
