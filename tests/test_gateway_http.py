@@ -44,6 +44,20 @@ async def get_json(http: Any, url: str, **kw: Any) -> tuple[int, Any, Any]:
     return r.code, json.loads(await r.content()), r.headers
 
 
+async def check_health_ok(test: TestCase, http: Any, base: str) -> None:
+    """``GET /api/v1/health``: both built-in modules ok, with a latency; the gateway's own
+    headers (a request ID, ``Server: aico-gateway``). Shared by the memory and real layers."""
+    status, body, headers = await get_json(http, base + "/api/v1/health")
+    test.assertEqual(status, 200)
+    test.assertEqual(body["status"], "ok")
+    test.assertEqual(sorted(body["modules"]), ["conversation", "health"])
+    for module in body["modules"].values():
+        test.assertEqual(module["status"], "ok")
+        test.assertIsInstance(module["latency_ms"], float)
+    test.assertTrue(headers.getRawHeaders("x-request-id"))
+    test.assertEqual(headers.getRawHeaders("server"), ["aico-gateway"])
+
+
 async def post_json(http: Any, url: str, body: Any, **kw: Any) -> tuple[int, Any, Any]:
     r = await http.post(url, json=body, **kw)
     return r.code, json.loads(await r.content()), r.headers
@@ -79,15 +93,7 @@ class GatewayCase(TestCase):
 
 class HealthTests(GatewayCase):
     async def test_health_lists_every_builtin_module(self) -> None:
-        status, body, headers = await get_json(self.http, self.base + "/api/v1/health")
-        self.assertEqual(status, 200)
-        self.assertEqual(body["status"], "ok")
-        self.assertEqual(sorted(body["modules"]), ["conversation", "health"])
-        for module in body["modules"].values():
-            self.assertEqual(module["status"], "ok")
-            self.assertIsInstance(module["latency_ms"], float)
-        self.assertTrue(headers.getRawHeaders("x-request-id"))
-        self.assertEqual(headers.getRawHeaders("server"), ["aico-gateway"])
+        await check_health_ok(self, self.http, self.base)
 
     async def test_silent_module_reported_as_timeout_within_two_seconds(self) -> None:
         module = self.raw_module([RouteSpec("GET", "/api/v1/raw", "raw/x", public=True)],

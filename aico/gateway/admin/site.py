@@ -34,7 +34,7 @@ from aico.gateway.adapters.rest import GatewaySite, RestAdapter
 from aico.gateway.admin.api import api_routes
 from aico.gateway.admin.hosts import host_allowed
 from aico.gateway.admin.sessions import COOKIE, AdminSession, AdminSessions
-from aico.gateway.admin.ui import AdminUI
+from aico.gateway.admin.ui import AdminUI, page_route
 from aico.gateway.errors import ApiError, Forbidden
 from aico.gateway.routing.dispatch import Dispatcher
 from aico.gateway.routing.messages import Request, Response
@@ -212,10 +212,7 @@ class AdminSite:
     # -- pages -------------------------------------------------------------------------
 
     def _pages(self) -> list[RouteEntry]:
-        def page(method: str, path: str, handler: Any, summary: str) -> RouteEntry:
-            return RouteEntry(method, path, handler, owner="admin", public=True, tier="admin",
-                              raw_body=True, summary=summary)
-
+        page = page_route
         return [
             page("GET", "/admin/login", self.login_page, "The login form"),
             page("POST", "/admin/login", self.login, "Log in (form: username, password)"),

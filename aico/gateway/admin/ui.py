@@ -117,6 +117,13 @@ def _table(headers: list[str], rows: list[list[Any]], caption: str = "") -> Tag:
         tags.tbody(*[tags.tr(*[tags.td(c) for c in row]) for row in rows]))
 
 
+
+def page_route(method: str, path: str, handler: Any, summary: str) -> RouteEntry:
+    """A route of the admin site's HTML pages: no token needed by the chain (the session
+    step decides), the ``admin`` tier, the body handed over as it came."""
+    return RouteEntry(method, path, handler, owner="admin", public=True, tier="admin",
+                      raw_body=True, summary=summary)
+
 class AdminUI:
     """The pages of the admin site (see the module docstring)."""
 
@@ -128,10 +135,7 @@ class AdminUI:
     # -- plumbing ------------------------------------------------------------------------
 
     def routes(self) -> list[RouteEntry]:
-        def page(method: str, path: str, handler: Any, summary: str) -> RouteEntry:
-            return RouteEntry(method, path, handler, owner="admin", public=True, tier="admin",
-                              raw_body=True, summary=summary)
-
+        page = page_route
         return [
             page("GET", "/admin/", self.dashboard, "Web UI: dashboard"),
             page("GET", "/admin", self.dashboard, "Web UI: dashboard"),
