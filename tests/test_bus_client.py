@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 from collections.abc import Callable
 from pathlib import Path
@@ -397,3 +398,95 @@ class ClientRobustnessTests(TestCase):
         await client.start()  # the first probe failed; the next ones got through
         self.assertEqual(failures, [])
         self.assertTrue(client.running)
+
+
+class LocalServingTests(TestCase):
+    """``serve_locally``: a module in the gateway's process answers the gateway's requests
+    without four Curve hops through the broker; everyone else still goes through it."""
+
+    timeout = 15
+
+    def setUp(self) -> None:
+        self.bus = BusHarness(self)
+
+    async def _spy(self, gateway: BusClient) -> list[str]:
+        """A second client on the broker that sees every ``svc/`` and ``reply/`` message."""
+        spy = self.bus.client("spy")
+        seen: list[str] = []
+        spy.subscribe("svc/", lambda t, m: seen.append(t))
+        spy.subscribe("reply/", lambda t, m: seen.append(t))
+        await spy.start()
+        while "svc/warm" not in seen:  # the spy's subscriptions reached the gateway's PUB
+            gateway.publish("svc/warm", event("warm"))
+            await sleep(0.02)
+        seen.clear()
+        return seen
+
+    async def test_requests_to_a_local_topic_and_their_replies_never_reach_the_broker(self) -> None:
+        gateway = self.bus.client("gateway")
+        await gateway.start()
+        gateway.subscribe("svc/local", lambda t, m: gateway.reply(m, event("re:" + text_of(m))))
+        seen = await self._spy(gateway)
+
+        gateway.serve_locally(["svc/local"])
+        replies = await gatherResults([gateway.request("svc/local", event(f"n{i}"))
+                                       for i in range(50)])
+        self.assertEqual([text_of(r) for r in replies], [f"re:n{i}" for i in range(50)])
+        await sleep(0.1)
+        self.assertEqual(seen, [])  # nothing crossed the broker, not even the replies
+
+        # Another client's request crosses the broker both ways (so the spy sees such
+        # traffic), and without local serving the gateway's own request crosses it too.
+        other = self.bus.client("other")
+        await other.start()
+        self.assertEqual(text_of(await other.request("svc/local", event("o"))), "re:o")
+        await wait_for(lambda: "svc/local" in seen and f"{other.reply_topic}" in seen)
+        seen.clear()
+        gateway.stop_serving_locally(["svc/local"])
+        self.assertEqual(gateway.local_topics, frozenset())
+        self.assertEqual(text_of(await gateway.request("svc/local", event("w"))), "re:w")
+        await wait_for(lambda: seen == ["svc/local"])
+
+    async def test_local_delivery_waits_for_a_later_turn_and_keeps_the_order(self) -> None:
+        gateway = self.bus.client("gateway")
+        await gateway.start()
+        order: list[str] = []
+        gateway.subscribe("svc/local", lambda t, m: order.append(text_of(m)))
+        gateway.serve_locally(["svc/local"])
+        for i in range(5):
+            gateway.request("svc/local", event(f"n{i}"), timeout=1).addErrback(lambda f: None)
+        self.assertEqual(order, [])  # never nested inside request()
+        await wait_for(lambda: len(order) == 5)
+        self.assertEqual(order, [f"n{i}" for i in range(5)])
+
+    async def test_a_stopped_client_refuses_local_requests_and_drops_queued_ones(self) -> None:
+        gateway = self.bus.client("gateway")
+        await gateway.start()
+        handled: list[str] = []
+        gateway.subscribe("svc/local", lambda t, m: handled.append(t))
+        gateway.serve_locally(["svc/local"])
+        queued = gateway.request("svc/local", event("x"), timeout=1)
+        await gateway.stop()
+        await self.assertFailure(queued, BusStopped)
+        await self.assertFailure(gateway.request("svc/local", event("y")), BusStopped)
+        await sleep(0.05)
+        self.assertEqual(handled, [])
+
+    async def test_a_module_on_the_gateways_client_serves_its_topics_locally_until_stopped(
+            self) -> None:
+        from tests.echomodule import Echo
+
+        gateway = self.bus.client("gateway")
+        await gateway.start()
+        module = Echo(gateway, reactor)
+        await module.start(heartbeat=False)
+        self.assertEqual(gateway.local_topics, frozenset({"echo/say/v1", "echo/health/v1"}))
+        seen = await self._spy(gateway)
+        request = ApiRequest(method="POST", path="/api/v1/echo", body=b'{"text": "hi"}')
+        request.principal.subject = "alice"
+        answer = unpack(await gateway.request("echo/say/v1", wrap(request, "gateway")),
+                        ApiResponse)
+        self.assertEqual((answer.status, json.loads(answer.body)), (200, {"echo": "hi", "by": "alice"}))
+        self.assertEqual(seen, [])
+        await module.stop()
+        self.assertEqual(gateway.local_topics, frozenset())

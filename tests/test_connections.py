@@ -10,6 +10,8 @@ from twisted.trial.unittest import SynchronousTestCase
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
 
+from aico.bus.errors import BusTimeout
+from aico.bus.interfaces import IBusControl
 from aico.gateway.connections import ConnectionInfo, ConnectionManager, Event, IConnection
 from aico.gateway.errors import ApiError
 from aico.gateway.routing.messages import Principal
@@ -158,3 +160,63 @@ class ManagerTests(SynchronousTestCase):
         self.assertEqual([event.frame("k", make) for _ in range(3)], [b"frame"] * 3)
         self.assertEqual(calls, [1])
         self.assertEqual(Event("t", b"not json").json_body(), "not json")
+
+
+@implementer(IBusControl)
+class ConfirmingBus(FakeBus):
+    """A bus whose subscriptions reach the broker only when the test says so."""
+
+    running = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waits: list[tuple[list[str], Deferred[None]]] = []
+
+    def wait_subscribed(self, prefixes: Any, timeout: float | None = None) -> Deferred[None]:
+        d: Deferred[None] = Deferred()
+        self.waits.append((list(prefixes), d))
+        return d
+
+
+class SubscriptionConfirmationTests(SynchronousTestCase):
+    """``ready``: a subscription is reported only once the bus confirmed it, so an event
+    caused right after ``subscribed`` is never lost to ZeroMQ's slow joiner."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.bus = ConfirmingBus()
+        self.manager = ConnectionManager(self.clock, self.bus)  # type: ignore[arg-type]
+
+    def test_a_new_bus_subscription_is_ready_only_after_the_broker_confirmed_it(self) -> None:
+        a, b = FakeConnection(self.clock), FakeConnection(self.clock)
+        self.manager.add(a)
+        self.manager.add(b)
+        self.manager.subscribe(a, "user/u/")
+        self.assertEqual([w[0] for w in self.bus.waits], [["user/"]])
+        first = self.manager.ready("user/u/")
+        self.manager.subscribe(b, "user/u/x/")  # same bus subscription: no second wait
+        second = self.manager.ready("user/u/x/")
+        assert first is not None and second is not None
+        self.assertFalse(first.called or second.called)
+        self.bus.waits[0][1].callback(None)
+        self.assertTrue(first.called and second.called)
+        self.assertIsNone(self.manager.ready("user/u/"))  # confirmed: answered at once
+        self.assertEqual(len(self.bus.waits), 1)
+
+    def test_an_unconfirmed_subscription_is_still_reported_after_the_wait_failed(self) -> None:
+        a = FakeConnection(self.clock)
+        self.manager.add(a)
+        self.manager.subscribe(a, "user/u/")
+        ready = self.manager.ready("user/u/")
+        assert ready is not None
+        self.bus.waits[0][1].errback(BusTimeout("user/", 5.0))
+        self.assertTrue(ready.called)
+        self.assertIsNone(self.successResultOf(ready))
+        self.assertEqual(len(self.flushLoggedErrors()), 0)
+
+    def test_a_bus_without_confirmation_is_ready_at_once(self) -> None:
+        manager = ConnectionManager(self.clock, FakeBus())  # type: ignore[arg-type]
+        a = FakeConnection(self.clock)
+        manager.add(a)
+        manager.subscribe(a, "user/u/")
+        self.assertIsNone(manager.ready("user/u/"))

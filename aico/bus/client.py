@@ -47,6 +47,8 @@ HIGH_WATER_MARK = 100_000
 LINGER_MS = 500
 #: Longest pause between two start-up probes (they start at ``probe_interval``).
 PROBE_INTERVAL_MAX = 0.1
+#: Messages handed over in process per reactor turn (see ``BusClient.serve_locally``).
+LOCAL_BUDGET = 256
 
 Integration = Literal["native", "txzmq"]
 Receiver = Callable[[list[bytes]], None]
@@ -304,6 +306,9 @@ class BusClient(BusCore):
         self._probe_call: IDelayedCall | None = None
         self._start_timer: IDelayedCall | None = None
         self._started: Deferred[None] | None = None
+        self._local_topics: set[str] = set()
+        self._local_queue: list[tuple[str, AicoMessage]] = []
+        self._local_call: IDelayedCall | None = None
 
     @classmethod
     def from_layout(
@@ -382,7 +387,7 @@ class BusClient(BusCore):
         # A probe that cannot be sent is retried on the next interval: the probe loops
         # must not die of one failed send.
         try:
-            self._send(topic, self._probe_message(token))
+            self._wire(topic, self._probe_message(token))
         except BusError as e:
             self.log.warn(
                 "bus client {source}: probe on {topic} not sent: {error}",
@@ -500,6 +505,10 @@ class BusClient(BusCore):
             barrier.cancel_calls()
             barrier.deferred.errback(BusStopped())
         pending = self._take_pending()
+        self._local_queue.clear()
+        if self._local_call is not None and self._local_call.active():
+            self._local_call.cancel()
+        self._local_call = None
         if self._transport is not None:
             self._transport.close()
             self._transport = None
@@ -519,8 +528,58 @@ class BusClient(BusCore):
 
     # -- sending -----------------------------------------------------------------------
 
+    def serve_locally(self, topics: Sequence[str]) -> None:
+        """Hand messages on exactly these *topics*, sent by this client, to this client's
+        own handlers in process instead of through the broker.
+
+        A module running in the gateway's process (``modules.in_process = true``) calls
+        this for its request topics on the bus client it shares with the gateway; its
+        replies come back on this client's own reply topic, which never leaves the process
+        either. The messages are the same envelopes (a fresh copy each way, as
+        ``request()`` and ``reply()`` make), delivered on a later reactor turn in the order
+        sent, never nested; what changes is that four Curve-encrypted socket hops through
+        the broker are skipped (docs/performance.md). Other clients still reach the same
+        topics through the broker, since this client's SUB socket stays subscribed.
+        """
+        self._local_topics.update(topics)
+
+    def stop_serving_locally(self, topics: Sequence[str]) -> None:
+        """Undo :meth:`serve_locally` for *topics* (they go through the broker again)."""
+        self._local_topics.difference_update(topics)
+
+    @property
+    def local_topics(self) -> frozenset[str]:
+        """The topics :meth:`serve_locally` keeps in this process."""
+        return frozenset(self._local_topics)
+
     def _send(self, topic: str, message: AicoMessage) -> None:
-        """Send one message; a ZeroMQ failure is raised as :class:`BusError`."""
+        """Send one message: in process for this client's local topics and its own reply
+        topic, else on the wire."""
+        if topic == self.reply_topic or topic in self._local_topics:
+            if self._transport is None:
+                raise BusStopped(f"bus client {self.source} is not running")
+            self._local_queue.append((topic, message))
+            if self._local_call is None:
+                self._local_call = self._reactor.callLater(0, self._flush_local)
+            return
+        self._wire(topic, message)
+
+    def _flush_local(self) -> None:
+        self._local_call = None
+        queue = self._local_queue
+        handled = 0
+        # Replies that handlers send while we deliver join this same turn (bounded).
+        while queue and handled < LOCAL_BUDGET and self._transport is not None:
+            batch = queue[: LOCAL_BUDGET - handled]
+            del queue[: len(batch)]
+            handled += len(batch)
+            for topic, message in batch:
+                self._deliver(topic, message)
+        if queue and self._transport is not None and self._local_call is None:
+            self._local_call = self._reactor.callLater(0, self._flush_local)
+
+    def _wire(self, topic: str, message: AicoMessage) -> None:
+        """Put one message on the wire; a ZeroMQ failure is raised as :class:`BusError`."""
         if self._transport is None:
             raise BusStopped(f"bus client {self.source} is not running")
         try:

@@ -320,6 +320,17 @@ class BackendModule:
         """
         return Deferred.fromCoroutine(self._start(start_bus, heartbeat))
 
+    def _serve_locally(self, on: bool) -> None:
+        """On a bus client that offers it (:meth:`BusClient.serve_locally`), requests
+        this client itself sends to our request topics — the gateway's, when the module
+        runs in its process — are handed to us in process, not through the broker."""
+        method = getattr(self.bus, "serve_locally" if on else "stop_serving_locally", None)
+        if method is not None:
+            topics = list(self._topics)
+            if self.health_topic:
+                topics.append(self.health_topic)
+            method(topics)
+
     def _topics_listened(self) -> list[str]:
         topics = list(self._topics)
         if self.health_topic:
@@ -347,6 +358,7 @@ class BackendModule:
                 await control.wait_subscribed(self._topics_listened())
             except BusTimeout:
                 self.log.warn("module {name}: subscriptions not confirmed in time", name=self.name)
+        self._serve_locally(True)
         self._running = True
         self.register()
         if heartbeat and self.heartbeat_interval > 0:
@@ -369,6 +381,7 @@ class BackendModule:
         was_running, self._running = self._running, False
         if self._subscribed:
             self._subscribed = False
+            self._serve_locally(False)
             for topic in self._topics:
                 self.bus.unsubscribe(topic, self._on_request)
             if self.health_topic:

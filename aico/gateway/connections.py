@@ -26,11 +26,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import Attribute, Interface
 
-from aico.bus.interfaces import IMessageBus
+from aico.bus.interfaces import IBusControl, IMessageBus
 from aico.gateway.errors import ApiError, TokenExpired, TokenRevoked
 from aico.gateway.routing.messages import Principal
 from aico.proto import AicoMessage, ApiEvent, EnvelopeError, unpack
@@ -144,6 +146,8 @@ class ConnectionManager:
         #: prefix -> ids of the connections subscribed to it.
         self._subscribers: dict[str, set[str]] = {}
         self._handlers: dict[str, Callable[[str, AicoMessage], None]] = {}
+        #: Bus subscriptions not yet confirmed by the broker (``IBusControl.wait_subscribed``).
+        self._unconfirmed: dict[str, list[Deferred[None]]] = {}
         #: Distinct subscribed prefixes under each bus subscription (first segment + "/").
         self._segment_refs: dict[str, int] = {}
         self._last_message: AicoMessage | None = None
@@ -276,8 +280,40 @@ class ConnectionManager:
                 handler = self._handler(segment)
                 self._handlers[segment] = handler
                 self.bus.subscribe(segment, handler)
+                self._confirm(segment)
         ids.add(conn.info.id)
         return True
+
+    def _confirm(self, segment: str) -> None:
+        if self.bus is None or not IBusControl.providedBy(self.bus):
+            return
+        waiting: list[Deferred[None]] = []
+        self._unconfirmed[segment] = waiting
+
+        def done(result: object) -> None:
+            if self._unconfirmed.get(segment) is waiting:
+                del self._unconfirmed[segment]
+            if isinstance(result, Failure):
+                self.log.warn("bus subscription {segment!r} not confirmed: {error}",
+                              segment=segment, error=result.getErrorMessage())
+            for d in waiting:
+                d.callback(None)
+
+        self.bus.wait_subscribed([segment]).addBoth(done)
+
+    def ready(self, prefix: str) -> Deferred[None] | None:
+        """A Deferred that fires once the bus subscription covering *prefix* reached the
+        broker (events published from then on arrive), or ``None`` when it already has.
+
+        ZeroMQ subscriptions travel to the broker asynchronously; answering ``subscribed``
+        only after this means a client that subscribes and then causes an event (a request
+        whose module publishes on the subscribed topic) receives it."""
+        waiting = self._unconfirmed.get(_bus_key(prefix))
+        if waiting is None:
+            return None
+        d: Deferred[None] = Deferred()
+        waiting.append(d)
+        return d
 
     def unsubscribe(self, conn: IConnection, prefix: str) -> bool:
         """Stop relaying *prefix* to *conn*; False if it was not subscribed."""
@@ -293,6 +329,7 @@ class ConnectionManager:
                 self._segment_refs[segment] -= 1
                 if not self._segment_refs[segment]:
                     del self._segment_refs[segment]
+                    self._unconfirmed.pop(segment, None)
                     handler = self._handlers.pop(segment, None)
                     if handler is not None and self.bus is not None:
                         self.bus.unsubscribe(segment, handler)

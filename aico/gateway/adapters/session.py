@@ -123,7 +123,7 @@ class SessionServices:
 
     # -- control handlers (shared by every session) ------------------------------------
 
-    def _subscribe(self, request: Request) -> Response:
+    def _subscribe(self, request: Request) -> Response | Deferred[Response]:
         conn = self.connections.get(request.connection_id)
         principal = request.principal
         if conn is None or principal is None:
@@ -138,7 +138,11 @@ class SessionServices:
         if current is None or current.token_id != principal.token_id:
             self.connections.authenticated(conn, principal)
         self.connections.subscribe(conn, topic)
-        return json_response({"topic": topic, "subscribed": True})
+        answer = json_response({"topic": topic, "subscribed": True})
+        ready = self.connections.ready(topic)
+        if ready is None:
+            return answer
+        return ready.addCallback(lambda _: answer)
 
     def _unsubscribe(self, request: Request) -> Response:
         conn = self.connections.get(request.connection_id)
