@@ -196,6 +196,11 @@ class GatewayService(SequentialMultiService):
 
     log = Logger()
 
+    #: Freeze the startup heap once ready (``composition.settle_heap``): the twistd process
+    #: does (``tap.makeService``); gateways inside a test process do not (each test would
+    #: freeze its own garbage for the rest of the run).
+    settle_heap = False
+
     def __init__(self, reactor: Any, *, reload: Callable[[], object] | None = None,
                  on_fatal: Fatal | None = None, signals: bool = True) -> None:
         super().__init__()

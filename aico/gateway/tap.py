@@ -42,4 +42,6 @@ def makeService(options: Options) -> GatewayService:
     logs.guard_log_lines()
     config: Config = options.config
     state_dir = resolve_state_dir(options["state-dir"], os.environ, config.gateway.state_dir)
-    return compose(config, state_dir, config_path=options["config"])
+    service = compose(config, state_dir, config_path=options["config"])
+    service.settle_heap = True
+    return service
