@@ -244,3 +244,36 @@ class RefusedTokenTests(TestCase):
         ws.send({"type": "auth", "token": "forged-last"})
         self.assertEqual(ws.recv()["problem"]["code"], "token_invalid")
         self.assertEqual(ws.close_code, CLOSE_POLICY)
+
+
+class IdleFootprintTests(TestCase):
+    """What an idle, authenticated socket keeps (issue 12: ≤ 16 KiB at 10,000 sockets)."""
+
+    def test_autobahns_options_live_on_the_class_with_the_factorys_values(self) -> None:
+        gw = gateway(self)
+        before = ids(gw)
+        ws = gw.websocket(headers={"Authorization": f"Bearer {user_token(gw, 'ida')}"})
+        self.assertEqual(ws.recv()["type"], "welcome")
+        session = session_of(gw, before)
+        factory = session.factory
+        for attr in type(session).CONFIG_ATTRS:
+            self.assertNotIn(attr, vars(session), attr)
+            self.assertEqual(getattr(session, attr), getattr(factory, attr), attr)
+        # a function option stays a function of its own argument, not a method
+        self.assertIsNone(session.perMessageCompressionAccept([]))
+        self.assertEqual(session.allowedOrigins, list(factory.settings().allowed_origins))
+
+    def test_an_open_socket_does_not_keep_its_opening_handshake_or_empty_deques(self) -> None:
+        gw = gateway(self)
+        before = ids(gw)
+        ws = gw.websocket(headers={"Authorization": f"Bearer {user_token(gw, 'ida')}"})
+        self.assertEqual(ws.recv()["type"], "welcome")
+        session = session_of(gw, before)
+        self.assertEqual(ws.recv()["type"], "auth_success")
+        self.assertEqual((session.http_request_data, session.http_headers), (b"", {}))
+        self.assertIsInstance(session._queue, list)
+        assert session.core is not None
+        self.assertIsInstance(session.core._waiting, list)
+        # and it still works: a request is answered
+        ws.send({"type": "heartbeat"})
+        self.assertEqual(ws.recv()["type"], "heartbeat_ack")
