@@ -12,10 +12,11 @@ false`` turns it off (reloadable).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 
 from twisted.internet.interfaces import IReactorTime
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 
 from aico.gateway.logs import escape
 from aico.gateway.routing.messages import Request
@@ -53,16 +54,24 @@ class AccessLog:
         # JSON logger.
         line = (f'{request.request_id} {request.transport} {principal} "{method} {path}" '
                 f"{status} {duration_ms:.1f}ms {body_bytes}B")
-        self.log.info(
-            "{line}",
-            line=line,
-            request_id=request.request_id,
-            transport=request.transport,
-            principal=principal,
-            method=method,
-            path=path,
-            status=status,
-            duration_ms=duration_ms,
-            bytes=body_bytes,
-            peer=request.peer_host,
-        )
+        # The event Logger.info would publish, built here: Logger.emit's check of the
+        # level against every LogLevel and its keyword packing cost ~3 µs a line.
+        log = self.log
+        log.observer({
+            "line": line,
+            "request_id": request.request_id,
+            "transport": request.transport,
+            "principal": principal,
+            "method": method,
+            "path": path,
+            "status": status,
+            "duration_ms": duration_ms,
+            "bytes": body_bytes,
+            "peer": request.peer_host,
+            "log_logger": log,
+            "log_level": LogLevel.info,
+            "log_namespace": log.namespace,
+            "log_source": log.source,
+            "log_format": "{line}",
+            "log_time": time.time(),
+        })

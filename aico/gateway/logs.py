@@ -7,7 +7,11 @@ fields included), for log shippers; the default twistd observer writes text.
 
 from __future__ import annotations
 
+import math
 import sys
+import time
+from collections.abc import Callable
+from functools import lru_cache
 from string import Formatter
 from typing import Any
 
@@ -15,9 +19,11 @@ from twisted.logger import (
     ILogObserver,
     LogEvent,
     LogPublisher,
+    _file,
     globalLogPublisher,
     jsonFileLogObserver,
 )
+from twisted.logger._format import timeFormatRFC3339
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -94,36 +100,57 @@ class _GuardedFailure(Failure):
         return self._guarded_text
 
 
+#: One field of a format string, as the guard uses it: the name to look up (without a
+#: trailing ``()``), whether it is a plain key of the event, the format spec, the
+#: conversion, twisted.logger's flattened and structured keys, whether it is called.
+_Field = tuple[str, bool, str, str, str, str, bool]
+
+
+@lru_cache(maxsize=1024)
+def _fields_of(fmt: str) -> tuple[_Field, ...]:
+    """The fields of *fmt*, parsed once per format string (call sites log a handful of
+    literal formats; the parse and key building cost most of the guard's time)."""
+    keys = _Keys()
+    out = []
+    for _, name, spec, conversion in _FORMATTER.parse(fmt):
+        if name is None:
+            continue
+        conversion = "r" if conversion == "r" else "s"
+        spec = spec or ""
+        flat_key = keys.key(name, spec, conversion)
+        structured_key = keys.key(name, spec, "")
+        call = name.endswith("()")
+        lookup = name[:-2] if call else name
+        plain = lookup.isidentifier()
+        out.append((lookup, plain, spec, conversion, flat_key, structured_key, call))
+    return tuple(out)
+
+
 def _guard(event: LogEvent) -> None:
     fmt = event.get("log_format")
     if isinstance(fmt, str):
         if not fmt.isprintable():
             event["log_format"] = fmt = line_safe(fmt)
         fields: dict[str, Any] = event.get("log_flattened") or {}
-        keys = _Keys()
         # What twisted.logger's flattenEvent does, with the format spec applied and the
         # text made safe: every observer (text or JSON) formats from these values.
-        for _, name, spec, conversion in _FORMATTER.parse(fmt):
-            if name is None:
-                continue
-            conversion = "r" if conversion == "r" else "s"
-            spec = spec or ""
-            flat_key = keys.key(name, spec, conversion)
-            structured_key = keys.key(name, spec, "")
+        for name, plain, spec, conversion, flat_key, structured_key, call in _fields_of(fmt):
             if flat_key in fields:
                 value = fields[flat_key]
                 if isinstance(value, str):
                     fields[flat_key] = line_safe(value)
                 continue
-            call = name.endswith("()")
-            field = _FORMATTER.get_field(name[:-2] if call else name, (), event)[0]
+            field = event[name] if plain else _FORMATTER.get_field(name, (), event)[0]
             if call:
                 field = field()
             shown = repr(field) if conversion == "r" else field
-            try:
-                text = format(shown, spec)
-            except (ValueError, TypeError):
-                text = str(shown)
+            if type(shown) is str and not spec:
+                text = shown  # format(text, "") is the text itself
+            else:
+                try:
+                    text = format(shown, spec)
+                except (ValueError, TypeError):
+                    text = str(shown)
             fields[flat_key] = line_safe(text)
             fields[structured_key] = field
         if fields:
@@ -161,10 +188,55 @@ class LineGuard:
 LINE_GUARD = LineGuard()
 
 
+class CachedFormatTime:
+    """twisted.logger's ``formatTime`` with the last second's text kept.
+
+    twistd's text log (``textFileLogObserver``) formats every line's time with a time-zone
+    conversion (~9 µs a line); its format has no unit below the second, so one text per
+    second serves every line of that second. The second is the one ``datetime`` rounds
+    *when* to (to the microsecond, half to even), and the key holds the process's time
+    zone too (``time.tzset`` changes it): the text is always what ``formatTime`` gives.
+    """
+
+    def __init__(self, original: Callable[..., str]) -> None:
+        self.original = original
+        self._key: tuple[Any, ...] | None = None
+        self._text = ""
+
+    def __call__(self, when: float | None, timeFormat: str | None = timeFormatRFC3339,
+                 default: str = "-") -> str:
+        if timeFormat is None or when is None or "%f" in timeFormat:
+            return self.original(when, timeFormat, default)
+        frac, second = math.modf(when)
+        micros = round(frac * 1e6)
+        if micros >= 1_000_000:
+            second += 1
+        elif micros < 0:
+            second -= 1
+        key = (second, timeFormat, time.timezone, time.altzone, time.daylight)
+        if key != self._key:
+            self._text = self.original(when, timeFormat, default)
+            self._key = key
+        return self._text
+
+
+def cache_log_time() -> CachedFormatTime:
+    """Make twisted.logger's text file observers (twistd's log file among them) format
+    each second's time once (:class:`CachedFormatTime`). Idempotent."""
+    current = getattr(_file, "formatTime")  # noqa: B009 - a name _file imports, not exports
+    if isinstance(current, CachedFormatTime):
+        return current
+    cached = CachedFormatTime(current)
+    setattr(_file, "formatTime", cached)  # noqa: B010
+    return cached
+
+
 def guard_log_lines(publisher: LogPublisher | None = None) -> LineGuard:
     """Put :data:`LINE_GUARD` first among *publisher*'s observers (the global one by
     default: ``twistd`` adds its own observers to it after ``makeService``, and every
-    ``Logger`` publishes to it). Idempotent."""
+    ``Logger`` publishes to it). Idempotent. Also caches the text log's time per second
+    (:func:`cache_log_time`)."""
+    cache_log_time()
     target = globalLogPublisher if publisher is None else publisher
     target.addObserver(LINE_GUARD)
     # twisted.logger has no public way to order observers: the guard must run before

@@ -29,7 +29,7 @@ from aico.gateway.errors import (
 from aico.gateway.routing.messages import Principal, Request, Step
 from aico.gateway.security import tokens as tk
 from aico.gateway.security import validate
-from aico.gateway.security.capabilities import capabilities_for, grants
+from aico.gateway.security.capabilities import CapabilityCache, grants
 from aico.gateway.security.ratelimit import IRateLimiter
 from aico.gateway.security.topics import may_subscribe
 from aico.net import source_identity
@@ -136,6 +136,8 @@ class SecurityChain:
         #: The paired, unrevoked device with this ID, or ``None`` (the composition sets
         #: it to the device cache's lookup; ``None`` here refuses every device).
         self.devices: Callable[[str], Device | None] = lambda device_id: None
+        #: Role set → capabilities for the role mapping in force (emptied when it changes).
+        self.capabilities = CapabilityCache()
 
     # ------------------------------------------------------------------ authentication
 
@@ -147,8 +149,7 @@ class SecurityChain:
             raise token_error(e) from None
         # Capabilities come from the current role mapping (a config reload applies at
         # once), narrowed to what the token itself carries.
-        from_roles = capabilities_for(claims.roles, self.config().roles)
-        caps = frozenset(c for c in claims.caps if grants(from_roles, c))
+        caps = self.capabilities.narrowed(claims.roles, claims.caps, self.config().roles)
         principal = Principal(
             subject=claims.sub,
             roles=claims.roles,
@@ -163,7 +164,8 @@ class SecurityChain:
     def device_principal(self, device: Device) -> Principal:
         """A device acting on its own: role ``device`` plus the device's own capabilities,
         as the user it was paired for when there is one (else ``device:ID``)."""
-        caps = capabilities_for((DEVICE_ROLE,), self.config().roles) | frozenset(device.capabilities)
+        caps = (self.capabilities.for_roles((DEVICE_ROLE,), self.config().roles)
+                | frozenset(device.capabilities))
         return Principal(subject=device.paired_for or f"device:{device.device_id}",
                          roles=(DEVICE_ROLE,), caps=caps, device_id=device.device_id)
 

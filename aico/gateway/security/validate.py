@@ -69,11 +69,25 @@ def _finite(text: str) -> float:
     return value
 
 
+#: The one strict decoder (``json.loads`` with these hooks would build a new
+#: ``JSONDecoder`` on every call: ~1.5 µs of a small body's ~4 µs).
+_DECODER = json.JSONDecoder(parse_constant=_no_constants, parse_float=_finite,
+                            object_pairs_hook=_no_duplicates)
+
+
 def loads(data: bytes | str) -> Any:
     """Strict JSON: no ``NaN``/``Infinity`` (nor numbers that overflow to it), no duplicate
-    members."""
-    return json.loads(data, parse_constant=_no_constants, parse_float=_finite,
-                      object_pairs_hook=_no_duplicates)
+    members. Otherwise exactly ``json.loads`` (bytes in any encoding it detects, a str
+    starting with a byte order mark refused)."""
+    if isinstance(data, str):
+        if data.startswith("\ufeff"):
+            raise json.JSONDecodeError("Unexpected UTF-8 BOM (decode using utf-8-sig)", data, 0)
+    elif isinstance(data, bytes | bytearray):
+        data = data.decode(json.detect_encoding(data), "surrogatepass")
+    else:
+        raise TypeError(f"the JSON object must be str, bytes or bytearray, "
+                        f"not {data.__class__.__name__}")
+    return _DECODER.decode(data)
 
 
 class InvalidSchema(ValueError):
@@ -106,15 +120,271 @@ def compile_schema(schema: Mapping[str, Any]) -> Draft202012Validator:
     return Draft202012Validator(schema)
 
 
+# ---------------------------------------------------------------------- the fast path
+#
+# jsonschema costs ~15-70 µs to accept a one-field body (it evolves a validator and
+# descends per keyword). Most route schemas use a handful of keywords, so each is also
+# compiled, once, into plain Python closures that can only say "valid for certain"
+# (True) or "ask jsonschema" (False). A True must imply that jsonschema accepts: every
+# keyword check below returns True only where jsonschema's own keyword passes, and a
+# keyword or value it cannot decide that way makes the check answer False (jsonschema
+# then gives the verdict and today's errors). A schema with any other keyword gets no
+# fast path at all (decided at prepare time). The checks see documents made by
+# parse_json only: exact JSON types (dict, list, str, int, float, bool, None), which is
+# why they test ``type(v) is ...``. tests/test_validate_fast.py feeds both the
+# same generated bodies for every schema in the route table.
+
+FastCheck = Callable[[Any], bool]
+
+_DIALECTS = frozenset({"https://json-schema.org/draft/2020-12/schema",
+                       "https://json-schema.org/draft/2020-12/schema#"})
+#: Keywords that never change a verdict under ``Draft202012Validator(schema)`` (no format
+#: checker: ``format`` is an annotation).
+_ANNOTATIONS = frozenset({"title", "description", "default", "examples", "$comment",
+                          "format", "readOnly", "writeOnly", "deprecated"})
+_FAST_KEYWORDS = _ANNOTATIONS | frozenset({
+    "$schema", "type", "properties", "additionalProperties", "required", "minProperties",
+    "maxProperties", "minLength", "maxLength", "pattern", "minimum", "maximum",
+    "exclusiveMinimum", "exclusiveMaximum", "items", "minItems", "maxItems",
+    "uniqueItems", "enum", "const",
+})
+
+
+class _NoFastPath(Exception):
+    """The schema uses something the fast path does not decide: jsonschema only."""
+
+
+def _always(value: Any) -> bool:
+    return True
+
+
+def _never(value: Any) -> bool:
+    return False
+
+
+def _is_number(value: Any) -> bool:
+    return type(value) is int or type(value) is float
+
+
+def _is_integer(value: Any) -> bool:
+    return type(value) is int or (type(value) is float and value.is_integer())
+
+
+_TYPE_CHECKS: dict[str, FastCheck] = {
+    "object": lambda v: type(v) is dict,
+    "array": lambda v: type(v) is list,
+    "string": lambda v: type(v) is str,
+    "boolean": lambda v: type(v) is bool,
+    "null": lambda v: v is None,
+    "number": _is_number,
+    "integer": _is_integer,
+}
+
+
+def _all(checks: list[FastCheck]) -> FastCheck:
+    if not checks:
+        return _always
+    if len(checks) == 1:
+        return checks[0]
+    frozen = tuple(checks)
+
+    def every(value: Any) -> bool:
+        for check in frozen:
+            if not check(value):
+                return False
+        return True
+
+    return every
+
+
+def _type_check(wanted: Any) -> FastCheck:
+    names = [wanted] if isinstance(wanted, str) else wanted
+    if not isinstance(names, list) or not names or any(n not in _TYPE_CHECKS for n in names):
+        raise _NoFastPath("type")
+    checks = tuple(_TYPE_CHECKS[n] for n in names)
+    if len(checks) == 1:
+        return checks[0]
+    return lambda v: any(c(v) for c in checks)
+
+
+def _bound(limit: Any) -> float | int:
+    if not _is_number(limit):
+        raise _NoFastPath("a bound that is not a number")
+    return limit  # type: ignore[no-any-return]
+
+
+def _object_check(schema: Mapping[str, Any]) -> FastCheck | None:
+    properties = schema.get("properties")
+    additional = schema.get("additionalProperties", True)
+    required = schema.get("required", [])
+    min_p = schema.get("minProperties")
+    max_p = schema.get("maxProperties")
+    if properties is None and additional is True and not required and min_p is None \
+            and max_p is None:
+        return None
+    if not isinstance(properties or {}, dict) or not isinstance(required, list) \
+            or not all(isinstance(r, str) for r in required):
+        raise _NoFastPath("properties/required")
+    known = {name: _compile_fast(sub) for name, sub in (properties or {}).items()}
+    extra: FastCheck | None = None if additional is False else _compile_fast(additional)
+    needed = tuple(required)
+    lo = -1 if min_p is None else int(_bound(min_p))
+    hi = -1 if max_p is None else int(_bound(max_p))
+
+    def check(value: Any) -> bool:
+        if type(value) is not dict:
+            return True  # object keywords do not apply (``type`` says whether it may be one)
+        for name in needed:
+            if name not in value:
+                return False
+        if (lo >= 0 and len(value) < lo) or (hi >= 0 and len(value) > hi):
+            return False
+        for name, member in value.items():
+            sub = known.get(name)
+            if sub is None:
+                if extra is None or not extra(member):
+                    return False
+            elif not sub(member):
+                return False
+        return True
+
+    return check
+
+
+def _string_check(schema: Mapping[str, Any]) -> FastCheck | None:
+    min_len = schema.get("minLength")
+    max_len = schema.get("maxLength")
+    pattern = schema.get("pattern")
+    if min_len is None and max_len is None and pattern is None:
+        return None
+    lo = 0 if min_len is None else _bound(min_len)
+    hi = None if max_len is None else _bound(max_len)
+    search = None
+    if pattern is not None:
+        if not isinstance(pattern, str):
+            raise _NoFastPath("pattern")
+        search = re.compile(pattern).search  # what jsonschema's re.search compiles
+
+    def check(value: Any) -> bool:
+        if type(value) is not str:
+            return True
+        n = len(value)
+        if n < lo or (hi is not None and n > hi):
+            return False
+        return search is None or search(value) is not None
+
+    return check
+
+
+def _number_check(schema: Mapping[str, Any]) -> FastCheck | None:
+    if not any(k in schema for k in ("minimum", "maximum", "exclusiveMinimum",
+                                     "exclusiveMaximum")):
+        return None
+    inf = float("inf")
+    lo = _bound(schema.get("minimum", -inf))
+    hi = _bound(schema.get("maximum", inf))
+    lo_x = _bound(schema.get("exclusiveMinimum", -inf))
+    hi_x = _bound(schema.get("exclusiveMaximum", inf))
+
+    def check(value: Any) -> bool:
+        if not _is_number(value):
+            return True
+        return bool(lo <= value <= hi and lo_x < value < hi_x)
+
+    return check
+
+
+def _array_check(schema: Mapping[str, Any]) -> FastCheck | None:
+    if not any(k in schema for k in ("items", "minItems", "maxItems", "uniqueItems")):
+        return None
+    items = _compile_fast(schema["items"]) if "items" in schema else None
+    lo = _bound(schema.get("minItems", 0))
+    hi = _bound(schema["maxItems"]) if "maxItems" in schema else None
+    unique = schema.get("uniqueItems", False)
+    if not isinstance(unique, bool):
+        raise _NoFastPath("uniqueItems")
+
+    def check(value: Any) -> bool:
+        if type(value) is not list:
+            return True
+        n = len(value)
+        if n < lo or (hi is not None and n > hi):
+            return False
+        if unique:
+            # Decided here for strings only (jsonschema's equality of 1, 1.0 and True is
+            # its own); anything else goes to jsonschema.
+            if not all(type(v) is str for v in value) or len(set(value)) != n:
+                return False
+        return items is None or all(items(v) for v in value)
+
+    return check
+
+
+def _constant_check(schema: Mapping[str, Any]) -> FastCheck | None:
+    checks = []
+    if "enum" in schema:
+        if not isinstance(schema["enum"], list):
+            raise _NoFastPath("enum")
+        # Strings are equal only to equal strings in jsonschema; other members and
+        # other instances are left to it.
+        texts = frozenset(v for v in schema["enum"] if isinstance(v, str))
+        checks.append(lambda v: type(v) is str and v in texts)
+    if "const" in schema:
+        const = schema["const"]
+        if isinstance(const, str):
+            checks.append(lambda v: type(v) is str and v == const)
+        elif const is None:
+            checks.append(lambda v: v is None)
+        else:
+            checks.append(_never)
+    return _all(checks) if checks else None
+
+
+def _compile_fast(schema: Any) -> FastCheck:
+    if schema is True:
+        return _always
+    if schema is False:
+        return _never
+    if not isinstance(schema, dict):
+        raise _NoFastPath("not a schema")
+    unknown = schema.keys() - _FAST_KEYWORDS
+    if unknown:
+        raise _NoFastPath(", ".join(sorted(unknown)))
+    checks: list[FastCheck] = []
+    if "type" in schema:
+        checks.append(_type_check(schema["type"]))
+    for part in (_constant_check, _object_check, _string_check, _number_check, _array_check):
+        check = part(schema)
+        if check is not None:
+            checks.append(check)
+    return _all(checks)
+
+
+def compile_fast(schema: Any) -> FastCheck | None:
+    """The fast acceptance check of a (strict, valid) 2020-12 *schema*, or ``None`` when it
+    uses a keyword the fast path does not decide (then jsonschema alone validates)."""
+    if isinstance(schema, dict) and "$schema" in schema and schema["$schema"] not in _DIALECTS:
+        return None
+    try:
+        return _compile_fast(schema)
+    except (_NoFastPath, re.error, TypeError, ValueError):
+        return None
+
+
 def prepare(entries: Iterable[RouteEntry]) -> list[RouteEntry]:
-    """Compile each route's request validator once; raise ``InvalidSchema`` for a bad one."""
+    """Compile each route's request validator once; raise ``InvalidSchema`` for a bad one.
+
+    Each also gets its fast acceptance check (``extra["fast_valid"]``, or ``None`` when
+    its schema needs jsonschema for every body)."""
     out = []
     for entry in entries:
         if entry.request_schema is not None and "validator" not in entry.extra:
+            schema = strict(entry.request_schema)
             try:
-                entry.extra["validator"] = compile_schema(strict(entry.request_schema))
+                entry.extra["validator"] = compile_schema(schema)
             except InvalidSchema as e:
                 raise InvalidSchema(f"{entry.method} {entry.path}: {e}") from e
+            entry.extra["fast_valid"] = compile_fast(schema)
         out.append(entry)
     return out
 
@@ -122,6 +392,20 @@ def prepare(entries: Iterable[RouteEntry]) -> list[RouteEntry]:
 def pointer(path: Iterable[Any]) -> str:
     """RFC 6901 JSON pointer of a path of keys and indexes."""
     return "".join("/" + str(p).replace("~", "~0").replace("/", "~1") for p in path)
+
+
+#: Where a value sits, built only as deep as the walk goes: ``(parent, key)`` pairs
+#: (``None`` at the root), turned into a path only for an error.
+_Where = tuple[Any, Any] | None
+
+
+def _path(where: _Where) -> list[Any]:
+    out: list[Any] = []
+    while where is not None:
+        where, key = where
+        out.append(key)
+    out.reverse()
+    return out
 
 
 class _Walker:
@@ -133,47 +417,45 @@ class _Walker:
         self.errors: list[dict[str, str]] = []
         self.changed = False
 
-    def text(self, s: str, where: list[Any]) -> str:
+    def _error(self, where: _Where, detail: str) -> None:
+        self.errors.append({"pointer": pointer(_path(where)), "detail": detail})
+
+    def text(self, s: str, where: _Where) -> str:
         if len(s) > self.max_string:
-            self.errors.append({"pointer": pointer(where),
-                                "detail": f"string longer than {self.max_string} characters"})
+            self._error(where, f"string longer than {self.max_string} characters")
             return s
         if not s.isascii():
             if s.translate(_CONTROL_TABLE) != s:
-                self.errors.append({"pointer": pointer(where),
-                                    "detail": "control characters are not allowed"})
+                self._error(where, "control characters are not allowed")
                 return s
             if _SURROGATE.search(s):
                 # A lone UTF-16 surrogate ("\ud800") is valid JSON but not valid Unicode:
                 # nothing downstream could encode it.
-                self.errors.append({"pointer": pointer(where),
-                                    "detail": "unpaired surrogates are not allowed"})
+                self._error(where, "unpaired surrogates are not allowed")
                 return s
             n = unicodedata.normalize("NFC", s)
             if n != s:
                 self.changed = True
             return n
         if not s.isprintable() and s.translate(_CONTROL_TABLE) != s:
-            self.errors.append({"pointer": pointer(where),
-                                "detail": "control characters are not allowed"})
+            self._error(where, "control characters are not allowed")
         return s
 
-    def walk(self, value: Any, depth: int, where: list[Any]) -> Any:
+    def walk(self, value: Any, depth: int, where: _Where) -> Any:
         if len(self.errors) >= _MAX_ERRORS:
             return value
         if isinstance(value, str):
             return self.text(value, where)
         if isinstance(value, dict | list):
             if depth >= self.max_depth:
-                self.errors.append({"pointer": pointer(where),
-                                    "detail": f"nested deeper than {self.max_depth} levels"})
+                self._error(where, f"nested deeper than {self.max_depth} levels")
                 return value
             if isinstance(value, list):
-                return [self.walk(v, depth + 1, [*where, i]) for i, v in enumerate(value)]
+                return [self.walk(v, depth + 1, (where, i)) for i, v in enumerate(value)]
             out = {}
             for k, v in value.items():
-                key = self.text(k, [*where, k])
-                out[key] = self.walk(v, depth + 1, [*where, k])
+                here = (where, k)
+                out[self.text(k, here)] = self.walk(v, depth + 1, here)
             return out
         return value
 
@@ -210,7 +492,7 @@ def parse_json(request: Request, limits: LimitsSection) -> Any:
         raise ValidationFailed([{"pointer": "", "detail": f"nested deeper than "
                                  f"{limits.json_depth} levels"}]) from e
     walker = _Walker(limits)
-    value = walker.walk(value, 0, [])
+    value = walker.walk(value, 0, None)
     if walker.errors:
         raise ValidationFailed(walker.errors)
     if walker.changed:
@@ -247,6 +529,10 @@ def make_step(limits: Callable[[], LimitsSection]) -> Callable[[Request], None]:
             request.json = {}
             return
         document = parse_json(request, limits())
+        fast: FastCheck | None = entry.extra.get("fast_valid")
+        if fast is not None and fast(document):
+            request.json = document
+            return
         errors: list[dict[str, str]] = []
         for error in validator.iter_errors(document):
             where = list(error.absolute_path)
