@@ -584,7 +584,8 @@ class RestAdapter:
         if response.status != 204:  # 204 No Content has no body, so no body type either
             set_header(b"content-type", [response.content_type.encode("latin-1")])
         set_header(b"x-request-id", [request.request_id.encode("ascii")])
-        set_header(b"server", [SERVER])  # not the framework and its version
+        if not isinstance(web, LimitedRequest):  # a LimitedRequest sets it as it writes
+            set_header(b"server", [SERVER])  # not the framework and its version
         if not web.responseHeaders.hasHeader(b"cache-control"):
             set_header(b"cache-control", [b"no-store"])
         return response.body
