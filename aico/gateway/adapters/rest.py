@@ -1,7 +1,8 @@
-"""The REST adapter: Klein in front of the shared dispatcher.
+"""The REST adapter: one ``twisted.web`` resource in front of the shared dispatcher.
 
-Klein catches every path and hands it to :class:`~aico.gateway.routing.dispatch.Dispatcher`;
-all routing, security and error conversion happen there. This module only converts
+Its resource (:class:`_Front`) takes every path: ``/ws`` goes to the WebSocket endpoint,
+everything else to :class:`~aico.gateway.routing.dispatch.Dispatcher`; all routing,
+security and error conversion happen there. This module only converts
 between ``twisted.web`` requests and the router's :class:`Request`/:class:`Response`,
 bounds what a request may make the gateway hold in memory (:class:`LimitedRequest`), and
 writes streamed bodies chunk by chunk as they arrive.
@@ -13,7 +14,6 @@ from collections.abc import Callable
 from typing import Any
 from weakref import WeakSet
 
-from klein import Klein
 from twisted.internet.defer import CancelledError, Deferred, DeferredList, succeed
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IReactorTime
@@ -24,7 +24,6 @@ from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Site
 from twisted.web.server import Request as WebRequest
-from werkzeug.exceptions import HTTPException
 
 from aico.gateway.errors import ApiError, BadRequest, Forbidden, PayloadTooLarge, problem_body
 from aico.gateway.lifecycle import InFlight
@@ -105,7 +104,7 @@ class LimitedRequest(WebRequest):
 
     def write(self, data: bytes) -> None:
         if not self.startedWriting:
-            # Every response that goes through twisted.web (ours, Klein's, Twisted's own
+            # Every response that goes through twisted.web (ours, Autobahn's, Twisted's own
             # error pages) names the gateway, not the framework and its version.
             self.responseHeaders.setRawHeaders(b"server", [SERVER])
         super().write(data)  # type: ignore[no-untyped-call]
@@ -315,16 +314,34 @@ class GatewaySite(Site):
         ID and the principal), not by ``twisted.web``'s combined log."""
 
 
+#: The lower-case ``str`` form of a request header name as Twisted hands it over (its
+#: canonical ``bytes``), converted once per distinct name. Bounded: clients choose names.
+_HEADER_NAMES: dict[bytes, str] = {}
+_HEADER_NAMES_MAX = 1024
+
+
+def _header_name(raw: bytes) -> str:
+    name = raw.decode("latin-1").lower()
+    if len(_HEADER_NAMES) < _HEADER_NAMES_MAX:
+        _HEADER_NAMES[raw] = name
+    return name
+
+
 def normalize(request: IRequest, transport: str) -> Request:
     """The router's form of a ``twisted.web`` request."""
     headers: dict[str, str] = {}
-    for name, values in request.requestHeaders.getAllRawHeaders():
-        headers[name.decode("latin-1").lower()] = ", ".join(v.decode("latin-1") for v in values)
+    names = _HEADER_NAMES
+    for raw, values in request.requestHeaders.getAllRawHeaders():
+        name = names.get(raw) or _header_name(raw)
+        # Repeated fields are joined with ", " (RFC 9110 §5.3); most come once.
+        headers[name] = (values[0].decode("latin-1") if len(values) == 1
+                         else ", ".join(v.decode("latin-1") for v in values))
+    args = request.args
     query = {
         k.decode("utf-8", "replace"): v[0].decode("utf-8", "replace")
-        for k, v in request.args.items()
+        for k, v in args.items()
         if v
-    }
+    } if args else {}
     peer = request.getClientAddress()
     host = getattr(peer, "host", "") or ""
     path = request.path.decode("latin-1")
@@ -349,8 +366,8 @@ def _bad_target(request: Request) -> Response:
     raise BadRequest("the request target (or Host) is not valid UTF-8 after percent-decoding")
 
 
-#: The route of a request whose target Klein cannot decode: not in the table, it runs
-#: the whole chain (so it is rate-limited like any request) and is answered 400.
+#: The route of a request whose target is not UTF-8: not in the table, it runs the whole
+#: chain (so it is rate-limited like any request) and is answered 400.
 _BAD_TARGET = RouteEntry("GET", "/.bad-target", _bad_target, owner="rest", public=True,
                          tier="public", raw_body=True)
 
@@ -372,7 +389,7 @@ def _host_of(request: IRequest) -> str | None:
 
 
 def _decodable(request: IRequest) -> bool:
-    """Can Klein decode this request's path and host (UTF-8 after percent-decoding)?"""
+    """Are this request's path and host UTF-8 (the path after percent-decoding)?"""
     try:
         b"/".join(request.postpath or []).decode("utf-8")
         request.getRequestHostname().decode("utf-8")
@@ -381,26 +398,43 @@ def _decodable(request: IRequest) -> bool:
     return True
 
 
+def is_websocket_path(postpath: list[bytes] | None) -> bool:
+    """Is this the ``/ws`` endpoint? Exactly the paths the Klein route ``/ws``
+    (``branch=False``) took before issue 12: the percent-decoded path, leading slashes
+    dropped (Werkzeug's matcher drops them), is ``ws`` — so ``/ws``, ``/ws?x``, ``//ws``
+    and ``/%77s`` are, ``/ws/``, ``/ws/x``, ``/WS`` and ``/ws%2F`` are not."""
+    if not postpath or not postpath[-1].endswith(b"ws"):  # the cheap refusal of most paths
+        return False
+    return b"/".join(postpath).lstrip(b"/") == b"ws"
+
+
+def _gone(request: IRequest) -> bool:
+    """Has the request finished, or lost its connection (``notifyFinish`` has fired)?"""
+    return bool(getattr(request, "finished", False) or getattr(request, "_disconnected", False))
+
+
 class _Front(Resource):
-    """The site's root: every request meets the gateway, including one whose target
-    Klein cannot decode (Klein would answer an HTML page and log a traceback)."""
+    """The site's root, one leaf resource for every path: the Host guard and the target
+    check, then ``/ws`` (:func:`is_websocket_path`) to the WebSocket endpoint and every
+    other path to the dispatcher, which matches the real route table."""
 
     isLeaf = True
 
-    def __init__(self, adapter: RestAdapter, klein: IResource) -> None:
+    def __init__(self, adapter: RestAdapter) -> None:
         super().__init__()  # type: ignore[no-untyped-call]
         self.adapter = adapter
-        self.klein = klein
 
     def render(self, request: IRequest) -> Any:
         decodable = _decodable(request)
         guard = self.adapter.host_allowed
         if decodable and (guard is None or guard(_host_of(request))):
-            return self.klein.render(request)
+            if is_websocket_path(request.postpath):
+                return self.adapter.ws(request)
+            return self.adapter.answer(request, self.adapter.handle)
         d = self.adapter.refuse_target(request, _BAD_TARGET if not decodable else _FOREIGN_HOST)
 
         def written(body: bytes) -> None:
-            if not getattr(request, "finished", False) and not getattr(request, "_disconnected", False):
+            if not _gone(request):
                 request.write(body)
                 request.finish()
 
@@ -410,9 +444,9 @@ class _Front(Resource):
 
 
 class RestAdapter:
-    """Klein app for one listener (``http``, or ``tls`` in detached mode)."""
+    """The REST adapter of one listener (``http``; ``tls`` in detached mode; ``admin``):
+    :meth:`resource` is the ``twisted.web`` resource its site serves."""
 
-    app = Klein()
     log = Logger()
 
     def __init__(
@@ -442,7 +476,7 @@ class RestAdapter:
         return request
 
     def resource(self) -> IResource:
-        return _Front(self, self.app.resource())
+        return _Front(self)
 
     def refuse_target(self, web: IRequest, route: RouteEntry = _BAD_TARGET) -> Deferred[bytes]:
         """Answer a request whose target is not UTF-8 (400), or whose ``Host`` is foreign
@@ -454,31 +488,78 @@ class RestAdapter:
         d = self.dispatcher.handle_control(request, route, self.dispatcher.steps)
         return d.addCallback(lambda response: self._write_head(web, request, response))
 
-    @app.route("/ws", branch=False)
-    def ws(self, request: IRequest) -> Any:
+    def ws(self, web: IRequest) -> Any:
+        """``/ws``: the WebSocket upgrade, or a 400 problem for a plain request (a site
+        without WebSocket, the admin site, serves it as any other path)."""
+        # The path's first segment is the endpoint's (as the Klein route left it).
+        web.prepath.extend(web.postpath[:1])
+        web.postpath = web.postpath[1:]
         if self.websocket is None:
-            return self._handle(request)
-        upgrade = request.requestHeaders.getRawHeaders(b"upgrade") or [b""]
+            return self.answer(web, self.handle)
+        upgrade = web.requestHeaders.getRawHeaders(b"upgrade") or [b""]
         if upgrade[0].lower() != b"websocket":
-            normalized = self._normalize(request)
-            error = BadRequest("/ws is a WebSocket endpoint: open it with an Upgrade request",
-                               headers={"Upgrade": "websocket"})
-            response = error_response(error, normalized.request_id)
-            self.dispatcher.finished(normalized, response.status, len(response.body))
-            return self._write_head(request, normalized, response)
-        return self.websocket
+            return self.answer(web, self._not_an_upgrade)
+        # Autobahn takes the connection over (or answers a bare error itself).
+        try:
+            return self.websocket.render(web)
+        except Exception:
+            self._failed(Failure(), web)
+            return NOT_DONE_YET
 
-    @app.route("/", branch=True)
-    def everything(self, request: IRequest) -> Any:
-        return self._handle(request)
+    def _not_an_upgrade(self, web: IRequest) -> bytes:
+        normalized = self._normalize(web)
+        error = BadRequest("/ws is a WebSocket endpoint: open it with an Upgrade request",
+                           headers={"Upgrade": "websocket"})
+        response = error_response(error, normalized.request_id)
+        self.dispatcher.finished(normalized, response.status, len(response.body))
+        return self._write_head(web, normalized, response)
 
-    @app.handle_errors(HTTPException)
-    def unrouted(self, request: IRequest, failure: Failure) -> Any:
-        """Paths Werkzeug's matcher cannot take (a newline in a segment, say) still get
-        the dispatcher's problem+json answer, never Werkzeug's HTML page."""
-        return self._handle(request)
+    def answer(self, web: IRequest,
+               serve: Callable[[IRequest], Deferred[bytes] | bytes]) -> object:
+        """Run *serve* and write the body it gives (at once, or when its Deferred fires),
+        then finish the request — what Klein did for its routes: a lost connection
+        cancels the Deferred (the streamed-response code relies on ``CancelledError``);
+        a failure is answered 500 problem+json through the dispatcher's conversion (and
+        logged there), or only logged once the request is gone."""
+        try:
+            result = serve(web)
+        except Exception:
+            self._failed(Failure(), web)
+            return NOT_DONE_YET
+        if not isinstance(result, Deferred):
+            self._write(result, web)
+            return NOT_DONE_YET
+        web.notifyFinish().addErrback(lambda _: result.cancel())  # type: ignore[attr-defined]
+        result.addCallbacks(self._write, self._failed, callbackArgs=(web,), errbackArgs=(web,))
+        result.addErrback(lambda f: self.log.failure("writing a response failed", f))
+        return NOT_DONE_YET
 
-    def _handle(self, web: IRequest) -> Deferred[bytes] | bytes:
+    @staticmethod
+    def _write(body: bytes, web: IRequest) -> None:
+        if not _gone(web):
+            web.write(body)
+            web.finish()
+
+    def _failed(self, failure: Failure, web: IRequest) -> None:
+        if _gone(web):
+            if not failure.check(CancelledError):
+                self.log.failure("answering a request failed after it ended", failure)
+            return
+        host = getattr(web.getClientAddress(), "host", "") or ""
+        request = Request(method=web.method.decode("ascii", "replace"),
+                          path=web.path.decode("latin-1"),
+                          request_id=request_id_from(_header(web, b"x-request-id")),
+                          transport=self.transport, peer_host=host, loopback=is_loopback(host))
+        response = self.dispatcher.convert(failure, request)  # logs what is unexpected
+        try:
+            if not getattr(web, "startedWriting", False):
+                web.write(self._write_head(web, request, response))
+            web.finish()
+        except Exception:  # e.g. the connection was taken over (a WebSocket upgrade)
+            self.log.failure("answering a failed request failed")
+
+    def handle(self, web: IRequest) -> Deferred[bytes] | bytes:
+        """Every path but ``/ws``: through the dispatcher."""
         # In flight until the whole response is written and the request finished (or the
         # client went away): SIGTERM's drain waits for exactly that.
         self.inflight.enter()
@@ -503,7 +584,8 @@ class RestAdapter:
         if response.status != 204:  # 204 No Content has no body, so no body type either
             set_header(b"content-type", [response.content_type.encode("latin-1")])
         set_header(b"x-request-id", [request.request_id.encode("ascii")])
-        set_header(b"server", [SERVER])  # not the framework and its version
+        if not isinstance(web, LimitedRequest):  # a LimitedRequest sets it as it writes
+            set_header(b"server", [SERVER])  # not the framework and its version
         if not web.responseHeaders.hasHeader(b"cache-control"):
             set_header(b"cache-control", [b"no-store"])
         return response.body
@@ -524,10 +606,15 @@ class RestAdapter:
 
         def broke(failure: Failure) -> bytes:
             if failure.check(CancelledError):
-                return b""  # the client went away (Klein cancels on a lost connection)
+                return b""  # the client went away (answer() cancels on a lost connection)
             # Headers are out: the only honest signal left is a final error line.
             problem = self.dispatcher.convert(failure, request)
             web.write(problem.body + b"\n")
             return b""
 
         return stream.subscribe(on_chunk).addCallbacks(ended, broke)
+
+
+def _header(web: IRequest, name: bytes) -> str | None:
+    values = web.requestHeaders.getRawHeaders(name)
+    return values[0].decode("latin-1") if values else None
