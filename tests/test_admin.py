@@ -47,6 +47,22 @@ class SeparationTests(SynchronousTestCase):
         for path in ("/admin/", "/admin/login", "/admin/api/config", "/admin/api/version"):
             self.assertEqual(gw.get(path, token=token).code, 404, path)
 
+    def test_the_admin_site_routes_through_klein_and_the_api_listeners_do_not(self) -> None:
+        from klein.resource import KleinResource
+
+        gw = MemoryGateway(test=self)
+        self.assertIsInstance(gw.parts.admin.adapter.router, KleinResource)
+        self.assertIsNone(gw.parts.rest.router)
+        calls: list[str] = []
+        router = gw.parts.admin.adapter.router
+        render = router.render
+        self.patch(router, "render", lambda request: calls.append("klein") or render(request))
+        r = gw.admin_request("GET", "/admin/api/version", token=gw.token())
+        self.assertEqual((r.code, calls), (200, ["klein"]))
+        weird = gw.admin_request("GET", "/admin/%0Anope")  # a path Werkzeug cannot match
+        self.assertEqual(weird.code, 404)
+        self.assertEqual(weird.headers.getRawHeaders("content-type"), ["application/problem+json"])
+
     def test_a_non_loopback_admin_host_is_refused_by_the_config(self) -> None:
         with self.assertRaises(configuration.ConfigError) as e:
             configuration.from_string('[admin]\nhost = "192.0.2.1"\n')

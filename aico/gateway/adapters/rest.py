@@ -430,6 +430,8 @@ class _Front(Resource):
         if decodable and (guard is None or guard(_host_of(request))):
             if is_websocket_path(request.postpath):
                 return self.adapter.ws(request)
+            if self.adapter.router is not None:
+                return self.adapter.router.render(request)
             return self.adapter.answer(request, self.adapter.handle)
         d = self.adapter.refuse_target(request, _BAD_TARGET if not decodable else _FOREIGN_HOST)
 
@@ -468,6 +470,10 @@ class RestAdapter:
         #: The device ID of a request's connection (the ``tls`` listener's client
         #: certificate); the security chain makes it the principal.
         self.identify = identify
+        #: A resource that routes every non-``/ws`` request (after the Host guard and the
+        #: target check) instead of :meth:`answer`: the admin site's Klein app. ``None``
+        #: (the API listeners): no router in between, the dispatcher matches the table.
+        self.router: IResource | None = None
 
     def _normalize(self, web: IRequest) -> Request:
         request = normalize(web, self.transport)

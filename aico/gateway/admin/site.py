@@ -26,9 +26,13 @@ from http.cookies import CookieError, SimpleCookie
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qs
 
+from klein import Klein
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.iweb import IRequest
 from twisted.web.template import Tag, flattenString, tags
+from werkzeug.exceptions import HTTPException
 
 from aico.gateway.adapters.rest import GatewaySite, RestAdapter
 from aico.gateway.admin.api import api_routes
@@ -88,6 +92,27 @@ def _page(title: str, *body: Any, csrf: str | None = None) -> Deferred[bytes]:
     return d.addCallback(lambda html: b"<!DOCTYPE html>\n" + html)
 
 
+class AdminRouter:
+    """The admin site's Klein app, behind the front's Host guard and target check: every
+    path goes to the admin dispatcher, which matches the admin route table (pages, API,
+    modules' admin routes). The API listeners skip Klein (docs/performance.md); the admin
+    site is not a hot path, so it keeps Klein's request handling."""
+
+    app = Klein()
+
+    def __init__(self, adapter: RestAdapter) -> None:
+        self.adapter = adapter
+
+    @app.route("/", branch=True)
+    def everything(self, request: IRequest) -> Any:
+        return self.adapter.handle(request)
+
+    @app.handle_errors(HTTPException)
+    def unrouted(self, request: IRequest, failure: Failure) -> Any:
+        """Paths Werkzeug's matcher cannot take still get the dispatcher's problem+json."""
+        return self.adapter.handle(request)
+
+
 class AdminSite:
     """Everything the ``admin`` listener serves; see the module docstring."""
 
@@ -114,6 +139,7 @@ class AdminSite:
         self.rebuild()
         self.adapter = RestAdapter(self.dispatcher, "admin", inflight=parts.inflight,
                                    identify=identify, host_allowed=self.host_allowed)
+        self.adapter.router = AdminRouter(self.adapter).app.resource()
         options = parts.site_options(self.dispatcher)
         #: The site the ``admin`` listener serves: over mutual TLS (a :class:`DeviceSite`)
         #: when the listener is off loopback (``allow_remote``).
