@@ -150,6 +150,42 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         )""",
         "CREATE INDEX pairing_windows_state ON pairing_windows (state, expires_at)",
     ),
+    (
+        # Federated sync (docs/sync.md): every item of every collection with its CRDT
+        # state (committed before a write is acknowledged), the gateways this one is
+        # paired with for sync, and what each peer acknowledged (tombstone collection).
+        """CREATE TABLE sync_items (
+            collection TEXT NOT NULL,
+            key TEXT NOT NULL,
+            state TEXT NOT NULL,
+            digest BLOB NOT NULL,
+            hlc TEXT NOT NULL,
+            deleted INTEGER NOT NULL DEFAULT 0,
+            updated_at REAL NOT NULL,
+            PRIMARY KEY (collection, key)
+        )""",
+        "CREATE INDEX sync_items_tombstones ON sync_items (deleted, hlc)",
+        """CREATE TABLE sync_peers (
+            peer_id TEXT PRIMARY KEY,
+            name TEXT NOT NULL,
+            device_id TEXT NOT NULL,
+            host TEXT NOT NULL DEFAULT '',
+            port INTEGER NOT NULL DEFAULT 0,
+            their_ca TEXT NOT NULL,
+            our_device_id TEXT NOT NULL,
+            our_cert TEXT NOT NULL,
+            our_key TEXT NOT NULL,
+            added_at REAL NOT NULL,
+            last_round REAL,
+            last_error TEXT
+        )""",
+        """CREATE TABLE sync_acks (
+            peer_id TEXT NOT NULL,
+            collection TEXT NOT NULL,
+            hlc TEXT NOT NULL,
+            PRIMARY KEY (peer_id, collection)
+        )""",
+    ),
 )
 
 #: The schema version this code reads and writes (``PRAGMA user_version``).

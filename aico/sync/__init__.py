@@ -1,0 +1,1 @@
+"""Federated sync between a person's gateways (docs/sync.md, docs/sync-protocol.md)."""
