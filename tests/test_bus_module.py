@@ -590,3 +590,88 @@ class RunnerTests(TestCase):
         assert exit.reason is not None
         self.assertTrue(exit.reason.check(ProcessDone), exit.err.decode(errors="replace"))
         self.assertEqual(directory.modules["health"].health_topic, "system/health/v1")
+
+
+class Stepper(BackendModule):
+    """Handlers that await Deferreds the test fires, to step a coroutine by hand."""
+
+    name = "stepper"
+    version = "1.0.0"
+    heartbeat_interval = 0
+
+    def __init__(self, bus: Any, clock: Any) -> None:
+        super().__init__(bus, clock)
+        self.gates: list[Deferred[Any]] = []
+
+    def gate(self) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        self.gates.append(d)
+        return d
+
+    @route("GET", "/api/v1/step/now", topic="step/now/v1", public=True)
+    async def now(self, request: ApiRequest, ctx: RequestContext) -> Response:
+        return Response(200, {"now": True})
+
+    @route("GET", "/api/v1/step/twice", topic="step/twice/v1", public=True)
+    async def twice(self, request: ApiRequest, ctx: RequestContext) -> Response:
+        first = await self.gate()
+        try:
+            await self.gate()
+        except KeyError as e:  # a failure of the awaited Deferred is raised here
+            second = f"caught {e.args[0]}"
+        return Response(200, {"first": first, "second": second})
+
+    @route("GET", "/api/v1/step/raise", topic="step/raise/v1", public=True)
+    async def raises_after_await(self, request: ApiRequest, ctx: RequestContext) -> Response:
+        await self.gate()
+        raise RuntimeError("internal detail")
+
+
+class HandlerSteppingTests(SynchronousTestCase):
+    """A coroutine handler runs its first step at once: one that never awaits is answered
+    without any Deferred; one that awaits is driven on by Twisted with every value and
+    exception passed through (aico.bus.module._resume)."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.bus = MemoryBus(self.clock, "stepper")
+        self.module = Stepper(self.bus, self.clock)
+        self.successResultOf(self.module.start())
+        self.replies: list[AicoMessage] = []
+        self.bus.subscribe("reply/s", lambda t, m: self.replies.append(m))
+
+    def ask(self, topic: str, path: str) -> None:
+        request = api_request("GET", path)
+        request.metadata.attributes[ATTR_REPLY_TO] = "reply/s"
+        request.metadata.attributes[ATTR_CORRELATION_ID] = "c"
+        self.bus.publish(topic, request)
+
+    def test_a_handler_that_never_awaits_is_answered_without_a_deferred(self) -> None:
+        made: list[object] = []
+        original = Deferred.__init__
+
+        def counting(d: Deferred[Any], *a: Any, **k: Any) -> None:
+            made.append(d)
+            original(d, *a, **k)
+
+        self.patch(Deferred, "__init__", counting)
+        self.ask("step/now/v1", "/api/v1/step/now")
+        self.assertEqual(made, [])
+        self.assertEqual(response_of(self.replies[0])[:2], (200, {"now": True}))
+
+    def test_values_and_failures_of_awaited_deferreds_reach_the_handler(self) -> None:
+        self.ask("step/twice/v1", "/api/v1/step/twice")
+        self.assertEqual(self.replies, [])
+        self.module.gates[0].callback("one")
+        self.assertEqual(self.replies, [])
+        self.module.gates[1].errback(KeyError("two"))
+        self.assertEqual(response_of(self.replies[0])[:2],
+                         (200, {"first": "one", "second": "caught two"}))
+
+    def test_an_exception_after_an_await_is_a_500_problem_without_internals(self) -> None:
+        self.ask("step/raise/v1", "/api/v1/step/raise")
+        self.module.gates[0].callback(None)
+        status, body, _ = response_of(self.replies[0])
+        self.assertEqual((status, body["code"]), (500, "internal_error"))
+        self.assertNotIn("internal detail", json.dumps(body))
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)

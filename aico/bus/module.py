@@ -31,7 +31,8 @@ import http
 import inspect
 import json
 import os
-from collections.abc import Awaitable, Callable, Mapping
+import types
+from collections.abc import Awaitable, Callable, Coroutine, Generator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, TypeVar, Union, cast
 
@@ -465,22 +466,37 @@ class BackendModule:
             if isinstance(result, Deferred):
                 d = result
             elif inspect.iscoroutine(result):
-                d = Deferred.fromCoroutine(result)
+                # Run the handler's first step now: most finish without awaiting anything,
+                # and then no Deferred is needed at all (docs/performance.md).
+                try:
+                    awaited = result.send(None)
+                except StopIteration as done:
+                    self._answer(ctx, done.value)
+                    return
+                d = Deferred.fromCoroutine(_resume(result, awaited))
             elif inspect.isawaitable(result):
                 d = ensureDeferred(_await(result))
             else:
-                d = succeed(result)
+                self._answer(ctx, result)
+                return
         except Exception as e:
             d = fail(e)
+        d.addCallbacks(lambda result: self._answer(ctx, result),
+                       lambda failure: self._answer_failure(ctx, failure))
+
+    def _answer(self, ctx: RequestContext, result: HandlerResult) -> None:
         # A failure while turning the result into a reply (say, a body that is not
         # JSON-able) is answered like a handler failure.
-        d.addCallback(lambda result: self._finish(ctx, result))
-        d.addErrback(lambda failure: self._fail(ctx, failure))
-        d.addErrback(
-            lambda failure: self.log.failure(
-                "module {name}: could not reply", failure=failure, name=self.name
-            )
-        )
+        try:
+            self._finish(ctx, result)
+        except Exception:
+            self._answer_failure(ctx, Failure())
+
+    def _answer_failure(self, ctx: RequestContext, failure: Failure) -> None:
+        try:
+            self._fail(ctx, failure)
+        except Exception:
+            self.log.failure("module {name}: could not reply", name=self.name)
 
     def _finish(self, ctx: RequestContext, result: HandlerResult) -> None:
         request_id = ctx.request.request_id
@@ -528,6 +544,28 @@ class BackendModule:
 
 async def _await(awaitable: Awaitable[HandlerResult]) -> HandlerResult:
     return await awaitable
+
+
+@types.coroutine
+def _resume(coro: Coroutine[Any, Any, HandlerResult],
+            awaited: Any) -> Generator[Any, Any, HandlerResult]:
+    """Drive on a handler coroutine that already ran to its first ``await`` (which gave
+    *awaited*): every value and exception Twisted's coroutine runner sends in is passed
+    on to *coro*, every object *coro* awaits is passed out — what ``yield from`` does for
+    a coroutine that has not started."""
+    while True:
+        try:
+            value = yield awaited
+        except BaseException as e:  # thrown in by the runner: the awaited Deferred failed
+            try:
+                awaited = coro.throw(e)
+            except StopIteration as done:
+                return cast(HandlerResult, done.value)
+        else:
+            try:
+                awaited = coro.send(value)
+            except StopIteration as done:
+                return cast(HandlerResult, done.value)
 
 
 def uptime_payload(started_at: float, clock: IReactorTime) -> dict[str, Any]:
