@@ -453,3 +453,56 @@ class ListenerTests(SynchronousTestCase):
         site, _ = _site([_json_route("GET", "/api/v1/x", lambda r: succeed(Response(200, b"{}")))])
         head, _ = _send(site, _get(b"/api/v1/x"))
         self.assertTrue(head.startswith(b"HTTP/1.1 200 "), head)
+
+
+class HotPathTrimTests(SynchronousTestCase):
+    """Per-request work done once (issue 12): the Date field per second, one
+    notifyFinish per request, no Host re-parse for an ASCII Host."""
+
+    def test_the_date_field_is_twisteds_text_formatted_once_a_second(self) -> None:
+        from twisted.web import http as web_http
+        from twisted.web import server as web_server
+
+        from aico.gateway.adapters import rest
+
+        cached = rest._HttpDate(web_http.datetimeToString)
+        now = [1_700_000_000.25]
+        self.patch(rest.time, "time", lambda: now[0])
+        calls: list[object] = []
+        original = cached.original
+        cached.original = lambda *a: calls.append(a) or original(*a)  # type: ignore[method-assign]
+        first = cached()
+        self.assertEqual(first, web_http.datetimeToString(1_700_000_000))
+        now[0] = 1_700_000_000.99
+        self.assertIs(cached(), first)
+        now[0] = 1_700_000_001.0
+        self.assertEqual(cached(), web_http.datetimeToString(1_700_000_001))
+        self.assertEqual(len(calls), 2)
+        self.assertEqual(cached(86400.0), web_http.datetimeToString(86400.0))
+        # every gateway site installs it in twisted.web.server, once
+        _site([])
+        _site([])
+        installed = getattr(web_server, "datetimeToString")
+        self.assertIsInstance(installed, rest._HttpDate)
+        self.assertNotIsInstance(installed.original, rest._HttpDate)
+
+    def test_one_notify_finish_per_request_and_the_inflight_count_ends(self) -> None:
+        site, adapter = _site([_json_route("GET", "/api/v1/x",
+                                           lambda r: Response(200, b'{"ok":true}'))])
+        channel, transport = _connect(site)
+        from twisted.web.server import Request as WebRequest
+
+        calls: list[object] = []
+        original = WebRequest.notifyFinish
+        self.patch(WebRequest, "notifyFinish",
+                   lambda self: calls.append(self) or original(self))
+        channel.dataReceived(_get(b"/api/v1/x"))
+        self.assertIn(b'{"ok":true}', transport.value())
+        self.assertEqual(len(calls), 1)
+        self.assertEqual(adapter.inflight.count, 0)
+
+    def test_a_host_that_is_not_utf8_is_still_refused(self) -> None:
+        site, _ = _site([_json_route("GET", "/api/v1/x", lambda r: Response(200, b"{}"))])
+        channel, transport = _connect(site)
+        channel.dataReceived(_get(b"/api/v1/x", host=b"\xff\xfe.example"))
+        self.assertTrue(transport.value().startswith(b"HTTP/1.1 400 "), transport.value()[:80])

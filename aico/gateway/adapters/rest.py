@@ -10,6 +10,7 @@ writes streamed bodies chunk by chunk as they arrive.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 from weakref import WeakSet
@@ -19,6 +20,7 @@ from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from twisted.web import server as web_server
 from twisted.web.http import HTTPChannel
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource, Resource
@@ -59,6 +61,34 @@ class _Discard:
 
     def close(self) -> None:
         pass
+
+
+class _HttpDate:
+    """``twisted.web.server``'s ``datetimeToString`` for the ``Date`` field of every
+    response, formatted once per second instead of once per response (the same bytes:
+    the format has no unit below the second)."""
+
+    def __init__(self, original: Callable[..., bytes]) -> None:
+        self.original = original
+        self._second = -1
+        self._text = b""
+
+    def __call__(self, msSinceEpoch: float | None = None) -> bytes:
+        if msSinceEpoch is not None:
+            return self.original(msSinceEpoch)
+        second = int(time.time())
+        if second != self._second:
+            self._text = self.original(second)
+            self._second = second
+        return self._text
+
+
+def cache_http_date() -> None:
+    """Install :class:`_HttpDate` in ``twisted.web.server`` (once; the gateway's sites
+    call it)."""
+    current = getattr(web_server, "datetimeToString")  # noqa: B009 - imported there, not exported
+    if not isinstance(current, _HttpDate):
+        setattr(web_server, "datetimeToString", _HttpDate(current))  # noqa: B010
 
 
 class LimitedRequest(WebRequest):
@@ -268,6 +298,7 @@ class GatewaySite(Site):
         # untrusted input.
         super().__init__(resource, requestFactory=LimitedRequest,  # type: ignore[no-untyped-call]
                          parsePOSTFormSubmission=False, reactor=reactor)
+        cache_http_date()
         self.body_limit = body_limit
         self.header_limits = header_limits
         self.head_timeout = head_timeout
@@ -392,7 +423,9 @@ def _decodable(request: IRequest) -> bool:
     """Are this request's path and host UTF-8 (the path after percent-decoding)?"""
     try:
         b"/".join(request.postpath or []).decode("utf-8")
-        request.getRequestHostname().decode("utf-8")
+        hosts = request.requestHeaders.getRawHeaders(b"host")
+        if not (hosts and hosts[0].isascii()):  # an ASCII Host decodes, as its name does
+            request.getRequestHostname().decode("utf-8")
     except UnicodeDecodeError:
         return False
     return True
@@ -432,7 +465,7 @@ class _Front(Resource):
                 return self.adapter.ws(request)
             if self.adapter.router is not None:
                 return self.adapter.router.render(request)
-            return self.adapter.answer(request, self.adapter.handle)
+            return self.adapter.serve(request)
         d = self.adapter.refuse_target(request, _BAD_TARGET if not decodable else _FOREIGN_HOST)
 
         def written(body: bytes) -> None:
@@ -563,6 +596,31 @@ class RestAdapter:
             web.finish()
         except Exception:  # e.g. the connection was taken over (a WebSocket upgrade)
             self.log.failure("answering a failed request failed")
+
+    def serve(self, web: IRequest) -> object:
+        """:meth:`handle` and :meth:`answer` in one, with one ``notifyFinish`` per
+        request instead of two: in flight until the request finished or the client went
+        away (then a pending answer is cancelled)."""
+        self.inflight.enter()
+        try:
+            result = self._serve(web)
+        except Exception:
+            web.notifyFinish().addBoth(self._left)  # type: ignore[attr-defined]
+            self._failed(Failure(), web)
+            return NOT_DONE_YET
+        if not isinstance(result, Deferred):
+            web.notifyFinish().addBoth(self._left)  # type: ignore[attr-defined]
+            self._write(result, web)
+            return NOT_DONE_YET
+        web.notifyFinish().addBoth(self._left, result)  # type: ignore[attr-defined]
+        result.addCallbacks(self._write, self._failed, callbackArgs=(web,), errbackArgs=(web,))
+        result.addErrback(lambda f: self.log.failure("writing a response failed", f))
+        return NOT_DONE_YET
+
+    def _left(self, outcome: object, pending: Deferred[bytes] | None = None) -> None:
+        self.inflight.leave()
+        if pending is not None and isinstance(outcome, Failure):
+            pending.cancel()  # the client went away before its answer
 
     def handle(self, web: IRequest) -> Deferred[bytes] | bytes:
         """Every path but ``/ws``: through the dispatcher."""
