@@ -9,8 +9,8 @@ with the built-in modules alone.
 from __future__ import annotations
 
 import json
+import os
 import re
-import uuid
 from typing import Any
 
 from twisted.internet.task import deferLater
@@ -90,8 +90,9 @@ class ConversationModule(BackendModule):
                 "The request body does not match the schema.",
                 extra={"errors": [{"pointer": "/message", "detail": "a non-empty string"}]},
             )
-        conversation_id = body.get("conversation_id") or uuid.uuid4().hex
-        message_id = uuid.uuid4().hex
+        # 32 random hex digits, like uuid4().hex without its 4 µs of UUID object.
+        conversation_id = body.get("conversation_id") or os.urandom(16).hex()
+        message_id = os.urandom(16).hex()
         reply = {"conversation_id": conversation_id, "message_id": message_id, "reply": message}
         if not (ctx.streaming and _wants_stream(request)):
             self.publish_reply(request, reply)

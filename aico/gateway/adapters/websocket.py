@@ -54,6 +54,7 @@ from zope.interface import implementer
 
 from aico.gateway import connections as connections_module
 from aico.gateway.adapters import session as session_layer
+from aico.gateway.adapters import wsmask
 from aico.gateway.adapters.session import Session, SessionServices, problem_of, relay_stream
 from aico.gateway.config import WebSocketSection
 from aico.gateway.connections import ConnectionInfo, Event, IConnection
@@ -1114,6 +1115,7 @@ def websocket_resource(
     device_principal: Callable[[str], Principal | None] | None = None,
 ) -> tuple[IResource, GatewayWebSocketFactory]:
     """The resource to mount at ``/ws`` (``RestAdapter(websocket=...)``) and its factory."""
+    wsmask.install()
     factory = GatewayWebSocketFactory(services, settings, transport_name=transport_name,
                                       device_id_of=device_id_of,
                                       device_principal=device_principal)
