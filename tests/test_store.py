@@ -24,7 +24,7 @@ from aico.gateway.store import (
 )
 
 TABLES = {"users", "revoked_tokens", "refresh_tokens", "audit_log", "devices", "deleted_users",
-          "login_failures", "pairing_windows"}
+          "login_failures", "pairing_windows", "sync_items", "sync_peers", "sync_acks"}
 
 
 def _columns(conn: sqlite3.Connection, table: str) -> list[str]:
