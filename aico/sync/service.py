@@ -195,6 +195,7 @@ class PeerLink:
         self._again = False
         self._soon: IDelayedCall | None = None
         self._periodic: IDelayedCall | None = None
+        self._stopped = False
         jitter = random.Random()  # noqa: S311 - backoff jitter, not a secret
         policy = backoffPolicy(BACKOFF_INITIAL, BACKOFF_MAX, BACKOFF_FACTOR,
                                jitter=jitter.random)
@@ -220,7 +221,10 @@ class PeerLink:
 
     # ------------------------------------------------------------------ connection
 
-    def _connected(self, proto: SyncProtocol) -> None:
+    def _connected(self, proxy: Any) -> None:
+        # ClientService hands over a proxy around our protocol (it watches its loss).
+        proto = getattr(proxy, "_protocol", proxy)
+        assert isinstance(proto, SyncProtocol)
         self.proto = proto
         self.last_error = None
         self.round_now()
@@ -237,6 +241,7 @@ class PeerLink:
         self._soon = self._periodic = None
 
     def stop(self) -> None:
+        self._stopped = True
         self._cancel_timers()
 
     def close(self) -> None:
@@ -248,7 +253,8 @@ class PeerLink:
 
     def changed(self) -> None:
         """A local change: a round soon (changes within :attr:`debounce` coalesce)."""
-        if self.proto is None or (self._soon is not None and self._soon.active()):
+        if self.proto is None or self._stopped or (self._soon is not None
+                                                   and self._soon.active()):
             return
         self._soon = self.clock.callLater(self.debounce, self.round_now)
 
@@ -287,7 +293,7 @@ class PeerLink:
                     break
         finally:
             self._running = False
-        if self.proto is proto:
+        if self.proto is proto and not self._stopped:
             self._periodic = self.clock.callLater(self.round_interval, self.round_now)
 
 
