@@ -10,8 +10,8 @@ from twisted.internet import reactor
 from twisted.internet.defer import maybeDeferred
 from twisted.trial.unittest import TestCase
 
-from aico.gateway.testing.harness import RunningGateway, start_gateway
 from aico.gateway.store import SyncDatabase
+from aico.gateway.testing.harness import RunningGateway, start_gateway
 from aico.gateway.testing.waiting import eventually
 from aico.sync.join import JoinFailed, join
 from aico.sync.peers import PeerStore
@@ -111,3 +111,36 @@ class JoinTests(TestCase):
         self.assertEqual(caught.exception.reason, "wrong_code")
         self.assertEqual(await PeerStore(a.parts.db).list(), [])
         self.assertEqual(await PeerStore(b.parts.db).list(), [])
+
+
+class ForeignCertificateTests(TestCase):
+    timeout = 30
+
+    async def test_a_certificate_from_another_ca_is_refused_on_first_read(self) -> None:
+        from cryptography.hazmat.primitives import serialization
+        from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+        from twisted.internet.protocol import Factory
+
+        from aico.gateway.devices.ca import DeviceCA, create_csr, generate_key
+        from aico.keystore import Keystore
+        from aico.sync.peers import SyncPeer, client_options, seal_key
+        from aico.sync.protocol import SyncProtocol
+        from aico.sync.testing import MemoryEngine
+
+        a = await start_gateway(self, SYNC)
+        other = DeviceCA.create()  # a third gateway's CA
+        key = generate_key()
+        cert = other.issue_client_cert(create_csr(key, "intruder"), "intruder")
+        keystore = Keystore.ephemeral()
+        pem = lambda c: c.public_bytes(serialization.Encoding.PEM).decode()  # noqa: E731
+        peer = SyncPeer("X", "a", "X", "127.0.0.1", a.ports["sync"]["port"],
+                        pem(a.parts.materials.device_ca.cert), "me", pem(cert),
+                        seal_key(keystore, key), 0.0)
+        endpoint = wrapClientTLS(client_options(peer, keystore),
+                                 HostnameEndpoint(reactor, "127.0.0.1", peer.port))
+        proto = await endpoint.connect(Factory.forProtocol(
+            lambda: SyncProtocol(MemoryEngine("intruder", {"notes": None}), peer_id="X")))
+        with self.assertRaises(Exception) as caught:
+            await proto.hello_remote()
+        self.assertIn("unknown ca", repr(caught.exception).lower())
+        self.assertEqual(a.parts.sync_service.server.live, {})

@@ -83,7 +83,7 @@ class RoundTests(SynchronousTestCase):
                 side.delete(coll, key)
             else:
                 side.put(coll, key, {"i": i, "text": "x" * rng.randrange(50)})
-        client, server, pump = pair(a, b)
+        client, _server, pump = pair(a, b)
         report = round_(pump, client)
         for coll in ("notes", "todo"):
             self.assertEqual(a.root(coll), b.root(coll))
@@ -131,7 +131,7 @@ class RoundTests(SynchronousTestCase):
         a.put("notes", "n", 1)
         a.put("private-a", "secret", 2)
         b.put("todo", "t", 3)
-        client, server, pump = pair(a, b)
+        client, _server, pump = pair(a, b)
         report = round_(pump, client)
         self.assertEqual(report.collections, ["notes"])
         self.assertEqual(b.get("notes", "n"), 1)

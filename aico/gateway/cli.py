@@ -613,10 +613,10 @@ def _cmd_sync_join(args: argparse.Namespace, ctx: Context) -> int:
                 code=args.code, name=name, node_id=ca.fingerprint, sync_address=sync_address,
                 timeout=args.timeout))
             d.addBoth(outcome.append)
-            d.addBoth(lambda _: reactor.stop())  # type: ignore[attr-defined]
+            d.addBoth(lambda _: reactor.stop())
 
-        reactor.callWhenRunning(go)  # type: ignore[attr-defined]
-        reactor.run(installSignalHandlers=False)  # type: ignore[attr-defined]
+        reactor.callWhenRunning(go)
+        reactor.run(installSignalHandlers=False)  # type: ignore[call-arg]
         result = outcome[0] if outcome else None
         if result is None or hasattr(result, "value"):
             error = getattr(result, "value", None)

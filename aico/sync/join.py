@@ -223,7 +223,7 @@ class _Frames(Int32StringReceiver):
         self.frames.put(None)
 
     def send(self, message: dict[str, Any]) -> None:
-        self.sendString(wire.encode(message))
+        self.sendString(wire.encode(message))  # type: ignore[no-untyped-call]
 
     async def expect(self, kind: str) -> dict[str, Any]:
         message = await self.frames.get()
@@ -249,7 +249,8 @@ async def join(reactor: Any, *, ca: DeviceCA, keystore: Keystore, db: DatabaseLi
     except Exception as e:
         raise JoinFailed(f"unreachable: {e}") from e
     assert isinstance(proto, _Frames)
-    timer = reactor.callLater(timeout, proto.transport.loseConnection)
+    transport: Any = proto.transport
+    timer = reactor.callLater(timeout, transport.loseConnection)
     try:
         v = wire.JOIN_VERSION
         side, message_a = await deferToThread(wire.device_pake, code)
@@ -294,7 +295,7 @@ async def join(reactor: Any, *, ca: DeviceCA, keystore: Keystore, db: DatabaseLi
     finally:
         if timer.active():
             timer.cancel()
-        proto.transport.loseConnection()  # type: ignore[union-attr]
+        transport.loseConnection()
     _, sync_port = _address(answer.get("sync"), host)
     device = await DeviceStore(db).add(_pem(theirs), peer_name, paired_for=PAIRED_FOR)
     await PeerStore(db).add(SyncPeer(

@@ -59,8 +59,8 @@ __all__ = [
     "NotShared",
     "Part",
     "Push",
-    "RoundReport",
     "Roots",
+    "RoundReport",
     "SyncError",
     "SyncProtocol",
     "TooLarge",
@@ -190,7 +190,7 @@ class Ack(amp.Command):
     """The caller holds every state of *collection* the answerer had up to *hlc*."""
 
     arguments = [(b"collection", amp.Unicode()), (b"hlc", amp.Unicode())]
-    response: list[tuple[bytes, amp.Argument]] = []
+    response: list[tuple[bytes, amp.Argument]] = []  # type: ignore[misc]
     errors = _ERRORS
 
 
@@ -200,7 +200,7 @@ class Part(amp.Command):
 
     arguments = [(b"transfer", amp.Unicode()), (b"index", amp.Integer()),
                  (b"final", amp.Boolean()), (b"data", amp.String())]
-    response: list[tuple[bytes, amp.Argument]] = []
+    response: list[tuple[bytes, amp.Argument]] = []  # type: ignore[misc]
     errors = _ERRORS
 
 
@@ -295,7 +295,7 @@ class SyncProtocol(amp.AMP):
 
     def __init__(self, engine: ISyncEngine, peer_id: str = "",
                  clock: Callable[[], float] = time.time) -> None:
-        super().__init__()
+        super().__init__()  # type: ignore[no-untyped-call]
         self.engine = engine
         self.peer_id = peer_id
         self.clock = clock
@@ -321,7 +321,7 @@ class SyncProtocol(amp.AMP):
                 callback(self)
             except Exception:
                 log.failure("a sync connection-lost callback failed")
-        super().connectionLost(reason)
+        super().connectionLost(reason)  # type: ignore[no-untyped-call]
 
     def _ready(self, collection: str | None = None) -> None:
         """Refuse a refused peer, a command before Hello, or a collection not shared."""
@@ -334,7 +334,7 @@ class SyncProtocol(amp.AMP):
 
     def callRemote(self, command: type[amp.Command], **kwargs: Any) -> Deferred[Any]:  # type: ignore[override]
         self.calls += 1
-        return super().callRemote(command, **kwargs)  # type: ignore[no-any-return]
+        return super().callRemote(command, **kwargs)  # type: ignore[no-any-return,no-untyped-call]
 
     # ------------------------------------------------------------------ bodies and parts
 
@@ -346,7 +346,11 @@ class SyncProtocol(amp.AMP):
         pieces = list(_batches(data, CHUNK))
         calls = [self.callRemote(Part, transfer=tid, index=i, final=i == len(pieces) - 1,
                                  data=bytes(piece)) for i, piece in enumerate(pieces)]
-        await gatherResults(calls, consumeErrors=True).addErrback(lambda f: f.value.subFailure)
+        def first(failure: Failure) -> Failure:
+            sub: Failure = getattr(failure.value, "subFailure", failure)
+            return sub
+
+        await gatherResults(calls, consumeErrors=True).addErrback(first)
         return b"", tid
 
     def _incoming_body(self, body: bytes, transfer: str | None) -> bytes:

@@ -79,7 +79,7 @@ class _ServerSyncProtocol(SyncProtocol):
             if self.refusal:
                 # Answer the first command with DEVICE_NOT_ALLOWED, then close.
                 self.factory.clock.callLater(0, self._close)
-        super().dataReceived(data)
+        super().dataReceived(data)  # type: ignore[no-untyped-call]
 
     def _close(self) -> None:
         if self.transport is not None:
@@ -196,7 +196,7 @@ class PeerLink:
         self._soon: IDelayedCall | None = None
         self._periodic: IDelayedCall | None = None
         self._stopped = False
-        jitter = random.Random()  # noqa: S311 - backoff jitter, not a secret
+        jitter = random.Random()
         policy = backoffPolicy(BACKOFF_INITIAL, BACKOFF_MAX, BACKOFF_FACTOR,
                                jitter=jitter.random)
         self.service = ClientService(endpoint, _ClientFactory(self), retryPolicy=policy,
@@ -246,8 +246,9 @@ class PeerLink:
 
     def close(self) -> None:
         """Drop the connection now (the peer was revoked)."""
-        if self.proto is not None and self.proto.transport is not None:
-            self.proto.transport.abortConnection()
+        transport: Any = self.proto.transport if self.proto is not None else None
+        if transport is not None:
+            transport.abortConnection()
 
     # ------------------------------------------------------------------ rounds
 
@@ -276,7 +277,7 @@ class PeerLink:
                     self._periodic.cancel()
                 try:
                     report = await proto.run_round()
-                except Exception as e:  # noqa: BLE001 - any failure ends this round only
+                except Exception as e:
                     self.last_error = _describe(e)
                     if self.proto is proto:
                         log.warn("sync round with {peer} failed: {error}", peer=self.peer.name,
@@ -314,8 +315,8 @@ class SyncService(MultiService):
                  gate: DeviceGate, reactor: Any,
                  endpoint_for: Callable[[SyncPeer, CertificateOptions], Any] | None = None,
                  *, round_interval: float = ROUND_INTERVAL, debounce: float = DEBOUNCE) -> None:
-        super().__init__()
-        self.setName(self.name)
+        super().__init__()  # type: ignore[no-untyped-call]
+        self.setName(self.name)  # type: ignore[no-untyped-call]
         self.engine = engine
         self.peers = peers
         self.keystore = keystore
@@ -335,17 +336,17 @@ class SyncService(MultiService):
         return wrapClientTLS(options, HostnameEndpoint(self.reactor, peer.host, peer.port,
                                                        timeout=10))
 
-    def startService(self) -> Deferred[None]:  # type: ignore[override]
-        super().startService()
+    def startService(self) -> Deferred[None]:
+        super().startService()  # type: ignore[no-untyped-call]
         d = self.refresh()
         d.addErrback(lambda f: log.failure("sync: first look at the peers failed", f))
         return d
 
-    def stopService(self) -> Deferred[None]:  # type: ignore[override]
+    def stopService(self) -> Deferred[None]:
         for link in self.links.values():
             link.stop()
         self.server.close_all()
-        d: Deferred[None] = super().stopService()  # type: ignore[assignment]
+        d: Deferred[None] = super().stopService()  # type: ignore[no-untyped-call]
         return d
 
     # ------------------------------------------------------------------ peers
@@ -368,7 +369,7 @@ class SyncService(MultiService):
                 continue
             try:
                 options = client_options(peer, self.keystore)
-            except Exception as e:  # noqa: BLE001 - a bad row must not stop the others
+            except Exception as e:
                 log.error("sync peer {name}: cannot use its credentials: {error}",
                           name=peer.name, error=str(e))
                 continue
@@ -378,7 +379,7 @@ class SyncService(MultiService):
             if self.running:
                 link.service.setServiceParent(self)
             else:
-                self.addService(link.service)
+                self.addService(link.service)  # type: ignore[no-untyped-call]
             log.info("sync peer {name} ({peer_id}) at {host}:{port}", name=peer.name,
                      peer_id=peer_id, host=peer.host, port=peer.port)
 

@@ -178,7 +178,11 @@ class MemoryEngine:
         gate = self.commit_gate
         d: Deferred[None] = Deferred() if gate is not None else succeed(None)
         if gate is not None:
-            gate.addCallback(lambda r: (d.callback(None), r)[1])
+            def release(result: object) -> object:
+                d.callback(None)
+                return result
+
+            gate.addCallback(release)
         d.addCallback(committed)
         return d
 

@@ -35,15 +35,15 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from spake2 import SPAKE2_A, SPAKE2_B
 
 __all__ = [
-    "MAX_FRAME",
     "JOIN_VERSION",
+    "MAX_FRAME",
     "VERSION",
     "VERSIONS",
-    "aad",
     "Machine",
     "PairingProtocolError",
     "SessionKeys",
     "UnexpectedInput",
+    "aad",
     "b64d",
     "b64e",
     "decode",
