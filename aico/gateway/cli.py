@@ -18,6 +18,9 @@ Subcommands (``aico-gateway COMMAND --help`` for each):
 * ``devices list [--json]`` / ``devices revoke DEVICE_ID`` / ``devices rename DEVICE_ID NAME``
   — paired devices (revoke and rename are audited; a running gateway sees them within
   0.25 s and cuts a revoked device's connections, ``docs/devices.md``).
+* ``sync join --host H --port P --code CODE [--name N]`` — pair this gateway for sync
+  with the one whose pairing window gave CODE (``docs/sync-protocol.md``), running or
+  not; a running gateway picks the new peer up within a second.
 * ``backup DIR`` — a consistent copy of the state directory while the gateway runs
   (SQLite's online backup for the registry, a manifest with checksums);
   ``restore DIR [--force]`` — into a new or empty state directory, then verified
@@ -551,6 +554,83 @@ def _cmd_devices_rename(args: argparse.Namespace, ctx: Context) -> int:
     return EXIT_OK
 
 
+# --------------------------------------------------------------------------- sync
+
+
+def _add_sync(subparsers: _Subparsers) -> None:
+    p = subparsers.add_parser("sync", help="sync with this person's other gateways")
+    sub = p.add_subparsers(dest="sync_command", metavar="ACTION", required=True)
+    j = sub.add_parser(
+        "join",
+        help="pair this gateway for sync with another one",
+        description="Pair this gateway for sync with the gateway whose pairing window gave "
+        "CODE (run `aico-gateway pair` there). Both gateways then hold a client certificate "
+        "from the other's CA and list each other as sync peers; a running gateway picks "
+        "the new peer up without a restart.",
+    )
+    j.add_argument("--host", required=True, help="the other gateway's address")
+    j.add_argument("--port", required=True, type=int, help="its pairing port")
+    j.add_argument("--code", required=True, help="the pairing code it showed")
+    j.add_argument("--name", help="this gateway's name there (default: aico-gateway HOSTNAME)")
+    j.add_argument("--timeout", type=float, default=30.0, help="seconds to give up after (30)")
+    add_state_options(j)
+    j.set_defaults(handler=_cmd_sync_join)
+
+
+def _cmd_sync_join(args: argparse.Namespace, ctx: Context) -> int:
+    import json
+    import socket
+
+    from twisted.internet import reactor
+    from twisted.internet.defer import Deferred
+
+    from aico.gateway.devices.ca import DeviceCA
+    from aico.sync.join import JoinFailed, join
+
+    if not 0 < args.port < 65536:
+        raise _Exit(EXIT_USAGE, "--port: expected 1-65535")
+    paths, config = state_paths(args, ctx.env)
+    try:
+        paths = bootstrap(paths.root, config.modules.builtin, env=ctx.env).paths
+        ca = DeviceCA.load(paths.ca_cert, paths.ca_key, paths.sealer)
+    except (StateDirError, SchemaError, ValueError, OSError) as e:
+        raise _Exit(EXIT_FAILURE, f"cannot open the state directory {paths.root}: {e}") from e
+    sync_address: dict[str, Any] | None = None
+    if config.sync.enabled:
+        sync_address = {"host": config.sync.host, "port": config.sync.port}
+        try:  # a running gateway: the port it really listens on
+            running = json.loads(paths.ports_json.read_text(encoding="utf-8")).get("sync")
+            if isinstance(running, dict):
+                sync_address = {"host": config.sync.host, "port": running.get("port")}
+        except (OSError, ValueError):
+            pass
+    name = (args.name or f"aico-gateway {socket.gethostname()}")[:64]
+    outcome: list[Any] = []
+    with _open_registry(paths) as db:
+        def go() -> None:
+            d = Deferred.fromCoroutine(join(
+                reactor, ca=ca, keystore=paths.sealer, db=db, host=args.host, port=args.port,
+                code=args.code, name=name, node_id=ca.fingerprint, sync_address=sync_address,
+                timeout=args.timeout))
+            d.addBoth(outcome.append)
+            d.addBoth(lambda _: reactor.stop())
+
+        reactor.callWhenRunning(go)
+        reactor.run(installSignalHandlers=False)  # type: ignore[call-arg]
+        result = outcome[0] if outcome else None
+        if result is None or hasattr(result, "value"):
+            error = getattr(result, "value", None)
+            reason = error.reason if isinstance(error, JoinFailed) else str(error)
+            raise _Exit(EXIT_FAILURE, f"sync join failed: {reason}")
+        _audit_cli(db, paths, "sync_peer_added", {"peer_id": result.peer_id,
+                                                  "name": result.name, "host": result.host,
+                                                  "port": result.port})
+    print(f"joined {result.name} ({result.peer_id})\n"
+          f"its sync listener: {result.host}:{result.port or '(none: it dials this gateway)'}\n"
+          f"this gateway there: {result.our_device_id}", file=ctx.out)
+    return EXIT_OK
+
+
 # --------------------------------------------------------------------------- backup
 
 
@@ -635,7 +715,8 @@ def _gateway_version() -> str:
 
 #: Every subcommand's registration function, in ``--help`` order.
 _COMMANDS: tuple[Callable[[_Subparsers], None], ...] = (
-    _add_init, _add_config, _add_user, _add_keys, _add_pair, _add_devices, _add_backup)
+    _add_init, _add_config, _add_user, _add_keys, _add_pair, _add_devices, _add_sync,
+    _add_backup)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -293,6 +293,11 @@ class GatewayParts:
                                identify=device_id_of_request if admin_remote else None,
                                gate=self.device_gate if admin_remote else None)
 
+        #: Sync with paired gateways (docs/sync-protocol.md), with ``[sync] enabled``:
+        #: the ``sync`` listener's factory, one reconnecting client per peer, and the
+        #: pairing listener's answer to ``aico-gateway sync join``.
+        self.sync_service = self._sync_service()
+
     def site_options(self, dispatcher: Dispatcher) -> dict[str, Any]:
         """What every HTTP site (``http``, ``tls``, ``admin``) is bounded by: the live
         ``[limits]`` and the dispatcher whose requests it finishes."""
@@ -350,6 +355,50 @@ class GatewayParts:
                               baseline=self.registry_watcher.check,
                               on_paired=self.device_gate.remember)
 
+    def _sync_service(self) -> Any:
+        if not self.config.sync.enabled:
+            return None
+        from aico.keystore import Keystore
+        from aico.sync.join import JoinHost
+        from aico.sync.peers import PeerStore
+        from aico.sync.service import SyncService
+
+        m = self.materials
+        engine = getattr(self, "sync", None)  # the engine (aico.sync.engine), when built
+        if engine is None:
+            from aico.sync.testing import MemoryEngine
+
+            engine = MemoryEngine(m.device_ca.fingerprint if m.device_ca else "memory",
+                                  {name: (c.peers or None) for name, c in
+                                   self.config.sync.collections.items() if c.sync})
+        keystore = m.paths.sealer if m.paths is not None else Keystore.ephemeral()
+        peers = PeerStore(self.db, self.reactor)
+        service = SyncService(engine, peers, keystore, self.device_gate, self.reactor)
+        self.registry_watcher.add_listener(service.refresh)
+        close_sessions = self.device_gate.close_sessions
+
+        def close_device(device_id: str) -> int:  # revoked: its sync connections go too
+            return close_sessions(device_id) + service.close_device(device_id)
+
+        self.device_gate.close_sessions = close_device
+        if m.device_ca is not None:
+            import socket
+
+            pool = m.cpu_pool
+            reactor = self.reactor
+
+            def run_cpu(fn: Any, *args: Any) -> Deferred[Any]:
+                if pool is None:
+                    return maybeDeferred(fn, *args)
+                return deferToThreadPool(reactor, pool, fn, *args)
+
+            self.pairing.sync_join = JoinHost(
+                m.device_ca, self.devices, self.pairing_windows, peers, keystore, self.audit,
+                name=f"aico-gateway {socket.gethostname()}"[:64], node_id=m.device_ca.fingerprint,
+                sync_address=lambda: self.listener_addresses.get("sync"), run_cpu=run_cpu,
+                on_device=self.device_gate.remember, on_peer=service.refresh)
+        return service
+
     def mdns(self) -> MdnsAdvertiser | None:
         """The mDNS advertiser, when ``[mdns]`` and the listeners' hosts ask for one."""
         if not should_advertise(self.config):
@@ -381,6 +430,15 @@ class GatewayParts:
                                    describe=f"{tls.host}:{tls.port}", close=self._close_tls))
         if self.ipc is not None:
             out.append(self.ipc)
+        sync = self.config.sync
+        if (self.sync_service is not None and m.device_ca is not None
+                and m.server_identity is not None):
+            from aico.sync.service import SyncTLSFactory
+
+            options = server_options(m.device_ca.cert, *m.server_identity)
+            out.append(TcpListener("sync", tcp_endpoint(self.reactor, sync.host, sync.port),
+                                   SyncTLSFactory(options, self.sync_service.server),
+                                   describe=f"{sync.host}:{sync.port}", close=self._close_sync))
         admin = self.admin_listener()
         if admin is not None:
             out.append(admin)
@@ -414,6 +472,10 @@ class GatewayParts:
 
     def _close_admin(self) -> Deferred[None]:
         return self.admin.site.close_connections(self.reactor)
+
+    def _close_sync(self) -> Deferred[None]:
+        self.sync_service.server.close_all()
+        return succeed(None)
 
     def _close_tls(self) -> Deferred[None]:
         """As ``http``: WSS sockets closed (1001), HTTPS connections gracefully."""
@@ -625,6 +687,8 @@ def build_tree(
     listeners = add(ListenerGroup(parts.listeners(), parts.inflight, reactor,
                                   lambda: parts.config.gateway.shutdown_grace))
     add(parts.pairing)
+    if parts.sync_service is not None:
+        add(parts.sync_service)
     jobs = MultiService()
     jobs.setName("jobs")
     add(jobs)

@@ -76,6 +76,10 @@ class GatewayState(Enum):
     WAIT_CONFIRM = auto()
     WAIT_REQUEST = auto()
     ISSUING = auto()
+    #: Version 2, a gateway joining for sync: our answer (with our CSR) is out; waiting
+    #: for the certificate its CA issued us, then storing the peer.
+    WAIT_FINAL = auto()
+    FINISHING = auto()
     PAIRED = auto()
     FAILED = auto()
 
@@ -88,7 +92,10 @@ class GatewayInput(Enum):
     CONFIRM_BAD = auto()
     REQUEST = auto()
     ISSUED = auto()
+    ISSUED_SYNC = auto()
     ISSUE_REFUSED = auto()
+    FINAL = auto()
+    FINISHED = auto()
     BAD_FRAME = auto()
     TIMEOUT = auto()
     LOST = auto()
@@ -107,6 +114,11 @@ class PairingBackend(Protocol):
     def issue(self, window: PairingWindow, name: str, csr_pem: str,
               peer: str) -> Deferred[dict[str, Any]]: ...
 
+    def issue_sync(self, window: PairingWindow, body: dict[str, Any],
+                   peer: str) -> Deferred[tuple[dict[str, Any], Any]]: ...
+
+    def finish_sync(self, pending: Any, body: dict[str, Any]) -> Deferred[dict[str, Any]]: ...
+
 
 class GatewayPairing:
     """One pairing attempt on the gateway: the table below is the whole protocol."""
@@ -119,6 +131,10 @@ class GatewayPairing:
         self.peer = peer
         self.window: PairingWindow | None = None
         self.keys: wire.SessionKeys | None = None
+        #: The protocol version the peer's hello asked for (1: a device; 2: may join).
+        self.version = wire.VERSION
+        #: A sync join's state between our answer and the peer's final frame.
+        self._pending: Any = None
         #: Why the attempt failed (``None`` while it has not).
         self.reason: str | None = None
         S, I = GatewayState, GatewayInput  # noqa: E741
@@ -133,8 +149,13 @@ class GatewayPairing:
             (S.WAIT_REQUEST, I.REQUEST): (S.ISSUING, self._issue),
             (S.ISSUING, I.ISSUED): (S.PAIRED, self._send_answer),
             (S.ISSUING, I.ISSUE_REFUSED): (S.FAILED, self._refuse),
+            (S.ISSUING, I.ISSUED_SYNC): (S.WAIT_FINAL, self._send_sync_answer),
+            (S.WAIT_FINAL, I.FINAL): (S.FINISHING, self._finish),
+            (S.FINISHING, I.FINISHED): (S.PAIRED, self._send_done),
+            (S.FINISHING, I.ISSUE_REFUSED): (S.FAILED, self._refuse),
         }
-        for state in (S.WAIT_HELLO, S.PAKE, S.WAIT_REQUEST, S.ISSUING):
+        for state in (S.WAIT_HELLO, S.PAKE, S.WAIT_REQUEST, S.ISSUING, S.WAIT_FINAL,
+                      S.FINISHING):
             table[(state, I.BAD_FRAME)] = (S.FAILED, self._refuse)
             table[(state, I.TIMEOUT)] = (S.FAILED, self._refuse)
             table[(state, I.LOST)] = (S.FAILED, self._lost)
@@ -144,8 +165,8 @@ class GatewayPairing:
             table[(S.WAIT_CONFIRM, event)] = (S.FAILED, self._abandoned)
         # Late results and events after the end change nothing.
         for state in (S.FAILED, S.PAIRED):
-            for event in (I.PAKE_READY, I.PAKE_REFUSED, I.ISSUED, I.ISSUE_REFUSED, I.TIMEOUT,
-                          I.LOST, I.BAD_FRAME):
+            for event in (I.PAKE_READY, I.PAKE_REFUSED, I.ISSUED, I.ISSUED_SYNC,
+                          I.ISSUE_REFUSED, I.FINISHED, I.TIMEOUT, I.LOST, I.BAD_FRAME):
                 table[(state, event)] = (state, None)
         self.machine: wire.Machine[GatewayState, GatewayInput] = wire.Machine(
             "gateway-pairing", S.WAIT_HELLO, table)
@@ -173,7 +194,8 @@ class GatewayPairing:
             event = GatewayInput.CONFIRM_GOOD if good else GatewayInput.CONFIRM_BAD
             args = ()
         elif kind == "sealed":
-            event = GatewayInput.REQUEST
+            event = (GatewayInput.FINAL if self.state is GatewayState.WAIT_FINAL
+                     else GatewayInput.REQUEST)
         else:
             event, args = GatewayInput.BAD_FRAME, ("unexpected_message",)
         if not self.machine.accepts(event):
@@ -196,9 +218,10 @@ class GatewayPairing:
             self._unexpected, GatewayInput.PAKE_REFUSED)
 
     async def _pake(self, hello: dict[str, Any]) -> None:
-        if hello.get("version") != wire.VERSION:
+        if hello.get("version") not in wire.VERSIONS:
             self.machine.feed(GatewayInput.PAKE_REFUSED, "unsupported_version")
             return
+        self.version = int(hello["version"])
         try:
             message_a = wire.b64d(hello.get("pake"))
         except wire.PairingProtocolError as e:
@@ -214,11 +237,11 @@ class GatewayPairing:
         except wire.PairingProtocolError as e:
             self.machine.feed(GatewayInput.PAKE_REFUSED, e.reason)
             return
-        self.keys = wire.derive(key, message_a, message_b)
+        self.keys = wire.derive(key, message_a, message_b, self.version)
         self.machine.feed(GatewayInput.PAKE_READY, message_b)
 
     def _send_pake(self, message_b: bytes) -> None:
-        self._send({"type": "pake", "version": wire.VERSION, "pake": wire.b64e(message_b)})
+        self._send({"type": "pake", "version": self.version, "pake": wire.b64e(message_b)})
 
     def _send_confirm(self) -> None:
         assert self.keys is not None
@@ -255,10 +278,18 @@ class GatewayPairing:
     async def _do_issue(self, message: dict[str, Any]) -> None:
         assert self.keys is not None and self.window is not None
         try:
-            body = wire.open_box(self.keys.device_seal, message, wire.AAD_REQUEST)
+            body = wire.open_box(self.keys.device_seal, message,
+                                 wire.aad(self.version, "request"))
             name, csr_pem = body.get("name"), body.get("csr_pem")
             if not isinstance(name, str) or not isinstance(csr_pem, str):
                 raise PairingRefused("bad_message")
+            if body.get("kind", "device") == "sync":
+                if self.version < wire.JOIN_VERSION:
+                    raise PairingRefused("bad_message")
+                answer, self._pending = await self.backend.issue_sync(self.window, body,
+                                                                      self.peer)
+                self.machine.feed(GatewayInput.ISSUED_SYNC, answer)
+                return
             answer = await self.backend.issue(self.window, name, csr_pem, self.peer)
         except (wire.PairingProtocolError, PairingRefused) as e:
             self.machine.feed(GatewayInput.ISSUE_REFUSED, e.reason)
@@ -267,7 +298,30 @@ class GatewayPairing:
 
     def _send_answer(self, answer: dict[str, Any]) -> None:
         assert self.keys is not None
-        self._send(wire.seal(self.keys.gateway_seal, answer, wire.AAD_ANSWER))
+        self._send(wire.seal(self.keys.gateway_seal, answer, wire.aad(self.version, "answer")))
+        self._close()
+
+    def _send_sync_answer(self, answer: dict[str, Any]) -> None:
+        assert self.keys is not None
+        self._send(wire.seal(self.keys.gateway_seal, answer, wire.aad(self.version, "answer")))
+
+    def _finish(self, message: dict[str, Any]) -> None:
+        Deferred.fromCoroutine(self._do_finish(message)).addErrback(
+            self._unexpected, GatewayInput.ISSUE_REFUSED)
+
+    async def _do_finish(self, message: dict[str, Any]) -> None:
+        assert self.keys is not None
+        try:
+            body = wire.open_box(self.keys.device_seal, message, wire.aad(self.version, "final"))
+            done = await self.backend.finish_sync(self._pending, body)
+        except (wire.PairingProtocolError, PairingRefused) as e:
+            self.machine.feed(GatewayInput.ISSUE_REFUSED, e.reason)
+            return
+        self.machine.feed(GatewayInput.FINISHED, done)
+
+    def _send_done(self, done: dict[str, Any]) -> None:
+        assert self.keys is not None
+        self._send(wire.seal(self.keys.gateway_seal, done, wire.aad(self.version, "done")))
         self._close()
 
     def _unexpected(self, failure: Failure, event: GatewayInput) -> None:
@@ -357,8 +411,12 @@ class PairingService(Service):
                  run_cpu: Callable[..., Deferred[Any]],
                  tls_address: Callable[[], dict[str, Any] | None] = lambda: None,
                  baseline: Callable[[], Deferred[None]] | None = None,
-                 on_paired: Callable[[Device], object] = lambda device: None) -> None:
+                 on_paired: Callable[[Device], object] = lambda device: None,
+                 sync_join: Any = None) -> None:
         self.reactor = reactor
+        #: Answers a gateway joining for sync (:class:`aico.sync.join.JoinHost`);
+        #: ``None``: such requests are refused with ``sync_disabled``.
+        self.sync_join = sync_join
         #: Told each device paired here (the tls listener admits it at once).
         self.on_paired = on_paired
         self.settings = settings
@@ -561,6 +619,29 @@ class PairingService(Service):
         return {"certificate_pem": cert_pem, "ca_pem": ca_pem, "device_id": device.device_id,
                 "name": name, "gateway_fingerprint": self.fingerprint,
                 "tls": self.tls_address()}
+
+    def issue_sync(self, window: PairingWindow, body: dict[str, Any],
+                   peer: str) -> Deferred[tuple[dict[str, Any], Any]]:
+        """A gateway joins for sync (version 2): :class:`aico.sync.join.JoinHost` issues
+        its certificate, registers it and answers with our CSR."""
+        async def go() -> tuple[dict[str, Any], Any]:
+            if self.sync_join is None or self.ca is None:
+                raise PairingRefused("sync_disabled")
+            result: tuple[dict[str, Any], Any] = await self.sync_join.issue(window, body, peer)
+            await self.refresh()
+            return result
+
+        return Deferred.fromCoroutine(go())
+
+    def finish_sync(self, pending: Any, body: dict[str, Any]) -> Deferred[dict[str, Any]]:
+        """The joining gateway's certificate for us: the peer is stored."""
+        async def go() -> dict[str, Any]:
+            if self.sync_join is None:
+                raise PairingRefused("sync_disabled")
+            done: dict[str, Any] = await self.sync_join.finish(pending, body)
+            return done
+
+        return Deferred.fromCoroutine(go())
 
 
 def _window_detail(window: PairingWindow) -> dict[str, Any]:

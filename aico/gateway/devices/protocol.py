@@ -35,12 +35,15 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from spake2 import SPAKE2_A, SPAKE2_B
 
 __all__ = [
+    "JOIN_VERSION",
     "MAX_FRAME",
     "VERSION",
+    "VERSIONS",
     "Machine",
     "PairingProtocolError",
     "SessionKeys",
     "UnexpectedInput",
+    "aad",
     "b64d",
     "b64e",
     "decode",
@@ -57,7 +60,14 @@ __all__ = [
 ]
 
 #: The protocol version a hello carries; a gateway refuses others with ``unsupported_version``.
+#: A device pairs with version 1; ``aico-gateway sync join`` with :data:`JOIN_VERSION`.
 VERSION = 1
+#: Version 2 adds a gateway joining another for sync (``docs/sync-protocol.md``): its
+#: request carries ``kind = "sync"`` and its CA, the answer the other gateway's CSR, and
+#: a third sealed pair (``final`` / ``done``) returns the certificate issued for it.
+JOIN_VERSION = 2
+#: The versions a gateway accepts.
+VERSIONS = (VERSION, JOIN_VERSION)
 #: The largest frame either side accepts (a CSR or a certificate answer is ~2 KiB).
 MAX_FRAME = 16 * 1024
 #: SPAKE2 identities of the two sides (bound into the SPAKE2 key).
@@ -66,6 +76,12 @@ ID_GATEWAY = b"aico-pairing-gateway"
 #: Associated data of the two sealed messages (a box cannot be replayed the other way).
 AAD_REQUEST = b"aico-pairing v1 request"
 AAD_ANSWER = b"aico-pairing v1 answer"
+
+
+def aad(version: int, what: str) -> bytes:
+    """The associated data of sealed message *what* (``request``, ``answer``, ``final``,
+    ``done``) under protocol *version* (version 1: :data:`AAD_REQUEST`/:data:`AAD_ANSWER`)."""
+    return f"aico-pairing v{version} {what}".encode("ascii")
 
 
 class PairingProtocolError(Exception):
@@ -164,13 +180,15 @@ class SessionKeys:
         return "SessionKeys(…)"
 
 
-def derive(key: bytes, message_a: bytes, message_b: bytes) -> SessionKeys:
-    """Four 32-byte keys from the SPAKE2 *key*, salted with the transcript hash."""
+def derive(key: bytes, message_a: bytes, message_b: bytes, version: int = VERSION) -> SessionKeys:
+    """Four 32-byte keys from the SPAKE2 *key*, salted with the transcript hash; the
+    labels name the protocol *version*, so two versions never agree on a key."""
+    label = f"aico-pairing v{version}".encode("ascii")
     transcript = hashlib.sha256(
-        b"aico-pairing v1" + struct.pack(">I", len(message_a)) + message_a
+        label + struct.pack(">I", len(message_a)) + message_a
         + struct.pack(">I", len(message_b)) + message_b).digest()
     okm = HKDF(algorithm=hashes.SHA256(), length=128, salt=transcript,
-               info=b"aico-pairing v1 keys").derive(key)
+               info=label + b" keys").derive(key)
     return SessionKeys(transcript, okm[0:32], okm[32:64], okm[64:96], okm[96:128])
 
 
