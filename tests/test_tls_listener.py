@@ -109,6 +109,16 @@ class TlsListenerTests(TestCase):
         self.assertTrue(head.startswith(b"HTTP/1.1 403"), head)
         self.assertEqual(json.loads(body)["code"], "device_not_allowed")
 
+    async def test_a_sync_peers_certificate_never_opens_https(self) -> None:
+        gw, work, host, port = await self._gateway()
+        peer = await tlshelp.pair(gw, "other-gateway", work, paired_for="sync")
+        seen = await tlshelp.probe(host, port, tlshelp.context(tlshelp.ca_file(gw, work), peer))
+        self.assertIsNone(seen["handshake"])
+        head, _, body = seen["data"].partition(b"\r\n\r\n")
+        self.assertTrue(head.startswith(b"HTTP/1.1 403"), head)
+        self.assertEqual(json.loads(body)["code"], "device_not_allowed")
+        self.assertIn("sync listener", json.loads(body)["detail"])
+
     async def test_a_revoked_device_is_refused_at_its_next_connection(self) -> None:
         gw, work, host, port = await self._gateway()
         phone = await tlshelp.pair(gw, "phone", work)

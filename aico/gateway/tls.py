@@ -255,6 +255,11 @@ class DeviceGate:
                                                 device_id=device_id))
 
 
+#: The ``paired_for`` of a registry device that is another gateway (``sync join``): its
+#: certificate opens the ``sync`` listener only, never HTTPS/WSS or the admin site.
+SYNC_PEER = "sync"
+
+
 class DeviceChannel(LimitedChannel):
     """An HTTP channel over mutual TLS: its device is admitted at the first read."""
 
@@ -266,7 +271,10 @@ class DeviceChannel(LimitedChannel):
             try:
                 if gate is None:
                     raise DeviceRefused("no device registry")
-                self.device = gate.admit(self.transport)
+                device = gate.admit(self.transport)
+                if device.paired_for == SYNC_PEER:
+                    raise DeviceRefused("a sync peer's certificate opens only the sync listener")
+                self.device = device
             except ApiError as error:
                 self.refuse(error)
                 return

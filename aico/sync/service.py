@@ -35,7 +35,7 @@ from twisted.python.failure import Failure
 
 from aico.gateway.api.devices.exceptions import DeviceRefused
 from aico.gateway.errors import ApiError
-from aico.gateway.tls import DeviceGate
+from aico.gateway.tls import SYNC_PEER, DeviceGate
 from aico.keystore import Keystore
 from aico.sync.interfaces import ISyncEngine
 from aico.sync.peers import PeerStore, SyncPeer, client_options
@@ -54,7 +54,7 @@ __all__ = [
 log = Logger(namespace="aico.sync")
 
 #: The ``paired_for`` of a registry device that is another gateway (sync peer).
-PAIRED_FOR = "sync"
+PAIRED_FOR = SYNC_PEER
 #: Seconds between a local change and the round that carries it (changes coalesce).
 DEBOUNCE = 0.2
 #: Seconds between periodic rounds with each connected peer.
