@@ -53,6 +53,8 @@ from aico.gateway.api.devices.dependencies import DevicesDeps
 from aico.gateway.api.devices.router import routes as device_routes
 from aico.gateway.api.health.dependencies import HealthDeps
 from aico.gateway.api.health.router import routes as health_routes
+from aico.gateway.api.sync.dependencies import SyncDeps
+from aico.gateway.api.sync.router import routes as sync_routes
 from aico.gateway.api.transport.dependencies import TransportDeps
 from aico.gateway.api.transport.router import routes as transport_routes
 from aico.gateway.api.users.dependencies import UsersDeps
@@ -92,6 +94,8 @@ from aico.gateway.tls import (
 from aico.gateway.users import UserStore
 from aico.net import is_loopback
 from aico.services import CallbackService, PeriodicJob, SequentialMultiService, ThreadPoolService
+from aico.sync.engine import SyncEngine, bus_publisher, memory_node_id
+from aico.sync.store import SyncStore
 
 __all__ = ["GatewayParts", "Materials", "build_tree", "compose", "materials_from_state"]
 
@@ -218,6 +222,9 @@ class GatewayParts:
         #: Pairing windows and the ``pairing`` listener open while one is.
         self.pairing = self._pairing_service()
         self.registry_watcher.add_listener(self.pairing.refresh)
+        #: The sync engine (docs/sync.md): always built, so the data API works on a
+        #: gateway without peers too; the ``sync`` listener exists only with [sync] enabled.
+        self.sync = self._sync_engine()
         users = UsersDeps(store=self.user_store, passwords=self.passwords,
                           tokens=self.tokens, chain=self.chain, audit=self.audit, clock=reactor,
                           config=lambda: self.config, on_revoke=self.connections.revoke_token,
@@ -251,6 +258,7 @@ class GatewayParts:
             *user_routes(users),
             *transport_routes(transport),
             *device_routes(DevicesDeps(device=self.device_gate.known)),
+            *sync_routes(SyncDeps(engine=self.sync)),
             self.openapi.entry(),
         ])
         self.module_routes.own_routes = self.own_routes
@@ -354,6 +362,23 @@ class GatewayParts:
                               tls_address=lambda: self.listener_addresses.get("tls"),
                               baseline=self.registry_watcher.check,
                               on_paired=self.device_gate.remember)
+
+    def _sync_engine(self) -> SyncEngine:
+        """The sync engine on the registry; its node name is this gateway's device CA's
+        ID (stable for the state directory; a random one in memory)."""
+        ca = self.materials.device_ca
+        pool = self.materials.cpu_pool
+        reactor = self.reactor
+
+        def run_cpu(fn: Any, *args: Any) -> Deferred[Any]:
+            if pool is None:
+                return maybeDeferred(fn, *args)
+            return deferToThreadPool(reactor, pool, fn, *args)
+
+        return SyncEngine(SyncStore(self.db, reactor.seconds),
+                          ca.fingerprint if ca is not None else memory_node_id(),
+                          lambda: self.config.sync, reactor.seconds,
+                          publish=bus_publisher(self.bus), run_cpu=run_cpu)
 
     def _sync_service(self) -> Any:
         if not self.config.sync.enabled:
@@ -514,6 +539,7 @@ class GatewayParts:
         # the devices are read, so a change the CLI commits from now on is never missed.
         await self.registry_watcher.check()
         await self.device_gate.load()
+        await self.sync.start()
         await self.passwords.prepare()
         await self.metrics.start()
         await self._check_bootstrap_password()

@@ -1,0 +1,97 @@
+"""The sync tables of the registry (migration 5): ``sync_items`` and ``sync_acks``.
+
+Everything goes through :meth:`~aico.gateway.store.Database.run_interaction` (the
+registry's thread pool, one transaction per call), and a call's Deferred fires only
+after its transaction committed: a write acknowledged to a client or to a peer is on
+disk.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from twisted.internet.defer import Deferred
+
+from aico.gateway.store import DatabaseLike
+from aico.sync.interfaces import ItemState
+
+__all__ = ["SyncStore"]
+
+
+def _row(state: ItemState, now: float) -> tuple[Any, ...]:
+    text = json.dumps(state.state, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return (state.collection, state.key, text, state.digest, state.hlc, int(state.deleted), now)
+
+
+class SyncStore:
+    """Items and acknowledgements on the registry database."""
+
+    def __init__(self, db: DatabaseLike, now: Callable[[], float]) -> None:
+        self.db = db
+        self._now = now
+
+    def load(self) -> Deferred[list[ItemState]]:
+        """Every stored item, tombstones included (read once at start)."""
+
+        def read(txn: Any) -> list[ItemState]:
+            txn.execute("SELECT collection, key, state, digest, hlc, deleted FROM sync_items")
+            return [ItemState(collection=c, key=k, state=json.loads(s), hlc=h,
+                              deleted=bool(d), digest=bytes(g))
+                    for c, k, s, g, h, d in txn.fetchall()]
+
+        return self.db.run_interaction(read)
+
+    def commit(self, puts: Sequence[ItemState],
+               removes: Sequence[tuple[str, str, str]] = ()) -> Deferred[list[tuple[str, str]]]:
+        """Store *puts* and collect the tombstones *removes* ((collection, key, hlc): only
+        if the row is still that tombstone), in one transaction. Fires with the
+        (collection, key) of the tombstones actually removed, once committed."""
+        now = self._now()
+        rows = [_row(s, now) for s in puts]
+
+        def write(txn: Any) -> list[tuple[str, str]]:
+            if rows:
+                txn.executemany(
+                    "INSERT INTO sync_items (collection, key, state, digest, hlc, deleted, "
+                    "updated_at) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (collection, key) "
+                    "DO UPDATE SET state = excluded.state, digest = excluded.digest, "
+                    "hlc = excluded.hlc, deleted = excluded.deleted, "
+                    "updated_at = excluded.updated_at", rows)
+            gone = []
+            for collection, key, hlc in removes:
+                txn.execute("DELETE FROM sync_items WHERE collection = ? AND key = ? "
+                            "AND deleted = 1 AND hlc = ?", (collection, key, hlc))
+                if txn.rowcount:
+                    gone.append((collection, key))
+            return gone
+
+        return self.db.run_interaction(write)
+
+    def acknowledge(self, peer_id: str, collection: str,
+                    hlc: str) -> Deferred[tuple[list[str], dict[str, str]]]:
+        """Record that *peer_id* holds *collection* up to *hlc* (an older acknowledgement
+        never replaces a newer one). Fires with every known peer's ID (``sync_peers``)
+        and every peer's acknowledgement of *collection*."""
+
+        def write(txn: Any) -> tuple[list[str], dict[str, str]]:
+            txn.execute(
+                "INSERT INTO sync_acks (peer_id, collection, hlc) VALUES (?, ?, ?) "
+                "ON CONFLICT (peer_id, collection) DO UPDATE SET hlc = excluded.hlc "
+                "WHERE excluded.hlc > sync_acks.hlc", (peer_id, collection, hlc))
+            txn.execute("SELECT peer_id FROM sync_peers")
+            peers = [r[0] for r in txn.fetchall()]
+            txn.execute("SELECT peer_id, hlc FROM sync_acks WHERE collection = ?", (collection,))
+            return peers, {p: h for p, h in txn.fetchall()}
+
+        return self.db.run_interaction(write)
+
+    def peers(self) -> Deferred[list[str]]:
+        """Every peer's ID (``sync_peers``)."""
+
+        def read(txn: Any) -> list[str]:
+            txn.execute("SELECT peer_id FROM sync_peers")
+            return [r[0] for r in txn.fetchall()]
+
+        return self.db.run_interaction(read)
