@@ -28,6 +28,7 @@ from aico.sync.interfaces import DEPTH, EMPTY, FANOUT, place
 
 HEX = "0123456789abcdef"
 assert len(HEX) == FANOUT
+_INDEX = {d: i for i, d in enumerate(HEX)}
 
 
 def bucket_hash(items: Mapping[str, bytes]) -> bytes:
@@ -58,8 +59,10 @@ class MerkleTree:
         self._buckets: dict[str, dict[str, bytes]] = {}
         #: prefix (0..DEPTH digits) → hash, non-empty nodes only
         self._hashes: dict[str, bytes] = {}
-        #: prefix (0..DEPTH-1 digits) → set of its non-empty children's last digits
-        self._children: dict[str, set[str]] = {}
+        #: inner node prefix (0..DEPTH-1 digits) → its 16 children's hashes (EMPTY
+        #: for an empty child), non-empty nodes only
+        self._slots: dict[str, list[bytes]] = {}
+        #: key → its bucket
         self._places: dict[str, str] = {}
 
     @classmethod
@@ -73,13 +76,14 @@ class MerkleTree:
         level = {b: bucket_hash(items) for b, items in tree._buckets.items()}
         tree._hashes.update(level)
         for _ in range(DEPTH):
-            parents: dict[str, dict[str, bytes]] = {}
+            parents: dict[str, list[bytes]] = {}
             for prefix, h in level.items():
-                parents.setdefault(prefix[:-1], {})[prefix[-1]] = h
-            level = {}
-            for parent, kids in parents.items():
-                tree._children[parent] = set(kids)
-                level[parent] = node_hash(kids)
+                slots = parents.get(prefix[:-1])
+                if slots is None:
+                    slots = parents[prefix[:-1]] = [EMPTY] * FANOUT
+                slots[_INDEX[prefix[-1]]] = h
+            tree._slots.update(parents)
+            level = {p: hashlib.sha256(b"".join(slots)).digest() for p, slots in parents.items()}
             tree._hashes.update(level)
         return tree
 
@@ -106,6 +110,7 @@ class MerkleTree:
         self._rehash(bucket)
 
     def _rehash(self, bucket: str) -> None:
+        """Rehash *bucket* and its DEPTH ancestors (nothing else changes)."""
         h = bucket_hash(self._buckets.get(bucket, {}))
         prefix = bucket
         while True:
@@ -115,15 +120,15 @@ class MerkleTree:
                 self._hashes[prefix] = h
             if not prefix:
                 return
-            parent, digit = prefix[:-1], prefix[-1]
-            kids = self._children.setdefault(parent, set())
-            if h == EMPTY:
-                kids.discard(digit)
+            parent = prefix[:-1]
+            slots = self._slots.get(parent)
+            if slots is None:
+                slots = self._slots[parent] = [EMPTY] * FANOUT
+            slots[_INDEX[prefix[-1]]] = h
+            if h == EMPTY and slots.count(EMPTY) == FANOUT:
+                del self._slots[parent]
             else:
-                kids.add(digit)
-            if not kids:
-                del self._children[parent]
-            h = node_hash({d: self._hashes[parent + d] for d in kids})
+                h = hashlib.sha256(b"".join(slots)).digest()
             prefix = parent
 
     # -- what ISyncEngine answers ------------------------------------------------------
@@ -138,8 +143,10 @@ class MerkleTree:
         if not 0 <= len(prefix) < DEPTH:
             raise ValueError(f"children of a node: a prefix of 0-{DEPTH - 1} hex digits, "
                              f"got {prefix!r}")
-        kids = self._children.get(prefix, ())
-        return [(prefix + d, self._hashes[prefix + d]) for d in sorted(kids)]
+        slots = self._slots.get(prefix)
+        if slots is None:
+            return []
+        return [(prefix + d, h) for d, h in zip(HEX, slots, strict=True) if h != EMPTY]
 
     def leaves(self, prefix: str) -> dict[str, bytes]:
         if len(prefix) != DEPTH:

@@ -15,6 +15,8 @@ first segment
 ``user/<subject>/…``           that user (``principal.subject == <subject>``), or
                                ``admin:events``; the subject segment must be complete
                                (``user/al`` would match ``user/alice/…``)
+``sync/…``                     capability ``sync:read`` (a sync collection's change
+                               events, ``docs/sync.md``), or ``admin:events``
 ``<segment>/…`` (any other)    capability ``events:<segment>`` (e.g.
                                ``events:conversation`` for ``conversation/…``), or
                                ``admin:events``
@@ -32,6 +34,8 @@ from aico.gateway.security.capabilities import grants
 ADMIN_EVENTS = "admin:events"
 #: The capability for ``<segment>/…`` topics is this prefix plus the segment.
 EVENTS_PREFIX = "events:"
+#: Segments whose events are granted by a capability of their own, not ``events:…``.
+_OWN_CAPABILITY = {"sync": "sync:read"}
 
 _NEVER = frozenset({"reply"})
 #: Longest topic prefix accepted at all.
@@ -51,7 +55,7 @@ def required_capability(topic: str) -> str | None:
         return None
     if segment in ("system", "user"):
         return ADMIN_EVENTS
-    return EVENTS_PREFIX + segment
+    return _OWN_CAPABILITY.get(segment, EVENTS_PREFIX + segment)
 
 
 def may_subscribe(principal: Principal | None, topic: str) -> bool:
