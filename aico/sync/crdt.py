@@ -293,7 +293,9 @@ def merge(strategy: str, a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str
     _check_strategy(strategy)
     if a.get("s") != b.get("s"):
         # A collection whose strategy changed: the newer state wins whole.
-        return dict(max(a, b, key=lambda s: (s.get("hlc", ""), str(s.get("s")))))
+        newer = a if (str(a.get("hlc", "")), str(a.get("s"))) > (str(b.get("hlc", "")),
+                                                                  str(b.get("s"))) else b
+        return dict(newer)
     strategy = str(a.get("s"))
     hlc = max(a["hlc"], b["hlc"])
     if strategy == "merge":
@@ -497,7 +499,7 @@ def check(state: Any) -> None:
                     raise StateError(f"fields.{name}.kind: unknown kind")
                 if "counter" in f:
                     for side in ("p", "n"):
-                        for n, v in _map(f["counter"][side], f"fields.{name}.counter").items():
+                        for v in _map(f["counter"][side], f"fields.{name}.counter").values():
                             if not isinstance(v, str) or not Decimal(v).is_finite():
                                 raise StateError(f"fields.{name}.counter: {v!r} is not a number")
                 if "set" in f:

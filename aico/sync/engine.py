@@ -20,6 +20,7 @@ gateway until the config names it (:data:`UNCONFIGURED`).
 
 from __future__ import annotations
 
+import builtins
 import re
 import unicodedata
 import uuid
@@ -136,11 +137,11 @@ class SyncEngine:
         self._run_cpu = run_cpu or maybeDeferred
         self._items: dict[str, dict[str, ItemState]] = {}
         self._trees: dict[str, MerkleTree] = {}
-        self._listeners: list[Callable[[str], object]] = []
-        self._queue: list[tuple[Op, Deferred[Any], str]] = []
+        self._listeners: builtins.list[Callable[[str], object]] = []
+        self._queue: builtins.list[tuple[Op, Deferred[Any], str]] = []
         self._busy = False
         #: Every peer's ID (``sync_peers``), refreshed at each acknowledgement.
-        self.peers: list[str] = []
+        self.peers: builtins.list[str] = []
 
     # ------------------------------------------------------------------ start
 
@@ -190,7 +191,7 @@ class SyncEngine:
         return crdt.view(s.state) if s is not None else None
 
     def list(self, collection: str, *, after: str = "",
-             limit: int | None = None) -> list[tuple[str, crdt.View]]:
+             limit: int | None = None) -> builtins.list[tuple[str, crdt.View]]:
         """The live items of *collection* by key, those after *after*, at most *limit*."""
         items = self._items.get(collection, {})
         out = []
@@ -217,7 +218,7 @@ class SyncEngine:
         check_collection(collection)
         check_key(key)
 
-        def op(lookup: Lookup) -> tuple[list[ItemState], list[Removal], Any]:
+        def op(lookup: Lookup) -> tuple[builtins.list[ItemState], builtins.list[Removal], Any]:
             current = lookup(collection, key)
             if current is None or current.deleted:
                 return [], [], None
@@ -229,7 +230,7 @@ class SyncEngine:
         return self._submit(op, "local")
 
     def _write(self, lookup: Lookup, collection: str, key: str,
-               value: Any) -> tuple[list[ItemState], list[Removal], ItemState]:
+               value: Any) -> tuple[builtins.list[ItemState], builtins.list[Removal], ItemState]:
         strategy = self.policy(collection).strategy
         current = lookup(collection, key)
         ts = self.clock.tick()
@@ -243,7 +244,7 @@ class SyncEngine:
         tree = self._trees.get(collection)
         return tree.root() if tree is not None else EMPTY
 
-    def children(self, collection: str, prefix: str) -> list[tuple[str, bytes]]:
+    def children(self, collection: str, prefix: str) -> builtins.list[tuple[str, bytes]]:
         tree = self._trees.get(collection)
         return tree.children(prefix) if tree is not None else MerkleTree().children(prefix)
 
@@ -251,7 +252,7 @@ class SyncEngine:
         tree = self._trees.get(collection)
         return tree.leaves(prefix) if tree is not None else MerkleTree().leaves(prefix)
 
-    def states(self, collection: str, keys: Sequence[str]) -> list[ItemState]:
+    def states(self, collection: str, keys: Sequence[str]) -> builtins.list[ItemState]:
         items = self._items.get(collection, {})
         return [items[k] for k in keys if k in items]
 
@@ -266,7 +267,7 @@ class SyncEngine:
         self._met(peer_id)
         incoming = list(states)
 
-        def op(lookup: Lookup) -> tuple[list[ItemState], list[Removal], Any]:
+        def op(lookup: Lookup) -> tuple[builtins.list[ItemState], builtins.list[Removal], Any]:
             puts = []
             for remote in incoming:
                 current = lookup(collection, remote.key)
@@ -317,15 +318,15 @@ class SyncEngine:
         horizon = min((acks[p] for p in sharers), default=None)
         await self.collect(collection, horizon)
 
-    def _sharers(self, collection: str) -> list[str]:
+    def _sharers(self, collection: str) -> builtins.list[str]:
         return [p for p in self.peers if self._shares(collection, p)]
 
     def collect(self, collection: str, horizon: str | None) -> Deferred[None]:
         """Remove the tombstones of *collection* up to *horizon* (``None``: all)."""
 
-        def op(lookup: Lookup) -> tuple[list[ItemState], list[Removal], Any]:
-            removes: list[Removal] = []
-            for key, s in self._items.get(collection, {}).items():
+        def op(lookup: Lookup) -> tuple[builtins.list[ItemState], builtins.list[Removal], Any]:
+            removes: builtins.list[Removal] = []
+            for key in self._items.get(collection, {}):
                 now = lookup(collection, key)
                 if now is not None and now.deleted and (horizon is None or now.hlc <= horizon):
                     removes.append((collection, key, now.hlc))
@@ -355,7 +356,7 @@ class SyncEngine:
         finally:
             self._busy = False
 
-    async def _commit(self, batch: list[tuple[Op, Deferred[Any], str]]) -> None:
+    async def _commit(self, batch: builtins.list[tuple[Op, Deferred[Any], str]]) -> None:
         overlay: dict[tuple[str, str], ItemState | None] = {}
 
         def lookup(collection: str, key: str) -> ItemState | None:
@@ -364,8 +365,8 @@ class SyncEngine:
             return self._items.get(collection, {}).get(key)
 
         puts: dict[tuple[str, str], tuple[ItemState, str]] = {}
-        removes: list[Removal] = []
-        outcomes: list[tuple[Deferred[Any], Any]] = []
+        removes: builtins.list[Removal] = []
+        outcomes: builtins.list[tuple[Deferred[Any], Any]] = []
         for op, d, source in batch:
             try:
                 p, r, result = op(lookup)
@@ -387,7 +388,7 @@ class SyncEngine:
             for d, outcome in outcomes:
                 d.errback(outcome if isinstance(outcome, Failure) else failure)
             return
-        changed: dict[str, list[tuple[ItemState | None, str, str]]] = {}
+        changed: dict[str, builtins.list[tuple[ItemState | None, str, str]]] = {}
         for s, source in puts.values():
             self._items.setdefault(s.collection, {})[s.key] = s
             self._trees.setdefault(s.collection, MerkleTree()).put(s.key, s.digest)

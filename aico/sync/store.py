@@ -44,9 +44,10 @@ class SyncStore:
         return self.db.run_interaction(read)
 
     def commit(self, puts: Sequence[ItemState],
-               removes: Sequence[tuple[str, str, str]] = ()) -> Deferred[list[tuple[str, str]]]:
-        """Store *puts* and collect the tombstones *removes* ((collection, key, hlc): only
-        if the row is still that tombstone), in one transaction. Fires with the
+               removes: Sequence[tuple[str, str, str | None]] = ()) -> Deferred[list[tuple[str, str]]]:
+        """Store *puts* and remove *removes* ((collection, key, hlc): a tombstone only if
+        the row is still that tombstone; hlc ``None``: whatever the row holds), in one
+        transaction. Fires with the
         (collection, key) of the tombstones actually removed, once committed."""
         now = self._now()
         rows = [_row(s, now) for s in puts]
@@ -61,8 +62,12 @@ class SyncStore:
                     "updated_at = excluded.updated_at", rows)
             gone = []
             for collection, key, hlc in removes:
-                txn.execute("DELETE FROM sync_items WHERE collection = ? AND key = ? "
-                            "AND deleted = 1 AND hlc = ?", (collection, key, hlc))
+                if hlc is None:
+                    txn.execute("DELETE FROM sync_items WHERE collection = ? AND key = ?",
+                                (collection, key))
+                else:
+                    txn.execute("DELETE FROM sync_items WHERE collection = ? AND key = ? "
+                                "AND deleted = 1 AND hlc = ?", (collection, key, hlc))
                 if txn.rowcount:
                     gone.append((collection, key))
             return gone
