@@ -37,7 +37,7 @@ from aico.sync import crdt
 from aico.sync.hlc import ClockError, HybridClock, Timestamp
 from aico.sync.interfaces import EMPTY, ISyncEngine, ItemState
 from aico.sync.merkle import MerkleTree
-from aico.sync.store import SyncStore
+from aico.sync.store import StoredItem, SyncStore
 
 __all__ = ["COLLECTION_NAME", "MAX_KEY_LENGTH", "UNCONFIGURED", "BadName", "SyncEngine",
            "SyncRefused", "bus_publisher", "event_topic", "memory_node_id"]
@@ -135,7 +135,8 @@ class SyncEngine:
         self._policy = policy
         self._publish = publish
         self._run_cpu = run_cpu or maybeDeferred
-        self._items: dict[str, dict[str, ItemState]] = {}
+        #: collection → key → state (a row not parsed yet until first needed)
+        self._items: dict[str, dict[str, ItemState | StoredItem]] = {}
         self._trees: dict[str, MerkleTree] = {}
         self._listeners: builtins.list[Callable[[str], object]] = []
         self._queue: builtins.list[tuple[Op, Deferred[Any], str]] = []
@@ -152,7 +153,7 @@ class SyncEngine:
     async def _start(self) -> None:
         states = await self.store.load()
         self.peers = await self.store.peers()
-        by_collection: dict[str, dict[str, ItemState]] = {}
+        by_collection: dict[str, dict[str, ItemState | StoredItem]] = {}
         for s in states:
             by_collection.setdefault(s.collection, {})[s.key] = s
         self._trees = await self._run_cpu(_build_trees, by_collection)
@@ -187,8 +188,15 @@ class SyncEngine:
     def get(self, collection: str, key: str) -> crdt.View | None:
         """The item as a client sees it (a tombstone's view says ``deleted``); ``None``
         when this gateway holds nothing under *key*."""
-        s = self._items.get(collection, {}).get(key)
+        s = self._current(collection, key)
         return crdt.view(s.state) if s is not None else None
+
+    def _current(self, collection: str, key: str) -> ItemState | None:
+        items = self._items.get(collection)
+        s = items.get(key) if items is not None else None
+        if isinstance(s, StoredItem):
+            s = items[key] = s.parse()  # type: ignore[index]
+        return s
 
     def list(self, collection: str, *, after: str = "",
              limit: int | None = None) -> builtins.list[tuple[str, crdt.View]]:
@@ -196,7 +204,9 @@ class SyncEngine:
         items = self._items.get(collection, {})
         out = []
         for key in sorted(k for k in items if k > after):
-            v = crdt.view(items[key].state)
+            if items[key].deleted:
+                continue
+            v = crdt.view(self._parsed(collection, key).state)
             if not v.deleted:
                 out.append((key, v))
                 if limit is not None and len(out) >= limit:
@@ -254,7 +264,12 @@ class SyncEngine:
 
     def states(self, collection: str, keys: Sequence[str]) -> builtins.list[ItemState]:
         items = self._items.get(collection, {})
-        return [items[k] for k in keys if k in items]
+        return [self._parsed(collection, k) for k in keys if k in items]
+
+    def _parsed(self, collection: str, key: str) -> ItemState:
+        s = self._current(collection, key)
+        assert s is not None
+        return s
 
     def apply(self, collection: str, states: Sequence[ItemState], peer_id: str) -> Deferred[None]:
         """Merge a peer's *states*; fails with :class:`SyncRefused` (nothing stored) for
@@ -326,7 +341,9 @@ class SyncEngine:
 
         def op(lookup: Lookup) -> tuple[builtins.list[ItemState], builtins.list[Removal], Any]:
             removes: builtins.list[Removal] = []
-            for key in self._items.get(collection, {}):
+            for key, stored in self._items.get(collection, {}).items():
+                if not stored.deleted:
+                    continue
                 now = lookup(collection, key)
                 if now is not None and now.deleted and (horizon is None or now.hlc <= horizon):
                     removes.append((collection, key, now.hlc))
@@ -362,7 +379,7 @@ class SyncEngine:
         def lookup(collection: str, key: str) -> ItemState | None:
             if (collection, key) in overlay:
                 return overlay[collection, key]
-            return self._items.get(collection, {}).get(key)
+            return self._current(collection, key)
 
         puts: dict[tuple[str, str], tuple[ItemState, str]] = {}
         removes: builtins.list[Removal] = []
@@ -436,7 +453,8 @@ def _item(collection: str, key: str, state: dict[str, Any]) -> ItemState:
                      deleted=crdt.is_deleted(state))
 
 
-def _build_trees(by_collection: dict[str, dict[str, ItemState]]) -> dict[str, MerkleTree]:
+def _build_trees(by_collection: dict[str, dict[str, ItemState | StoredItem]],
+                 ) -> dict[str, MerkleTree]:
     return {c: MerkleTree.build((k, s.digest) for k, s in items.items())
             for c, items in by_collection.items()}
 

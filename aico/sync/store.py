@@ -10,14 +10,30 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 from twisted.internet.defer import Deferred
 
 from aico.gateway.store import DatabaseLike
 from aico.sync.interfaces import ItemState
 
-__all__ = ["SyncStore"]
+__all__ = ["StoredItem", "SyncStore"]
+
+
+class StoredItem(NamedTuple):
+    """A row of ``sync_items`` whose state is not parsed yet (100,000 states take seconds
+    to parse; the trees need only the digests)."""
+
+    collection: str
+    key: str
+    text: str
+    digest: bytes
+    hlc: str
+    deleted: bool
+
+    def parse(self) -> ItemState:
+        return ItemState(collection=self.collection, key=self.key, state=json.loads(self.text),
+                         hlc=self.hlc, deleted=self.deleted, digest=self.digest)
 
 
 def _row(state: ItemState, now: float) -> tuple[Any, ...]:
@@ -32,14 +48,13 @@ class SyncStore:
         self.db = db
         self._now = now
 
-    def load(self) -> Deferred[list[ItemState]]:
-        """Every stored item, tombstones included (read once at start)."""
+    def load(self) -> Deferred[list[StoredItem]]:
+        """Every stored item, tombstones included (read once at start), its state still
+        as text: :meth:`StoredItem.parse` reads it when it is needed."""
 
-        def read(txn: Any) -> list[ItemState]:
+        def read(txn: Any) -> list[StoredItem]:
             txn.execute("SELECT collection, key, state, digest, hlc, deleted FROM sync_items")
-            return [ItemState(collection=c, key=k, state=json.loads(s), hlc=h,
-                              deleted=bool(d), digest=bytes(g))
-                    for c, k, s, g, h, d in txn.fetchall()]
+            return [StoredItem(c, k, s, bytes(g), h, bool(d)) for c, k, s, g, h, d in txn.fetchall()]
 
         return self.db.run_interaction(read)
 
