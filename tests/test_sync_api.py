@@ -127,7 +127,6 @@ class SyncApiTests(SynchronousTestCase):
         """A peer's concurrent write of *key* arrives (as the protocol would apply it)."""
         ts = "0000000000001:000000:PEER-B"
         state = crdt.write(self.engine.policy(collection).strategy, None, value, ts)
-        self.engine.peers.append("PEER-B")
         d = self.engine.apply(collection, [ItemState(collection, key, state, ts)], "PEER-B")
         self.gw.settle()
         self.successResultOf(d)
@@ -155,6 +154,15 @@ class SyncApiTests(SynchronousTestCase):
         self.assertEqual(body["value"], "mine")
         self.assertEqual([(o["value"], o["origin"]) for o in body["overwritten"]],
                          [("older, from B", "PEER-B")])
+
+    def test_a_delete_that_won_over_a_concurrent_write_names_it_in_the_404(self) -> None:
+        self.engine.peers.append("PEER-B")  # a peer shares notes: the tombstone is kept
+        self.put("notes", "k", "first")
+        self.gw.request("DELETE", item("notes", "k"), token=self.user)
+        self._concurrent("notes", "k", "older, from B")
+        r = self.gw.get(item("notes", "k"), token=self.user)
+        self.assertEqual(r.code, 404)
+        self.assertEqual([o["value"] for o in r.json()["overwritten"]], ["older, from B"])
 
     def test_merge_collections_count_and_merge_fields(self) -> None:
         self.put("stats", "day", {"steps": 10, "tags": ["walk"]})

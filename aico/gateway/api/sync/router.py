@@ -56,7 +56,7 @@ def routes(deps: SyncDeps) -> list[RouteEntry]:
         name, key = _names(request)
         v = engine.get(name, key)
         if v is None or v.deleted:
-            raise ItemNotFound(name, key)
+            raise ItemNotFound(name, key, v.overwritten if v is not None else None)
         return json_response(item_json(key, v))
 
     async def put_item(request: Request) -> Response:
