@@ -238,7 +238,9 @@ class EngineTests(SynchronousTestCase):
         self.assertEqual(self._rows("notes"), [("gone", 1), ("stays", 0)])
         self.successResultOf(self.e.acknowledged("node-c", "notes", "1600000000000:000000:x"))
         self.assertEqual(self._rows("notes"), [("gone", 1), ("stays", 0)])  # too old an ack
-        self.successResultOf(self.e.acknowledged("node-c", "notes", tomb.hlc))
+        self.failureResultOf(self.e.acknowledged("node-c", "notes", "later"), SyncRefused)
+        bound = tomb.hlc.rsplit(":", 1)[0][:-6] + f"{int(tomb.hlc.split(':')[1]) + 1:06d}:"
+        self.successResultOf(self.e.acknowledged("node-c", "notes", bound))  # a node-less bound
         self.assertEqual(self._rows("notes"), [("stays", 0)])
         self.assertIsNone(self.e.get("notes", "gone"))
         self.assertEqual(list(self.e.leaves("notes", "0000")), [])

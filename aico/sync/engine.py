@@ -34,7 +34,7 @@ from zope.interface import implementer
 
 from aico.gateway.config import SyncCollection, SyncSection
 from aico.sync import crdt
-from aico.sync.hlc import ClockError, HybridClock, Timestamp
+from aico.sync.hlc import ClockError, HybridClock, check_bound
 from aico.sync.interfaces import EMPTY, ISyncEngine, ItemState
 from aico.sync.merkle import MerkleTree
 from aico.sync.store import StoredItem, SyncStore
@@ -323,7 +323,7 @@ class SyncEngine:
 
     async def _acknowledged(self, peer_id: str, collection: str, hlc: str) -> None:
         try:
-            Timestamp.parse(hlc)
+            check_bound(hlc)
         except ClockError as e:
             raise SyncRefused("bad_state", str(e)) from None
         self.peers, acks = await self.store.acknowledge(peer_id, collection, hlc)

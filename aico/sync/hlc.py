@@ -31,6 +31,18 @@ NODE_PATTERN = r"[A-Za-z0-9._-]{1,128}"
 _TEXT = re.compile(rf"^(\d{{{WALL_DIGITS}}}):(\d{{{COUNTER_DIGITS}}}):({NODE_PATTERN})$")
 
 
+_BOUND = re.compile(rf"^\d{{{WALL_DIGITS}}}:\d{{{COUNTER_DIGITS}}}:(?:{NODE_PATTERN})?$")
+
+
+def check_bound(text: str) -> str:
+    """*text* if it is a timestamp or a bound (a timestamp without its node, which sorts
+    below every node's timestamp of that instant, as acknowledgements carry); else
+    :class:`ClockError`."""
+    if not isinstance(text, str) or not _BOUND.match(text):
+        raise ClockError(f"not a hybrid-logical-clock timestamp or bound: {str(text)[:80]!r}")
+    return text
+
+
 class ClockError(ValueError):
     """A timestamp that cannot be read, or a clock that cannot advance."""
 
