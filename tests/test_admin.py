@@ -385,8 +385,27 @@ class OperationsTests(SynchronousTestCase):
         v = gw.admin_request("GET", "/admin/api/version", token=gw.token()).json()
         self.assertEqual(v["protocols"]["websocket_subprotocols"], ["aico.v1.json", "aico.v1.proto"])
         self.assertIn("conversation", v["modules"])
-        self.assertEqual(gw.admin_request("GET", "/admin/api/sync", token=gw.token()).json(),
-                         {"enabled": False, "peers": []})
+        self.assertEqual(v["protocols"]["sync"], "1.0")
+        sync = gw.admin_request("GET", "/admin/api/sync", token=gw.token()).json()
+        self.assertEqual((sync["enabled"], sync["peers"], sync["collections"], sync["listener"]),
+                         (False, [], {}, None))
+        self.assertEqual(sync["node_id"], gw.parts.sync.node_id)
+
+    def test_sync_lists_each_collection_with_policy_items_and_merkle_root(self) -> None:
+        gw = MemoryGateway('[sync.collections.notes]\nstrategy = "keep-both"\n'
+                           '[sync.collections.local]\nsync = false\n', test=self)
+        token = gw.token()
+        empty = gw.admin_request("GET", "/admin/api/sync", token=token).json()["collections"]
+        self.assertEqual(empty["notes"], {"sync": True, "strategy": "keep-both", "peers": "all",
+                                          "items": 0, "root": "00" * 32})
+        self.assertEqual(empty["local"]["sync"], False)
+        r = gw.request("PUT", "/api/v1/sync/collections/notes/items/a", json_body={"value": 1},
+                       token=token)
+        self.assertEqual(r.code, 200, r.body)
+        notes = gw.admin_request("GET", "/admin/api/sync", token=token).json()["collections"]["notes"]
+        self.assertEqual(notes["items"], 1)
+        self.assertEqual(notes["root"], gw.parts.sync.root("notes").hex())
+        self.assertNotEqual(notes["root"], "00" * 32)
 
     def test_every_admin_action_is_audited_with_who_where_what(self) -> None:
         gw = MemoryGateway(test=self)

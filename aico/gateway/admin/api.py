@@ -251,6 +251,8 @@ def api_routes(site: AdminSite) -> list[RouteEntry]:
     def version(request: Request) -> Response:
         from aico.gateway.adapters.websocket import SUBPROTOCOL_JSON, SUBPROTOCOL_PROTO
         from aico.proto import ApiRequest
+        from aico.sync.protocol import MAJOR as SYNC_MAJOR
+        from aico.sync.protocol import MINOR as SYNC_MINOR
 
         return json_response({
             "gateway": parts.version,
@@ -259,12 +261,34 @@ def api_routes(site: AdminSite) -> list[RouteEntry]:
                 "proto_package": ApiRequest.DESCRIPTOR.file.package,
                 "websocket_subprotocols": [SUBPROTOCOL_JSON, SUBPROTOCOL_PROTO],
                 "rest": "v1",
-                "sync": "not yet",
+                "sync": f"{SYNC_MAJOR}.{SYNC_MINOR}",
             },
         })
 
     def sync(request: Request) -> Response:
-        return json_response({"enabled": False, "peers": []})
+        """Federated sync (docs/sync.md): this gateway's node, every collection it holds
+        or configures with its policy, item count and Merkle root, and every peer with its
+        device ID, state, how it is reached, its last round and each shared collection's
+        root as this gateway holds it."""
+        engine = parts.sync
+        configured = parts.config.sync.collections
+        counts = engine.counts()
+        collections = {}
+        for name in sorted(set(counts) | set(configured)):
+            policy = engine.policy(name)
+            collections[name] = {
+                "sync": policy.sync, "strategy": policy.strategy,
+                "peers": list(policy.peers) or "all",
+                "items": counts.get(name, 0), "root": engine.root(name).hex(),
+            }
+        service = parts.sync_service
+        return json_response({
+            "enabled": parts.config.sync.enabled,
+            "node_id": engine.node_id,
+            "listener": parts.listener_addresses.get("sync"),
+            "collections": collections,
+            "peers": service.status() if service is not None else [],
+        })
 
     def session(request: Request) -> Response:
         s = site.session_of(request)
@@ -327,7 +351,7 @@ def api_routes(site: AdminSite) -> list[RouteEntry]:
         r("DELETE", "/ratelimits/{client}", unblock, "admin:ratelimits",
           "Unblock a client (forget its rate-limit state)", success_status=204),
         r("GET", "/version", version, "admin:site", "Gateway, module and protocol versions"),
-        r("GET", "/sync", sync, "admin:site", "Federated sync peers (not yet: the federation issue)"),
+        r("GET", "/sync", sync, "admin:site", "Federated sync: collections, roots and peers"),
         RouteEntry("GET", "/admin/metrics", metrics, owner="admin", capability="admin:metrics",
                    tier="admin", summary="Prometheus metrics (docs/metrics.md)"),
     ]
