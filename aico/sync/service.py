@@ -783,7 +783,11 @@ class SyncService(MultiService):
         entry = static.get(peer.peer_id) or static.get(peer.name)
         if entry is not None:
             return Address(entry.host, entry.port, "static")
-        found = self.discovered.get(self.identity_of(peer))
+        identity = self.identity_of(peer)
+        found = self.discovered.get(identity)
+        if found is None and self.browser is not None:  # advertised before it was joined
+            seen = self.browser.peers.get(identity)
+            found = (seen.host, seen.port) if seen is not None else None
         if found is not None:
             return Address(found[0], found[1], "mdns")
         if peer.dialable:
