@@ -398,7 +398,9 @@ class GatewayParts:
                                    self.config.sync.collections.items() if c.sync})
         keystore = m.paths.sealer if m.paths is not None else Keystore.ephemeral()
         peers = PeerStore(self.db, self.reactor)
-        service = SyncService(engine, peers, keystore, self.device_gate, self.reactor)
+        service = SyncService(engine, peers, keystore, self.device_gate, self.reactor,
+                              config=lambda: self.config.sync,
+                              identity=m.device_ca.fingerprint if m.device_ca else "")
         self.registry_watcher.add_listener(service.refresh)
         close_sessions = self.device_gate.close_sessions
 
@@ -461,9 +463,14 @@ class GatewayParts:
             from aico.sync.service import SyncTLSFactory
 
             options = server_options(m.device_ca.cert, *m.server_identity)
-            out.append(TcpListener("sync", tcp_endpoint(self.reactor, sync.host, sync.port),
+            listener = TcpListener("sync", tcp_endpoint(self.reactor, sync.host, sync.port),
                                    SyncTLSFactory(options, self.sync_service.server),
-                                   describe=f"{sync.host}:{sync.port}", close=self._close_sync))
+                                   describe=f"{sync.host}:{sync.port}", close=self._close_sync)
+            out.append(listener)
+            # Relayed sessions on which we play the TLS server run what this listener runs;
+            # mDNS advertises the port it bound (bound before the sync service starts).
+            self.sync_service.server_options = options
+            self.sync_service.listen_port = lambda: int(listener.address().get("port", 0))
         admin = self.admin_listener()
         if admin is not None:
             out.append(admin)

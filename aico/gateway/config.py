@@ -9,6 +9,7 @@ the types here *are* the schema. Every error names the key and the file. Keys ma
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import math
 import tomllib
 import types
@@ -260,11 +261,46 @@ class SyncCollection:
 
 
 @dataclass(frozen=True)
+class SyncPeerAddress:
+    """``[sync.peers.NAME]``: where a peer's ``sync`` listener is, overriding both what
+    mDNS finds and what ``sync join`` recorded (NAME: its device ID or its name)."""
+
+    host: str = ""
+    port: int = 8774
+
+
+@dataclass(frozen=True)
 class SyncSection:
     enabled: bool = False
     host: str = "0.0.0.0"  # noqa: S104 - federation listens on the LAN when enabled
     port: int = 8774
     collections: dict[str, SyncCollection] = field(default_factory=dict)
+    #: ``"HOST:PORT"`` of a transit relay both peers can reach (``""``: no relay).
+    relay: str = ""
+    #: Failed direct connection attempts to a peer before its client tries the relay.
+    direct_attempts: int = 2
+    #: Advertise and browse ``_aico-sync._tcp`` (mDNS) while sync is enabled.
+    mdns: bool = True
+    #: Addresses mDNS runs on (``[]``: the listener's host; every interface for 0.0.0.0).
+    interfaces: tuple[str, ...] = ()
+    #: Static peer addresses by peer device ID or name (``[sync.peers.NAME]``).
+    peers: dict[str, SyncPeerAddress] = field(default_factory=dict)
+
+
+def split_host_port(value: str) -> tuple[str, int]:
+    """``"HOST:PORT"`` (``"[V6]:PORT"`` for IPv6) as ``(host, port)``; ValueError if not."""
+    host, sep, port = value.rpartition(":")
+    bracketed = host.startswith("[") and host.endswith("]")
+    if bracketed:
+        host = host[1:-1]
+    if not sep or not host or not port.isdigit() or (":" in host and not bracketed):
+        raise ValueError(f"expected HOST:PORT, got {value!r}")
+    if any(ch.isspace() or ch in "/@[]" for ch in host):
+        raise ValueError(f"expected a host name or address, got {host!r}")
+    number = int(port)
+    if not 0 < number < 65536:
+        raise ValueError(f"expected a port 1-65535, got {number}")
+    return host, number
 
 
 @dataclass(frozen=True)
@@ -473,6 +509,36 @@ def _check(c: Config) -> None:
     for i, name in enumerate(c.modules.builtin):
         if name not in BUILTIN_MODULE_NAMES:
             raise ConfigError(f"modules.builtin[{i}]", f"unknown built-in module {name!r}", src)
+    _check_sync(c.sync, src)
+
+
+def _check_sync(s: SyncSection, src: str) -> None:
+    """``[sync]``'s relay, discovery and static peer keys."""
+    if s.relay:
+        try:
+            split_host_port(s.relay)
+        except ValueError as e:
+            raise ConfigError("sync.relay", f"{e} (the transit relay's address, e.g. "
+                              '"relay.example.org:4001"; "" for none)', src) from None
+    if s.direct_attempts < 1:
+        raise ConfigError("sync.direct_attempts", f"must be at least 1, got {s.direct_attempts}",
+                          src)
+    for i, address in enumerate(s.interfaces):
+        try:
+            ipaddress.ip_address(address)
+        except ValueError:
+            raise ConfigError(f"sync.interfaces[{i}]",
+                              f"expected an IP address of this machine, got {address!r}",
+                              src) from None
+    for name, peer in s.peers.items():
+        if not name.strip():
+            raise ConfigError("sync.peers", "a peer table needs a name (device ID or name)", src)
+        if not peer.host or any(ch.isspace() or ch in "/@" for ch in peer.host):
+            raise ConfigError(f"sync.peers.{name}.host",
+                              f"expected a host name or address, got {peer.host!r}", src)
+        if not 0 < peer.port < 65536:
+            raise ConfigError(f"sync.peers.{name}.port", f"expected 1-65535, got {peer.port}",
+                              src)
 
 
 @dataclasses.dataclass(frozen=True)
