@@ -15,6 +15,7 @@ import json
 import re
 import socket
 import sqlite3
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -170,7 +171,7 @@ async def chain(test: TestCase, names: str = "abc") -> list[Node]:
     (the window on the second), the second joins the third (the window on the third)."""
     nodes = [Node(test, n) for n in names]
     await gatherResults([Deferred.fromCoroutine(n.start()) for n in nodes])
-    for joiner, host in zip(nodes, nodes[1:], strict=False):
+    for joiner, host in pairwise(nodes):
         await pair(joiner, host)
     return nodes
 
@@ -222,7 +223,7 @@ async def put_many(node: Node, collection: str, values: dict[str, Any],
 
 
 class ChainTests(TestCase):
-    """Three gateways paired in a chain A–B–C."""
+    """Three gateways paired in a chain A-B-C."""
 
     timeout = 90
 

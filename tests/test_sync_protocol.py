@@ -365,3 +365,25 @@ class EngineRefusalTests(SynchronousTestCase):
         self.assertIsNone(self.engine.get("notes", "k"))
         self.assertTrue(issubclass(p.BadRequest, p.SyncError))
         del server
+
+
+class LostMidAnswerTests(SynchronousTestCase):
+    def test_a_connection_lost_while_an_answer_is_sent_in_parts_is_not_an_error(self) -> None:
+        """The peer goes away (stopped, killed) while a large answer travels as Part
+        commands: the responder ends quietly (nothing to answer to), no "Unknown Error"
+        and no critical traceback in the log (trial fails a test that logs one)."""
+        from twisted.internet.error import ConnectionDone
+        from twisted.python.failure import Failure
+
+        a = MemoryEngine("node-a", {"notes": None})
+        b = MemoryEngine("node-b", {"notes": None})
+        b.put("notes", "big", "x" * (300 * 1024))
+        client, server, pump = pair(a, b)
+        result(pump, Deferred.fromCoroutine(client.hello_remote()))
+        before = server.calls
+        client.callRemote(p.Fetch, collection="notes", body=b'["big"]').addErrback(
+            lambda f: None)
+        pump.pump()  # the Fetch arrives; the server sends its parts, awaits their answers
+        self.assertEqual(server.calls - before, 6)
+        server.connectionLost(Failure(ConnectionDone()))  # gone before any answer
+        self.assertEqual((server._incoming, server._pending), ({}, 0))
