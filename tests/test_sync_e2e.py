@@ -28,6 +28,7 @@ from twisted.trial.unittest import TestCase
 from aico.gateway.testing.harness import http_client, login
 from aico.gateway.testing.processes import GatewayProcess
 from aico.gateway.testing.waiting import eventually
+from aico.sync.interfaces import EMPTY
 from aico.sync.merkle import MerkleTree
 
 #: The collections every gateway of these tests configures (docs/sync.md, "Policies").
@@ -81,6 +82,13 @@ class Node:
         self.gw = GatewayProcess(test, name, SYNC.format(port=free_port()))
         self.http = http_client(test)
         self.token = ""
+        test.addCleanup(self.check_log)
+
+    def check_log(self) -> None:
+        """No gateway logs a critical error or a traceback (an unhandled failure)."""
+        bad = [line for line in self.gw.log().splitlines()
+               if "#critical]" in line or "#error]" in line or "Traceback" in line]
+        assert not bad, f"gateway {self.name} logged errors:\n" + "\n".join(bad[:20])
 
     def __repr__(self) -> str:
         return f"Node({self.name})"
@@ -133,6 +141,18 @@ class Node:
         """Each collection's Merkle root of what is on disk."""
         return {c: MerkleTree.build(items.items()).root().hex()
                 for c, items in (await self.disk()).items()}
+
+    async def status(self) -> dict[str, Any]:
+        """``GET /admin/api/sync`` (the admin listener, on loopback)."""
+        r = await self.http.get(self.gw.url("admin") + "/admin/api/sync", headers=self._auth())
+        body = json.loads(await r.content())
+        assert r.code == 200, (self.name, r.code, body)
+        return body  # type: ignore[no-any-return]
+
+    async def peer(self, peer_id: str) -> dict[str, Any]:
+        """This gateway's entry for *peer_id* in ``GET /admin/api/sync``."""
+        peers = {p["peer_id"]: p for p in (await self.status())["peers"]}
+        return peers[peer_id]
 
     def ports(self) -> dict[str, Any]:
         try:
@@ -192,14 +212,18 @@ async def everywhere(nodes: list[Node], collection: str, key: str,
 async def converged(nodes: list[Node], collections: tuple[str, ...] = SHARED,
                     timeout: float = 30.0) -> dict[str, dict[str, dict[str, Any]]]:
     """Wait until every gateway holds the same items (data API) and the same Merkle
-    roots (on disk) for every collection in *collections*; the items."""
+    roots for every collection in *collections*, both as the running engine has them
+    (``GET /admin/api/sync``) and as computed from its disk; the items."""
     last: list[Any] = []
 
     async def check() -> dict[str, dict[str, dict[str, Any]]] | None:
-        roots = [await n.roots() for n in nodes]
+        disk = [await n.roots() for n in nodes]
+        live = [(await n.status())["collections"] for n in nodes]
+        roots = [{c: (d.get(c, EMPTY.hex()), v.get(c, {}).get("root", EMPTY.hex()))
+                  for c in collections} for d, v in zip(disk, live, strict=True)]
         last[:] = [roots]
-        if any({c: r.get(c) for c in collections} != {c: roots[0].get(c) for c in collections}
-               for r in roots):
+        if any(r != roots[0] for r in roots) or any(
+                d != v for r in roots for d, v in r.values()):
             return None
         items = {c: [await n.items(c) for n in nodes] for c in collections}
         last[:] = [roots, {c: [len(i) for i in v] for c, v in items.items()}]
@@ -250,6 +274,10 @@ class ChainTests(TestCase):
         self.assertIsNone(await b.get("scratch", "secret-a"))
         self.assertIsNone(await a.get("scratch", "secret-c"))
         self.assertIsNone(await c.get("scratch", "secret-a"))
+        statuses = [(await n.status())["collections"]["scratch"] for n in nodes]
+        self.assertEqual([s["items"] for s in statuses], [1, 0, 1])
+        self.assertEqual(statuses[1]["root"], EMPTY.hex())
+        self.assertFalse(statuses[0]["sync"])
         disks = [await n.disk() for n in nodes]
         self.assertEqual(set(disks[0]["scratch"]), {"secret-a"})
         self.assertNotIn("scratch", disks[1])
@@ -304,9 +332,7 @@ class FailureTests(TestCase):
         # (several Fetch/Push calls of 512 states, each many Part chunks).
         self.assertEqual(await b.gw.stop(), 0)
         big = {f"big-{i:04d}": {"n": i, "pad": "x" * 6000} for i in range(N_BIG)}
-        started = reactor.seconds()
         await put_many(a, "notes", big)
-        print(f"\n{N_BIG} PUTs on A: {reactor.seconds() - started:.2f} s")
         await b.start()
         # Killed (SIGKILL) while items are arriving: some on disk, not all.
         counts: list[int] = []
@@ -318,14 +344,18 @@ class FailureTests(TestCase):
 
         await eventually(arriving, timeout=30, interval=0.02)
         self.assertNotEqual(await b.gw.kill(), 0)
-        at_kill = sum(k.startswith("big-") for k in (await b.disk()).get("notes", {}))
-        print(f"B killed with {at_kill} of {N_BIG} items on disk ({counts[-5:]})")
+        had = sorted(k for k in (await b.disk()).get("notes", {}) if k.startswith("big-"))
+        at_kill = len(had)
+        # One item B had at the kill is overwritten, another deleted, on A meanwhile (B
+        # must not bring the old ones back); and one it did not have yet is overwritten.
+        changed, deleted, missing = had[0], had[1], sorted(set(big) - set(had))[0]
         # Meanwhile: A overwrites some big items and deletes one, C writes its own.
-        await a.put("notes", "big-0000", {"n": "changed"})
+        await a.put("notes", changed, {"n": "changed"})
+        await a.put("notes", missing, {"n": "changed too"})
         await a.put("letters", "from-a", "written while B was down")
         await c.put("notes", "from-c", {"n": "c"})
         await c.put("stats", "c-count", {"count": 3})
-        r = await a.http.delete(a._url("notes", "big-0001"), headers=a._auth())
+        r = await a.http.delete(a._url("notes", deleted), headers=a._auth())
         self.assertEqual(r.code, 204)
         await b.start()
         await b.put("notes", "from-b", {"n": "b"})
@@ -333,17 +363,17 @@ class FailureTests(TestCase):
         await eventually(lambda: Deferred.fromCoroutine(arriving(more_than=at_kill + 1)),
                          timeout=30, interval=0.02)
         self.assertEqual(await b.gw.stop(), 0, b.gw.log()[-3000:])
-        print(f"B stopped with {counts[-1]} of {N_BIG} items on disk")
         await a.put("notes", "late-a", {"n": "late"})
         await b.start()
         items = await converged(nodes, SHARED, timeout=60)
-        expected = {k: v for k, v in big.items() if k != "big-0001"}
-        expected.update({"big-0000": {"n": "changed"}, "from-c": {"n": "c"},
+        expected = {k: v for k, v in big.items() if k != deleted}
+        expected.update({changed: {"n": "changed"}, missing: {"n": "changed too"},
+                         "from-c": {"n": "c"},
                          "from-b": {"n": "b"}, "late-a": {"n": "late"}})
         self.assertEqual({k: i["value"] for k, i in items["notes"].items()}, expected)
         self.assertEqual(items["letters"]["from-a"]["value"], "written while B was down")
         self.assertEqual(items["stats"]["c-count"]["value"], {"count": 3})
-        # Every root on disk equal, the tombstone of big-0001 included.
+        # Every root on disk equal, the tombstone of the deleted item included.
         roots = [await n.roots() for n in nodes]
         self.assertEqual(roots[0], roots[1])
         self.assertEqual(roots[1], roots[2])
@@ -369,11 +399,12 @@ class FailureTests(TestCase):
         await tenth
         self.assertNotEqual(await b.gw.kill(), 0)
         await gatherResults(writes)
-        on_a = await a.items("notes")
-        print(f"\n{len(acked)} writes acknowledged before the kill; {len(on_a)} on A then")
+        # The kill came before B's next round (debounced 0.2 s): some acknowledged
+        # writes were nowhere but on B's disk.
+        self.assertTrue(set(acked) - set(await a.items("notes")))
         await b.start()
         # Every acknowledged write is there after the restart, and still reaches A.
-        items = (await b.items("notes"))
+        items = await b.items("notes")
         for key, value in acked.items():
             self.assertEqual(items[key]["value"], value, key)
         synced = await converged(nodes)
@@ -383,18 +414,33 @@ class FailureTests(TestCase):
             self) -> None:
         a, b = nodes = await chain(self, "ab")
         b_at_a, a_at_b = await _ids(a, b)
+
+        async def linked() -> bool:
+            pa, pb = await a.peer(b_at_a), await b.peer(a_at_b)
+            return all(p["state"] == "connected" and p["incoming"] >= 1 and p["rounds"] > 0
+                       for p in (pa, pb))
+
+        # Both links up: each gateway dials the other, each admitted the other.
+        await eventually(linked, timeout=15, interval=0.1)
         await a.put("notes", "before", {"n": 1})
         await everywhere(nodes, "notes", "before")
-        refusals = b.log_count("DEVICE_NOT_ALLOWED")
         # A revokes B (the CLI writes A's registry; the running A notices it).
         status, out, err = await a.gw.cli("devices", "revoke", b_at_a)
         self.assertEqual(status, 0, (out, err))
         revoked_at = reactor.seconds()
-        # B's connection into A is cut at once ...
-        await eventually(lambda: f"device {b_at_a} revoked: closing" in a.gw.log(), timeout=5)
-        self.assertLess(reactor.seconds() - revoked_at, 3.0)
-        # ... and B's next handshake is refused.
+
+        async def cut() -> bool:
+            p = await a.peer(b_at_a)
+            return p["revoked"] and p["incoming"] == 0 and p["state"] == "disconnected"
+
+        # At once: B's connection into A is cut, A's own link to B is dropped.
+        await eventually(cut, timeout=5, interval=0.05)
+        self.assertLess(reactor.seconds() - revoked_at, 2.0)
+        self.assertIn(f"device {b_at_a} revoked: closing 1 connection(s)", a.gw.log())
+        # B's next handshakes are refused (B keeps trying, with backoff).
+        refusals = b.log_count("DEVICE_NOT_ALLOWED")
         await eventually(lambda: b.log_count("DEVICE_NOT_ALLOWED") > refusals, timeout=15)
+        self.assertIn("DEVICE_NOT_ALLOWED", (await b.peer(a_at_b))["last_error"] or "")
         # Nothing flows any more, either way: writes on both sides, then B tries again
         # (and is refused again) twice.
         await a.put("notes", "after-a", {"n": 2})
@@ -405,7 +451,8 @@ class FailureTests(TestCase):
         self.assertIsNone(await b.get("notes", "after-a"))
         self.assertEqual(sorted(await a.items("notes")), ["after-a", "before"])
         self.assertEqual(sorted(await b.items("notes")), ["after-b", "before"])
-        del a_at_b
+        p = await a.peer(b_at_a)
+        self.assertEqual((p["revoked"], p["incoming"], p["state"]), (True, 0, "disconnected"))
 
 
 async def _ids(a: Node, b: Node) -> tuple[str, str]:
