@@ -269,3 +269,121 @@ class RefusalTests(SynchronousTestCase):
         self.server.refusal = "device not paired for sync"
         d = self.ask(p.Hello, major=1, minor=0, node_id="n", collections=[])
         self.assertIn("not paired", self.refused(d, p.DeviceNotAllowed))
+
+
+class EngineRefusalTests(SynchronousTestCase):
+    """The real engine's refusals (``SyncRefused``: ``bad_state``, ``clock_drift``,
+    ``collection_not_shared``) reach the peer as the protocol's AMP errors with a code
+    (``BAD_REQUEST``, ``NOT_SHARED``), never as AMP's UNKNOWN, and store nothing."""
+
+    NOW = 1_800_000_000.0
+
+    def setUp(self) -> None:
+        from twisted.internet.task import Clock
+
+        from aico.gateway import config as configuration
+        from aico.gateway.store import SyncDatabase
+        from aico.sync.engine import SyncEngine
+        from aico.sync.store import SyncStore
+
+        clock = Clock()
+        clock.advance(self.NOW)
+        self.cfg = configuration.from_string('[sync.collections.notes]\nstrategy = "lww"\n')
+        db = SyncDatabase(":memory:")
+        self.addCleanup(db.close)
+        self.engine = SyncEngine(SyncStore(db, clock.seconds), "node-b", lambda: self.cfg.sync,
+                                 clock.seconds)
+        self.successResultOf(self.engine.start())
+        self.a = MemoryEngine("node-a", {"notes": None})
+        self.client, self.server, self.pump = pair(self.a, self.engine)  # type: ignore[arg-type]
+        result(self.pump, Deferred.fromCoroutine(self.client.hello_remote()))
+
+    def push(self, state: dict[str, Any], key: str = "k",
+             hlc: str = "1800000000000:000000:node-a") -> Deferred[Any]:
+        s = ItemState("notes", key, state, hlc)
+        mirror: Deferred[Any] = Deferred()
+        self.client.callRemote(p.Push, collection="notes", body=json.dumps(
+            [s.to_json()]).encode()).addCallbacks(mirror.callback, mirror.errback)
+        self.pump.flush()
+        return mirror
+
+    def lww(self, hlc: str) -> dict[str, Any]:
+        from aico.sync import crdt
+
+        return crdt.write("lww", None, {"text": "hi"}, hlc)
+
+    def test_a_malformed_state_is_bad_request_and_nothing_is_stored(self) -> None:
+        f = self.failureResultOf(self.push({"s": "no-such-strategy"}), p.BadRequest)
+        self.assertIn("bad_state", str(f.value))
+        self.assertIsNone(self.engine.get("notes", "k"))
+
+    def test_a_timestamp_far_ahead_is_bad_request_clock_drift(self) -> None:
+        ahead = f"{int((self.NOW + 3600) * 1000):013d}:000000:node-a"
+        f = self.failureResultOf(self.push(self.lww(ahead), hlc=ahead), p.BadRequest)
+        self.assertIn("clock_drift", str(f.value))
+        self.assertIsNone(self.engine.get("notes", "k"))
+        # A good state right after is merged: the refusal stored nothing and broke nothing.
+        now = f"{int(self.NOW * 1000):013d}:000000:node-a"
+        self.assertEqual(json.loads(self.successResultOf(self.push(self.lww(now), hlc=now))
+                                    ["body"]), {"applied": 1})
+        self.assertIsNotNone(self.engine.get("notes", "k"))
+
+    def test_a_bad_acknowledgement_bound_is_bad_request(self) -> None:
+        mirror: Deferred[Any] = Deferred()
+        self.client.callRemote(p.Ack, collection="notes", hlc="yesterday").addCallbacks(
+            mirror.callback, mirror.errback)
+        self.pump.flush()
+        f = self.failureResultOf(mirror, p.BadRequest)
+        self.assertIn("bad_state", str(f.value))
+
+    def test_a_collection_unshared_between_check_and_merge_is_not_shared(self) -> None:
+        from aico.gateway import config as configuration
+
+        # The policy changes (a config reload) after the command's own check: the
+        # engine's refusal is the protocol's NOT_SHARED.
+        engine: Any = self.engine
+        self.patch(engine, "collections_for", lambda peer_id: ["notes"])
+        self.cfg = configuration.from_string('[sync.collections.notes]\nsync = false\n')
+        now = f"{int(self.NOW * 1000):013d}:000000:node-a"
+        f = self.failureResultOf(self.push(self.lww(now), hlc=now), p.NotShared)
+        self.assertIn("collection_not_shared", str(f.value))
+        self.assertIsNone(self.engine.get("notes", "k"))
+
+    def test_a_refusal_of_fetched_states_ends_the_dialling_sides_round_with_its_code(
+            self) -> None:
+        # The dialling side's own engine refuses what it fetched (a peer ahead in time).
+        client, server, pump = iosim.connectedServerAndClient(
+            lambda: SyncProtocol(self.a, peer_id=A), lambda: SyncProtocol(self.engine,
+                                                                         peer_id=B))
+        ahead = f"{int((self.NOW + 3600) * 1000):013d}:000000:node-a"
+        self.a.items.setdefault("notes", {})["k"] = ItemState("notes", "k", self.lww(ahead),
+                                                              ahead)
+        self.a._trees.clear()
+        with self.assertRaises(p.BadRequest) as caught:
+            result(pump, Deferred.fromCoroutine(client.run_round()))
+        self.assertIn("clock_drift", str(caught.exception))
+        self.assertIsNone(self.engine.get("notes", "k"))
+        self.assertTrue(issubclass(p.BadRequest, p.SyncError))
+        del server
+
+
+class LostMidAnswerTests(SynchronousTestCase):
+    def test_a_connection_lost_while_an_answer_is_sent_in_parts_is_not_an_error(self) -> None:
+        """The peer goes away (stopped, killed) while a large answer travels as Part
+        commands: the responder ends quietly (nothing to answer to), no "Unknown Error"
+        and no critical traceback in the log (trial fails a test that logs one)."""
+        from twisted.internet.error import ConnectionDone
+        from twisted.python.failure import Failure
+
+        a = MemoryEngine("node-a", {"notes": None})
+        b = MemoryEngine("node-b", {"notes": None})
+        b.put("notes", "big", "x" * (300 * 1024))
+        client, server, pump = pair(a, b)
+        result(pump, Deferred.fromCoroutine(client.hello_remote()))
+        before = server.calls
+        client.callRemote(p.Fetch, collection="notes", body=b'["big"]').addErrback(
+            lambda f: None)
+        pump.pump()  # the Fetch arrives; the server sends its parts, awaits their answers
+        self.assertEqual(server.calls - before, 6)
+        server.connectionLost(Failure(ConnectionDone()))  # gone before any answer
+        self.assertEqual((server._incoming, server._pending), ({}, 0))

@@ -728,18 +728,49 @@ def build_tree(
     for job in parts.jobs():
         add(job, jobs)
 
+    # ports.json names the pairing listener while it is open (its port is picked when a
+    # window opens): rewritten on each change once the file exists, writes in order.
+    written: dict[str, Any] = {}
+    writes: list[Deferred[None]] = []
+
+    def write_now() -> Deferred[None]:
+        assert ports_file is not None
+        snapshot = dict(written)
+        prev = writes[-1] if writes else succeed(None)
+        d: Deferred[None] = prev.addBoth(lambda _: deferToThreadPool(
+            reactor, reactor.getThreadPool(), write_ports, ports_file, snapshot))
+        writes[:] = [d]
+        return d
+
+    def pairing_address(port: int | None) -> dict[str, Any]:
+        return {"host": parts.config.pairing.host, "port": port}
+
+    def pairing_changed(is_open: bool, port: int | None) -> None:
+        if not written:
+            return  # before ready(): it writes the pairing listener too
+        if is_open and port:
+            written["pairing"] = pairing_address(port)
+        else:
+            written.pop("pairing", None)
+        write_now().addErrback(lambda f: log.failure("could not update ports.json", f))
+
+    parts.pairing.observers.append(pairing_changed)
+
     def ready() -> Deferred[None]:
         ports = listeners.addresses()
         parts.http_addresses = {k: v for k, v in ports.items() if k in ("http", "tls")}
         parts.listener_addresses = dict(ports)
         if isinstance(bus, BusClient):
             ports["bus"] = {"pub": bus.pub_endpoint, "sub": bus.sub_endpoint}
+        if parts.pairing.listening_port:
+            ports["pairing"] = pairing_address(parts.pairing.listening_port)
         d: Deferred[None]
         if ports_file is None:
             d = succeed(None)
         else:
             # File I/O off the reactor thread: ports.json says "ready" only once written.
-            d = deferToThreadPool(reactor, reactor.getThreadPool(), write_ports, ports_file, ports)
+            written.update(ports)
+            d = write_now()
         d.addCallback(lambda _: _announce(ports, parts))
         if root.settle_heap:
             d.addCallback(lambda _: _settle())

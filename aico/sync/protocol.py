@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.error import ConnectionClosed
 from twisted.logger import Logger
 from twisted.protocols import amp
 from twisted.python.failure import Failure
@@ -66,6 +67,7 @@ __all__ = [
     "TooLarge",
     "UnsupportedVersion",
     "hlc_bound",
+    "refusal",
 ]
 
 log = Logger(namespace="aico.sync.protocol")
@@ -88,6 +90,8 @@ PREFIXES_PER_CALL = 64
 KEYS_PER_CALL = 512
 _HEX = "0123456789abcdef"
 assert len(_HEX) == FANOUT
+
+T = TypeVar("T")
 
 
 # --------------------------------------------------------------------------- errors
@@ -121,6 +125,36 @@ class NotReady(SyncError):
 
 class DeviceNotAllowed(SyncError):
     code = b"DEVICE_NOT_ALLOWED"
+
+
+#: The engine's refusals (``aico.sync.engine.SyncRefused``, by its stable ``code``) as
+#: the protocol's errors: a peer's state the engine will not merge is a bad request.
+_REFUSALS: dict[str, type[SyncError]] = {
+    "collection_not_shared": NotShared,
+    "bad_state": BadRequest,
+    "clock_drift": BadRequest,
+}
+
+
+def refusal(error: BaseException) -> SyncError | None:
+    """The protocol error for an engine's refusal (``None``: not one). Duck-typed on
+    the refusal's text ``code`` so that this module needs nothing of the engine."""
+    code = getattr(error, "code", None)
+    if isinstance(error, SyncError) or not isinstance(code, str) or code not in _REFUSALS:
+        return None
+    return _REFUSALS[code](f"{code}: {getattr(error, 'detail', '') or error}")
+
+
+async def _engine(d: Deferred[T]) -> T:
+    """Await an engine call; its refusal becomes the protocol's error (an AMP error
+    with a code to the peer, a :class:`SyncError` that ends the round locally)."""
+    try:
+        return await d
+    except Exception as e:
+        mapped = refusal(e)
+        if mapped is None:
+            raise
+        raise mapped from None
 
 
 _ERRORS: dict[type[Exception], bytes] = {
@@ -205,8 +239,6 @@ class Part(amp.Command):
 
 
 # --------------------------------------------------------------------------- helpers
-
-T = TypeVar("T")
 
 
 def _batches(items: Sequence[T], size: int) -> Iterator[Sequence[T]]:
@@ -393,7 +425,14 @@ class SyncProtocol(amp.AMP):
             self._pending -= t.size
 
     async def _answer(self, data: Any) -> dict[str, Any]:
-        body, transfer = await self._outgoing(_json(data))
+        try:
+            body, transfer = await self._outgoing(_json(data))
+        except ConnectionClosed:
+            # The peer went away (stopped, killed) while the parts travelled: there is
+            # nobody to answer (AMP drops an answer to a closed connection). Not an
+            # error of ours; raised, it would be logged as a critical "Unknown Error".
+            log.debug("sync: connection lost while answering in parts")
+            return {"body": b""}
         return {"body": body, "transfer": transfer} if transfer else {"body": body}
 
     async def _call(self, command: type[amp.Command], data: Any, **kwargs: Any) -> Any:
@@ -464,13 +503,13 @@ class SyncProtocol(amp.AMP):
                    transfer: str | None = None) -> dict[str, Any]:
         self._ready(collection)
         states = _states(_unjson(self._incoming_body(body, transfer)), collection)
-        await self.engine.apply(collection, states, self.peer_id)
+        await _engine(self.engine.apply(collection, states, self.peer_id))
         return await self._answer({"applied": len(states)})
 
     @Ack.responder
     async def ack(self, collection: str, hlc: str) -> dict[str, Any]:
         self._ready(collection)
-        await self.engine.acknowledged(self.peer_id, collection, hlc)
+        await _engine(self.engine.acknowledged(self.peer_id, collection, hlc))
         return {}
 
     # ------------------------------------------------------------------ the client's side
@@ -510,7 +549,7 @@ class SyncProtocol(amp.AMP):
                     if again.get(collection) != self.engine.root(collection).hex():
                         continue  # changed meanwhile: the next round goes on
                 await self.callRemote(Ack, collection=collection, hlc=bound)
-                await self.engine.acknowledged(self.peer_id, collection, bound)
+                await _engine(self.engine.acknowledged(self.peer_id, collection, bound))
                 report.converged.append(collection)
         report.finished = self.clock()
         report.calls = self.calls - calls
@@ -523,7 +562,7 @@ class SyncProtocol(amp.AMP):
             states = _states(await self._call(Fetch, list(batch), collection=collection),
                              collection, set(batch))
             if states:
-                await self.engine.apply(collection, states, self.peer_id)
+                await _engine(self.engine.apply(collection, states, self.peer_id))
             theirs.update((s.key, s.digest) for s in states)
             report.fetched += len(states)
         for batch in _batches(push, KEYS_PER_CALL):

@@ -180,11 +180,14 @@ class GatewayProcess:
         return self._proto.ended
 
     async def cli(self, *args: str, timeout: float = 30.0) -> tuple[int, str, str]:
-        """Run ``aico-gateway ARGS --state-dir STATE`` (unless ARGS name one): status,
-        stdout and stderr."""
+        """Run ``aico-gateway ARGS --state-dir STATE --config CONFIG`` (unless ARGS name
+        them: the process's own configuration, so that ``sync join`` knows its ``sync``
+        listener and ``pair`` its ``[pairing]``): status, stdout and stderr."""
         argv = list(args)
         if "--state-dir" not in argv:
             argv += ["--state-dir", str(self.state_dir)]
+        if "--config" not in argv:
+            argv += ["--config", str(self.config_path)]
         out, err, code = await getProcessOutputAndValue(
             str(BIN / "aico-gateway"), argv, env=_ENV, path=str(ROOT), reactor=reactor)
         return code, out.decode(errors="replace"), err.decode(errors="replace")
