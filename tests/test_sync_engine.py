@@ -247,6 +247,17 @@ class EngineTests(SynchronousTestCase):
         self.assertEqual(self.e.root("notes"),
                          engine(self.db, "node-z").root("notes"))  # as if reloaded
 
+    def test_a_revoked_peers_missing_acknowledgement_holds_no_tombstone(self) -> None:
+        self._peers("node-b", "node-c")
+        for device, revoked in (("node-b", 0), ("node-c", 1)):
+            self.db.conn.execute("INSERT INTO devices (device_id, name, cert_pem, revoked, "
+                                 "created_at) VALUES (?, ?, '', ?, 0)", (device, device, revoked))
+        self.put(self.e, "notes", "gone", 1)
+        tomb = self.successResultOf(self.e.delete("notes", "gone"))
+        self.assertEqual(self._rows("notes"), [("gone", 1)])
+        self.successResultOf(self.e.acknowledged("node-b", "notes", tomb.hlc))
+        self.assertEqual(self._rows("notes"), [])  # node-c, revoked, is not waited for
+
     def test_a_peer_that_does_not_share_the_collection_is_not_waited_for(self) -> None:
         self._peers("PEER-LAPTOP", "PEER-PHONE")
         self.put(self.e, "laptop-only", "k", 1)

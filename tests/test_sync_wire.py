@@ -311,6 +311,15 @@ def make_link(paths: FakePaths, direct_retry: float = 60.0) -> PeerLink:
 
 
 class PeerLinkTests(SynchronousTestCase):
+    def test_a_peer_added_a_moment_ago_is_first_dialled_a_second_later(self) -> None:
+        paths = FakePaths(attempts=2)
+        paths.clock.advance(1000.0)
+        peer = SyncPeer("B", "b", "B", "127.0.0.1", 1, "", "me", "", "", 999.5)
+        PeerLink(peer, MemoryEngine("near", {"notes": None}), paths.clock, paths).start()
+        self.assertEqual(paths.dialled, [])  # its gateway may not admit us yet
+        paths.clock.advance(1.0)
+        self.assertEqual(paths.dialled, [("direct", 1001.0)])
+
     def test_after_the_direct_attempts_fail_the_relay_is_used(self) -> None:
         paths = FakePaths(attempts=2)
         link = make_link(paths)

@@ -90,6 +90,9 @@ PAIRED_FOR = SYNC_PEER
 DEBOUNCE = 0.2
 #: Seconds between periodic rounds with each connected peer.
 ROUND_INTERVAL = 30.0
+#: A peer added less than FRESH_PEER seconds ago is first dialled after FRESH_PEER_DELAY.
+FRESH_PEER = 5.0
+FRESH_PEER_DELAY = 1.0
 #: Reconnection backoff: first delay, factor, cap (seconds); jitter up to 1 s.
 BACKOFF_INITIAL, BACKOFF_FACTOR, BACKOFF_MAX = 1.0, 2.0, 60.0
 #: Seconds between direct attempts while a peer is reached (or awaited) through the relay.
@@ -364,7 +367,14 @@ class PeerLink:
 
     def start(self) -> None:
         self._stopped = False
-        self._attempt()
+        # A peer that joined a moment ago has just been written to its registry too: give
+        # its gateway's registry watcher (0.25 s) time to admit us, rather than have the
+        # first handshake refused and wait out a backoff.
+        added = self.peer.added_at
+        if added and self.clock.seconds() - added < FRESH_PEER:
+            self._schedule(FRESH_PEER_DELAY)
+        else:
+            self._attempt()
 
     def _relay_mode(self) -> bool:
         return self.direct_failures >= self.paths.direct_attempts()

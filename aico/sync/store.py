@@ -41,6 +41,12 @@ def _row(state: ItemState, now: float) -> tuple[Any, ...]:
     return (state.collection, state.key, text, state.digest, state.hlc, int(state.deleted), now)
 
 
+#: The peers whose acknowledgements hold tombstones: every ``sync_peers`` row whose device
+#: in our registry is not revoked.
+_LIVE_PEERS = ("SELECT p.peer_id FROM sync_peers p LEFT JOIN devices d"
+               " ON d.device_id = p.device_id WHERE COALESCE(d.revoked, 0) = 0")
+
+
 class SyncStore:
     """Items and acknowledgements on the registry database."""
 
@@ -100,7 +106,7 @@ class SyncStore:
                 "INSERT INTO sync_acks (peer_id, collection, hlc) VALUES (?, ?, ?) "
                 "ON CONFLICT (peer_id, collection) DO UPDATE SET hlc = excluded.hlc "
                 "WHERE excluded.hlc > sync_acks.hlc", (peer_id, collection, hlc))
-            txn.execute("SELECT peer_id FROM sync_peers")
+            txn.execute(_LIVE_PEERS)
             peers = [r[0] for r in txn.fetchall()]
             txn.execute("SELECT peer_id, hlc FROM sync_acks WHERE collection = ?", (collection,))
             return peers, {p: h for p, h in txn.fetchall()}
@@ -108,10 +114,12 @@ class SyncStore:
         return self.db.run_interaction(write)
 
     def peers(self) -> Deferred[list[str]]:
-        """Every peer's ID (``sync_peers``)."""
+        """Every peer's ID (``sync_peers``) but revoked ones: a revoked peer is no longer
+        a peer, so its missing acknowledgements never hold tombstones forever (if that
+        gateway is paired again, it is a new device with a new ID)."""
 
         def read(txn: Any) -> list[str]:
-            txn.execute("SELECT peer_id FROM sync_peers")
+            txn.execute(_LIVE_PEERS)
             return [r[0] for r in txn.fetchall()]
 
         return self.db.run_interaction(read)
