@@ -467,3 +467,64 @@ async def _ids(a: Node, b: Node) -> tuple[str, str]:
 
 
 N_BIG = 1500
+
+
+class RelayProcessTests(TestCase):
+    """Two gateway processes that can reach only a relay process (``twistd aico-relay``)
+    still converge, through mutual TLS end to end over the relay."""
+
+    timeout = 120
+
+    async def relay(self) -> int:
+        import os
+        import sys
+
+        from aico.gateway.testing.processes import ProcessOutput
+
+        port_file = Path(os.path.abspath(self.mktemp()))
+        twistd = str(Path(sys.executable).parent / "twistd")
+        proto = ProcessOutput()
+        transport = reactor.spawnProcess(  # type: ignore[attr-defined]
+            proto, twistd, [twistd, "-n", "--pidfile=", "--logfile=-", "aico-relay",
+                            "--port", "tcp:0:interface=127.0.0.1", "--port-file", str(port_file)],
+            env=dict(os.environ))
+        self.addCleanup(lambda: None if proto.ended.called
+                        else (transport.signalProcess("KILL"), proto.ended)[1])
+        address = await eventually(
+            lambda: port_file.exists() and port_file.stat().st_size and
+            json.loads(port_file.read_text()), timeout=20)
+        return int(address["port"])
+
+    async def test_gateways_that_reach_only_the_relay_converge_through_it(self) -> None:
+        import tomllib
+
+        from aico.gateway.testing.harness import merge
+        from aico.gateway.testing.processes import _toml
+
+        relay_port = await self.relay()
+        a, b = await chain(self, "ab")
+        ids = {n.name: [p["peer_id"] for p in (await n.status())["peers"]] for n in (a, b)}
+        closed = free_port()  # nothing listens there: every direct attempt fails
+        for node, peer_ids in ((a, ids["a"]), (b, ids["b"])):
+            await node.gw.stop()
+            extra = (f'[sync]\nrelay = "127.0.0.1:{relay_port}"\ndirect_attempts = 1\n'
+                     + "".join(f'[sync.peers."{p}"]\nhost = "127.0.0.1"\nport = {closed}\n'
+                               for p in peer_ids))
+            config = merge(tomllib.loads(node.gw.config_path.read_text()), tomllib.loads(extra))
+            node.gw.config_path.write_text(_toml(config))
+        await gatherResults([Deferred.fromCoroutine(n.start()) for n in (a, b)])
+
+        async def on_relay(node: Node) -> bool | None:
+            peers = (await node.status())["peers"]
+            return (bool(peers) and peers[0]["state"] == "connected"
+                    and peers[0]["via"] == "relay") or None
+
+        for node in (a, b):
+            await eventually(lambda node=node: on_relay(node), timeout=40, interval=0.2)
+        await a.put("notes", "from-a", "over the relay")
+        await b.put("notes", "from-b", "and back")
+        await everywhere([a, b], "notes", "from-a", timeout=20)
+        await everywhere([a, b], "notes", "from-b", timeout=20)
+        await converged([a, b])
+        for node in (a, b):
+            self.assertEqual((await node.status())["peers"][0]["address"]["port"], closed)
