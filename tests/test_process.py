@@ -15,14 +15,12 @@ from typing import Any
 from twisted.application.service import IServiceMaker
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
-from twisted.internet.error import ProcessDone, ProcessTerminated
-from twisted.internet.protocol import ProcessProtocol
 from twisted.internet.task import deferLater
 from twisted.plugin import getPlugins
-from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from aico.gateway.testing.harness import http_client
+from aico.gateway.testing.processes import ProcessOutput
 from aico.keystore import TEST_KDF
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -60,22 +58,7 @@ class PluginTests(SynchronousTestCase):
         self.assertTrue(all("twisted" in line for line in imports), imports)
 
 
-class Twistd(ProcessProtocol):
-    def __init__(self) -> None:
-        self.output = b""
-        self.ended: Deferred[int] = Deferred()
-
-    def outReceived(self, data: bytes) -> None:
-        self.output += data
-
-    errReceived = outReceived
-
-    def processEnded(self, reason: Failure) -> None:
-        if reason.check(ProcessDone):
-            self.ended.callback(0)
-        elif reason.check(ProcessTerminated):
-            value = reason.value
-            self.ended.callback(value.exitCode if value.exitCode is not None else -(value.signal or 0))
+Twistd = ProcessOutput
 
 
 class ProcessTests(TestCase):

@@ -23,14 +23,14 @@ from twisted.internet import reactor
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint
-from twisted.internet.error import ConnectionRefusedError, ProcessDone, ProcessTerminated
+from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.interfaces import (
     IListeningPort,
     IProtocol,
     IProtocolFactory,
     IStreamClientEndpoint,
 )
-from twisted.internet.protocol import Factory, ProcessProtocol, Protocol, connectionDone
+from twisted.internet.protocol import Factory, Protocol, connectionDone
 from twisted.internet.ssl import CertificateOptions, TLSVersion
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
@@ -38,11 +38,11 @@ from twisted.plugin import getPlugins
 from twisted.python.failure import Failure
 from twisted.python.usage import UsageError
 from twisted.trial.unittest import SynchronousTestCase, TestCase
-from wormhole_transit_relay.transit_server import TransitConnection
 from zope.interface import implementer
 
 from aico.client.tls import CATrust
 from aico.gateway.devices.ca import DeviceCA, create_csr, device_id, generate_key
+from aico.gateway.testing.processes import ProcessOutput
 from aico.gateway.testing.waiting import eventually
 from aico.gateway.tls import server_options
 from aico.sync import relay
@@ -59,6 +59,7 @@ from aico.sync.relay import (
     tls_client_factory,
     tls_server_factory,
 )
+from aico.sync.testing import recording_transit
 
 ROOT = Path(__file__).resolve().parent.parent
 TWISTD = str(Path(sys.executable).parent / "twistd")
@@ -332,19 +333,8 @@ class PluginTests(SynchronousTestCase):
 # --------------------------------------------------------------------------- real sockets
 
 
-class RecordingTransit(TransitConnection):
-    """The relay's own connection class, keeping every byte it forwarded."""
-
-    instances: list[RecordingTransit] = []
-
-    def connectionMade(self) -> None:
-        self.forwarded: list[bytes] = []
-        RecordingTransit.instances.append(self)
-        super().connectionMade()
-
-    def rawDataReceived(self, data: bytes) -> None:
-        self.forwarded.append(data)
-        super().rawDataReceived(data)
+#: The relay's own connection class, keeping every byte it forwarded.
+RecordingTransit: Any = recording_transit()
 
 
 class TLSProbe(Protocol):
@@ -512,22 +502,7 @@ class RelayRealTests(TestCase):
         self.assertEqual((server.built[0].received, client.built[0].received), (b"", b""))
 
 
-class RelayProcess(ProcessProtocol):
-    def __init__(self) -> None:
-        self.output = b""
-        self.ended: Deferred[int] = Deferred()
-
-    def outReceived(self, data: bytes) -> None:
-        self.output += data
-
-    errReceived = outReceived
-
-    def processEnded(self, reason: Failure) -> None:
-        if reason.check(ProcessDone):
-            self.ended.callback(0)
-        elif reason.check(ProcessTerminated):
-            v: Any = reason.value
-            self.ended.callback(v.exitCode if v.exitCode is not None else -(v.signal or 0))
+RelayProcess = ProcessOutput
 
 
 class TwistdRelayTests(TestCase):

@@ -25,7 +25,6 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.internet.task import Clock
 from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase, TestCase
-from wormhole_transit_relay.transit_server import TransitConnection
 
 from aico.gateway import config as configuration
 from aico.gateway.testing.harness import RunningGateway, start_gateway
@@ -34,26 +33,15 @@ from aico.sync import relay
 from aico.sync.peers import SyncPeer
 from aico.sync.protocol import SyncProtocol
 from aico.sync.service import PeerLink, SyncService, mdns_interfaces
-from aico.sync.testing import MemoryEngine
+from aico.sync.testing import MemoryEngine, recording_transit
 from tests.test_sync_join import SYNC, engine, join_into
 
 #: A value whose bytes must never cross the relay in the clear.
 MARKER = "plaintext-marker-7f3a9c"
 
 
-class RecordingTransit(TransitConnection):
-    """The relay's own connection class, keeping every byte it forwarded."""
-
-    instances: list[RecordingTransit] = []
-
-    def connectionMade(self) -> None:
-        self.forwarded: list[bytes] = []
-        RecordingTransit.instances.append(self)
-        super().connectionMade()
-
-    def rawDataReceived(self, data: bytes) -> None:
-        self.forwarded.append(data)
-        super().rawDataReceived(data)
+#: The relay's own connection class, keeping every byte it forwarded.
+RecordingTransit: Any = recording_transit()
 
 
 def closed_port() -> int:

@@ -192,3 +192,24 @@ class MemoryEngine:
 
     def on_change(self, listener: Callable[[str], object]) -> None:
         self._listeners.append(listener)
+
+
+def recording_transit() -> type:
+    """The transit relay's own connection class, keeping every byte it forwarded in
+    ``forwarded`` (tests show the relay never sees plaintext); instances are collected in
+    the class's ``instances``."""
+    from wormhole_transit_relay.transit_server import TransitConnection
+
+    class RecordingTransit(TransitConnection):  # type: ignore[misc]
+        instances: list[RecordingTransit] = []
+
+        def connectionMade(self) -> None:
+            self.forwarded: list[bytes] = []
+            RecordingTransit.instances.append(self)
+            super().connectionMade()
+
+        def rawDataReceived(self, data: bytes) -> None:
+            self.forwarded.append(data)
+            super().rawDataReceived(data)
+
+    return RecordingTransit
