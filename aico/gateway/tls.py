@@ -30,7 +30,7 @@ from OpenSSL import SSL
 from OpenSSL.crypto import X509
 from twisted.internet._sslverify import IOpenSSLTrustRoot
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet.interfaces import IDelayedCall, IProtocolFactory, IReactorTime
 from twisted.internet.ssl import CertificateOptions, TLSVersion
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
@@ -307,6 +307,7 @@ class DeviceTLSFactory(TLSMemoryBIOFactory):
     protocol = _DeviceTLSProtocol
     noisy = False
 
-    def __init__(self, options: CertificateOptions, site: DeviceSite, gate: DeviceGate) -> None:
+    def __init__(self, options: CertificateOptions, site: IProtocolFactory,
+                 gate: DeviceGate) -> None:
         super().__init__(options, False, site)
         self.gate = gate

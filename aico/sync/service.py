@@ -44,14 +44,13 @@ from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import Factory
 from twisted.internet.ssl import CertificateOptions
 from twisted.logger import Logger
-from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 
 from aico.gateway.api.devices.exceptions import DeviceRefused
 from aico.gateway.config import split_host_port
 from aico.gateway.devices.ca import device_id
 from aico.gateway.errors import ApiError
-from aico.gateway.tls import SYNC_PEER, DeviceGate
+from aico.gateway.tls import SYNC_PEER, DeviceGate, DeviceTLSFactory
 from aico.keystore import Keystore
 from aico.net import is_loopback
 from aico.sync.discovery import SyncAdvertiser, SyncBrowser
@@ -179,26 +178,13 @@ class SyncServerFactory(Factory):
                     proto.transport.loseConnection()
 
 
-class _SyncTLSProtocol(TLSMemoryBIOProtocol):
-    aico_device_id = ""
-
-    def connectionLost(self, reason: Failure | None = None) -> None:
-        factory: Any = self.factory
-        if self.aico_device_id and factory is not None:
-            factory.gate.forget(self)
-        super().connectionLost(reason)  # type: ignore[no-untyped-call]
-
-
-class SyncTLSFactory(TLSMemoryBIOFactory):
-    """Mutual TLS around :class:`SyncServerFactory`; tells the gate when a peer's
-    connection ends (the gate cuts a revoked device's connections)."""
-
-    protocol = _SyncTLSProtocol
-    noisy = False
+class SyncTLSFactory(DeviceTLSFactory):
+    """Mutual TLS around :class:`SyncServerFactory`: the ``tls`` listener's TLS factory,
+    which tells the gate when a peer's connection ends (the gate cuts a revoked device's
+    connections)."""
 
     def __init__(self, options: CertificateOptions, factory: Any) -> None:
-        super().__init__(options, False, factory)
-        self.gate = factory.gate
+        super().__init__(options, factory, factory.gate)
 
 
 # --------------------------------------------------------------------------- dialling side
