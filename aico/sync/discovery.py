@@ -32,8 +32,6 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from aico.net import is_loopback
-
 __all__ = [
     "SERVICE_TYPE",
     "FoundPeer",
@@ -59,14 +57,9 @@ def sync_addresses(interfaces: Sequence[str]) -> list[str]:
     non-loopback address of the machine."""
     if interfaces:
         return list(interfaces)
-    import ifaddr
+    from aico.gateway.devices.mdns import lan_addresses
 
-    out: list[str] = []
-    for adapter in ifaddr.get_adapters():
-        for ip in adapter.ips:
-            if isinstance(ip.ip, str) and not is_loopback(ip.ip):
-                out.append(ip.ip)
-    return out
+    return lan_addresses()
 
 
 def _zeroconf_interfaces(interfaces: Sequence[str]) -> Any:

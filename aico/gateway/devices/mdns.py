@@ -50,6 +50,11 @@ def advertised_addresses(config: Any) -> list[str]:
     fixed = [h for h in hosts if h not in ("0.0.0.0", "::")]  # noqa: S104
     if fixed:
         return sorted(fixed)
+    return lan_addresses()
+
+
+def lan_addresses() -> list[str]:
+    """Every non-loopback IPv4 address of this machine's interfaces."""
     import ifaddr
 
     out: list[str] = []
