@@ -17,7 +17,6 @@ from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
-from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import IServiceMaker
 from twisted.internet import reactor
 from twisted.internet.address import IPv4Address
@@ -25,7 +24,6 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.error import ConnectionRefusedError
 from twisted.internet.interfaces import (
-    IListeningPort,
     IProtocol,
     IProtocolFactory,
     IStreamClientEndpoint,
@@ -59,7 +57,7 @@ from aico.sync.relay import (
     tls_client_factory,
     tls_server_factory,
 )
-from aico.sync.testing import recording_transit
+from aico.sync.testing import recording_transit, start_recording_relay
 
 ROOT = Path(__file__).resolve().parent.parent
 TWISTD = str(Path(sys.executable).parent / "twistd")
@@ -385,17 +383,7 @@ class RelayRealTests(TestCase):
     timeout = 30
 
     def start_relay(self) -> int:
-        ports: list[IListeningPort] = []
-        service = relay.make_relay_service("tcp:0:interface=127.0.0.1", reactor=reactor,
-                                           on_listening=ports.append)
-        for child in service:
-            if isinstance(child, StreamServerEndpointService):
-                child.factory.protocol = RecordingTransit
-        RecordingTransit.instances = []
-        service.startService()
-        self.addCleanup(service.stopService)
-        self.assertEqual(len(ports), 1)
-        return int(ports[0].getHost().port)  # type: ignore[attr-defined]
+        return start_recording_relay(self, reactor, RecordingTransit)
 
     def endpoint(self, port: int, token: str = TOKEN, side: str | None = None,
                  timeout: float = 10) -> RelayClientEndpoint:

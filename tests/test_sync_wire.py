@@ -17,11 +17,9 @@ import socket
 from types import SimpleNamespace
 from typing import Any
 
-from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.internet.error import ConnectionRefusedError
-from twisted.internet.interfaces import IListeningPort
 from twisted.internet.task import Clock
 from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase, TestCase
@@ -33,7 +31,7 @@ from aico.sync import relay
 from aico.sync.peers import SyncPeer
 from aico.sync.protocol import SyncProtocol
 from aico.sync.service import PeerLink, SyncService, mdns_interfaces
-from aico.sync.testing import MemoryEngine, recording_transit
+from aico.sync.testing import MemoryEngine, recording_transit, start_recording_relay
 from tests.test_sync_join import SYNC, engine, join_into
 
 #: A value whose bytes must never cross the relay in the clear.
@@ -86,16 +84,7 @@ class RelayTests(TestCase):
     timeout = 40
 
     def start_relay(self) -> int:
-        ports: list[IListeningPort] = []
-        svc = relay.make_relay_service("tcp:0:interface=127.0.0.1", reactor=reactor,
-                                       on_listening=ports.append)
-        for child in svc:
-            if isinstance(child, StreamServerEndpointService):
-                child.factory.protocol = RecordingTransit
-        RecordingTransit.instances = []
-        svc.startService()
-        self.addCleanup(svc.stopService)
-        return int(ports[0].getHost().port)  # type: ignore[attr-defined]
+        return start_recording_relay(self, reactor, RecordingTransit)
 
     async def test_unreachable_peers_meet_through_the_relay_then_switch_back_to_direct(
             self) -> None:

@@ -213,3 +213,25 @@ def recording_transit() -> type:
             super().rawDataReceived(data)
 
     return RecordingTransit
+
+
+def start_recording_relay(test: Any, reactor: Any, recording: Any) -> int:
+    """Start magic-wormhole's transit relay in this process on 127.0.0.1, port 0, with
+    *recording* (a :func:`recording_transit` class, its ``instances`` emptied) as its
+    connection class; stopped in *test*'s cleanup. Its bound port."""
+    from twisted.application.internet import StreamServerEndpointService
+
+    from aico.sync.relay import make_relay_service
+
+    ports: list[Any] = []
+    service = make_relay_service("tcp:0:interface=127.0.0.1", reactor=reactor,
+                                 on_listening=ports.append)
+    for child in service:
+        if isinstance(child, StreamServerEndpointService):
+            child.factory.protocol = recording
+    recording.instances = []
+    service.startService()
+    test.addCleanup(service.stopService)
+    if len(ports) != 1:
+        raise AssertionError(f"the relay bound {len(ports)} ports")
+    return int(ports[0].getHost().port)
