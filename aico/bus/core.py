@@ -25,9 +25,12 @@ from twisted.logger import Logger
 
 from aico.bus.errors import BusError, BusStopped, BusTimeout
 from aico.bus.interfaces import ATTR_CORRELATION_ID, ATTR_REPLY_TO, ATTR_STREAM, MessageHandler
-from aico.proto import AicoMessage
+from aico.proto import AicoMessage, ApiRequest, ApiResponse
 
-__all__ = ["BusCore"]
+__all__ = ["BusCore", "DirectResponder"]
+
+#: A request answered in process: the answer, or a Deferred of it.
+DirectResponder = Callable[[ApiRequest], "ApiResponse | Deferred[ApiResponse]"]
 
 
 @dataclass
@@ -56,6 +59,7 @@ class BusCore(ABC):
         self.reply_topic = f"reply/{source}/{uuid.uuid4().hex}"
         self._handlers: dict[str, list[MessageHandler]] = {}
         self._pending: dict[str, _Pending] = {}
+        self._direct: dict[str, DirectResponder] = {}
 
     # -- what a subclass provides ------------------------------------------------------
 
@@ -159,6 +163,23 @@ class BusCore(ABC):
         elif ATTR_STREAM in out.metadata.attributes:
             del out.metadata.attributes[ATTR_STREAM]
         self.publish(reply_to, out)
+
+    # -- direct calls in process ---------------------------------------------------------
+
+    def serve_directly(self, topic: str, responder: DirectResponder | None) -> None:
+        """Offer *responder* for requests on *topic* made in this process (``None``
+        withdraws it). A module that runs on the bus client it shares with the gateway
+        offers its route topics (:meth:`BackendModule.call_direct`); the gateway's
+        forwarder then calls it with the ``ApiRequest`` instead of sending a message
+        (docs/performance.md). Requests from other clients still come over the bus."""
+        if responder is None:
+            self._direct.pop(topic, None)
+        else:
+            self._direct[topic] = responder
+
+    def direct(self, topic: str) -> DirectResponder | None:
+        """The responder offered for *topic* in this process, if any."""
+        return self._direct.get(topic)
 
     # -- subscriptions -----------------------------------------------------------------
 

@@ -196,15 +196,35 @@ def route(
 class RequestContext:
     """What a handler knows besides the request: streaming, and how to send chunks."""
 
-    def __init__(self, module: BackendModule, message: AicoMessage, request: ApiRequest) -> None:
+    def __init__(self, module: BackendModule, message: AicoMessage | None, request: ApiRequest,
+                 sink: Callable[[ApiResponse], None] | None = None) -> None:
         self.module = module
-        self.message = message
+        self._message = message
         self.request = request
         #: True when the caller accepts a streamed reply (``stream=1`` on the request).
-        self.streaming = message.metadata.attributes.get(ATTR_STREAM) == "1"
+        self.streaming = (message is not None
+                          and message.metadata.attributes.get(ATTR_STREAM) == "1")
         self.chunks_sent = 0
         self.stream_status = 200
         self.finished = False
+        #: Where a direct call's one answer goes (:meth:`BackendModule.call_direct`);
+        #: ``None``: answers are replies on the bus.
+        self._sink = sink
+
+    @property
+    def message(self) -> AicoMessage:
+        """The request's envelope (for a direct call, made on first use: such a call
+        carries the ``ApiRequest`` alone)."""
+        if self._message is None:
+            self._message = wrap(self.request, "gateway",
+                                 attributes={"request_id": self.request.request_id})
+        return self._message
+
+    def _answer(self, response: ApiResponse, stream: str = "") -> None:
+        if self._sink is not None:
+            self._sink(response)
+        else:
+            self.module._reply_safely(self.message, response, stream)
 
     @property
     def clock(self) -> IReactorTime:
@@ -332,6 +352,41 @@ class BackendModule:
                 topics.append(self.health_topic)
             method(topics)
 
+    def _serve_directly(self, on: bool) -> None:
+        """On a bus client that offers it (:meth:`BusCore.serve_directly`), requests the
+        gateway sharing this client makes on our route topics are direct calls of
+        :meth:`call_direct`: no envelope, no reply message (docs/performance.md)."""
+        method = getattr(self.bus, "serve_directly", None)
+        if method is None:
+            return
+        for topic in self._topics:
+            method(topic, self._direct_responder(topic) if on else None)
+
+    def _direct_responder(self, topic: str) -> Callable[[ApiRequest], ApiResponse | Deferred[ApiResponse]]:
+        return lambda request: self.call_direct(topic, request)
+
+    def call_direct(self, topic: str, request: ApiRequest) -> ApiResponse | Deferred[ApiResponse]:
+        """Answer *request* on *topic* in process, without the bus: the same handler,
+        errors and answer as a request that came as a bus message, given back rather than
+        sent (a caller that accepts a streamed reply uses the bus). The answer itself
+        when the handler finished at once, else a Deferred of it."""
+        answers: list[ApiResponse] = []
+        waiting: list[Deferred[ApiResponse]] = []
+
+        def sink(response: ApiResponse) -> None:
+            if waiting:
+                waiting[0].callback(response)
+            else:
+                answers.append(response)
+
+        self._handle(RequestContext(self, None, request, sink),
+                     lambda r: self._select(topic, r))
+        if answers:
+            return answers[0]
+        d: Deferred[ApiResponse] = Deferred()
+        waiting.append(d)
+        return d
+
     def _topics_listened(self) -> list[str]:
         topics = list(self._topics)
         if self.health_topic:
@@ -360,6 +415,7 @@ class BackendModule:
             except BusTimeout:
                 self.log.warn("module {name}: subscriptions not confirmed in time", name=self.name)
         self._serve_locally(True)
+        self._serve_directly(True)
         self._running = True
         self.register()
         if heartbeat and self.heartbeat_interval > 0:
@@ -383,6 +439,7 @@ class BackendModule:
         if self._subscribed:
             self._subscribed = False
             self._serve_locally(False)
+            self._serve_directly(False)
             for topic in self._topics:
                 self.bus.unsubscribe(topic, self._on_request)
             if self.health_topic:
@@ -459,7 +516,11 @@ class BackendModule:
             problem = ProblemError(400, "bad_request", "The request is not an ApiRequest.")
             self._reply_safely(message, problem.response().to_proto(""))
             return
-        ctx = RequestContext(self, message, request)
+        self._handle(RequestContext(self, message, request), select)
+
+    def _handle(self, ctx: RequestContext, select: Callable[[ApiRequest], Handler]) -> None:
+        """Run the selected handler for *ctx*; its answer goes to ``ctx._answer``."""
+        request = ctx.request
         d: Deferred[HandlerResult]
         try:
             result = select(request)(request, ctx)
@@ -515,13 +576,13 @@ class BackendModule:
                 # A body returned after chunks is the last chunk.
                 last = ApiResponse(request_id=request_id, status=ctx.stream_status)
                 last.body = response.body
-                self._reply_safely(ctx.message, last, "chunk")
+                ctx._answer(last, "chunk")
             end = ApiResponse(request_id=request_id, status=ctx.stream_status)
             ctx.finished = True
-            self._reply_safely(ctx.message, end, "end")
+            ctx._answer(end, "end")
         else:
             ctx.finished = True
-            self._reply_safely(ctx.message, response)
+            ctx._answer(response)
 
     def _fail(self, ctx: RequestContext, failure: Failure) -> None:
         error = failure.value
@@ -539,7 +600,7 @@ class BackendModule:
         response = problem.response(ctx.request.request_id).to_proto(ctx.request.request_id)
         ctx.finished = True
         # After chunks, the error rides on the end message (the caller already has 200).
-        self._reply_safely(ctx.message, response, "end" if ctx.chunks_sent else "")
+        ctx._answer(response, "end" if ctx.chunks_sent else "")
 
 
 async def _await(awaitable: Awaitable[HandlerResult]) -> HandlerResult:

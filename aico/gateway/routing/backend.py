@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
+from aico.bus.core import DirectResponder
+from aico.bus.errors import BusTimeout
 from aico.bus.interfaces import IMessageBus
 from aico.gateway.errors import BackendError, BackendUnavailable
 from aico.gateway.routing.aggregator import fan_out
@@ -26,6 +28,8 @@ from aico.proto import Route as RouteMsg
 
 if TYPE_CHECKING:
     from aico.gateway.routing.dispatch import Dispatcher
+
+_R = TypeVar("_R")
 
 #: Request headers never forwarded to a module (credentials stay in the gateway).
 _DROP_REQUEST_HEADERS = frozenset(
@@ -91,8 +95,11 @@ class BusForwarder:
         #: Told ``(topic, seconds)`` when a module's reply (the first message of a stream)
         #: comes back: the bus round trip (metrics). ``None``: nothing is timed.
         self.on_round_trip: Callable[[str, float], None] | None = None
+        #: The responder a module in this process offers for a topic, if the bus client
+        #: has such offers (``BusCore.direct``).
+        self._direct: Callable[[str], DirectResponder | None] | None = getattr(bus, "direct", None)
 
-    def handler(self, topics: tuple[str, ...]) -> Callable[[Request], Deferred[Response]]:
+    def handler(self, topics: tuple[str, ...]) -> Callable[[Request], Deferred[Response] | Response]:
         """The handler of a route served from *topics* (several: fanned out)."""
         if len(topics) == 1:
             topic = topics[0]
@@ -103,9 +110,13 @@ class BusForwarder:
         return wrap(to_api_request(request), source="gateway",
                     attributes={"request_id": request.request_id})
 
-    def forward(self, request: Request, topic: str) -> Deferred[Response]:
+    def forward(self, request: Request, topic: str) -> Deferred[Response] | Response:
         if not self.is_served(topic):
             raise BackendUnavailable("no backend module serves this route right now")
+        if not request.accepts_stream and self._direct is not None:
+            responder = self._direct(topic)
+            if responder is not None:
+                return self._call_direct(responder, request, topic)
         message = self._message(request)
         if not request.accepts_stream:
             d = self.bus.request(topic, message, timeout=self.timeout())
@@ -114,7 +125,25 @@ class BusForwarder:
             return d.addCallback(lambda reply: from_api_response(unpack_reply(reply)))
         return self._forward_streaming(topic, message)
 
-    def _timed(self, reply: AicoMessage, topic: str, sent: float) -> AicoMessage:
+    def _call_direct(self, responder: DirectResponder, request: Request,
+                     topic: str) -> Deferred[Response] | Response:
+        """A module in this process answers *request* by a call (``BusCore.serve_directly``):
+        the same ``ApiRequest`` and ``ApiResponse`` as over the bus, without the envelopes;
+        the same timeout when it does not answer at once."""
+        sent = self.clock.seconds()
+        answer = responder(to_api_request(request))
+        if isinstance(answer, ApiResponse):
+            self._timed(answer, topic, sent)
+            return from_api_response(answer)
+        timeout = self.timeout()
+
+        def expired(value: object, seconds: float) -> ApiResponse:
+            raise BusTimeout(topic, timeout)
+
+        answer.addTimeout(timeout, self.clock, onTimeoutCancel=expired)
+        return answer.addCallback(self._timed, topic, sent).addCallback(from_api_response)
+
+    def _timed(self, reply: _R, topic: str, sent: float) -> _R:
         if self.on_round_trip is not None:
             try:
                 self.on_round_trip(topic, self.clock.seconds() - sent)

@@ -19,7 +19,7 @@ from aico.gateway.routing.table import RouteEntry
 def routes(deps: ConversationsDeps) -> list[RouteEntry]:
     forwarder = deps.forwarder
 
-    def send_message(request: Request) -> Deferred[Response]:
+    def send_message(request: Request) -> Deferred[Response] | Response:
         if not forwarder.is_served(INPUT_TOPIC):
             raise ConversationModuleUnavailable()
         return forwarder.forward(request, INPUT_TOPIC)
