@@ -357,6 +357,30 @@ class SessionTests(TestCase):
         c.send({"type": "request", "id": 2, "method": "GET", "path": "/api/v1/whoami"})
         self.assertEqual(c.recv()["status"], 200)
 
+    def test_the_per_frame_check_mirrors_the_machine_in_every_state(self) -> None:
+        # onMessage asks "opened and not closed" instead of the machine's
+        # may_handle_frames (an Automat call per frame): the two agree in every state.
+        token = user_token(self.gw, "mira")
+        c = self.client(token)
+        session = self.session()
+
+        def agree(state: str) -> None:
+            self.assertEqual(session.session_state, state)
+            self.assertEqual(session._opened and not session._ended,
+                             session._machine.may_handle_frames(), state)
+
+        agree("authenticated")
+        self.assertEqual(self.gw.post("/api/v1/users/logout", {}, token=token).code, 204)
+        agree("auth_lost")
+        c.send({"type": "request", "id": 1, "method": "GET", "path": "/api/v1/whoami"})
+        self.assertEqual(c.recv_all()[-1]["problem"]["code"], "token_revoked")
+        c.close()
+        self.gw.settle()
+        agree("closed")
+        fresh = WebSocketSession()
+        self.assertEqual(fresh.session_state, "connecting")
+        self.assertEqual(fresh._opened and not fresh._ended, fresh._machine.may_handle_frames())
+
     def test_revoked_token_tells_every_socket_holding_it(self) -> None:
         token = user_token(self.gw, "jack")
         other = self.client(user_token(self.gw, "kate"))

@@ -263,10 +263,26 @@ class Session:
         if self.in_flight > self.max_in_flight_seen:
             self.max_in_flight_seen = self.in_flight
         services.inflight.enter()
-        d = services.dispatcher.handle(request)
-        d.addCallback(respond)
-        d.addErrback(self._respond_failed, request)
-        d.addBoth(self._done)
+        # One callback for answer and bookkeeping (the dispatcher's Deferred never fails;
+        # respond may return a Deferred: a streamed answer is in flight until it ends).
+        services.dispatcher.handle(request).addBoth(self._answer, request, respond)
+
+    def _answer(self, response: Response | Failure, request: Request,
+                respond: Callable[[Response], Any]) -> None:
+        if isinstance(response, Failure):
+            self._respond_failed(response, request)
+            self._done(None)
+            return
+        try:
+            out = respond(response)
+        except Exception:
+            self._respond_failed(Failure(), request)
+            self._done(None)
+            return
+        if isinstance(out, Deferred):
+            out.addErrback(self._respond_failed, request).addBoth(self._done)
+            return
+        self._done(None)
 
     def _respond_failed(self, failure: Failure, request: Request) -> None:
         self.log.failure("{transport} {id}: answering request {request_id} failed", failure,

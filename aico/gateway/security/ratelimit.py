@@ -177,6 +177,7 @@ class GcraLimiter:
         #: When each tier's emission interval last changed (live tier changes).
         self._changed_at: dict[str, float] = {}
         self._policy: dict[str, str] = {}
+        self._names: dict[str, str] = {}
         self.block_after = block_after
         self.block_base = block_base
         self.block_max = block_max
@@ -219,8 +220,10 @@ class GcraLimiter:
                                        != t.per_seconds / t.requests):
                 self._changed_at[name] = now
         self._tiers = dict(tiers)
+        #: Each tier's name as an RFC 8941 sf-string, made once (it starts every header).
+        self._names = {name: _sf_string(name) for name in self._tiers}
         self._policy = {
-            name: f"{_sf_string(name)};q={t.requests};w={_ceil(t.per_seconds)}"
+            name: f"{self._names[name]};q={t.requests};w={_ceil(t.per_seconds)}"
             for name, t in self._tiers.items()
         }
         if block_after is not None:
@@ -272,7 +275,7 @@ class GcraLimiter:
             retry_after=retry_after,
             blocked=blocked,
             policy_header=self._policy[tier],
-            ratelimit_header=f"{_sf_string(tier)};r={remaining};t={_ceil(reset_after)}",
+            ratelimit_header=f"{self._names[tier]};r={remaining};t={_ceil(reset_after)}",
             tier=tier,
         )
 
