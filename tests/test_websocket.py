@@ -25,6 +25,7 @@ from aico.gateway.adapters.websocket import (
     WebSocketSession,
 )
 from aico.gateway.config import WebSocketSection
+from aico.gateway.security import validate as validate_module
 from aico.gateway.testing.memory import MemoryGateway, MemoryWebSocket, WebSocketRefused
 from aico.proto import ApiEvent, ApiRequest, wrap
 from aico.proto.aico.gateway.v1.gateway_pb2 import SocketFrame
@@ -356,6 +357,47 @@ class SessionTests(TestCase):
         self.assertEqual(c.recv()["type"], "auth_success")
         c.send({"type": "request", "id": 2, "method": "GET", "path": "/api/v1/whoami"})
         self.assertEqual(c.recv()["status"], 200)
+
+    def test_a_frame_body_is_validated_as_read_once_with_the_same_answers_as_rest(self) -> None:
+        # The frame was read with the chain's strict decoder; validation checks that
+        # value instead of reading the body's bytes again, and answers as on REST.
+        token = user_token(self.gw, "nina")
+        c = self.client(token)
+        reads: list[Any] = []
+        original = validate_module.loads
+
+        def counting(data: Any) -> Any:
+            reads.append(data)
+            return original(data)
+
+        self.patch(validate_module, "loads", counting)
+        deep: Any = "x"
+        for _ in range(40):
+            deep = [deep]
+        bodies: list[Any] = [
+            {"text": "hi"},
+            {"text": "Cafe\u0301"},            # NFC-normalised before the module sees it
+            {"text": 1},                        # schema: not a string
+            {"note": "no text"},                # schema: required member missing
+            {"text": "a\u0000b"},              # a control character
+            {"text": deep},                     # deeper than limits.json_depth
+        ]
+        for i, body in enumerate(bodies):
+            c.send({"type": "request", "id": i, "method": "POST", "path": "/api/v1/echo",
+                    "body": body})
+            frame = c.recv()
+            rest = self.gw.post("/api/v1/echo", body, token=token)
+            if rest.code == 200:
+                self.assertEqual((frame["status"], frame["body"]["echo"]),
+                                 (200, rest.json()["echo"]), body)
+            else:
+                problem = frame.get("problem") or frame["body"]
+                self.assertEqual((problem["status"], problem["code"], problem.get("errors")),
+                                 (rest.code, rest.json()["code"], rest.json().get("errors")), body)
+        self.assertEqual(self.gw.post("/api/v1/echo", {"text": "Cafe\u0301"}, token=token)
+                         .json()["echo"]["text"], "Caf\u00e9")
+        # Only the REST requests were read by the validation step.
+        self.assertEqual(len(reads), len(bodies) + 1)
 
     def test_the_per_frame_check_mirrors_the_machine_in_every_state(self) -> None:
         # onMessage asks "opened and not closed" instead of the machine's

@@ -42,6 +42,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from aico import fastjson
 from aico.bus.errors import BusError, BusTimeout
 from aico.bus.interfaces import (
     ATTR_CORRELATION_ID,
@@ -70,7 +71,7 @@ PROBLEM_TYPE = "application/problem+json"
 
 
 def _json_bytes(value: Any) -> bytes:
-    return json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    return fastjson.dumps(value)
 
 
 @dataclass(frozen=True)
@@ -233,7 +234,7 @@ class RequestContext:
     def json(self) -> Any:
         """The request body parsed as JSON (``ProblemError`` 400 ``malformed_json`` if not)."""
         try:
-            return json.loads(self.request.body or b"null")
+            return fastjson.loads(self.request.body or b"null")
         except (ValueError, UnicodeDecodeError) as e:
             raise ProblemError(400, "malformed_json", "The request body is not valid JSON.") from e
 

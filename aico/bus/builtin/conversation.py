@@ -8,13 +8,13 @@ with the built-in modules alone.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from typing import Any
 
 from twisted.internet.task import deferLater
 
+from aico import fastjson
 from aico.bus.errors import BusError
 from aico.bus.module import BackendModule, ProblemError, RequestContext, Response, route
 from aico.proto import ApiEvent, ApiRequest, wrap
@@ -110,7 +110,7 @@ class ConversationModule(BackendModule):
         topic = output_topic(request.principal.subject)
         if topic is None:
             return
-        body = json.dumps(reply, separators=(",", ":"), ensure_ascii=False).encode()
+        body = fastjson.dumps(reply)
         try:
             self.bus.publish(topic, wrap(ApiEvent(topic=topic, body=body), source=self.name))
         except BusError as e:

@@ -52,6 +52,7 @@ from twisted.python.failure import Failure
 from twisted.web.resource import IResource
 from zope.interface import implementer
 
+from aico import fastjson
 from aico.gateway import connections as connections_module
 from aico.gateway.adapters import session as session_layer
 from aico.gateway.adapters import wsmask
@@ -150,6 +151,9 @@ class ClientFrame:
     method: str = ""
     path: str = ""
     body: bytes = b""
+    #: The ``body`` member as the strict decoder read it (``body`` is its serialisation);
+    #: ``None`` when the frame carried no body or the framing is not JSON.
+    body_value: Any = None
     headers: dict[str, str] = field(default_factory=dict)
     query: dict[str, str] = field(default_factory=dict)
     topic: str = ""
@@ -168,7 +172,7 @@ def _body_value(response: Response) -> Any:
         return None
     if _is_json(response.content_type):
         try:
-            return json.loads(response.body)
+            return fastjson.loads(response.body)
         except ValueError:
             pass
     return response.body.decode("utf-8", "replace")
@@ -243,7 +247,8 @@ class JsonCodec:
             frame.query = self._strings(obj.get("query"), "query", frame_id)
             body = obj.get("body")
             if body is not None:
-                frame.body = json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode()
+                frame.body = fastjson.dumps(body)
+                frame.body_value = body
             return _check_request(frame)
         elif kind in ("subscribe", "unsubscribe"):
             topic = obj.get("topic")
@@ -263,7 +268,7 @@ class JsonCodec:
 
     @staticmethod
     def _dump(obj: dict[str, Any]) -> bytes:
-        return json.dumps(obj, separators=(",", ":"), ensure_ascii=False).encode()
+        return fastjson.dumps(obj)
 
     @staticmethod
     def _with_id(obj: dict[str, Any], frame_id: Any) -> dict[str, Any]:
@@ -295,7 +300,7 @@ class JsonCodec:
     def chunk(self, frame_id: Any, status: int, body: bytes) -> bytes:
         value: Any
         try:
-            value = json.loads(body) if body else None
+            value = fastjson.loads(body) if body else None
         except ValueError:
             value = body.decode("utf-8", "replace")
         return self._dump({"type": "chunk", "id": frame_id, "status": status, "body": value})
@@ -967,6 +972,10 @@ class WebSocketSession(WebSocketServerProtocol):
         request = self.core.build_request(
             frame.method, frame.path, headers=frame.headers, query=frame.query, body=frame.body,
             token=self.token)
+        if frame.body and frame.body_value is not None:
+            # A JSON frame was read with the chain's strict decoder: validation checks
+            # that value rather than reading the body's bytes again.
+            request.body_value = frame.body_value
         frame_id = frame.id
         # Never refused: a WebSocket's requests wait while its reading is held back.
         self.core.dispatch(request, lambda response: self._respond(response, frame_id, request))

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 
+from aico import fastjson
 from aico.net import source_identity
 
 if TYPE_CHECKING:
@@ -69,6 +70,12 @@ class Request:
     accepts_stream: bool = False
     #: Parsed, validated JSON body; set by the validation step.
     json: Any = _UNSET
+    #: The body as the adapter already read it with the security chain's strict decoder
+    #: (a WebSocket request frame's ``body`` member, of which :attr:`body` is the
+    #: serialisation): the validation step checks this value instead of reading the
+    #: bytes a second time. ``None``: the step reads :attr:`body` (a JSON ``null`` body
+    #: is no body to a WebSocket frame, so ``None`` is never such a value).
+    body_value: Any = None
     #: Connection-level identity (device certificate), set by the adapter.
     device_id: str = ""
     #: The connection this request came on, for adapters with lasting connections
@@ -189,6 +196,6 @@ class Response:
 def json_response(value: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
     return Response(
         status=status,
-        body=json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode(),
+        body=fastjson.dumps(value),
         headers=headers or {},
     )

@@ -471,6 +471,9 @@ def parse_json(request: Request, limits: LimitsSection) -> Any:
         raise UnsupportedMediaType(
             f"expected Content-Type application/json, got {request.headers.get('content-type')!r}"
         )
+    if request.body_value is not None:
+        # Read already, with this module's strict decoder, from the text the body is.
+        return _checked(request, limits, request.body_value)
     try:
         # UTF-8 only (RFC 8259 §8.1): json.loads(bytes) would also guess UTF-16 and UTF-32.
         # A byte order mark is no part of the JSON text either.
@@ -491,6 +494,11 @@ def parse_json(request: Request, limits: LimitsSection) -> Any:
     except RecursionError as e:
         raise ValidationFailed([{"pointer": "", "detail": f"nested deeper than "
                                  f"{limits.json_depth} levels"}]) from e
+    return _checked(request, limits, value)
+
+
+def _checked(request: Request, limits: LimitsSection, value: Any) -> Any:
+    """*value* within the limits and NFC-normalised (the body rewritten if that changed it)."""
     walker = _Walker(limits)
     value = walker.walk(value, 0, None)
     if walker.errors:
