@@ -37,7 +37,7 @@ from aico.bus.interfaces import (
     IMessageBus,
 )
 from aico.proto import AicoMessage
-from aico.zmqreactor import SocketReader
+from aico.zmqreactor import SocketReader, send_frames
 
 #: Attribute carried by the start-up probe a client sends to its own reply topic.
 ATTR_PROBE = "probe"
@@ -141,7 +141,7 @@ class _NativeTransport:
         self._reader = SocketReader(reactor, self._sub, receive, "aico-bus")
 
     def send(self, frames: Sequence[bytes]) -> None:
-        self._pub.send_multipart(frames, zmq.NOBLOCK)
+        send_frames(self._pub, frames)
 
     def subscribe(self, prefix: bytes) -> None:
         self._sub.setsockopt(zmq.SUBSCRIBE, prefix)

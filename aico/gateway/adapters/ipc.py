@@ -58,7 +58,7 @@ from aico.gateway.listeners import IListener, ListenerError
 from aico.gateway.routing.messages import Request, Response, request_id_from
 from aico.net import is_loopback_endpoint
 from aico.proto import AicoMessage, ApiEvent, ApiRequest, ApiResponse, EnvelopeError, unpack, wrap
-from aico.zmqreactor import SocketReader
+from aico.zmqreactor import SocketReader, send_frames
 
 __all__ = ["IpcBindError", "IpcListener", "IpcPeer"]
 
@@ -146,8 +146,10 @@ def _problem_response(error: ApiError, request_id: str) -> ApiResponse:
 
 def _to_api_response(response: Response, request_id: str) -> ApiResponse:
     out = ApiResponse(request_id=request_id, status=response.status, body=response.body)
-    out.headers.update(frame_headers(response.headers))
-    out.headers["content-type"] = response.content_type
+    headers = out.headers  # item by item: a protobuf map's update() is MutableMapping's
+    for name, value in frame_headers(response.headers).items():
+        headers[name] = value
+    headers["content-type"] = response.content_type
     return out
 
 
@@ -314,7 +316,7 @@ class IpcListener:
         if router.closed:
             return False
         try:
-            router.sock.send_multipart([peer.identity, *peer.envelope, frame], zmq.NOBLOCK)
+            send_frames(router.sock, [peer.identity, *peer.envelope, frame])
         except zmq.Again:
             if event:
                 self.slow_consumers += 1

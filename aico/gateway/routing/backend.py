@@ -52,8 +52,11 @@ def to_api_request(request: Request) -> ApiRequest:
     for name, value in request.headers.items():
         if name not in _DROP_REQUEST_HEADERS:
             api.headers[name] = value
-    api.path_params.update(request.path_params)
-    api.query.update(request.query)
+    # A protobuf map's update() is MutableMapping's, in Python: skipped when empty.
+    if request.path_params:
+        api.path_params.update(request.path_params)
+    if request.query:
+        api.query.update(request.query)
     p = request.principal
     if p is not None:
         api.principal.subject = p.subject
