@@ -23,6 +23,7 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import (
     LogEvent,
     Logger,
+    LogLevel,
     LogPublisher,
     formatEvent,
     globalLogPublisher,
@@ -219,3 +220,61 @@ class CachedTimeTests(SynchronousTestCase):
         textFileLogObserver(out)({"log_format": "x", "log_time": 1_790_000_000.5,
                                   "log_namespace": "n", "log_level": None})
         self.assertTrue(out.getvalue().startswith(formatTime(1_790_000_000.5)), out.getvalue())
+
+
+class AccessLineFormatTests(SynchronousTestCase):
+    """twistd's text log formats access lines directly: the same text as before."""
+
+    def observer(self) -> tuple[Any, io.StringIO]:
+        out = io.StringIO()
+        return textFileLogObserver(out), out
+
+    def guarded(self, **fields: Any) -> LogEvent:
+        event: LogEvent = {"log_namespace": ACCESS_NAMESPACE, "log_format": "{line}",
+                           "log_level": LogLevel.info, "log_time": time.time(), **fields}
+        logs.LINE_GUARD(event)
+        return event
+
+    def test_every_shape_of_access_event_is_formatted_as_twisted_formats_it(self) -> None:
+        observer, _ = self.observer()
+        original = observer.formatEvent
+        publisher = LogPublisher(observer)
+        self.assertEqual(logs.fast_access_lines(publisher), 1)
+        fast = observer.formatEvent
+        self.assertIsInstance(fast, logs.AccessLineFormat)
+        self.assertEqual(logs.fast_access_lines(publisher), 0)  # once
+        rng = random.Random(7)
+        lines = ['r-1 http admin "GET /api/v1/users/me" 200 1.2ms 88B', "", "x", "tab\there",
+                 "new\nline", "bidi \u202e override", "é ünï", "\x00\x1b[31m"]
+        events: list[LogEvent] = []
+        for line in lines:
+            for when in (None, 0.0, 1_700_000_000.999_999_5, rng.uniform(0, 2e9)):
+                for level in (LogLevel.info, LogLevel.warn):
+                    events.append(self.guarded(line=line, log_time=when, log_level=level))
+        events += [
+            self.guarded(line="with system", log_system="sys"),
+            self.guarded(line="not text", log_format="{line!r}"),
+            self.guarded(line="other ns", log_namespace="aico.other"),
+            {"log_namespace": ACCESS_NAMESPACE, "log_format": "{line}", "line": "unguarded\n",
+             "log_level": LogLevel.info, "log_time": 5.0},
+            {"log_format": "plain {x}", "x": 1, "log_time": 1.0},
+            self.guarded(line=12345),
+        ]
+        for event in events:
+            self.assertEqual(fast(copy.copy(event)), original(copy.copy(event)), event)
+
+    def test_the_fast_path_is_taken_for_gateway_access_lines(self) -> None:
+        observer, out = self.observer()
+        publisher = LogPublisher(logs.LINE_GUARD, observer)
+        logs.fast_access_lines(publisher)
+        calls: list[LogEvent] = []
+        fast = observer.formatEvent
+        fast.original = lambda e: calls.append(e) or "slow\n"  # type: ignore[union-attr]
+        request = Request(method="GET", path="/api/v1/x", request_id="r-9", transport="ipc",
+                          principal=Principal(subject="ann"))
+        access = AccessLog(MemoryReactorClock())
+        access.log = Logger(namespace=ACCESS_NAMESPACE, source=access, observer=publisher)
+        access.record(request, 200, 12)
+        self.assertEqual(calls, [])
+        self.assertRegex(out.getvalue(), r'^\S+ \[aico\.access#info\] r-9 ipc ann "GET /api/v1/x" '
+                                         r"200 0\.0ms 12B\n$")

@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 
 from twisted.application.service import IService
-from twisted.logger import Logger
+from twisted.logger import Logger, globalLogPublisher, textFileLogObserver
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from aico.gateway import composition, logs, tap
@@ -108,6 +108,15 @@ class SettleHeapTests(TestCase):
         self.assertEqual(gc.get_freeze_count(), 0)
         composition.settle_heap()
         self.assertGreater(gc.get_freeze_count(), 1000)
+
+    async def test_once_ready_twistds_text_log_formats_access_lines_directly(self) -> None:
+        observer = textFileLogObserver(io.StringIO())
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
+        self.patch(GatewayService, "settle_heap", True)
+        self.patch(composition, "settle_heap", lambda: None)
+        await start_gateway(self)
+        self.assertIsInstance(observer.formatEvent, logs.AccessLineFormat)
 
     async def test_the_heap_is_settled_only_after_the_gateway_announced_ready(self) -> None:
         calls: list[bool] = []

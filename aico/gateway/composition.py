@@ -68,6 +68,7 @@ from aico.gateway.devices.pairing import PairingService
 from aico.gateway.devices.registry import ChangeWatcher, DeviceStore, PairingWindowStore
 from aico.gateway.lifecycle import InFlight, write_ports
 from aico.gateway.listeners import IListener, TcpListener, tcp_endpoint
+from aico.gateway.logs import fast_access_lines
 from aico.gateway.metrics import GatewayMetrics, StateCollector
 from aico.gateway.routing.backend import BusForwarder, ModuleRoutes
 from aico.gateway.routing.dispatch import Dispatcher
@@ -801,6 +802,9 @@ def _remove(path: Path) -> bool:
 
 
 def _settle() -> None:
+    # twistd's text log exists by now (it is made after makeService): access lines get
+    # their direct format there (logs.AccessLineFormat, docs/performance.md).
+    fast_access_lines()
     settle_heap()  # looked up at call time, so a test can watch it
 
 

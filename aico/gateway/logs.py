@@ -251,3 +251,57 @@ def guard_log_lines(publisher: LogPublisher | None = None) -> LineGuard:
 def unguard_log_lines(publisher: LogPublisher | None = None) -> None:
     """Remove the guard (tests)."""
     (globalLogPublisher if publisher is None else publisher).removeObserver(LINE_GUARD)
+
+
+#: The namespace of access-log events (``aico.gateway.access.ACCESS_NAMESPACE``).
+_ACCESS = "aico.access"
+#: ``textFileLogObserver``'s formatter, the one twistd's text log uses.
+_TEXT_FORMATTER = "textFileLogObserver.<locals>.formatEvent"
+
+
+class AccessLineFormat:
+    """twistd's text-log formatter with the access log's lines written directly.
+
+    An access event (namespace ``aico.access``, format ``{line}``, seen by the line guard,
+    no ``log_system``, no failure) becomes ``"{time} [aico.access#{level}] {line}\\n"`` — what
+    ``formatEventAsClassicLogText`` makes of it, without the generic work (flattening the
+    format, the system field, the replacements): 1.6 instead of 15 µs a line. Every other
+    event goes to the original formatter; ``tests/test_access_cost.py`` compares the two
+    on access events of every shape.
+    """
+
+    def __init__(self, original: Callable[[LogEvent], str | None], time_format: str | None) -> None:
+        self.original = original
+        self.time_format = time_format
+
+    def __call__(self, event: LogEvent) -> str | None:
+        line = event.get("line")
+        level = event.get("log_level")
+        if (type(line) is str and line and event.get("log_namespace") == _ACCESS
+                and event.get("log_format") == "{line}" and level is not None
+                and "log_flattened" in event  # the line guard ran: the text is line_safe
+                and "log_system" not in event and "log_failure" not in event):
+            text = line_safe(line)
+            when = getattr(_file, "formatTime")(event.get("log_time"), self.time_format)  # noqa: B009
+            return f"{when} [{_ACCESS}#{level.name}] {text}\n"
+        return self.original(event)
+
+
+def fast_access_lines(publisher: LogPublisher | None = None) -> int:
+    """Give every text file observer of *publisher* (the global one: twistd's text log)
+    an :class:`AccessLineFormat`; the number of observers changed. Idempotent. Called once
+    the gateway runs under twistd (its observers exist only after ``makeService``)."""
+    target = globalLogPublisher if publisher is None else publisher
+    changed = 0
+    for observer in list(getattr(target, "_observers", [])):
+        fmt = getattr(observer, "formatEvent", None)
+        if getattr(fmt, "__qualname__", "") != _TEXT_FORMATTER or fmt is None:
+            continue
+        names = fmt.__code__.co_freevars
+        cells = fmt.__closure__ or ()
+        if "timeFormat" not in names:
+            continue
+        time_format = cells[names.index("timeFormat")].cell_contents
+        observer.formatEvent = AccessLineFormat(fmt, time_format)
+        changed += 1
+    return changed
