@@ -57,6 +57,7 @@ from aico.gateway import connections as connections_module
 from aico.gateway.adapters import session as session_layer
 from aico.gateway.adapters import wsmask
 from aico.gateway.adapters.session import Session, SessionServices, problem_of, relay_stream
+from aico.gateway.adapters.wsframes import WholeFrames
 from aico.gateway.config import WebSocketSection
 from aico.gateway.connections import ConnectionInfo, Event, IConnection
 from aico.gateway.errors import (
@@ -538,7 +539,7 @@ def session_machine() -> SessionInputs:
 
 
 @implementer(IConnection, IPushProducer)
-class WebSocketSession(WebSocketServerProtocol):
+class WebSocketSession(WholeFrames, WebSocketServerProtocol):  # type: ignore[misc]
     """One WebSocket connection (see the module docstring for its states).
 
     Requests, authentication, subscriptions and fair share are the session layer's
@@ -751,7 +752,7 @@ class WebSocketSession(WebSocketServerProtocol):
             if self._queued + self._pong_owed > self.factory.settings().send_buffer:
                 self._slow_consumer()
             return
-        self.sendMessage(payload, isBinary=self.codec.binary)  # type: ignore[no-untyped-call]
+        self.send_whole(payload, self.codec.binary)
 
     def _slow_consumer(self) -> None:
         self._log.warn("websocket {id} ({peer}) fell behind by {bytes} bytes: dropped",
@@ -769,11 +770,6 @@ class WebSocketSession(WebSocketServerProtocol):
 
     # -- receiving ---------------------------------------------------------------------
 
-    def dataReceived(self, data: bytes) -> None:
-        # Autobahn's own dataReceived builds the arguments of a debug line (hltype, hlval)
-        # on every read, logged or not (~3 µs); this is its work without that line.
-        self._dataReceived(data)
-
     def sendData(self, data: bytes, sync: bool = False, chopsize: int | None = None) -> None:
         # Autobahn's sendData without the debug line's arguments it builds on every frame
         # (~4 µs), the bytes handed to the socket at once when nothing waits before them
@@ -788,6 +784,10 @@ class WebSocketSession(WebSocketServerProtocol):
             self.trafficStats.preopenOutgoingOctetsWireLevel += len(data)
         if self.logOctets:  # type: ignore[attr-defined]
             self.logTxOctets(data, False)
+
+    def frame_limit(self) -> int:
+        # Larger messages go through Autobahn's parser and the oversize answer below.
+        return self.factory.settings().max_message_size
 
     def onMessageBegin(self, isBinary: bool) -> None:
         super().onMessageBegin(isBinary)
