@@ -63,8 +63,8 @@ def parts(response: ApiResponse) -> tuple[int, Any]:
     return response.status, json.loads(response.body) if response.body else None
 
 
-class ModuleDirectCallTests(SynchronousTestCase):
-    """``BackendModule.call_direct`` and the offer on a shared bus."""
+class _EchoOnGatewayBus(SynchronousTestCase):
+    """An Echo module started on the bus client the gateway's forwarder uses."""
 
     def setUp(self) -> None:
         self.clock = Clock()
@@ -73,6 +73,10 @@ class ModuleDirectCallTests(SynchronousTestCase):
         self.module = Echo(self.bus, self.clock)
         self.successResultOf(self.module.start())
         self.addCleanup(self.module.stop)
+
+
+class ModuleDirectCallTests(_EchoOnGatewayBus):
+    """``BackendModule.call_direct`` and the offer on a shared bus."""
 
     def call(self, topic: str, method: str, path: str, body: Any = None) -> ApiResponse | Deferred[ApiResponse]:
         request = unpack(api_request(method, path, body), ApiRequest)
@@ -140,16 +144,11 @@ class ModuleDirectCallTests(SynchronousTestCase):
         self.clock.advance(2.0)  # the handler finishes; nothing raises
 
 
-class ForwarderDirectTests(SynchronousTestCase):
+class ForwarderDirectTests(_EchoOnGatewayBus):
     """The gateway's forwarder calls a module sharing its bus, and only such a module."""
 
     def setUp(self) -> None:
-        self.clock = Clock()
-        self.bus = MemoryBus(self.clock, "gateway")
-        self.successResultOf(self.bus.start())
-        self.module = Echo(self.bus, self.clock)
-        self.successResultOf(self.module.start())
-        self.addCleanup(self.module.stop)
+        super().setUp()
         self.trips: list[tuple[str, float]] = []
         self.forwarder = BusForwarder(self.bus, lambda topic: True, lambda: 5.0, self.clock)
         self.forwarder.on_round_trip = lambda topic, s: self.trips.append((topic, s))
