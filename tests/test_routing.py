@@ -148,6 +148,53 @@ class DispatcherTests(SynchronousTestCase):
         )
 
 
+class HandleNowTests(SynchronousTestCase):
+    """handle_now: the answer itself when nothing waited, a Deferred otherwise; the
+    observers told once either way, and handle() the same answers as a Deferred."""
+
+    def dispatcher(self, steps: list[Any], handler: Any = ok) -> tuple[Dispatcher, list[int]]:
+        told: list[int] = []
+        d = Dispatcher(RouteTable([entry("GET", "/x/{id}", handler)]), steps,
+                       observers=[lambda r, status, size: told.append(status)])
+        return d, told
+
+    def test_a_chain_that_never_waits_answers_without_a_deferred(self) -> None:
+        d, told = self.dispatcher([lambda r: None])
+        out = d.handle_now(req(path="/x/5"))
+        self.assertIsInstance(out, Response)
+        assert isinstance(out, Response)
+        self.assertEqual((out.status, json.loads(out.body), told), (200, {"id": "5"}, [200]))
+        for path, status in (("/nope", 404), ("/x/5", 200)):
+            now = d.handle_now(req(path=path))
+            assert isinstance(now, Response)
+            later = body(d.handle(req(path=path)))
+            self.assertEqual((now.status, json.loads(now.body)), (status, later[1]))
+            self.assertEqual(later[0], status)
+
+    def test_a_refusal_or_an_exception_answers_at_once_too(self) -> None:
+        def refuse(r: Request) -> None:
+            raise Forbidden("no")
+
+        d, told = self.dispatcher([refuse])
+        out = d.handle_now(req(path="/x/1"))
+        assert isinstance(out, Response)
+        self.assertEqual((out.status, told), (403, [403]))
+
+    def test_a_step_or_handler_that_waits_gives_a_deferred_and_one_observation(self) -> None:
+        gate: Deferred[None] = Deferred()
+        d, told = self.dispatcher([lambda r: gate])
+        out = d.handle_now(req(path="/x/2"))
+        self.assertIsInstance(out, Deferred)
+        self.assertEqual(told, [])
+        gate.callback(None)
+        self.assertEqual((body(out)[0], told), (200, [200]))  # type: ignore[arg-type]
+        later: Deferred[Response] = Deferred()
+        d2, told2 = self.dispatcher([], handler=lambda r: later)
+        out2 = d2.handle_now(req(path="/x/3"))
+        later.callback(Response(status=201, body=b"{}"))
+        self.assertEqual((body(out2)[0], told2), (201, [201]))  # type: ignore[arg-type]
+
+
 class RequestIdTests(SynchronousTestCase):
     def test_well_formed_id_is_kept(self) -> None:
         self.assertEqual(request_id_from("abc-1.2_3"), "abc-1.2_3")

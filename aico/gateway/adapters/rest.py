@@ -637,8 +637,10 @@ class RestAdapter:
                                       request.request_id)
             self.dispatcher.finished(request, response.status, len(response.body))
             return self._write_head(web, request, response)
-        d = self.dispatcher.handle(request)
-        return d.addCallback(self._respond, web, request)
+        out = self.dispatcher.handle_now(request)
+        if isinstance(out, Deferred):
+            return out.addCallback(self._respond, web, request)
+        return self._respond(out, web, request)  # type: ignore[no-any-return]
 
     def _write_head(self, web: IRequest, request: Request, response: Response) -> bytes:
         web.setResponseCode(response.status)

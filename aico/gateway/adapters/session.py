@@ -265,7 +265,11 @@ class Session:
         services.inflight.enter()
         # One callback for answer and bookkeeping (the dispatcher's Deferred never fails;
         # respond may return a Deferred: a streamed answer is in flight until it ends).
-        services.dispatcher.handle(request).addBoth(self._answer, request, respond)
+        out = services.dispatcher.handle_now(request)
+        if isinstance(out, Deferred):
+            out.addBoth(self._answer, request, respond)
+        else:
+            self._answer(out, request, respond)
 
     def _answer(self, response: Response | Failure, request: Request,
                 respond: Callable[[Response], Any]) -> None:

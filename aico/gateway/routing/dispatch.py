@@ -66,18 +66,29 @@ class Dispatcher:
 
     def handle(self, request: Request) -> Deferred[Response]:
         """Answer *request*; the Deferred never fails (errors become problem responses)."""
+        out = self.handle_now(request)
+        return out if isinstance(out, Deferred) else succeed(out)
+
+    def handle_now(self, request: Request) -> Response | Deferred[Response]:
+        """:meth:`handle`, with the answer itself when nothing had to wait (every step
+        and the handler answered at once: the common case) — no Deferred to make and
+        run callbacks on. The observers are told the same way either way."""
         if self.clock is not None and not request.started:
             request.started = self.clock.seconds()
         try:
             entry, params = self.table.match(request.method, request.path)
             request.route = entry
             request.path_params = params
-            d = self._run(request, self.steps, 0)
+            out = self._run_now(request, self.steps, 0)
         except Exception as e:
-            d = succeed(self.convert(Failure(e), request))
+            out = self.convert(Failure(e), request)
+        if isinstance(out, Deferred):
+            if self.observers:
+                out.addCallback(self._observe, request)
+            return out
         if self.observers:
-            d.addCallback(self._observe, request)
-        return d
+            self._observe(out, request)
+        return out
 
     def handle_control(self, request: Request, route: RouteEntry,
                        steps: Sequence[Step]) -> Deferred[Response]:
@@ -109,24 +120,29 @@ class Dispatcher:
         return response
 
     def _run(self, request: Request, steps: tuple[Step, ...], start: int) -> Deferred[Response]:
+        out = self._run_now(request, steps, start)
+        return out if isinstance(out, Deferred) else succeed(out)
+
+    def _run_now(self, request: Request, steps: tuple[Step, ...],
+                 start: int) -> Response | Deferred[Response]:
         for i in range(start, len(steps)):
             try:
                 result = steps[i](request)
             except Exception:
-                return succeed(self.convert(Failure(), request))
+                return self.convert(Failure(), request)
             if result is not None:
                 return self._after(result, request, steps, i + 1)
         assert request.route is not None
         try:
             out = request.route.handler(request)
         except Exception:
-            return succeed(self.convert(Failure(), request))
+            return self.convert(Failure(), request)
         if isinstance(out, Deferred):
             d2: Deferred[Response] = out
         elif inspect.isawaitable(out):
             d2 = ensureDeferred(out)  # type: ignore[arg-type]
         else:
-            return succeed(_with_headers(out, request))
+            return _with_headers(out, request)
         return d2.addCallback(_with_headers, request).addErrback(self.convert, request)
 
     def _after(self, step: Deferred[None], request: Request, steps: tuple[Step, ...],
