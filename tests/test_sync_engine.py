@@ -18,6 +18,7 @@ from aico.gateway.store import SyncDatabase
 from aico.sync import crdt
 from aico.sync.engine import UNCONFIGURED, BadName, SyncEngine, SyncRefused, event_topic
 from aico.sync.interfaces import EMPTY, ISyncEngine, ItemState
+from aico.sync.protocol import hlc_bound
 from aico.sync.store import SyncStore
 
 POLICY = """
@@ -246,6 +247,62 @@ class EngineTests(SynchronousTestCase):
         self.assertEqual(list(self.e.leaves("notes", "0000")), [])
         self.assertEqual(self.e.root("notes"),
                          engine(self.db, "node-z").root("notes"))  # as if reloaded
+
+    def _tombstone_from_a(self, key: str) -> list[ItemState]:
+        """Node A's tombstone of *key*, made a second after this engine's own writes."""
+        clock = Clock()
+        clock.advance(1_700_000_001)
+        a = engine(SyncDatabase(":memory:"), "node-a", clock=clock)
+        a.peers = ["node-b"]  # a shared collection: A keeps its tombstone
+        self.put(a, "notes", key, "a's value")
+        self.successResultOf(a.delete("notes", key))
+        return a.states("notes", [key])
+
+    def _acks(self) -> dict[str, str]:
+        return dict(self.db.conn.execute(
+            "SELECT peer_id, hlc FROM sync_acks WHERE collection = 'notes'").fetchall())
+
+    def test_a_tombstone_from_one_peer_waits_for_the_others_next_acknowledgement(self) -> None:
+        # This engine is B between A and C (a chain). C acknowledged a round that
+        # converged before A's tombstone of x reached B — its bound is past the
+        # tombstone's hlc, yet C still holds x. A's tombstone arrives, A acknowledges:
+        # B must keep the tombstone until C acknowledges a round after it, or C would
+        # give x back once nobody remembers the delete.
+        self._peers("node-a", "node-c")
+        self.put(self.e, "notes", "x", "old")
+        bound = hlc_bound(1_700_000_010)
+        self.successResultOf(self.e.acknowledged("node-c", "notes", bound))
+        epoch = self.e.epoch("notes")
+        self.successResultOf(self.e.apply("notes", self._tombstone_from_a("x"), "node-a"))
+        self.assertTrue(self.e.get("notes", "x").deleted)  # type: ignore[union-attr]
+        self.assertNotEqual(self.e.epoch("notes"), epoch)
+        self.assertNotIn("node-c", self._acks())  # voided with the tombstone's commit
+        self.successResultOf(self.e.acknowledged("node-a", "notes", bound))
+        self.assertEqual(self._rows("notes"), [("x", 1)])
+        self.successResultOf(self.e.acknowledged("node-c", "notes", hlc_bound(1_700_000_020)))
+        self.assertEqual(self._rows("notes"), [])
+
+    def test_an_acknowledgement_of_roots_read_before_a_tombstone_arrived_counts_nothing(
+            self) -> None:
+        self._peers("node-a", "node-c")
+        self.put(self.e, "notes", "x", "old")
+        read_at = self.e.epoch("notes")  # C's round read B's roots here...
+        self.successResultOf(self.e.apply("notes", self._tombstone_from_a("x"), "node-a"))
+        # ...and its Ack comes after the tombstone arrived: not recorded.
+        self.successResultOf(self.e.acknowledged("node-c", "notes", hlc_bound(1_700_000_010),
+                                                 read_at))
+        self.assertNotIn("node-c", self._acks())
+        self.successResultOf(self.e.acknowledged("node-a", "notes", hlc_bound(1_700_000_010),
+                                                 self.e.epoch("notes")))
+        self.assertEqual(self._rows("notes"), [("x", 1)])
+
+    def test_a_local_delete_voids_acknowledgements_with_bounds_ahead_of_this_clock(self) -> None:
+        self._peers("node-b")
+        self.put(self.e, "notes", "x", 1)
+        # A peer whose clock runs ahead acknowledged a round with a bound past "now" here.
+        self.successResultOf(self.e.acknowledged("node-b", "notes", hlc_bound(1_700_000_030)))
+        self.successResultOf(self.e.delete("notes", "x"))
+        self.assertEqual((self._rows("notes"), self._acks()), ([("x", 1)], {}))
 
     def test_a_revoked_peers_missing_acknowledgement_holds_no_tombstone(self) -> None:
         self._peers("node-b", "node-c")

@@ -143,6 +143,10 @@ class SyncEngine:
         self._busy = False
         #: Every peer's ID (``sync_peers``), refreshed at each acknowledgement.
         self.peers: builtins.list[str] = []
+        #: Acknowledgements a batch being committed voids (:meth:`_void`), and how many
+        #: commits voided some per collection (:meth:`epoch`).
+        self._voids: builtins.list[tuple[str, str, str]] = []
+        self._epochs: dict[str, int] = {}
 
     # ------------------------------------------------------------------ start
 
@@ -221,6 +225,19 @@ class SyncEngine:
         check_key(key)
         return self._submit(lambda lookup: self._write(lookup, collection, key, value), "local")
 
+    def epoch(self, collection: str) -> int:
+        """How many times a tombstone newly stored here has voided other peers'
+        acknowledgements of *collection* (see :meth:`acknowledged`)."""
+        return self._epochs.get(collection, 0)
+
+    def _void(self, collection: str, kept: str, tombstone: ItemState) -> None:
+        """A tombstone is being stored here: no acknowledgement recorded before it (by a
+        peer other than *kept*, the one it came from) covers it, whatever its bound — the
+        bound is a round's start, the tombstone's hlc its creation elsewhere, and a peer
+        that acknowledged a round before the tombstone arrived here never saw it (left
+        alone, it would give the deleted item back once the tombstone is collected)."""
+        self._voids.append((collection, kept, tombstone.hlc))
+
     def delete(self, collection: str, key: str) -> Deferred[ItemState | None]:
         """Delete *key* (a tombstone, collected once every peer that shares the
         collection has it; at once in a collection no peer shares). Fires once on disk
@@ -235,6 +252,7 @@ class SyncEngine:
             puts, _, state = self._write(lookup, collection, key, crdt.DELETE)
             if not self.policy(collection).sync or not self._sharers(collection):
                 return puts, [(collection, key, state.hlc)], state
+            self._void(collection, "", state)  # a peer's bound ahead of this clock
             return puts, [], state
 
         return self._submit(op, "local")
@@ -293,6 +311,8 @@ class SyncEngine:
                 item = _item(collection, remote.key, merged)
                 if current is None or item.digest != current.digest:
                     puts.append(item)
+                    if item.deleted:
+                        self._void(collection, peer_id, item)
             return puts, [], None
 
         return self._submit(op, "peer")
@@ -318,14 +338,20 @@ class SyncEngine:
             except ClockError as e:
                 raise SyncRefused("clock_drift", str(e)) from None
 
-    def acknowledged(self, peer_id: str, collection: str, hlc: str) -> Deferred[None]:
-        return Deferred.fromCoroutine(self._acknowledged(peer_id, collection, hlc))
+    def acknowledged(self, peer_id: str, collection: str, hlc: str,
+                     epoch: int | None = None) -> Deferred[None]:
+        return Deferred.fromCoroutine(self._acknowledged(peer_id, collection, hlc, epoch))
 
-    async def _acknowledged(self, peer_id: str, collection: str, hlc: str) -> None:
+    async def _acknowledged(self, peer_id: str, collection: str, hlc: str,
+                            epoch: int | None) -> None:
         try:
             check_bound(hlc)
         except ClockError as e:
             raise SyncRefused("bad_state", str(e)) from None
+        if epoch is not None and epoch != self.epoch(collection):
+            # A tombstone arrived here after this side's roots were read for the round
+            # being acknowledged: the peer may not have it. Its next round will say.
+            return
         self.peers, acks = await self.store.acknowledge(peer_id, collection, hlc)
         sharers = self._sharers(collection)
         if any(p not in acks for p in sharers):
@@ -384,6 +410,7 @@ class SyncEngine:
         puts: dict[tuple[str, str], tuple[ItemState, str]] = {}
         removes: builtins.list[Removal] = []
         outcomes: builtins.list[tuple[Deferred[Any], Any]] = []
+        self._voids = []
         for op, d, source in batch:
             try:
                 p, r, result = op(lookup)
@@ -397,14 +424,17 @@ class SyncEngine:
                 overlay[c, k] = None
             removes.extend(r)
             outcomes.append((d, result))
+        voids, self._voids = self._voids, []
         try:
-            gone = await self.store.commit([s for s, _ in puts.values()], removes)
+            gone = await self.store.commit([s for s, _ in puts.values()], removes, voids)
         except Exception:
             failure = Failure()
             self.log.failure("sync: a write could not be committed", failure)
             for d, outcome in outcomes:
                 d.errback(outcome if isinstance(outcome, Failure) else failure)
             return
+        for collection, _, _ in voids:
+            self._epochs[collection] = self._epochs.get(collection, 0) + 1
         changed: dict[str, builtins.list[tuple[ItemState | None, str, str]]] = {}
         for s, source in puts.values():
             self._items.setdefault(s.collection, {})[s.key] = s

@@ -102,9 +102,15 @@ class ISyncEngine(Interface):
         """Merge *states* received from *peer_id* into the collection; fires once the
         merged states are committed to disk (never before)."""
 
-    def acknowledged(peer_id: str, collection: str, hlc: str) -> Deferred[None]:
+    def acknowledged(peer_id: str, collection: str, hlc: str,
+                     epoch: int | None = None) -> Deferred[None]:
         """*peer_id* holds every state of *collection* up to *hlc*: tombstones every
-        peer acknowledged may be collected."""
+        peer acknowledged may be collected. With *epoch* (:meth:`epoch` when this side's
+        roots were read for the round), ignored if a tombstone arrived since."""
+
+    def epoch(collection: str) -> int:
+        """A count that moves whenever a tombstone newly stored here voids other peers'
+        acknowledgements of *collection*."""
 
     def on_change(listener: Callable[[str], object]) -> None:
         """Call *listener(collection)* after every committed change (local or merged)."""

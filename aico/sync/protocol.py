@@ -336,6 +336,8 @@ class SyncProtocol(amp.AMP):
         #: The peer's node ID and the collections it offered (after Hello).
         self.remote_node = ""
         self.remote_collections: list[str] = []
+        #: The engine's epoch when this side last answered Roots, per collection.
+        self._roots_epoch: dict[str, int] = {}
         self.remote_version: tuple[int, int] | None = None
         self._incoming: dict[str, _Transfer] = {}
         self._pending = 0
@@ -468,6 +470,9 @@ class SyncProtocol(amp.AMP):
         refused = [c for c in wanted if c not in shared]
         if refused:
             raise NotShared(f"not shared with this peer: {', '.join(sorted(refused))}")
+        # The epoch each root was read at: an Ack of this round counts only if no
+        # tombstone arrived here since (SyncEngine.acknowledged).
+        self._roots_epoch.update((c, self.engine.epoch(c)) for c in wanted)
         return await self._answer({c: self.engine.root(c).hex() for c in wanted})
 
     @Children.responder
@@ -509,7 +514,8 @@ class SyncProtocol(amp.AMP):
     @Ack.responder
     async def ack(self, collection: str, hlc: str) -> dict[str, Any]:
         self._ready(collection)
-        await _engine(self.engine.acknowledged(self.peer_id, collection, hlc))
+        await _engine(self.engine.acknowledged(self.peer_id, collection, hlc,
+                                               self._roots_epoch.get(collection)))
         return {}
 
     # ------------------------------------------------------------------ the client's side
@@ -539,17 +545,20 @@ class SyncProtocol(amp.AMP):
                   if c in set(self.remote_collections)]
         report.collections = shared
         if shared:
+            epochs = {c: self.engine.epoch(c) for c in shared}
             roots = await self._call(Roots, shared)
             for collection in shared:
                 if not isinstance(roots, dict) or collection not in roots:
                     raise BadRequest("the peer's roots lack a collection asked for")
                 if roots[collection] != self.engine.root(collection).hex():
                     await self._sync_collection(collection, report)
+                    epochs[collection] = self.engine.epoch(collection)
                     again = await self._call(Roots, [collection])
                     if again.get(collection) != self.engine.root(collection).hex():
                         continue  # changed meanwhile: the next round goes on
                 await self.callRemote(Ack, collection=collection, hlc=bound)
-                await _engine(self.engine.acknowledged(self.peer_id, collection, bound))
+                await _engine(self.engine.acknowledged(self.peer_id, collection, bound,
+                                                       epochs[collection]))
                 report.converged.append(collection)
         report.finished = self.clock()
         report.calls = self.calls - calls

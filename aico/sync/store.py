@@ -65,11 +65,14 @@ class SyncStore:
         return self.db.run_interaction(read)
 
     def commit(self, puts: Sequence[ItemState],
-               removes: Sequence[tuple[str, str, str | None]] = ()) -> Deferred[list[tuple[str, str]]]:
+               removes: Sequence[tuple[str, str, str | None]] = (),
+               voids: Sequence[tuple[str, str, str]] = ()) -> Deferred[list[tuple[str, str]]]:
         """Store *puts* and remove *removes* ((collection, key, hlc): a tombstone only if
-        the row is still that tombstone; hlc ``None``: whatever the row holds), in one
-        transaction. Fires with the
-        (collection, key) of the tombstones actually removed, once committed."""
+        the row is still that tombstone; hlc ``None``: whatever the row holds), and drop
+        the acknowledgements *voids* name ((collection, peer kept, hlc): every other
+        peer's acknowledgement of the collection at or past a tombstone's hlc, stored here
+        after that peer's round — it never saw that tombstone), in one transaction. Fires
+        with the (collection, key) of the tombstones actually removed, once committed."""
         now = self._now()
         rows = [_row(s, now) for s in puts]
 
@@ -91,6 +94,9 @@ class SyncStore:
                                 "AND deleted = 1 AND hlc = ?", (collection, key, hlc))
                 if txn.rowcount:
                     gone.append((collection, key))
+            for collection, kept, hlc in voids:
+                txn.execute("DELETE FROM sync_acks WHERE collection = ? AND peer_id != ? "
+                            "AND hlc >= ?", (collection, kept, hlc))
             return gone
 
         return self.db.run_interaction(write)

@@ -186,9 +186,13 @@ class MemoryEngine:
         d.addCallback(committed)
         return d
 
-    def acknowledged(self, peer_id: str, collection: str, hlc: str) -> Deferred[None]:
+    def acknowledged(self, peer_id: str, collection: str, hlc: str,
+                     epoch: int | None = None) -> Deferred[None]:
         self.acks.append((peer_id, collection, hlc))
         return succeed(None)
+
+    def epoch(self, collection: str) -> int:
+        return 0
 
     def on_change(self, listener: Callable[[str], object]) -> None:
         self._listeners.append(listener)
