@@ -27,6 +27,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from aico.gateway.adapters.wsmask import unmask
+
 __all__ = ["WholeFrames"]
 
 #: A final text (0x81) or binary (0x82) frame header byte with RSV bits clear.
@@ -70,13 +72,7 @@ class WholeFrames:
                 or p.trackedTimings or 0 < p.maxMessagePayloadSize < length
                 or 0 < p.maxFramePayloadSize < length or 0 < self.frame_limit() < length):
             return False
-        if length:
-            mask = data[2:6]
-            key = (mask * ((length >> 2) + 1))[:length]
-            payload = (int.from_bytes(data[6:], "little")
-                       ^ int.from_bytes(key, "little")).to_bytes(length, "little")
-        else:
-            payload = b""
+        payload = unmask(data[2:6], data[6:])
         binary = b0 == _BINARY
         if not binary and p.utf8validateIncoming:
             try:

@@ -15,10 +15,20 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-__all__ = ["SMALL_FRAME", "SmallFrameMasker", "install"]
+__all__ = ["SMALL_FRAME", "SmallFrameMasker", "install", "unmask"]
 
 #: Frames up to this many payload bytes are unmasked by :class:`SmallFrameMasker`.
 SMALL_FRAME = 1024
+
+
+def unmask(mask: bytes, data: bytes) -> bytes:
+    """*data* XOR the 4-byte *mask* repeated from its first byte (RFC 6455 §5.3), through
+    two Python integers: the cheapest way for small frames."""
+    n = len(data)
+    if not n:
+        return b""
+    key = (mask * ((n >> 2) + 1))[:n]
+    return (int.from_bytes(data, "little") ^ int.from_bytes(key, "little")).to_bytes(n, "little")
 
 
 class SmallFrameMasker:
@@ -43,11 +53,8 @@ class SmallFrameMasker:
         if not n:
             return b""
         turn = self._ptr & 3
-        mask = self._mask[turn:] + self._mask[:turn]
-        key = (mask * ((n >> 2) + 1))[:n]
         self._ptr += n
-        return (int.from_bytes(data, "little") ^ int.from_bytes(key, "little")).to_bytes(
-            n, "little")
+        return unmask(self._mask[turn:] + self._mask[:turn], data)
 
 
 class _Factory:
