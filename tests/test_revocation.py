@@ -37,8 +37,7 @@ class RevocationTests(TestCase):
         ctx, other_ctx = tlshelp.context(ca, phone), tlshelp.context(ca, other)
 
         log: list[object] = []
-        wss = deferToThread(tlshelp.wss_session, host, port, ctx, log)
-        await eventually(lambda: "open" in log, timeout=10)
+        wss = await tlshelp.wss_opened(host, port, ctx, log)
         keepalive = tlshelp.KeepAlive(host, port, ctx)
         status, _ = await deferToThread(keepalive.get, "/api/v1/devices/me")
         self.assertEqual(status, 200)

@@ -8,12 +8,10 @@ import json
 import ssl
 from pathlib import Path
 
-from twisted.internet.threads import deferToThread
 from twisted.trial.unittest import TestCase
 
 from aico.gateway.devices.ca import DeviceCA
 from aico.gateway.testing.harness import http_client, login, start_gateway
-from aico.gateway.testing.waiting import eventually
 from tests import tlshelp
 
 
@@ -136,8 +134,7 @@ class TlsListenerTests(TestCase):
         phone = await tlshelp.pair(gw, "phone", work, paired_for="admin")
         ctx = tlshelp.context(tlshelp.ca_file(gw, work), phone)
         log: list[object] = []
-        d = deferToThread(tlshelp.wss_session, host, port, ctx, log)
-        await eventually(lambda: "open" in log, timeout=10)
+        d = await tlshelp.wss_opened(host, port, ctx, log)
         welcome, auth, response = log[0], log[1], log[-2]
         assert isinstance(welcome, dict) and isinstance(auth, dict) and isinstance(response, dict)
         self.assertEqual((welcome["type"], welcome["authenticated"]), ("welcome", True))

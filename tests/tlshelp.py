@@ -4,6 +4,7 @@ and the independent ``websockets`` library for WSS."""
 
 from __future__ import annotations
 
+import asyncio
 import http.client
 import json
 import socket
@@ -15,6 +16,7 @@ from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
+from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThread
 
 from aico.gateway.devices.ca import DeviceCA, create_csr, device_id, generate_key
@@ -147,25 +149,58 @@ class KeepAlive:
         self.conn.close()
 
 
+async def wss_opened(host: str, port: int, ctx: ssl.SSLContext, log: list[Any],
+                     timeout: float = 30) -> Deferred[None]:
+    """Start :func:`wss_session` in a thread and wait until its request was answered
+    ("open" in *log*); the thread's Deferred, which fires when the gateway closes it.
+
+    If the session ends first, its own error is raised here (a refused handshake, a
+    client-side time-out) rather than a bare "condition not met"; if nothing happens
+    in *timeout* seconds, the AssertionError says how far the session got."""
+    from aico.gateway.testing.waiting import eventually
+
+    d = deferToThread(wss_session, host, port, ctx, log)
+    try:
+        await eventually(lambda: "open" in log or d.called, timeout=timeout)
+    except AssertionError:
+        raise AssertionError(f"WSS session not answered within {timeout} s; so far: {log!r}") from None
+    if "open" not in log:
+        await d  # raises the session's own error
+        raise AssertionError(f"WSS session ended before its answer: {log!r}")
+    return d
+
+
 def wss_session(host: str, port: int, ctx: ssl.SSLContext, log: list[Any]) -> None:
     """A WSS session with the ``websockets`` library: the welcome, one request, then
-    read until the gateway closes the socket (its close code goes into *log*)."""
-    from websockets.exceptions import ConnectionClosed
-    from websockets.sync.client import connect
+    read until the gateway closes the socket (its close code goes into *log*).
 
-    with connect(f"wss://{host}:{port}/ws", ssl=ctx, subprotocols=["aico.v1.json"],  # type: ignore[list-item]
-                 open_timeout=10) as ws:
-        log.append(json.loads(ws.recv(timeout=10)))
-        ws.send(json.dumps({"type": "request", "id": 1, "method": "GET",
-                            "path": "/api/v1/devices/me"}))
+    Its asyncio client, on an event loop of this thread's own, so one thread owns the TLS
+    socket. The library's threaded client (``websockets.sync``) reads in a thread of its
+    own while the caller writes, and an ``ssl.SSLSocket`` is not safe for that: about once
+    in a few hundred runs under load, its upgrade request never reached the gateway (the
+    read thread was taking TLS 1.3's session tickets while the request was written), and
+    the gateway closed the silent connection after ``limits.head_timeout``."""
+    asyncio.run(_wss_session(host, port, ctx, log))
+
+
+async def _wss_session(host: str, port: int, ctx: ssl.SSLContext, log: list[Any]) -> None:
+    from websockets.asyncio.client import connect
+    from websockets.exceptions import ConnectionClosed
+
+    async with connect(f"wss://{host}:{port}/ws", ssl=ctx,
+                       subprotocols=["aico.v1.json"],  # type: ignore[list-item]
+                       open_timeout=20) as ws:
+        log.append(json.loads(await asyncio.wait_for(ws.recv(), 20)))
+        await ws.send(json.dumps({"type": "request", "id": 1, "method": "GET",
+                                  "path": "/api/v1/devices/me"}))
         while True:
-            frame = json.loads(ws.recv(timeout=10))
+            frame = json.loads(await asyncio.wait_for(ws.recv(), 20))
             log.append(frame)
             if frame.get("type") == "response":
                 break
         log.append("open")
         try:
             while True:
-                log.append(json.loads(ws.recv(timeout=30)))
+                log.append(json.loads(await asyncio.wait_for(ws.recv(), 30)))
         except ConnectionClosed as e:
             log.append(("closed", time.monotonic(), e.rcvd.code if e.rcvd else None))
