@@ -277,3 +277,50 @@ class IdleFootprintTests(TestCase):
         # and it still works: a request is answered
         ws.send({"type": "heartbeat"})
         self.assertEqual(ws.recv()["type"], "heartbeat_ack")
+
+
+class ConnectionSetUpTests(TestCase):
+    """Autobahn's per-connection debug line (all its options through ``pprint``) costs
+    nothing while its debug level is off, and is still written when it is on."""
+
+    def _count_pformat(self) -> list[object]:
+        import autobahn.websocket.protocol as autobahn_protocol
+
+        calls: list[object] = []
+        module: Any = autobahn_protocol
+        original = module.pformat
+
+        def counting(obj: object, *args: Any, **kwargs: Any) -> str:
+            # The gateway's sockets' options, not the in-memory client's (Autobahn too).
+            if isinstance(obj, list) and any(source == "WebSocketSession" for *_, source in obj):
+                calls.append(obj)
+            return str(original(obj, *args, **kwargs))
+
+        module.pformat = counting
+        self.addCleanup(setattr, module, "pformat", original)
+        return calls
+
+    def _open(self) -> None:
+        gw = gateway(self)
+        ws = gw.websocket(headers={"Authorization": f"Bearer {user_token(gw, 'ida')}"})
+        self.assertEqual(ws.recv()["type"], "welcome")
+        self.assertEqual(ws.recv()["type"], "auth_success")
+        ws.send({"type": "heartbeat"})
+        self.assertEqual(ws.recv()["type"], "heartbeat_ack")
+
+    def test_with_debug_off_a_new_socket_formats_no_options(self) -> None:
+        calls = self._count_pformat()
+        self._open()
+        self.assertEqual(calls, [])
+
+    def test_with_debug_on_the_options_are_formatted_for_the_debug_line(self) -> None:
+        import txaio
+
+        calls = self._count_pformat()
+        txaio.set_global_log_level("debug")
+        self.addCleanup(txaio.set_global_log_level, "info")
+        self._open()
+        self.assertEqual(len(calls), 1)  # one socket, one formatting of its options
+        [options] = calls
+        assert isinstance(options, list)
+        self.assertIn("openHandshakeTimeout", {name for name, _, _ in options})
