@@ -239,10 +239,10 @@ class AccessLineFormatTests(SynchronousTestCase):
         observer, _ = self.observer()
         original = observer.formatEvent
         publisher = LogPublisher(observer)
-        self.assertEqual(logs.fast_access_lines(publisher), 1)
+        self.assertEqual(logs.fast_access_lines(publisher, MemoryReactorClock()), 1)
         fast = observer.formatEvent
         self.assertIsInstance(fast, logs.AccessLineFormat)
-        self.assertEqual(logs.fast_access_lines(publisher), 0)  # once
+        self.assertEqual(logs.fast_access_lines(publisher, MemoryReactorClock()), 0)  # once
         rng = random.Random(7)
         lines = ['r-1 http admin "GET /api/v1/users/me" 200 1.2ms 88B', "", "x", "tab\there",
                  "new\nline", "bidi \u202e override", "é ünï", "\x00\x1b[31m"]
@@ -266,7 +266,9 @@ class AccessLineFormatTests(SynchronousTestCase):
     def test_the_fast_path_is_taken_for_gateway_access_lines(self) -> None:
         observer, out = self.observer()
         publisher = LogPublisher(logs.LINE_GUARD, observer)
-        logs.fast_access_lines(publisher)
+        clock = MemoryReactorClock()
+        logs.fast_access_lines(publisher, clock)
+        observer._outFile.in_reactor_thread = lambda: True
         calls: list[LogEvent] = []
         fast = observer.formatEvent
         fast.original = lambda e: calls.append(e) or "slow\n"  # type: ignore[union-attr]
@@ -276,5 +278,119 @@ class AccessLineFormatTests(SynchronousTestCase):
         access.log = Logger(namespace=ACCESS_NAMESPACE, source=access, observer=publisher)
         access.record(request, 200, 12)
         self.assertEqual(calls, [])
+        self.assertEqual(out.getvalue(), "")  # until the end of the reactor turn
+        clock.advance(0)
         self.assertRegex(out.getvalue(), r'^\S+ \[aico\.access#info\] r-9 ipc ann "GET /api/v1/x" '
                                          r"200 0\.0ms 12B\n$")
+
+
+class _File:
+    """A text file that records each write and flush."""
+
+    def __init__(self) -> None:
+        self.ops: list[tuple[str, str]] = []
+
+    def write(self, text: str) -> None:
+        self.ops.append(("write", text))
+
+    def flush(self) -> None:
+        self.ops.append(("flush", ""))
+
+    def rotate(self) -> str:
+        return "rotated"
+
+
+class TurnBufferedFileTests(SynchronousTestCase):
+    """Access lines go to the text log once per reactor turn; nothing else waits."""
+
+    def setUp(self) -> None:
+        self.clock = MemoryReactorClock()
+        self.file = _File()
+        self.in_reactor = True
+        self.buffered = logs.TurnBufferedFile(self.file, self.clock, lambda: self.in_reactor)
+
+    def log(self, text: str) -> None:
+        """What FileLogObserver does with each line."""
+        self.buffered.write(text)
+        self.buffered.flush()
+
+    def test_a_turns_access_lines_are_one_write_at_its_end(self) -> None:
+        self.log(logs.AccessText("a1\n"))
+        self.log(logs.AccessText("a2\n"))
+        self.assertEqual(self.file.ops, [])
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)  # one call per turn
+        self.clock.advance(0)
+        self.assertEqual(self.file.ops, [("write", "a1\na2\n"), ("flush", "")])
+        self.log(logs.AccessText("a3\n"))
+        self.clock.advance(0)
+        self.assertEqual(self.file.ops[-2:], [("write", "a3\n"), ("flush", "")])
+
+    def test_any_other_line_writes_the_waiting_ones_first_and_is_flushed_at_once(self) -> None:
+        self.log(logs.AccessText("a1\n"))
+        self.log("warning\n")
+        self.assertEqual(self.file.ops, [("write", "a1\n"), ("write", "warning\n"),
+                                         ("flush", "")])
+        self.clock.advance(0)  # nothing left for the end of the turn
+        self.assertEqual(len(self.file.ops), 3)
+
+    def test_an_access_line_from_another_thread_is_written_at_once(self) -> None:
+        self.in_reactor = False
+        self.log(logs.AccessText("a1\n"))
+        self.assertEqual(self.file.ops, [("write", "a1\n"), ("flush", "")])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_waiting_lines_are_written_when_the_reactor_stops(self) -> None:
+        observer = textFileLogObserver(io.StringIO())
+        publisher = LogPublisher(logs.LINE_GUARD, observer)
+        logs.fast_access_lines(publisher, self.clock)
+        buffered = observer._outFile
+        self.assertIsInstance(buffered, logs.TurnBufferedFile)
+        buffered.in_reactor_thread = lambda: True
+        access = AccessLog(self.clock)
+        access.log = Logger(namespace=ACCESS_NAMESPACE, source=access, observer=publisher)
+        access.record(Request("GET", "/api/v1/x", "r-1", "http"), 200, 1)
+        self.assertEqual(buffered.out.getvalue(), "")
+        for trigger, args, kwargs in self.clock.triggers["after"]["shutdown"]:
+            trigger(*args, **kwargs)
+        self.assertIn(" r-1 http - \"GET /api/v1/x\" 200", buffered.out.getvalue())
+        self.assertEqual(self.clock.getDelayedCalls(), [])  # the turn's call went with it
+
+    def test_the_wrapped_files_own_methods_stay_reachable(self) -> None:
+        self.assertEqual(self.buffered.rotate(), "rotated")
+
+    def test_lines_written_from_threads_and_the_reactor_are_all_kept(self) -> None:
+        """Another thread's lines write the waiting ones under the same lock as the
+        reactor thread adds to them: no line lost or duplicated."""
+        import threading
+
+        lines = _CountingFile()
+        main = threading.get_ident()
+        buffered = logs.TurnBufferedFile(lines, self.clock, lambda: threading.get_ident() == main)
+
+        def other() -> None:
+            for i in range(2000):
+                buffered.write(f"t{i}\n")
+
+        worker = threading.Thread(target=other)
+        worker.start()
+        for i in range(2000):
+            buffered.write(logs.AccessText(f"a{i}\n"))
+            if i % 100 == 0:
+                self.clock.advance(0)
+        worker.join()
+        buffered.write_pending()
+        written = "".join(lines.parts).splitlines()
+        self.assertEqual(sorted(written), sorted([f"a{i}" for i in range(2000)]
+                                                 + [f"t{i}" for i in range(2000)]))
+        self.assertEqual([x for x in written if x.startswith("a")], [f"a{i}" for i in range(2000)])
+
+
+class _CountingFile:
+    def __init__(self) -> None:
+        self.parts: list[str] = []
+
+    def write(self, text: str) -> None:
+        self.parts.append(text)
+
+    def flush(self) -> None:
+        pass

@@ -9,12 +9,14 @@ import os
 from pathlib import Path
 
 from twisted.application.service import IService
+from twisted.internet import reactor
 from twisted.logger import Logger, globalLogPublisher, textFileLogObserver
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from aico.gateway import composition, logs, tap
 from aico.gateway.service import GatewayService
-from aico.gateway.testing.harness import start_gateway
+from aico.gateway.testing.harness import http_client, start_gateway
+from aico.gateway.testing.waiting import eventually
 
 
 class MakeServiceTests(SynchronousTestCase):
@@ -115,8 +117,16 @@ class SettleHeapTests(TestCase):
         self.addCleanup(globalLogPublisher.removeObserver, observer)
         self.patch(GatewayService, "settle_heap", True)
         self.patch(composition, "settle_heap", lambda: None)
-        await start_gateway(self)
+        gw = await start_gateway(self)
         self.assertIsInstance(observer.formatEvent, logs.AccessLineFormat)
+        buffered = observer._outFile
+        self.assertIsInstance(buffered, logs.TurnBufferedFile)
+        self.addCleanup(reactor.removeSystemEventTrigger, buffered.trigger)
+        # A request's access line reaches the text log by the end of the reactor turn.
+        response = await http_client(self).get(gw.base + "/api/v1/health")
+        await response.content()
+        await eventually(lambda: "/api/v1/health" in buffered.out.getvalue())
+        self.assertIn("[aico.access#info]", buffered.out.getvalue())
 
     async def test_the_heap_is_settled_only_after_the_gateway_announced_ready(self) -> None:
         calls: list[bool] = []

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import sys
+import threading
 import time
 from collections.abc import Callable
 from functools import lru_cache
@@ -25,6 +26,7 @@ from twisted.logger import (
 )
 from twisted.logger._format import timeFormatRFC3339
 from twisted.python.failure import Failure
+from twisted.python.threadable import isInIOThread
 from zope.interface import implementer
 
 
@@ -259,15 +261,22 @@ _ACCESS = "aico.access"
 _TEXT_FORMATTER = "textFileLogObserver.<locals>.formatEvent"
 
 
+class AccessText(str):
+    """An access line as :class:`AccessLineFormat` makes it: a :class:`TurnBufferedFile`
+    may hold it until the end of the reactor turn."""
+
+    __slots__ = ()
+
+
 class AccessLineFormat:
     """twistd's text-log formatter with the access log's lines written directly.
 
     An access event (namespace ``aico.access``, format ``{line}``, seen by the line guard,
     no ``log_system``, no failure) becomes ``"{time} [aico.access#{level}] {line}\\n"`` — what
     ``formatEventAsClassicLogText`` makes of it, without the generic work (flattening the
-    format, the system field, the replacements): 1.6 instead of 15 µs a line. Every other
-    event goes to the original formatter; ``tests/test_access_cost.py`` compares the two
-    on access events of every shape.
+    format, the system field, the replacements): 1.6 instead of 15 µs a line — as an
+    :class:`AccessText`. Every other event goes to the original formatter;
+    ``tests/test_access_cost.py`` compares the two on access events of every shape.
     """
 
     def __init__(self, original: Callable[[LogEvent], str | None], time_format: str | None) -> None:
@@ -283,15 +292,84 @@ class AccessLineFormat:
                 and "log_system" not in event and "log_failure" not in event):
             text = line_safe(line)
             when = getattr(_file, "formatTime")(event.get("log_time"), self.time_format)  # noqa: B009
-            return f"{when} [{_ACCESS}#{level.name}] {text}\n"
+            return AccessText(f"{when} [{_ACCESS}#{level.name}] {text}\n")
         return self.original(event)
 
 
-def fast_access_lines(publisher: LogPublisher | None = None) -> int:
+class TurnBufferedFile:
+    """The text log's file, with access lines written once per reactor turn.
+
+    twistd's text observer writes and flushes every line: one ``write`` system call, a
+    lock and a rotation check per request, ~25 µs of a WebSocket request's ~400 in the
+    running gateway (docs/performance.md). Here an access line (an :class:`AccessText`)
+    written on the reactor thread waits in a list; at the end of the reactor turn
+    (``callLater(0)``) the turn's lines go out in one write. Any other line — a warning,
+    an error, a line from another thread — first writes the waiting ones, then itself,
+    and is flushed at once as before: the order of lines is kept and nothing but access
+    lines is ever held back. When the reactor stops, the waiting lines are written (a
+    shutdown trigger); a process killed outright loses at most one turn's access lines.
+    Everything else (``close``, rotation) is the wrapped file's.
+    """
+
+    def __init__(self, out: Any, reactor: Any,
+                 in_reactor_thread: Callable[[], bool] = isInIOThread) -> None:
+        self.out = out
+        self.reactor = reactor
+        self.in_reactor_thread = in_reactor_thread
+        self._pending: list[str] = []
+        self._lock = threading.Lock()
+        self._call: Any = None
+        #: The reactor's shutdown trigger that writes what waits (set by
+        #: :func:`fast_access_lines`).
+        self.trigger: Any = None
+
+    def write(self, text: Any) -> None:
+        if type(text) is AccessText and self.in_reactor_thread():
+            with self._lock:
+                self._pending.append(text)
+            if self._call is None:
+                self._call = self.reactor.callLater(0, self.write_pending)
+            return
+        with self._lock:
+            self._write_pending()
+            self.out.write(text)
+
+    def flush(self) -> None:
+        if not self._pending:  # after an access line: flushed with the turn's others
+            self.out.flush()
+
+    def write_pending(self) -> None:
+        """Write the access lines waiting now (the end of a turn, or shutdown)."""
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
+        with self._lock:
+            wrote = self._write_pending()
+        if wrote:
+            self.out.flush()
+
+    def _write_pending(self) -> bool:
+        if not self._pending:
+            return False
+        data = "".join(self._pending)
+        self._pending.clear()
+        self.out.write(data)
+        return True
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.out, name)
+
+
+def fast_access_lines(publisher: LogPublisher | None = None, reactor: Any = None) -> int:
     """Give every text file observer of *publisher* (the global one: twistd's text log)
-    an :class:`AccessLineFormat`; the number of observers changed. Idempotent. Called once
-    the gateway runs under twistd (its observers exist only after ``makeService``)."""
+    an :class:`AccessLineFormat` and a :class:`TurnBufferedFile` on *reactor* (the global
+    one); the number of observers changed. Idempotent. Called once the gateway runs under
+    twistd (its observers exist only after ``makeService``)."""
     target = globalLogPublisher if publisher is None else publisher
+    if reactor is None:
+        from twisted.internet import reactor as global_reactor
+
+        reactor = global_reactor
     changed = 0
     for observer in list(getattr(target, "_observers", [])):
         fmt = getattr(observer, "formatEvent", None)
@@ -303,5 +381,11 @@ def fast_access_lines(publisher: LogPublisher | None = None) -> int:
             continue
         time_format = cells[names.index("timeFormat")].cell_contents
         observer.formatEvent = AccessLineFormat(fmt, time_format)
+        if getattr(observer, "_encoding", "") is None and hasattr(observer, "_outFile"):
+            # A text file (an encoding set means bytes are written: left as it is).
+            buffered = TurnBufferedFile(observer._outFile, reactor)
+            observer._outFile = buffered
+            buffered.trigger = reactor.addSystemEventTrigger("after", "shutdown",
+                                                             buffered.write_pending)
         changed += 1
     return changed
