@@ -355,6 +355,21 @@ class TurnBufferedFileTests(SynchronousTestCase):
         self.assertIn(" r-1 http - \"GET /api/v1/x\" 200", buffered.out.getvalue())
         self.assertEqual(self.clock.getDelayedCalls(), [])  # the turn's call went with it
 
+    def test_a_line_logged_while_the_waiting_ones_are_written_does_not_deadlock(self) -> None:
+        buffered = self.buffered
+
+        class Noisy(_File):
+            def write(inner, text: str) -> None:
+                super().write(text)
+                if text.startswith("a1"):
+                    buffered.write("logged by the file\n")
+
+        self.file = buffered.out = Noisy()
+        self.log(logs.AccessText("a1\n"))
+        self.clock.advance(0)
+        self.assertEqual([text for op, text in self.file.ops if op == "write"],
+                         ["a1\n", "logged by the file\n"])
+
     def test_the_wrapped_files_own_methods_stay_reachable(self) -> None:
         self.assertEqual(self.buffered.rotate(), "rotated")
 

@@ -317,7 +317,9 @@ class TurnBufferedFile:
         self.reactor = reactor
         self.in_reactor_thread = in_reactor_thread
         self._pending: list[str] = []
-        self._lock = threading.Lock()
+        # Reentrant: a line logged while the waiting ones are written (by the file
+        # itself, say) must not deadlock the thread writing them.
+        self._lock = threading.RLock()
         self._call: Any = None
         #: The reactor's shutdown trigger that writes what waits (set by
         #: :func:`fast_access_lines`).
