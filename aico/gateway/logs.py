@@ -300,8 +300,10 @@ class TurnBufferedFile:
     """The text log's file, with access lines written once per reactor turn.
 
     twistd's text observer writes and flushes every line: one ``write`` system call, a
-    lock and a rotation check per request, ~25 µs of a WebSocket request's ~400 in the
-    running gateway (docs/performance.md). Here an access line (an :class:`AccessText`)
+    lock and a rotation check per request, made before the request's answer goes out (the
+    dispatcher tells its observers first), so every later answer of a reactor turn waited
+    for the writes ahead of it — the WebSocket p99 fell from ~50 to ~33 ms without them
+    (docs/performance.md, third round). Here an access line (an :class:`AccessText`)
     written on the reactor thread waits in a list; at the end of the reactor turn
     (``callLater(0)``) the turn's lines go out in one write. Any other line — a warning,
     an error, a line from another thread — first writes the waiting ones, then itself,
